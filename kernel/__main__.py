@@ -1,0 +1,52 @@
+"""The kernel image: `python -m llmagentos.kernel [options]` boots in the foreground.
+
+`llmos boot` runs this program (as a shell starts a kernel image) rather
+than importing the kernel into the CLI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+import trio
+
+from .kernel import BootError, Kernel, KernelConfig
+
+
+def parse_args(argv: list[str] | None = None) -> KernelConfig:
+    ap = argparse.ArgumentParser(prog="python -m llmagentos.kernel",
+                                 description="Boot the LLMAgentOS kernel (foreground).")
+    ap.add_argument("--run-dir", type=Path, help="socket, token and pidfile live here")
+    ap.add_argument("--state-dir", type=Path, help="durable state: logs, contexts, files")
+    ap.add_argument("--tcp", metavar="HOST:PORT", help="also listen on loopback TCP")
+    ap.add_argument("--grace", type=float, default=3.0, help="seconds between TERM and KILL")
+    ap.add_argument("--max-frame", type=int, default=16 * 1024 * 1024,
+                    help="largest accepted message, bytes")
+    ap.add_argument("--policy", default="fair", choices=["fifo", "rr", "priority", "fair"])
+    ap.add_argument("--log-level", default="INFO")
+    a = ap.parse_args(argv)
+    cfg = KernelConfig(tcp=a.tcp, grace=a.grace, max_frame=a.max_frame, policy=a.policy)
+    if a.run_dir:
+        cfg.run_dir = a.run_dir.resolve()
+    if a.state_dir:
+        cfg.state_dir = a.state_dir.resolve()
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s kernel %(levelname)s %(message)s")
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    cfg = parse_args(argv)
+    try:
+        trio.run(Kernel(cfg).run)
+    except BootError as e:
+        print(f"llmos: boot failed: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

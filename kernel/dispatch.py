@@ -1,0 +1,92 @@
+"""Syscall dispatch: one table from the ABI, one handler per call.
+
+Handlers are registered by name with `@handler("group.call")`; at boot every
+name in the ABI table must have exactly one. Argument checking, capability
+checks and errno conversion happen here, once (as xv6's `syscall()` and
+`argint()`), never inside a handler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
+
+from llmagentos.syscalls import caps as capmod
+from llmagentos.syscalls.errno import SyscallError
+from llmagentos.syscalls.table import TABLE, Syscall
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+    from .proc import PCB
+    from .server import Connection
+
+
+@dataclass
+class Call:
+    """What a handler gets besides its checked arguments."""
+
+    kernel: "Kernel"
+    caller: "PCB | None"  # None only for sys.hello
+    conn: "Connection"
+    syscall: Syscall
+    msgid: int
+
+    async def notify(self, method: str, args: list) -> None:
+        """Send a notification to the calling connection (streamed tokens...)."""
+        await self.conn.notify(method, args)
+
+
+Handler = Callable[..., Awaitable[Any]]
+
+
+@dataclass(frozen=True)
+class Entry:
+    fn: Handler
+    blocking: bool  # may wait long: served in its own task so the connection keeps going
+
+
+HANDLERS: dict[str, Entry] = {}
+
+
+def handler(name: str, *, blocking: bool = False) -> Callable[[Handler], Handler]:
+    if name not in TABLE:
+        raise ValueError(f"handler for {name!r}, which is not in the call table")
+
+    def register(fn: Handler) -> Handler:
+        if name in HANDLERS:
+            raise ValueError(f"two handlers for {name!r}")
+        HANDLERS[name] = Entry(fn, blocking)
+        return fn
+
+    return register
+
+
+def check_complete() -> None:
+    missing = [sc.name for sc in TABLE if sc.name not in HANDLERS]
+    if missing:
+        raise RuntimeError(f"syscalls without a handler: {missing}")
+
+
+def lookup(method: str) -> tuple[Syscall, Entry]:
+    sc = TABLE[method]  # ENOSYS for unknown names
+    entry = HANDLERS.get(method)
+    if entry is None:
+        raise SyscallError("ENOSYS", f"{method} is in the ABI but not in this kernel")
+    return sc, entry
+
+
+async def invoke(call: Call, entry: Entry, args: list, kwargs: dict) -> Any:
+    """Check arity, types and capability, then run the handler."""
+    sc = call.syscall
+    bound = sc.bind(args, kwargs)
+    if sc.cap is not None and not capmod.covers(call.caller.caps, sc.cap):
+        raise SyscallError("EACCES", f"{sc.name} needs capability {sc.cap!r}")
+    caller = call.caller
+    if caller is None:  # only sys.hello gets here unauthenticated
+        return await entry.fn(call, **bound)
+    caller.usage.syscalls += 1
+    caller.running_calls += 1
+    try:
+        return await entry.fn(call, **bound)
+    finally:
+        caller.running_calls -= 1

@@ -1,0 +1,208 @@
+"""The kernel object and its boot sequence: one trio task tree rooted at boot.
+
+    boot
+     ├── listeners (Unix socket, optional TCP)  ── connections ── calls
+     ├── process watchers (one per child)
+     └── device loop (from the compute-device issue on)
+
+Shutdown (sys.shutdown, SIGTERM, SIGINT) is: TERM every process, a grace
+period, KILL, then cancel the root; `async with` releases the rest, and the
+socket, pidfile and lock are removed last.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import logging
+import os
+import secrets
+import signal
+import socket
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from llmagentos.syscalls import paths
+
+from . import dispatch, sysproc, syssys  # noqa: F401  (handlers register on import)
+from .proc import ProcessTable
+from .server import serve_listener
+
+log = logging.getLogger("llmagentos.kernel")
+
+VERSION = "0.1.0"
+
+
+class BootError(Exception):
+    """The kernel cannot boot; the message says why and what to do."""
+
+
+@dataclass
+class KernelConfig:
+    run_dir: Path = field(default_factory=paths.default_run_dir)
+    state_dir: Path = field(default_factory=paths.default_state_dir)
+    tcp: str | None = None  # "127.0.0.1:PORT"
+    max_frame: int = 16 * 1024 * 1024
+    grace: float = 3.0
+    policy: str = "fair"
+
+    @property
+    def socket_path(self) -> Path:
+        return self.run_dir / paths.SOCKET_NAME
+
+
+class Kernel:
+    def __init__(self, config: KernelConfig):
+        self.config = config
+        self.boot_time = time.time()
+        self.stats: Counter[str] = Counter()
+        self.procs = ProcessTable(config.state_dir / "logs")
+        self.shutdown_requested = trio.Event()
+        self.tcp_address: str | None = None
+        self._lock_fd: int | None = None
+        self.on_renice: list = []  # callbacks(pcb) when a nice value changes
+        dispatch.check_complete()
+
+    # --- boot -----------------------------------------------------------------
+    def _prepare_dirs(self) -> None:
+        cfg = self.config
+        cfg.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        (cfg.state_dir / "logs").mkdir(mode=0o700, parents=True, exist_ok=True)
+        # One kernel per run dir: an flock held for the kernel's life.
+        fd = os.open(cfg.run_dir / paths.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            pid = _read_pidfile(cfg.run_dir / paths.PIDFILE_NAME)
+            raise BootError(f"a kernel is already running on {cfg.run_dir}"
+                            + (f" (pid {pid})" if pid else "")
+                            + "; shut it down with `llmos shutdown` or use --run-dir") from None
+        self._lock_fd = fd
+        sock = cfg.socket_path
+        if sock.exists() or sock.is_symlink():
+            if _socket_alive(sock):
+                raise BootError(f"{sock} is answering although no kernel holds the lock")
+            log.warning("replacing stale socket %s from a crashed kernel", sock)
+            sock.unlink()
+
+    def _write_run_files(self) -> None:
+        rd = self.config.run_dir
+        _write_private(rd / paths.TOKEN_NAME, self.procs.init.token + "\n")
+        _write_private(rd / paths.PIDFILE_NAME, f"{os.getpid()}\n")
+        if self.tcp_address:
+            _write_private(rd / paths.TCP_NAME, self.tcp_address + "\n")
+
+    def _remove_run_files(self) -> None:
+        rd = self.config.run_dir
+        for name in (paths.SOCKET_NAME, paths.PIDFILE_NAME, paths.TOKEN_NAME, paths.TCP_NAME):
+            try:
+                (rd / name).unlink()
+            except FileNotFoundError:
+                pass
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    async def _open_listeners(self) -> list[trio.SocketListener]:
+        sock_path = str(self.config.socket_path)
+        usock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)  # the socket is born 0600: no window where others may connect
+        try:
+            await usock.bind(sock_path)
+        finally:
+            os.umask(old)
+        os.chmod(sock_path, 0o600)
+        usock.listen(128)
+        listeners = [trio.SocketListener(usock)]
+        self.procs.socket_address = sock_path
+        if self.config.tcp:
+            host, _, port = self.config.tcp.rpartition(":")
+            if host not in ("127.0.0.1", "localhost", "::1"):
+                raise BootError(f"--tcp must be a loopback address, got {host!r}")
+            try:
+                tcp = await trio.open_tcp_listeners(int(port), host=host)
+            except OSError as e:
+                raise BootError(f"cannot listen on {self.config.tcp}: {e}") from None
+            addr = tcp[0].socket.getsockname()
+            self.tcp_address = f"tcp://{addr[0]}:{addr[1]}"
+            listeners += tcp
+        return listeners
+
+    async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Boot, serve until shutdown, clean up. task_status.started() once
+        the socket accepts connections."""
+        self._prepare_dirs()
+        listeners: list[trio.SocketListener] = []
+        try:
+            listeners = await self._open_listeners()
+            self._write_run_files()
+            async with trio.open_nursery() as root:
+                self.procs.nursery = root
+                root.start_soon(self._signals)
+                for lst in listeners:
+                    await root.start(serve_listener, self, lst)
+                log.info("kernel up on %s (pid %d)", self.config.socket_path, os.getpid())
+                task_status.started(self)
+                await self.shutdown_requested.wait()
+                log.info("shutting down: TERM, %.1fs grace, KILL", self.config.grace)
+                self.procs.nursery = None  # no new processes from here on
+                await self.procs.terminate_all(self.config.grace)
+                # Let answers already on their way (sys.shutdown's own) reach their clients.
+                await trio.sleep(0.05)
+                root.cancel_scope.cancel()
+        finally:
+            for lst in listeners:
+                lst.socket.close()
+            self._remove_run_files()
+            log.info("kernel down")
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as sigs:
+            async for _ in sigs:
+                self.shutdown_requested.set()
+
+    def shutdown(self, grace: float | None = None) -> None:
+        if grace is not None:
+            self.config.grace = grace
+        self.shutdown_requested.set()
+
+    def uname(self) -> dict:
+        return {
+            "sysname": "LLMAgentOS", "release": VERSION, "pid": os.getpid(),
+            "boot_time": self.boot_time, "uptime": time.time() - self.boot_time,
+            "socket": str(self.config.socket_path), "tcp": self.tcp_address,
+            "run_dir": str(self.config.run_dir), "state_dir": str(self.config.state_dir),
+            "policy": self.config.policy,
+        }
+
+
+def _write_private(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".{secrets.token_hex(4)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def _read_pidfile(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _socket_alive(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError as e:
+        return e.errno not in (errno.ECONNREFUSED, errno.ENOENT, errno.ENOTSOCK)
+    finally:
+        s.close()

@@ -1,0 +1,428 @@
+"""The process table: control blocks, real OS processes, signals, zombies.
+
+Invariants:
+- pid 1 is init: the kernel itself and the shell user. It never exits,
+  holds every capability, and adopts orphans.
+- A PCB is ZOMBIE from the moment its OS process is gone until its parent
+  waits for it; an orphan (adopted by init) is reaped at once.
+- A pid is never reused within one boot.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal as _signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import trio
+
+from llmagentos.syscalls import caps as capmod
+from llmagentos.syscalls.errno import SyscallError
+
+INIT_PID = 1
+
+# limit name -> (type, doc). Absent means unlimited.
+LIMITS: dict[str, str] = {
+    "wall_time": "seconds the process may live; then SIGKILL",
+    "max_children": "live children at once; proc.spawn beyond it is EAGAIN",
+    "tokens": "LLM tokens in+out over the process's life; beyond it is EDQUOT",
+    "ctx_tokens": "token budget of the process's context",
+    "tool_calls": "tool calls over the process's life; beyond it is EDQUOT",
+}
+
+
+@dataclass
+class Usage:
+    syscalls: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
+    cached_tokens: int = 0
+    device_time: float = 0.0
+    queue_wait: float = 0.0
+    tool_calls: int = 0
+
+
+@dataclass
+class PCB:
+    """Process control block."""
+
+    pid: int
+    ppid: int
+    name: str
+    argv: list[str]
+    caps: list[str]
+    token: str
+    nice: int = 0
+    limits: dict[str, float] = field(default_factory=dict)
+    usage: Usage = field(default_factory=Usage)
+    cwd: str = ""
+    log_path: str = ""
+    start_time: float = field(default_factory=time.time)
+    os_pid: int | None = None
+    os_proc: Any = None  # trio.Process
+    stopped: bool = False
+    signalled_at: float = 0.0  # when the kernel last sent STOP/CONT (monotonic)
+    exited: bool = False
+    exit_code: int | None = None  # >= 0: exit status
+    term_signal: int | None = None  # set when killed by a signal
+    exit_reason: str = ""  # e.g. "wall time limit"
+    orphan: bool = False  # adopted by init: reaped at exit, nobody waits
+    running_calls: int = 0  # syscalls being served right now
+    waiting_calls: int = 0  # syscalls blocked (wait, device queue)
+    exit_event: trio.Event = field(default_factory=trio.Event)
+    ctx_id: int | None = None
+    fds: dict[int, Any] = field(default_factory=dict)
+
+    @property
+    def state(self) -> str:
+        if self.exited:
+            return "ZOMBIE"
+        if self.stopped:
+            return "STOPPED"
+        if self.pid != INIT_PID and self.os_pid is None:
+            return "NEW"
+        if self.waiting_calls:
+            return "WAITING"
+        if self.running_calls or self.pid == INIT_PID:
+            return "RUNNING"
+        return "READY"
+
+    def status(self) -> dict:
+        return {
+            "pid": self.pid,
+            "exit_code": self.exit_code,
+            "signal": self.term_signal,
+            "signal_name": _signal.Signals(self.term_signal).name if self.term_signal else None,
+            "reason": self.exit_reason,
+        }
+
+    def row(self) -> dict:
+        return {
+            "pid": self.pid, "ppid": self.ppid, "name": self.name, "state": self.state,
+            "nice": self.nice, "os_pid": self.os_pid,
+            "uptime": round(time.time() - self.start_time, 3),
+            "tokens_in": self.usage.tokens_in, "tokens_out": self.usage.tokens_out,
+            "cached_tokens": self.usage.cached_tokens,
+            "device_time": round(self.usage.device_time, 4),
+            "syscalls": self.usage.syscalls,
+        }
+
+
+def parse_signal(sig: int | str) -> int:
+    """Accept 9, "9", "KILL", "SIGKILL"; reject anything else with EINVAL."""
+    if isinstance(sig, str):
+        s = sig.strip().upper()
+        if s.isdigit():
+            sig = int(s)
+        else:
+            if not s.startswith("SIG"):
+                s = "SIG" + s
+            try:
+                return int(_signal.Signals[s])
+            except KeyError:
+                raise SyscallError("EINVAL", f"unknown signal {sig!r}") from None
+    if sig == 0:
+        return 0
+    try:
+        return int(_signal.Signals(sig))
+    except ValueError:
+        raise SyscallError("EINVAL", f"unknown signal number {sig}") from None
+
+
+def _os_tree(os_pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(os_pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def signal_tree(os_pid: int, sig: int) -> None:
+    """Send sig to the OS process group (every child was started in its own
+    session) and to descendants that left the group."""
+    tree = _os_tree(os_pid)
+    try:
+        os.killpg(os_pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for p in tree[1:]:
+        try:
+            p.send_signal(sig)
+        except psutil.Error:
+            pass
+
+
+class ProcessTable:
+    """Every process of this boot, by pid; owns their OS processes."""
+
+    def __init__(self, log_dir: Path, base_env: dict[str, str] | None = None):
+        self.log_dir = log_dir
+        self.base_env = dict(os.environ if base_env is None else base_env)
+        self.procs: dict[int, PCB] = {}
+        self.by_token: dict[str, int] = {}
+        self._next_pid = INIT_PID
+        self.nursery: trio.Nursery | None = None  # where watchers live; set by the kernel
+        self.socket_address = ""
+        self.on_exit: list = []  # callbacks(pcb) run when a process exits (free resources)
+        self.log_paths: dict[int, str] = {}  # every pid of this boot -> its log file
+        self.init = self._new_pcb(ppid=0, name="init", argv=[], caps=["*"])
+        self.init.os_pid = os.getpid()
+
+    # --- lookup -------------------------------------------------------------
+    def _new_pcb(self, **kw: Any) -> PCB:
+        pid = self._next_pid
+        self._next_pid += 1
+        token = secrets.token_urlsafe(24)
+        pcb = PCB(pid=pid, token=token, **kw)
+        self.procs[pid] = pcb
+        self.by_token[token] = pid
+        return pcb
+
+    def get(self, pid: int) -> PCB:
+        try:
+            return self.procs[pid]
+        except KeyError:
+            raise SyscallError("ESRCH", f"no process with pid {pid}") from None
+
+    def authenticate(self, token: str) -> PCB:
+        pid = self.by_token.get(token)
+        if pid is None or self.procs[pid].exited:
+            raise SyscallError("EACCES", "bad or expired token")
+        return self.procs[pid]
+
+    def children(self, pid: int) -> list[PCB]:
+        return [p for p in self.procs.values() if p.ppid == pid]
+
+    def is_descendant(self, pid: int, ancestor: int) -> bool:
+        seen = 0
+        while pid in self.procs and seen < len(self.procs):
+            if pid == ancestor:
+                return True
+            pid = self.procs[pid].ppid
+            seen += 1
+        return False
+
+    def live(self) -> list[PCB]:
+        return [p for p in self.procs.values() if not p.exited and p.pid != INIT_PID]
+
+    # --- spawn --------------------------------------------------------------
+    async def spawn(self, parent: PCB, argv: list, name: str | None, env: dict | None,
+                    cwd: str | None, caps: list | None, limits: dict | None,
+                    nice: int) -> PCB:
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise SyscallError("EINVAL", "argv must be a non-empty list of strings")
+        if any("\0" in a for a in argv):
+            raise SyscallError("EINVAL", "argv must not contain NUL bytes")
+        env = env or {}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise SyscallError("EINVAL", "env must map strings to strings")
+        if caps is None:
+            caps = capmod.default_child(parent.caps)
+        if not all(isinstance(c, str) for c in caps):
+            raise SyscallError("EINVAL", "caps must be a list of strings")
+        excess = capmod.bounded(parent.caps, caps)
+        if excess:
+            raise SyscallError("EACCES", f"capabilities not held by the parent: {excess}")
+        lim = dict(parent.limits)
+        lim.pop("wall_time", None)  # a deadline is the parent's own, not inherited
+        for k, v in (limits or {}).items():
+            if k not in LIMITS:
+                raise SyscallError("EINVAL", f"unknown limit {k!r}; known: {sorted(LIMITS)}")
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                raise SyscallError("EINVAL", f"limit {k!r} must be a non-negative number")
+            if k in parent.limits and v > parent.limits[k] and not capmod.covers(
+                    parent.caps, "proc.kill_any"):
+                raise SyscallError("EACCES", f"limit {k!r} above the parent's ({parent.limits[k]})")
+            lim[k] = v
+        if not -20 <= nice <= 19:
+            raise SyscallError("EINVAL", "nice must be in -20..19")
+        if nice < parent.nice and not capmod.covers(parent.caps, "proc.renice"):
+            raise SyscallError("EACCES", "a lower nice than the parent's needs proc.renice")
+        maxc = parent.limits.get("max_children")
+        if maxc is not None:
+            live = sum(1 for c in self.children(parent.pid) if not c.exited)
+            if live >= maxc:
+                raise SyscallError("EAGAIN", f"pid {parent.pid} has {live} live children "
+                                             f"(limit max_children={int(maxc)})")
+        if cwd is not None and not os.path.isdir(cwd):
+            raise SyscallError("ENOENT", f"cwd {cwd!r} is not a directory")
+        if self.nursery is None:
+            raise SyscallError("ESHUTDOWN", "the kernel is not accepting new processes")
+
+        pcb = self._new_pcb(ppid=parent.pid, name=name or os.path.basename(argv[0]),
+                            argv=list(argv), caps=list(caps), nice=nice, limits=lim,
+                            cwd=cwd or os.getcwd())
+        pcb.log_path = str(self.log_dir / f"{pcb.pid}.log")
+        self.log_paths[pcb.pid] = pcb.log_path
+        child_env = {**self.base_env, **env,
+                     "LLMAGENTOS_SOCKET": self.socket_address,
+                     "LLMAGENTOS_TOKEN": pcb.token,
+                     "LLMAGENTOS_PID": str(pcb.pid)}
+        try:
+            with open(pcb.log_path, "wb") as log:
+                proc = await trio.lowlevel.open_process(
+                    list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env=child_env, cwd=pcb.cwd, start_new_session=True)
+        except FileNotFoundError:
+            self._forget(pcb)
+            raise SyscallError("ENOENT", f"no such executable: {argv[0]!r}") from None
+        except PermissionError:
+            self._forget(pcb)
+            raise SyscallError("EACCES", f"cannot execute {argv[0]!r}") from None
+        except OSError as e:
+            self._forget(pcb)
+            raise SyscallError("EIO", f"spawn failed: {e}") from None
+        pcb.os_proc = proc
+        pcb.os_pid = proc.pid
+        self.nursery.start_soon(self._watch, pcb)
+        return pcb
+
+    def _forget(self, pcb: PCB) -> None:
+        self.procs.pop(pcb.pid, None)
+        self.by_token.pop(pcb.token, None)
+
+    async def _watch(self, pcb: PCB) -> None:
+        """One watcher per child keeps its state true until it exits."""
+        proc = pcb.os_proc
+        deadline = pcb.start_time + pcb.limits["wall_time"] if "wall_time" in pcb.limits \
+            else float("inf")
+        while True:
+            with trio.move_on_after(0.25):
+                await proc.wait()
+            if proc.returncode is not None:
+                break
+            if time.time() >= deadline:
+                pcb.exit_reason = f"wall time limit of {pcb.limits['wall_time']}s"
+                signal_tree(pcb.os_pid, _signal.SIGKILL)
+                continue
+            if time.monotonic() - pcb.signalled_at > 1.0:
+                try:  # a STOP/CONT sent from outside the kernel shows here too
+                    pcb.stopped = psutil.Process(pcb.os_pid).status() == psutil.STATUS_STOPPED
+                except psutil.Error:
+                    pass
+        rc = proc.returncode
+        if rc < 0:
+            pcb.term_signal = -rc
+        else:
+            pcb.exit_code = rc
+        # Descendants that outlive a killed process must not linger.
+        if pcb.term_signal == _signal.SIGKILL:
+            signal_tree(pcb.os_pid, _signal.SIGKILL)
+        self._exited(pcb)
+
+    def _exited(self, pcb: PCB) -> None:
+        pcb.exited = True
+        pcb.stopped = False
+        self.by_token.pop(pcb.token, None)  # a dead process's token is dead too
+        for fn in self.on_exit:
+            fn(pcb)
+        for child in self.children(pcb.pid):
+            child.ppid = INIT_PID
+            child.orphan = True
+            if child.exited:
+                self.reap(child)
+        pcb.exit_event.set()
+        parent = self.procs.get(pcb.ppid)
+        if pcb.orphan or parent is None:
+            self.reap(pcb)
+
+    def reap(self, pcb: PCB) -> dict:
+        self.procs.pop(pcb.pid, None)
+        return pcb.status()
+
+    # --- signals and waiting ------------------------------------------------
+    def may_signal(self, caller: PCB, target: PCB) -> bool:
+        return (capmod.covers(caller.caps, "proc.kill_any")
+                or self.is_descendant(target.pid, caller.pid))
+
+    def kill(self, caller: PCB, pid: int, sig: int) -> None:
+        target = self.get(pid)
+        if target.pid == INIT_PID:
+            raise SyscallError("EPERM", "init cannot be signalled")
+        if not self.may_signal(caller, target):
+            raise SyscallError("EPERM", f"pid {caller.pid} may not signal pid {pid} "
+                                        "(not a descendant; needs proc.kill_any)")
+        if sig == 0 or target.exited:
+            return
+        if target.os_pid is None:
+            raise SyscallError("ESRCH", f"pid {pid} has no OS process yet")
+        signal_tree(target.os_pid, sig)
+        target.signalled_at = time.monotonic()
+        if sig == _signal.SIGSTOP:
+            target.stopped = True
+        elif sig == _signal.SIGCONT:
+            target.stopped = False
+
+    async def wait(self, caller: PCB, pid: int, timeout: float | None) -> dict:
+        if pid == -1:
+            kids = self.children(caller.pid)
+            if not kids:
+                raise SyscallError("ECHILD", f"pid {caller.pid} has no children")
+        else:
+            target = self.get(pid)
+            if target.ppid != caller.pid:
+                raise SyscallError("ECHILD", f"pid {pid} is not a child of pid {caller.pid}")
+            kids = [target]
+        caller.waiting_calls += 1
+        try:
+            with trio.fail_after(timeout if timeout is not None else float("inf")):
+                while True:
+                    done = next((k for k in kids if k.exited), None)
+                    if done is not None:
+                        return self.reap(done)
+                    async with trio.open_nursery() as n:
+                        # first child to exit wakes us
+                        for k in kids:
+                            n.start_soon(_wait_then_cancel, k.exit_event, n.cancel_scope)
+        except trio.TooSlowError:
+            raise SyscallError("ETIMEDOUT", f"pid {pid} did not exit within {timeout}s") from None
+        finally:
+            caller.waiting_calls -= 1
+
+    async def terminate_all(self, grace: float) -> None:
+        """Shutdown: TERM every process, wait up to grace seconds, KILL the rest."""
+        for p in self.live():
+            if p.os_pid is not None:
+                signal_tree(p.os_pid, _signal.SIGCONT)
+                signal_tree(p.os_pid, _signal.SIGTERM)
+        with trio.move_on_after(grace):
+            for p in self.live():
+                await p.exit_event.wait()
+        for p in self.live():
+            if p.os_pid is not None:
+                signal_tree(p.os_pid, _signal.SIGKILL)
+        with trio.move_on_after(2):
+            for p in self.live():
+                await p.exit_event.wait()
+
+    def stat(self, pcb: PCB) -> dict:
+        out = {
+            **pcb.row(), "argv": pcb.argv, "caps": pcb.caps, "limits": pcb.limits,
+            "start_time": pcb.start_time, "cwd": pcb.cwd, "log": pcb.log_path,
+            "usage": vars(pcb.usage).copy(), "ctx_id": pcb.ctx_id,
+            "children": [c.pid for c in self.children(pcb.pid)],
+            "exit": pcb.status() if pcb.exited else None,
+            "cpu_user": None, "cpu_system": None, "rss": None, "threads": None,
+        }
+        if pcb.os_pid is not None and not pcb.exited:
+            try:
+                p = psutil.Process(pcb.os_pid)
+                with p.oneshot():
+                    t = p.cpu_times()
+                    out.update(cpu_user=t.user, cpu_system=t.system,
+                               rss=p.memory_info().rss, threads=p.num_threads(),
+                               os_status=p.status())
+            except psutil.Error:
+                pass
+        return out
+
+
+async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
+    await event.wait()
+    scope.cancel()

@@ -1,0 +1,154 @@
+"""Listeners and connections: a thin loop around the sans-I/O codec.
+
+Each connection is a task in the kernel's listener nursery; each blocking
+call on it is a task in the connection's own nursery, so a client that
+vanishes cancels exactly its own in-flight calls and nothing else.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import traceback
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from llmagentos.syscalls import wire
+from llmagentos.syscalls.errno import SyscallError
+
+from . import dispatch
+
+if TYPE_CHECKING:
+    from .kernel import Kernel
+    from .proc import PCB
+
+log = logging.getLogger("llmagentos.kernel")
+
+RECV_CHUNK = 65536
+
+
+class Connection:
+    def __init__(self, kernel: "Kernel", stream: trio.abc.Stream, peer: str):
+        self.kernel = kernel
+        self.stream = stream
+        self.peer = peer
+        self.decoder = wire.Decoder(kernel.config.max_frame)
+        self.pcb: "PCB | None" = None
+        self._send_lock = trio.Lock()
+        self.closed = False
+        self.nursery: trio.Nursery | None = None
+
+    async def send(self, data: bytes) -> None:
+        async with self._send_lock:
+            await self.stream.send_all(data)
+
+    async def notify(self, method: str, args: list) -> None:
+        await self.send(wire.encode_notification(method, args))
+
+    async def respond(self, msgid: int, error: dict | None, result: Any) -> None:
+        try:
+            data = wire.encode_response(msgid, error, result)
+        except (TypeError, ValueError, OverflowError) as e:
+            err = SyscallError("EIO", f"result not serializable: {e}")
+            data = wire.encode_response(msgid, err.to_wire(), None)
+        try:
+            await self.send(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away; its call is over either way
+
+    async def close_with_reason(self, reason: str) -> None:
+        self.kernel.stats["protocol_errors"] += 1
+        log.info("closing connection %s: %s", self.peer, reason)
+        with trio.move_on_after(1):
+            try:
+                await self.notify("sys.close", [reason])
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await self.stream.aclose()
+
+    async def serve(self) -> None:
+        async with trio.open_nursery() as nursery:
+            self.nursery = nursery
+            try:
+                while True:
+                    data = await self.stream.receive_some(RECV_CHUNK)
+                    if not data:
+                        break
+                    self.decoder.feed(data)
+                    for msg in self.decoder.messages():
+                        if isinstance(msg, wire.Invalid):
+                            k = self.kernel
+                            k.stats["errors"] += 1
+                            await self.respond(
+                                msg.msgid, SyscallError("EINVAL", msg.reason).to_wire(), None)
+                            continue
+                        if not isinstance(msg, wire.Request):
+                            raise wire.ProtocolError(
+                                f"clients send requests only, got {type(msg).__name__}")
+                        await self._request(msg)
+            except wire.ProtocolError as e:
+                await self.close_with_reason(str(e))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            finally:
+                # Client gone (or closed): cancel what it still had running.
+                self.closed = True
+                nursery.cancel_scope.cancel()
+        with trio.move_on_after(0.5):
+            await self.stream.aclose()
+
+    async def _request(self, req: wire.Request) -> None:
+        k = self.kernel
+        k.stats["syscalls"] += 1
+        try:
+            if self.pcb is None and req.method != "sys.hello":
+                raise SyscallError("EPERM", "say sys.hello(token) first")
+            sc, entry = dispatch.lookup(req.method)
+        except SyscallError as e:
+            k.stats["errors"] += 1
+            await self.respond(req.msgid, e.to_wire(), None)
+            return
+        call = dispatch.Call(k, self.pcb, self, sc, req.msgid)
+        if entry.blocking:
+            self.nursery.start_soon(self._run, call, entry, req)
+        else:
+            await self._run(call, entry, req)
+
+    async def _run(self, call: dispatch.Call, entry: dispatch.Entry, req: wire.Request) -> None:
+        try:
+            result = await dispatch.invoke(call, entry, req.args, req.kwargs)
+        except SyscallError as e:
+            self.kernel.stats["errors"] += 1
+            await self.respond(req.msgid, e.to_wire(), None)
+        except Exception as e:  # a handler bug must never take the kernel down
+            self.kernel.stats["errors"] += 1
+            log.error("handler %s failed:\n%s", req.method, traceback.format_exc())
+            await self.respond(req.msgid, SyscallError(
+                "EIO", f"internal error in {req.method}: {type(e).__name__}: {e}").to_wire(), None)
+        else:
+            await self.respond(req.msgid, None, result)
+
+
+async def serve_listener(kernel: "Kernel", listener: trio.SocketListener,
+                         task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async with trio.open_nursery() as nursery:
+        task_status.started()
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as e:  # EMFILE and friends: back off, keep serving
+                log.warning("accept failed: %s", e)
+                await trio.sleep(0.1)
+                continue
+            peer = _peer_name(stream)
+            kernel.stats["connections"] += 1
+            nursery.start_soon(Connection(kernel, stream, peer).serve)
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        name = stream.socket.getpeername()
+        return str(name) if name else f"unix:{os.getpid()}"
+    except OSError:
+        return "?"

@@ -1,0 +1,109 @@
+"""Handlers of the `proc` group: the process table as syscalls."""
+
+from __future__ import annotations
+
+from llmagentos.syscalls import caps as capmod
+from llmagentos.syscalls.errno import SyscallError
+
+from .dispatch import Call, handler
+from .proc import INIT_PID, LIMITS, parse_signal
+
+
+@handler("proc.spawn")
+async def spawn(call: Call, argv: list, name: str | None, env: dict | None, cwd: str | None,
+                caps: list | None, limits: dict | None, nice: int) -> int:
+    pcb = await call.kernel.procs.spawn(call.caller, argv, name, env, cwd, caps, limits, nice)
+    return pcb.pid
+
+
+@handler("proc.getpid")
+async def getpid(call: Call) -> int:
+    return call.caller.pid
+
+
+@handler("proc.ps")
+async def ps(call: Call) -> list:
+    return [p.row() for p in sorted(call.kernel.procs.procs.values(), key=lambda p: p.pid)]
+
+
+@handler("proc.stat")
+async def stat(call: Call, pid: int | None) -> dict:
+    procs = call.kernel.procs
+    return procs.stat(procs.get(call.caller.pid if pid is None else pid))
+
+
+@handler("proc.wait", blocking=True)
+async def wait(call: Call, pid: int, timeout: float | None) -> dict:
+    if timeout is not None and timeout < 0:
+        raise SyscallError("EINVAL", "timeout must be >= 0")
+    return await call.kernel.procs.wait(call.caller, pid, timeout)
+
+
+@handler("proc.kill")
+async def kill(call: Call, pid: int, signal: int | str) -> None:
+    call.kernel.procs.kill(call.caller, pid, parse_signal(signal))
+
+
+@handler("proc.nice")
+async def nice(call: Call, pid: int, value: int) -> int:
+    procs = call.kernel.procs
+    target = procs.get(pid)
+    if not -20 <= value <= 19:
+        raise SyscallError("EINVAL", "nice must be in -20..19")
+    if target.pid == INIT_PID or not procs.may_signal(call.caller, target):
+        raise SyscallError("EPERM", f"pid {call.caller.pid} may not renice pid {pid}")
+    if value < target.nice and not capmod.covers(call.caller.caps, "proc.renice"):
+        raise SyscallError("EACCES", "lowering nice needs proc.renice")
+    target.nice = value
+    for fn in call.kernel.on_renice:
+        fn(target)
+    return value
+
+
+@handler("proc.setlimit")
+async def setlimit(call: Call, pid: int, name: str, value: float | None) -> dict:
+    procs = call.kernel.procs
+    target = procs.get(pid)
+    if name not in LIMITS:
+        raise SyscallError("EINVAL", f"unknown limit {name!r}; known: {sorted(LIMITS)}")
+    if value is not None and value < 0:
+        raise SyscallError("EINVAL", "a limit must be >= 0 (nil removes it)")
+    if target.pid == INIT_PID or not procs.may_signal(call.caller, target):
+        raise SyscallError("EPERM", f"pid {call.caller.pid} may not change limits of pid {pid}")
+    old = target.limits.get(name)
+    raising = old is not None and (value is None or value > old)
+    if raising and not capmod.covers(call.caller.caps, "proc.kill_any"):
+        raise SyscallError("EACCES", "raising a limit needs proc.kill_any")
+    if value is None:
+        target.limits.pop(name, None)
+    else:
+        target.limits[name] = value
+    return dict(target.limits)
+
+
+@handler("proc.exit")
+async def exit_(call: Call, status: int) -> None:
+    if not 0 <= status <= 255:
+        raise SyscallError("EINVAL", "exit status must be in 0..255")
+    if call.caller.pid == INIT_PID:
+        raise SyscallError("EPERM", "init does not exit; use sys.shutdown")
+    call.caller.exit_reason = f"proc.exit({status})"
+
+
+@handler("proc.logs")
+async def logs(call: Call, pid: int, offset: int, limit: int) -> dict:
+    procs = call.kernel.procs
+    path = procs.log_paths.get(pid)
+    if path is None:
+        raise SyscallError("ESRCH", f"no process with pid {pid} in this boot")
+    if offset < 0 or not 0 < limit <= 4 * 1024 * 1024:
+        raise SyscallError("EINVAL", "offset must be >= 0 and limit in 1..4 MiB")
+    target = procs.procs.get(pid)
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read(limit)
+    except FileNotFoundError:
+        data = b""
+    return {"data": data, "offset": offset + len(data),
+            "state": target.state if target else "REAPED"}

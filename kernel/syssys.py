@@ -1,0 +1,50 @@
+"""Handlers of the `sys` group: hello, uname, stats, shutdown, null, calls."""
+
+from __future__ import annotations
+
+from llmagentos.syscalls.errno import SyscallError
+from llmagentos.syscalls.table import TABLE
+
+from .dispatch import Call, handler
+
+
+@handler("sys.hello")
+async def hello(call: Call, token: str) -> dict:
+    conn = call.conn
+    pcb = call.kernel.procs.authenticate(token)
+    if conn.pcb is not None and conn.pcb.pid != pcb.pid:
+        raise SyscallError("EPERM", f"connection is already pid {conn.pcb.pid}")
+    conn.pcb = pcb
+    return {"pid": pcb.pid, "name": pcb.name, "kernel": call.kernel.uname()["release"]}
+
+
+@handler("sys.uname")
+async def uname(call: Call) -> dict:
+    return call.kernel.uname()
+
+
+@handler("sys.stats")
+async def stats(call: Call) -> dict:
+    k = call.kernel
+    states: dict[str, int] = {}
+    for p in k.procs.procs.values():
+        states[p.state] = states.get(p.state, 0) + 1
+    return {**k.uname(), "counters": dict(k.stats), "processes": len(k.procs.procs),
+            "states": states}
+
+
+@handler("sys.shutdown")
+async def shutdown(call: Call, grace: float) -> None:
+    if grace < 0:
+        raise SyscallError("EINVAL", "grace must be >= 0")
+    call.kernel.shutdown(grace)
+
+
+@handler("sys.null")
+async def null(call: Call) -> None:
+    return None
+
+
+@handler("sys.calls")
+async def calls(call: Call) -> list:
+    return [sc.describe() for sc in TABLE]

@@ -1,0 +1,41 @@
+"""Capabilities: strings such as ``llm``, ``fs.write``, ``tool:calc.*``.
+
+A held entry may be a glob (``tool:*``, ``*``). A process holds a set; a
+child's set is bounded by its parent's (like Linux's capability bounding set).
+"""
+
+from __future__ import annotations
+
+from fnmatch import fnmatchcase
+from typing import Iterable
+
+# What a process gets when its spawner names no set: everything its parent holds
+# except the powers over other processes and the kernel itself.
+PRIVILEGED = frozenset({"proc.kill_any", "sys.shutdown", "proc.renice"})
+
+KNOWN = (
+    "llm", "ctx", "mem", "mem.shared", "fs.read", "fs.write", "exec", "tool:*",
+    "proc.spawn", "proc.kill_any", "proc.renice", "drv.register", "env",
+    "sys.shutdown", "ipc",
+)
+
+
+def covers(held: Iterable[str], need: str) -> bool:
+    """True when some held entry (glob) covers the needed capability.
+
+    A needed glob (``tool:calc.*``) is covered by an equal or wider held glob.
+    """
+    return any(h == need or fnmatchcase(need, h) for h in held)
+
+
+def bounded(parent: Iterable[str], requested: Iterable[str]) -> list[str]:
+    """The requested entries that the parent's set does not cover."""
+    parent = list(parent)
+    return [r for r in requested if not covers(parent, r)]
+
+
+def default_child(parent: Iterable[str]) -> list[str]:
+    parent = list(parent)
+    if "*" in parent:
+        return [c for c in KNOWN if c not in PRIVILEGED]
+    return [c for c in parent if c not in PRIVILEGED]

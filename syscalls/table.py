@@ -1,0 +1,205 @@
+"""The call table: the one place a syscall's name, number, parameters,
+capability and doc live.
+
+The kernel dispatches from it (handlers receive checked, typed keyword
+arguments and never parse wire data), the client builds its stubs from it,
+`llmos syscalls` prints it. Numbers are never reused; the ABI changes only by
+addition.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errno import SyscallError
+
+REQUIRED = object()  # sentinel: the parameter has no default
+
+# wire type name -> accepted Python types (after msgpack decoding)
+_TYPES: dict[str, tuple[type, ...]] = {
+    "int": (int,),
+    "float": (int, float),
+    "str": (str,),
+    "bool": (bool,),
+    "bytes": (bytes,),
+    "list": (list, tuple),
+    "dict": (dict,),
+    "any": (object,),
+}
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    type: str  # "int", "str|int", "list?" (? = may be nil)
+    default: Any = REQUIRED
+    doc: str = ""
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def check(self, value: Any) -> Any:
+        spec = self.type
+        nullable = spec.endswith("?")
+        if nullable:
+            spec = spec[:-1]
+        if value is None:
+            if nullable or self.default is None:
+                return None
+            raise SyscallError("EINVAL", f"parameter {self.name!r} must not be nil")
+        for t in spec.split("|"):
+            accepted = _TYPES[t]
+            # bool is an int subclass in Python; never let True pass as a pid.
+            if isinstance(value, bool) and t != "bool" and t != "any":
+                continue
+            if isinstance(value, accepted):
+                if t == "float":
+                    return float(value)
+                if t == "list":
+                    return list(value)
+                return value
+        raise SyscallError(
+            "EINVAL",
+            f"parameter {self.name!r} must be {self.type}, got {type(value).__name__}",
+        )
+
+
+@dataclass(frozen=True)
+class Syscall:
+    number: int
+    name: str  # "group.call"
+    params: tuple[Param, ...] = ()
+    cap: str | None = None  # capability needed; None = any authenticated process
+    doc: str = ""
+    stream: bool = False  # may send notifications before its response
+
+    @property
+    def group(self) -> str:
+        return self.name.split(".", 1)[0]
+
+    @property
+    def call(self) -> str:
+        return self.name.split(".", 1)[1]
+
+    def bind(self, args: list | tuple, kwargs: dict | None = None) -> dict[str, Any]:
+        """Check positional (and, from Python clients, keyword) arguments
+        against the parameter list; return them by name with defaults filled."""
+        if len(args) > len(self.params):
+            raise SyscallError(
+                "EINVAL",
+                f"{self.name} takes at most {len(self.params)} arguments, got {len(args)}",
+            )
+        out: dict[str, Any] = {}
+        kwargs = dict(kwargs or {})
+        for i, p in enumerate(self.params):
+            if i < len(args):
+                if p.name in kwargs:
+                    raise SyscallError("EINVAL", f"{self.name}: {p.name!r} given twice")
+                out[p.name] = p.check(args[i])
+            elif p.name in kwargs:
+                out[p.name] = p.check(kwargs.pop(p.name))
+            elif p.required:
+                raise SyscallError("EINVAL", f"{self.name}: missing argument {p.name!r}")
+            else:
+                out[p.name] = p.default
+        if kwargs:
+            raise SyscallError("EINVAL", f"{self.name}: unknown argument(s) {sorted(kwargs)}")
+        return out
+
+    def signature(self) -> str:
+        parts = []
+        for p in self.params:
+            parts.append(p.name if p.required else f"{p.name}={p.default!r}")
+        return f"{self.name}({', '.join(parts)})"
+
+    def describe(self) -> dict:
+        return {
+            "number": self.number,
+            "name": self.name,
+            "params": [
+                {"name": p.name, "type": p.type, "required": p.required,
+                 **({} if p.required else {"default": p.default})}
+                for p in self.params
+            ],
+            "cap": self.cap,
+            "doc": self.doc,
+            "stream": self.stream,
+        }
+
+
+@dataclass
+class CallTable:
+    calls: dict[str, Syscall] = field(default_factory=dict)
+
+    def add(self, sc: Syscall) -> None:
+        if sc.name in self.calls:
+            raise ValueError(f"duplicate syscall name {sc.name}")
+        if any(c.number == sc.number for c in self.calls.values()):
+            raise ValueError(f"duplicate syscall number {sc.number}")
+        self.calls[sc.name] = sc
+
+    def __getitem__(self, name: str) -> Syscall:
+        try:
+            return self.calls[name]
+        except KeyError:
+            raise SyscallError("ENOSYS", f"no such system call {name!r}") from None
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.calls
+
+    def __iter__(self):
+        return iter(sorted(self.calls.values(), key=lambda c: c.number))
+
+    def groups(self) -> dict[str, list[Syscall]]:
+        out: dict[str, list[Syscall]] = {}
+        for sc in self:
+            out.setdefault(sc.group, []).append(sc)
+        return out
+
+
+def P(name: str, type: str, default: Any = REQUIRED, doc: str = "") -> Param:
+    return Param(name, type, default, doc)
+
+
+TABLE = CallTable()
+
+
+def _def(number: int, name: str, params: list[Param], cap: str | None, doc: str,
+         stream: bool = False) -> None:
+    TABLE.add(Syscall(number, name, tuple(params), cap, doc, stream))
+
+
+# --- sys: 0-19 ---------------------------------------------------------------
+_def(0, "sys.hello", [P("token", "str")], None,
+     "authenticate this connection; returns the caller's pid")
+_def(1, "sys.uname", [], None, "kernel name, version, boot time, policy, devices")
+_def(2, "sys.stats", [], None, "kernel-wide counters: processes, syscalls, device, memory")
+_def(3, "sys.shutdown", [P("grace", "float", 3.0)], "sys.shutdown",
+     "shut the kernel down: TERM every process, wait grace seconds, KILL")
+_def(4, "sys.null", [], None, "do nothing and return nil (for measuring syscall overhead)")
+_def(5, "sys.calls", [], None, "the call table, as data")
+
+# --- proc: 20-49 -------------------------------------------------------------
+_def(20, "proc.spawn", [
+    P("argv", "list"), P("name", "str?", None), P("env", "dict?", None),
+    P("cwd", "str?", None), P("caps", "list?", None), P("limits", "dict?", None),
+    P("nice", "int", 0),
+], "proc.spawn", "start a real OS process as a child of the caller; returns its pid")
+_def(21, "proc.getpid", [], None, "the caller's pid")
+_def(22, "proc.ps", [], None, "the process table, one row per process")
+_def(23, "proc.stat", [P("pid", "int?", None)], None,
+     "control block, CPU/RSS and usage of one process (default: the caller)")
+_def(24, "proc.wait", [P("pid", "int"), P("timeout", "float?", None)], None,
+     "wait for a child to exit and reap it; returns its exit status")
+_def(25, "proc.kill", [P("pid", "int"), P("signal", "int|str", "SIGTERM")], None,
+     "send a signal (SIGSTOP, SIGCONT, SIGTERM, SIGKILL, ...) to a process")
+_def(26, "proc.nice", [P("pid", "int"), P("value", "int")], None,
+     "set a process's nice value (-20..19); lowering it needs proc.renice")
+_def(27, "proc.setlimit", [P("pid", "int"), P("name", "str"), P("value", "int|float?")], None,
+     "set one limit of a process (only lower it, unless proc.kill_any is held)")
+_def(29, "proc.logs", [P("pid", "int"), P("offset", "int", 0), P("limit", "int", 65536)], None,
+     "read a process's captured stdout/stderr from offset (works after it was reaped)")
+_def(28, "proc.exit", [P("status", "int", 0)], None,
+     "record the caller's exit status; the client then exits with it")

@@ -1,0 +1,163 @@
+"""Sans-I/O MessagePack-RPC codec: bytes in, validated messages out.
+
+    request       [0, msgid, "group.call", [arg, ...]]
+    response      [1, msgid, error | nil, result | nil]
+    notification  [2, "group.event", [arg, ...]]
+
+No sockets here (as in h11): the kernel's server and the userland client are
+thin loops around `Decoder.feed` / `Decoder.messages` and the `encode_*`
+functions, so every edge case is a plain unit test.
+
+A Python client may send keyword arguments as a trailing map in a 5th element
+of a request (``[0, msgid, method, args, kwargs]``); plain MessagePack-RPC
+clients never need it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import msgpack
+
+REQUEST, RESPONSE, NOTIFICATION = 0, 1, 2
+DEFAULT_MAX_FRAME = 16 * 1024 * 1024
+MAX_MSGID = 2**32 - 1
+
+
+class ProtocolError(Exception):
+    """The peer broke the protocol; the connection must be closed with this reason."""
+
+
+@dataclass
+class Request:
+    msgid: int
+    method: str
+    args: list
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class Response:
+    msgid: int
+    error: Any
+    result: Any
+
+
+@dataclass
+class Notification:
+    method: str
+    args: list
+
+
+Message = Request | Response | Notification
+
+
+def _pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def encode_request(msgid: int, method: str, args: list | tuple, kwargs: dict | None = None) -> bytes:
+    msg: list = [REQUEST, msgid, method, list(args)]
+    if kwargs:
+        msg.append(kwargs)
+    return _pack(msg)
+
+
+def encode_response(msgid: int, error: Any, result: Any) -> bytes:
+    return _pack([RESPONSE, msgid, error, result])
+
+
+def encode_notification(method: str, args: list | tuple) -> bytes:
+    return _pack([NOTIFICATION, method, list(args)])
+
+
+class RequestError(Exception):
+    """A well-framed request with a bad field: answerable with EINVAL (msgid known)."""
+
+    def __init__(self, msgid: int, reason: str):
+        super().__init__(reason)
+        self.msgid = msgid
+        self.reason = reason
+
+
+@dataclass
+class Invalid:
+    """A request whose msgid is readable but whose other fields are not:
+    the receiver answers it with EINVAL and the connection goes on."""
+
+    msgid: int
+    reason: str
+
+
+def validate(obj: Any) -> Message:
+    """Check every field of one decoded message."""
+    if not isinstance(obj, (list, tuple)) or not obj:
+        raise ProtocolError(f"message must be a non-empty array, got {type(obj).__name__}")
+    kind = obj[0]
+    if kind == REQUEST and not isinstance(kind, bool):
+        if len(obj) not in (4, 5):
+            raise ProtocolError(f"request must have 4 elements, got {len(obj)}")
+        msgid = obj[1]
+        if isinstance(msgid, bool) or not isinstance(msgid, int) or not 0 <= msgid <= MAX_MSGID:
+            raise ProtocolError(f"request msgid must be a uint32, got {msgid!r:.50}")
+        method, args = obj[2], obj[3]
+        if not isinstance(method, str):
+            raise RequestError(msgid, "method must be a string")
+        if not isinstance(args, (list, tuple)):
+            raise RequestError(msgid, "params must be an array")
+        kwargs = obj[4] if len(obj) == 5 else {}
+        if not isinstance(kwargs, dict) or not all(isinstance(k, str) for k in kwargs):
+            raise RequestError(msgid, "keyword params must be a map with string keys")
+        return Request(msgid, method, list(args), dict(kwargs))
+    if kind == RESPONSE and not isinstance(kind, bool):
+        if len(obj) != 4:
+            raise ProtocolError(f"response must have 4 elements, got {len(obj)}")
+        msgid = obj[1]
+        if isinstance(msgid, bool) or not isinstance(msgid, int) or not 0 <= msgid <= MAX_MSGID:
+            raise ProtocolError(f"response msgid must be a uint32, got {msgid!r:.50}")
+        return Response(msgid, obj[2], obj[3])
+    if kind == NOTIFICATION and not isinstance(kind, bool):
+        if len(obj) != 3:
+            raise ProtocolError(f"notification must have 3 elements, got {len(obj)}")
+        if not isinstance(obj[1], str):
+            raise ProtocolError("notification method must be a string")
+        if not isinstance(obj[2], (list, tuple)):
+            raise ProtocolError("notification params must be an array")
+        return Notification(obj[1], list(obj[2]))
+    raise ProtocolError(f"unknown message type {kind!r:.50}")
+
+
+class Decoder:
+    """Feed bytes, take validated messages. A frame over `max_frame` bytes,
+    undecodable bytes or a malformed message raise ProtocolError (close the
+    connection); a request with a bad field comes out as `Invalid` (answer it)."""
+
+    def __init__(self, max_frame: int = DEFAULT_MAX_FRAME):
+        self.max_frame = max_frame
+        self._unpacker = msgpack.Unpacker(
+            raw=False, max_buffer_size=max_frame, strict_map_key=False,
+            use_list=True,
+        )
+
+    def feed(self, data: bytes) -> None:
+        try:
+            self._unpacker.feed(data)
+        except msgpack.BufferFull:
+            raise ProtocolError(f"frame larger than the {self.max_frame}-byte limit") from None
+
+    def messages(self) -> Iterator[Message | Invalid]:
+        while True:
+            try:
+                obj = self._unpacker.unpack()
+            except msgpack.OutOfData:
+                return
+            except msgpack.BufferFull:
+                raise ProtocolError(f"frame larger than the {self.max_frame}-byte limit") from None
+            except (msgpack.ExtraData, msgpack.FormatError, msgpack.StackError,
+                    ValueError, TypeError, UnicodeDecodeError) as e:
+                raise ProtocolError(f"undecodable bytes: {e}") from None
+            try:
+                yield validate(obj)
+            except RequestError as e:
+                yield Invalid(e.msgid, e.reason)

@@ -1,0 +1,357 @@
+"""`llmos`: the shell's view of the kernel.
+
+Exit codes scripts can rely on:
+  0  success
+  1  the syscall failed (errno name and message on stderr, or in --json)
+  2  usage error
+  3  no kernel is running / cannot connect
+  4  timed out
+`llmos wait PID` exits with the child's exit status (128+N if killed by signal N).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from llmagentos.syscalls import paths
+from llmagentos.syscalls.table import TABLE
+
+from .client import Client, connect
+from .errors import KernelError
+
+EXIT_OK, EXIT_ERR, EXIT_USAGE, EXIT_NOKERNEL, EXIT_TIMEOUT = 0, 1, 2, 3, 4
+
+
+class UsageError(Exception):
+    pass
+
+
+def _console():
+    from rich.console import Console
+    return Console() if sys.stdout.isatty() else Console(width=200)
+
+
+def _table(rows: list[dict], cols: list[str], title: str | None = None) -> None:
+    from rich.table import Table
+    t = Table(title=title, box=None, header_style="bold")
+    for c in cols:
+        t.add_column(HEADERS.get(c, c.upper()),
+                     justify="left" if c in ("name", "state", "call", "doc", "cap") else "right")
+    for r in rows:
+        t.add_row(*["" if r.get(c) is None else str(r.get(c)) for c in cols])
+    _console().print(t)
+
+
+def _out(args: argparse.Namespace, data: Any, human: Any = None) -> None:
+    if args.json:
+        print(json.dumps(data, default=str))
+    elif human is not None:
+        human(data)
+    elif data is not None:
+        print(data if isinstance(data, str) else json.dumps(data, indent=2, default=str))
+
+
+def _client(args: argparse.Namespace) -> Client:
+    return connect(run_dir=args.run_dir) if args.run_dir else connect()
+
+
+# --- boot / shutdown ------------------------------------------------------------
+def _kernel_argv(args: argparse.Namespace) -> list[str]:
+    argv = [sys.executable, "-m", "llmagentos.kernel"]
+    if args.run_dir:
+        argv += ["--run-dir", str(args.run_dir)]
+    for opt in ("state_dir", "tcp", "policy", "grace", "log_level", "config", "model"):
+        val = getattr(args, opt, None)
+        if val is not None:
+            argv += ["--" + opt.replace("_", "-"), str(val)]
+    return argv
+
+
+def cmd_boot(args: argparse.Namespace) -> int:
+    argv = _kernel_argv(args)
+    if not args.detach:
+        os.execv(argv[0], argv)  # the kernel replaces the shell command, signals and all
+    run_dir = Path(args.run_dir) if args.run_dir else paths.default_run_dir()
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log_path = run_dir / paths.LOG_NAME
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+    deadline = time.monotonic() + args.timeout
+    shown = False
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").splitlines()[-5:]
+            print("llmos: kernel failed to boot:\n  " + "\n  ".join(tail), file=sys.stderr)
+            return EXIT_ERR
+        try:
+            with connect(run_dir=run_dir) as c:
+                info = c.sys.uname()
+            _out(args, info, lambda i: print(
+                f"kernel up: pid {i['pid']}, socket {i['socket']}"
+                + (f", tcp {i['tcp']}" if i.get("tcp") else "")))
+            return EXIT_OK
+        except KernelError:
+            if not shown and sys.stderr.isatty():
+                print("llmos: booting (loading the model)...", file=sys.stderr)
+                shown = True
+            time.sleep(0.1)
+    print(f"llmos: kernel did not accept connections within {args.timeout}s; log: {log_path}",
+          file=sys.stderr)
+    return EXIT_TIMEOUT
+
+
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        pid = c.sys.uname()["pid"]
+        try:
+            c.sys.shutdown(args.grace)
+        except KernelError as e:
+            if e.name != "ECONNRESET":  # the kernel may close before its answer lands
+                raise
+    deadline = time.monotonic() + args.grace + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+    else:
+        print(f"llmos: kernel pid {pid} still running", file=sys.stderr)
+        return EXIT_TIMEOUT
+    if not args.json:
+        print("kernel down")
+    return EXIT_OK
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        st = c.sys.stats()
+
+    def human(s: dict) -> None:
+        print(f"LLMAgentOS {s['release']}  pid {s['pid']}  up {s['uptime']:.1f}s  "
+              f"policy {s['policy']}")
+        print(f"socket {s['socket']}" + (f"  tcp {s['tcp']}" if s.get("tcp") else ""))
+        print(f"processes {s['processes']}  " + "  ".join(
+            f"{k}={v}" for k, v in sorted(s["states"].items())))
+        print("counters " + "  ".join(f"{k}={v}" for k, v in sorted(s["counters"].items())))
+        dev = s.get("device")
+        if dev:
+            print("device " + "  ".join(f"{k}={v}" for k, v in dev.items()
+                                        if not isinstance(v, (dict, list))))
+    _out(args, st, human)
+    return EXIT_OK
+
+
+# --- processes --------------------------------------------------------------------
+HEADERS = {"tokens_in": "IN", "tokens_out": "OUT", "cached_tokens": "CACHED",
+           "device_time": "DEV_S", "syscalls": "CALLS", "uptime": "UP_S"}
+PS_COLS = ["pid", "ppid", "state", "nice", "name", "uptime", "tokens_in", "tokens_out",
+           "cached_tokens", "device_time", "syscalls"]
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        rows = c.proc.ps()
+    _out(args, rows, lambda r: _table(r, PS_COLS))
+    return EXIT_OK
+
+
+def _kv(items: list[str], what: str) -> dict:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise UsageError(f"{what} must be KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        out[k] = v
+    return out
+
+
+def cmd_spawn(args: argparse.Namespace) -> int:
+    cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
+    if not cmd:
+        raise UsageError("spawn needs a command: llmos spawn -- CMD ARGS...")
+    limits = {k: float(v) for k, v in _kv(args.limit, "--limit").items()}
+    with _client(args) as c:
+        pid = c.proc.spawn(cmd, args.name, _kv(args.env, "--env") or None, os.getcwd(),
+                           args.cap or None, limits or None, args.nice)
+    _out(args, {"pid": pid}, lambda d: print(d["pid"]))
+    return EXIT_OK
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        for pid in args.pids:
+            c.proc.kill(pid, args.signal)
+    return EXIT_OK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        st = c.proc.wait(args.pid, args.timeout)
+    _out(args, st, lambda s: print(
+        f"pid {s['pid']} exited {s['exit_code']}" if s["signal"] is None
+        else f"pid {s['pid']} killed by {s['signal_name']}"))
+    return st["exit_code"] if st["signal"] is None else 128 + st["signal"]
+
+
+def cmd_stat(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        st = c.proc.stat(args.pid)
+
+    def human(s: dict) -> None:
+        for k, v in s.items():
+            if isinstance(v, dict):
+                v = "  ".join(f"{a}={b}" for a, b in v.items()) or "-"
+            print(f"{k:>14}  {v}")
+    _out(args, st, human)
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    offset = 0
+    with _client(args) as c:
+        while True:
+            r = c.proc.logs(args.pid, offset)
+            sys.stdout.buffer.write(r["data"])
+            sys.stdout.flush()
+            offset = r["offset"]
+            if r["data"]:
+                continue  # drain before deciding to stop
+            if not args.follow or r["state"] in ("ZOMBIE", "REAPED"):
+                return EXIT_OK
+            time.sleep(0.2)
+
+
+def cmd_syscalls(args: argparse.Namespace) -> int:
+    rows = [sc.describe() for sc in TABLE]
+
+    def human(_: Any) -> None:
+        _table([{"nr": sc.number, "call": sc.signature(), "cap": sc.cap or "-", "doc": sc.doc}
+                for sc in TABLE], ["nr", "call", "cap", "doc"])
+    _out(args, rows, human)
+    return EXIT_OK
+
+
+def _parse_arg(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def cmd_call(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        res = c.call(args.name, *[_parse_arg(a) for a in args.args])
+    _out(args, res)
+    return EXIT_OK
+
+
+# --- argument parsing ------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="llmos", description="LLMAgentOS shell")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output")
+    common.add_argument("--run-dir", help="the kernel's runtime dir")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("boot", parents=[common], help="boot the kernel")
+    b.add_argument("--detach", "-d", action="store_true", help="return once it accepts calls")
+    b.add_argument("--state-dir")
+    b.add_argument("--tcp", metavar="HOST:PORT")
+    b.add_argument("--policy", choices=["fifo", "rr", "priority", "fair"])
+    b.add_argument("--grace", type=float)
+    b.add_argument("--log-level")
+    b.add_argument("--timeout", type=float, default=60.0, help="--detach: seconds to wait")
+    b.set_defaults(fn=cmd_boot)
+
+    s = sub.add_parser("shutdown", parents=[common], help="shut the kernel down")
+    s.add_argument("--grace", type=float, default=3.0)
+    s.set_defaults(fn=cmd_shutdown)
+
+    sub.add_parser("status", parents=[common], help="kernel status").set_defaults(fn=cmd_status)
+    sub.add_parser("ps", parents=[common], help="process table").set_defaults(fn=cmd_ps)
+
+    sp = sub.add_parser("spawn", parents=[common], help="spawn -- CMD ARGS...")
+    sp.add_argument("--name")
+    sp.add_argument("--cap", action="append", help="a capability (repeat); default: inherited")
+    sp.add_argument("--limit", action="append", metavar="NAME=VALUE")
+    sp.add_argument("--env", action="append", metavar="KEY=VALUE")
+    sp.add_argument("--nice", type=int, default=0)
+    sp.add_argument("cmd", nargs=argparse.REMAINDER)
+    sp.set_defaults(fn=cmd_spawn)
+
+    k = sub.add_parser("kill", parents=[common], help="kill [-SIG] PID...")
+    k.add_argument("--signal", "-s", default="SIGTERM")
+    k.add_argument("pids", nargs="+", type=int)
+    k.set_defaults(fn=cmd_kill)
+
+    w = sub.add_parser("wait", parents=[common], help="wait for a child; exits with its status")
+    w.add_argument("pid", type=int)
+    w.add_argument("--timeout", type=float)
+    w.set_defaults(fn=cmd_wait)
+
+    st = sub.add_parser("stat", parents=[common], help="one process in detail")
+    st.add_argument("pid", type=int)
+    st.set_defaults(fn=cmd_stat)
+
+    lg = sub.add_parser("logs", parents=[common], help="a process's stdout/stderr")
+    lg.add_argument("pid", type=int)
+    lg.add_argument("--follow", "-f", action="store_true")
+    lg.set_defaults(fn=cmd_logs)
+
+    sub.add_parser("syscalls", parents=[common], help="the call table").set_defaults(
+        fn=cmd_syscalls)
+
+    c = sub.add_parser("call", parents=[common], help="call NAME ARGS... (JSON or text)")
+    c.add_argument("name")
+    c.add_argument("args", nargs="*")
+    c.set_defaults(fn=cmd_call)
+    return ap
+
+
+def _split_kill_signal(argv: list[str]) -> list[str]:
+    """`llmos kill -STOP 12` / `kill -9 12`: turn the dash form into --signal."""
+    if not argv or argv[0] != "kill":
+        return argv
+    out = ["kill"]
+    for a in argv[1:]:
+        if a.startswith("-") and len(a) > 1 and not a.startswith("--") and a not in ("-s",) \
+                and (a[1:].isdigit() or a[1:].isalpha() and a[1:].isupper()):
+            out += ["--signal", a[1:]]
+        else:
+            out.append(a)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = _split_kill_signal(list(sys.argv[1:] if argv is None else argv))
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    try:
+        return args.fn(args)
+    except UsageError as e:
+        print(f"llmos: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KernelError as e:
+        if args.json:
+            print(json.dumps({"error": {"name": e.name, "errno": e.errno,
+                                        "message": e.message}}))
+        else:
+            print(f"llmos: {e}", file=sys.stderr)
+        if e.name in ("ENOTCONN", "ECONNRESET"):
+            return EXIT_NOKERNEL
+        return EXIT_TIMEOUT if e.name == "ETIMEDOUT" else EXIT_ERR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,304 @@
+"""The syscall client: sync (`connect()`) and async trio (`aconnect()`).
+
+Zero configuration: inside a spawned process the kernel's environment
+(`LLMAGENTOS_SOCKET`, `LLMAGENTOS_TOKEN`) is used; in the shell, the run
+dir's socket and the shell user's token file. Stubs come from the call table:
+`c.proc.spawn(["python", "x.py"])`, `c.sys.uname()`.
+
+Streaming calls: the kernel sends notifications `[2, "group.event", [msgid, ...]]`
+before the response; the first param names the request they belong to.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import trio
+
+from llmagentos.syscalls import paths, wire
+from llmagentos.syscalls.table import TABLE, Syscall
+
+from .errors import ERRORS, KernelError, error_for
+
+Notify = Callable[[str, list], Any]
+
+
+@dataclass(frozen=True)
+class Address:
+    kind: str  # "unix" | "tcp"
+    path: str = ""
+    host: str = ""
+    port: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> "Address":
+        if text.startswith("tcp://"):
+            host, _, port = text[len("tcp://"):].rpartition(":")
+            return cls("tcp", host=host.strip("[]"), port=int(port))
+        return cls("unix", path=text)
+
+
+def resolve(address: str | None = None, token: str | None = None,
+            run_dir: str | Path | None = None) -> tuple[Address, str]:
+    """Where the kernel is and which token to present."""
+    rd = Path(run_dir) if run_dir else None
+    if address is None:
+        if rd is None and os.environ.get(paths.ENV_SOCKET):
+            address = os.environ[paths.ENV_SOCKET]
+        else:
+            address = str((rd or paths.default_run_dir()) / paths.SOCKET_NAME)
+    if token is None:
+        if rd is None and os.environ.get(paths.ENV_TOKEN):
+            token = os.environ[paths.ENV_TOKEN]
+        else:
+            tf = (rd or paths.default_run_dir()) / paths.TOKEN_NAME
+            try:
+                token = tf.read_text().strip()
+            except FileNotFoundError:
+                raise ERRORS["ENOTCONN"](
+                    f"no kernel token at {tf}: is a kernel running? (`llmos boot`)") from None
+            except PermissionError:
+                raise ERRORS["EACCES"](f"cannot read the token file {tf}") from None
+    return Address.parse(address), token
+
+
+class _Group:
+    """`client.proc`, `client.llm`, ...: one method per call of the group."""
+
+    def __init__(self, client: Any, group: str):
+        self._client = client
+        self._group = group
+
+    def __getattr__(self, call: str) -> Callable[..., Any]:
+        name = f"{self._group}.{call}"
+        if name not in TABLE:
+            raise AttributeError(f"no system call {name!r}")
+        sc = TABLE[name]
+        fn = self._client._stub(sc)
+        fn.__name__ = call
+        fn.__doc__ = f"{sc.signature()}: {sc.doc}"
+        setattr(self, call, fn)  # cache
+        return fn
+
+    def __dir__(self) -> list[str]:
+        return [sc.call for sc in TABLE if sc.group == self._group]
+
+
+class _Stubs:
+    def __getattr__(self, group: str) -> _Group:
+        if group.startswith("_") or group not in TABLE.groups():
+            raise AttributeError(group)
+        g = _Group(self, group)
+        setattr(self, group, g)
+        return g
+
+
+class Client(_Stubs):
+    """A synchronous connection to the kernel. Thread-safe (one call at a time)."""
+
+    def __init__(self, address: str | None = None, token: str | None = None, *,
+                 run_dir: str | Path | None = None, timeout: float | None = None,
+                 max_frame: int = wire.DEFAULT_MAX_FRAME):
+        self.address, token = resolve(address, token, run_dir)
+        self._lock = threading.RLock()
+        self._ids = itertools.count(1)
+        self._decoder = wire.Decoder(max_frame)
+        self._sock = _open_socket(self.address, timeout)
+        info = self.call("sys.hello", token)
+        self.pid: int = info["pid"]
+
+    # --- the call loop --------------------------------------------------------
+    def call(self, method: str, *args: Any, on_notify: Notify | None = None, **kwargs: Any) -> Any:
+        with self._lock:
+            msgid = next(self._ids) & wire.MAX_MSGID
+            self._sock.sendall(wire.encode_request(msgid, method, args, kwargs))
+            while True:
+                for msg in self._read():
+                    if isinstance(msg, wire.Response) and msg.msgid == msgid:
+                        if msg.error is not None:
+                            raise error_for(msg.error)
+                        return msg.result
+                    if isinstance(msg, wire.Notification):
+                        self._notification(msg, on_notify)
+
+    def _read(self) -> Any:
+        try:
+            data = self._sock.recv(65536)
+        except socket.timeout:
+            raise ERRORS["ETIMEDOUT"]("no answer from the kernel") from None
+        if not data:
+            raise ERRORS["ECONNRESET"]("the kernel closed the connection")
+        self._decoder.feed(data)
+        return list(self._decoder.messages())
+
+    @staticmethod
+    def _notification(msg: wire.Notification, on_notify: Notify | None) -> None:
+        if msg.method == "sys.close":
+            raise ERRORS["ECONNRESET"](f"kernel closed the connection: {msg.args}")
+        if on_notify is not None:
+            on_notify(msg.method, msg.args)
+
+    def _stub(self, sc: Syscall) -> Callable[..., Any]:
+        if sc.name == "proc.exit":
+            def exit_stub(status: int = 0) -> None:
+                self.call("proc.exit", status)
+                self.close()
+                sys.exit(status)
+            return exit_stub
+
+        def stub(*args: Any, **kwargs: Any) -> Any:
+            return self.call(sc.name, *args, **kwargs)
+        return stub
+
+    def close(self) -> None:
+        try:
+            self._sock.close()
+        except OSError:
+            pass
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _open_socket(addr: Address, timeout: float | None) -> socket.socket:
+    try:
+        if addr.kind == "tcp":
+            s = socket.create_connection((addr.host, addr.port), timeout=timeout)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(timeout)
+            s.connect(addr.path)
+        return s
+    except (FileNotFoundError, ConnectionRefusedError) as e:
+        where = addr.path or f"{addr.host}:{addr.port}"
+        raise ERRORS["ENOTCONN"](f"no kernel at {where} ({e.strerror}): `llmos boot` first") \
+            from None
+
+
+def connect(address: str | None = None, token: str | None = None, **kw: Any) -> Client:
+    """A synchronous client; with no arguments it finds the kernel by itself."""
+    return Client(address, token, **kw)
+
+
+# --- async (trio) -------------------------------------------------------------
+class AsyncClient(_Stubs):
+    """A trio client; many calls may be in flight at once on one connection.
+
+    Use as `async with llmagentos.aconnect() as c: await c.proc.ps()`.
+    """
+
+    def __init__(self, address: str | None = None, token: str | None = None, *,
+                 run_dir: str | Path | None = None, max_frame: int = wire.DEFAULT_MAX_FRAME):
+        self.address, self._token = resolve(address, token, run_dir)
+        self._ids = itertools.count(1)
+        self._decoder = wire.Decoder(max_frame)
+        self._pending: dict[int, trio.MemorySendChannel] = {}
+        self._send_lock = trio.Lock()
+        self._stream: trio.abc.Stream | None = None
+        self._nursery_cm: Any = None
+        self._closed_reason: str | None = None
+        self.pid: int | None = None
+
+    async def __aenter__(self) -> "AsyncClient":
+        a = self.address
+        try:
+            if a.kind == "tcp":
+                self._stream = await trio.open_tcp_stream(a.host, a.port)
+            else:
+                self._stream = await trio.open_unix_socket(a.path)
+        except OSError as e:
+            raise ERRORS["ENOTCONN"](f"no kernel at {a.path or a.host}: {e}") from None
+        self._nursery_cm = trio.open_nursery()
+        nursery = await self._nursery_cm.__aenter__()
+        nursery.start_soon(self._reader)
+        self._nursery = nursery
+        info = await self.call("sys.hello", self._token)
+        self.pid = info["pid"]
+        return self
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        self._nursery.cancel_scope.cancel()
+        try:
+            return await self._nursery_cm.__aexit__(*exc)
+        finally:
+            await self._stream.aclose()
+
+    async def _reader(self) -> None:
+        try:
+            while True:
+                data = await self._stream.receive_some(65536)
+                if not data:
+                    break
+                self._decoder.feed(data)
+                for msg in self._decoder.messages():
+                    await self._route(msg)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, wire.ProtocolError) as e:
+            self._closed_reason = str(e)
+        finally:
+            self._closed_reason = self._closed_reason or "the kernel closed the connection"
+            for ch in list(self._pending.values()):
+                ch.close()
+
+    async def _route(self, msg: Any) -> None:
+        if isinstance(msg, wire.Response):
+            ch = self._pending.pop(msg.msgid, None)
+            if ch is not None:
+                ch.send_nowait(("response", msg))
+                ch.close()
+        elif isinstance(msg, wire.Notification):
+            if msg.method == "sys.close":
+                self._closed_reason = f"kernel closed the connection: {msg.args}"
+                return
+            target = msg.args[0] if msg.args and isinstance(msg.args[0], int) else None
+            ch = self._pending.get(target)
+            if ch is not None:
+                try:
+                    ch.send_nowait(("notify", msg))
+                except trio.WouldBlock:
+                    await ch.send(("notify", msg))
+
+    async def call(self, method: str, *args: Any, on_notify: Notify | None = None,
+                   **kwargs: Any) -> Any:
+        if self._closed_reason:
+            raise ERRORS["ECONNRESET"](self._closed_reason)
+        msgid = next(self._ids) & wire.MAX_MSGID
+        send, recv = trio.open_memory_channel(256)
+        self._pending[msgid] = send
+        try:
+            async with self._send_lock:
+                await self._stream.send_all(wire.encode_request(msgid, method, args, kwargs))
+            async for kind, msg in recv:
+                if kind == "response":
+                    if msg.error is not None:
+                        raise error_for(msg.error)
+                    return msg.result
+                if on_notify is not None:
+                    res = on_notify(msg.method, msg.args)
+                    if hasattr(res, "__await__"):
+                        await res
+            raise ERRORS["ECONNRESET"](self._closed_reason or "connection lost")
+        finally:
+            self._pending.pop(msgid, None)
+
+    def _stub(self, sc: Syscall) -> Callable[..., Any]:
+        async def stub(*args: Any, **kwargs: Any) -> Any:
+            return await self.call(sc.name, *args, **kwargs)
+        return stub
+
+
+def aconnect(address: str | None = None, token: str | None = None, **kw: Any) -> AsyncClient:
+    return AsyncClient(address, token, **kw)
+
+
+__all__ = ["Client", "AsyncClient", "connect", "aconnect", "KernelError"]
