@@ -40,8 +40,16 @@ class Connection:
         self.nursery: trio.Nursery | None = None
 
     async def send(self, data: bytes) -> None:
-        async with self._send_lock:
+        # Uncontended fast path: taking the lock without a checkpoint is most
+        # of the difference to a bare echo server on the null syscall.
+        try:
+            self._send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._send_lock.acquire()
+        try:
             await self.stream.send_all(data)
+        finally:
+            self._send_lock.release()
 
     async def notify(self, method: str, args: list) -> None:
         await self.send(wire.encode_notification(method, args))

@@ -94,6 +94,9 @@ def cmd_boot(args: argparse.Namespace) -> int:
         try:
             with connect(run_dir=run_dir) as c:
                 info = c.sys.uname()
+            if info["pid"] != proc.pid:  # someone else's kernel: ours will fail on the lock
+                time.sleep(0.1)
+                continue
             _out(args, info, lambda i: print(
                 f"kernel up: pid {i['pid']}, socket {i['socket']}"
                 + (f", tcp {i['tcp']}" if i.get("tcp") else "")))

@@ -1,0 +1,105 @@
+"""Syscall overhead: null-syscall calls/s and latency for 1 and 8 client
+processes, against a bare trio+msgpack echo server as the ceiling; and
+spawn+wait of 100 trivial processes.
+
+    python bench/bench_syscall.py
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import llmagentos  # noqa: E402
+from _kernel import BenchKernel  # noqa: E402
+
+CALLS = 20_000
+
+
+def _worker(address: str, token: str, n: int, q: mp.Queue) -> None:
+    c = llmagentos.connect(address, token)
+    for _ in range(200):  # warm up
+        c.call("sys.null")
+    lat = []
+    t0 = time.perf_counter()
+    for _ in range(n):
+        t = time.perf_counter()
+        c.call("sys.null")
+        lat.append(time.perf_counter() - t)
+    q.put((time.perf_counter() - t0, lat))
+    c.close()
+
+
+def measure(address: str, token: str, clients: int, n: int) -> dict:
+    q: mp.Queue = mp.Queue()
+    procs = [mp.Process(target=_worker, args=(address, token, n, q)) for _ in range(clients)]
+    t0 = time.perf_counter()
+    for p in procs:
+        p.start()
+    results = [q.get() for _ in procs]
+    for p in procs:
+        p.join()
+    wall = max(r[0] for r in results)
+    lat = sorted(x for r in results for x in r[1])
+    del t0
+    return {
+        "calls_per_s": clients * n / wall,
+        "p50_us": lat[len(lat) // 2] * 1e6,
+        "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
+    }
+
+
+def bench_spawn(k: BenchKernel, n: int = 100) -> float:
+    c = k.client()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        c.proc.wait(c.proc.spawn(["true"]))
+    ms = (time.perf_counter() - t0) * 1000 / n
+    c.close()
+    return ms
+
+
+def run() -> dict:
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "echo.sock")
+        echo = subprocess.Popen([sys.executable, str(Path(__file__).parent / "echo_server.py"),
+                                 path], stdout=subprocess.PIPE, text=True)
+        echo.stdout.readline()
+        try:
+            out["echo_1"] = measure(path, "x", 1, CALLS)
+            out["echo_8"] = measure(path, "x", 8, CALLS // 4)
+        finally:
+            echo.kill()
+            echo.wait()
+    with BenchKernel() as k:
+        token = (k.run_dir / "token").read_text().strip()
+        sock = str(k.run_dir / "kernel.sock")
+        out["kernel_1"] = measure(sock, token, 1, CALLS)
+        out["kernel_8"] = measure(sock, token, 8, CALLS // 4)
+        out["spawn_wait_ms"] = statistics.median(bench_spawn(k, 100) for _ in range(1))
+    out["ratio_1"] = out["kernel_1"]["calls_per_s"] / out["echo_1"]["calls_per_s"]
+    out["ratio_8"] = out["kernel_8"]["calls_per_s"] / out["echo_8"]["calls_per_s"]
+    return out
+
+
+def report(r: dict) -> None:
+    print("== syscall overhead (sys.null) ==")
+    for name in ("echo_1", "kernel_1", "echo_8", "kernel_8"):
+        m = r[name]
+        print(f"  {name:9s} {m['calls_per_s']:9.0f} calls/s   p50 {m['p50_us']:6.1f} us"
+              f"   p99 {m['p99_us']:7.1f} us")
+    print(f"  kernel/echo ratio: 1 client {r['ratio_1']:.2f}, 8 clients {r['ratio_8']:.2f}"
+          f"   (goal >= 0.70; >= 15k calls/s for 1 client)")
+    print(f"  spawn+wait of 100 trivial processes: {r['spawn_wait_ms']:.1f} ms per process")
+
+
+if __name__ == "__main__":
+    report(run())

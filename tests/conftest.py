@@ -1,0 +1,101 @@
+"""Shared fixtures: a real kernel booted as its own program on a temp run dir."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+import llmagentos
+
+PY = sys.executable
+
+
+@dataclass
+class BootedKernel:
+    run_dir: Path
+    state_dir: Path
+    proc: subprocess.Popen
+    log: Path
+
+    @property
+    def socket(self) -> str:
+        return str(self.run_dir / "kernel.sock")
+
+    @property
+    def token(self) -> str:
+        return (self.run_dir / "token").read_text().strip()
+
+    def client(self, **kw) -> llmagentos.Client:
+        return llmagentos.connect(run_dir=self.run_dir, **kw)
+
+    def env(self) -> dict:
+        """Environment for a shell command (llmos CLI) aimed at this kernel."""
+        e = dict(os.environ)
+        for k in ("LLMAGENTOS_SOCKET", "LLMAGENTOS_TOKEN"):
+            e.pop(k, None)
+        e["LLMAGENTOS_RUN_DIR"] = str(self.run_dir)
+        return e
+
+    def stop(self, timeout: float = 15) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+def boot_kernel(tmp: Path, *extra: str, wait: float = 60) -> BootedKernel:
+    run_dir, state_dir = tmp / "run", tmp / "state"
+    log = tmp / "kernel.log"
+    with open(log, "ab") as f:
+        proc = subprocess.Popen(
+            [PY, "-m", "llmagentos.kernel", "--run-dir", str(run_dir),
+             "--state-dir", str(state_dir), "--grace", "1", *extra],
+            stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+    k = BootedKernel(run_dir, state_dir, proc, log)
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"kernel exited {proc.returncode}:\n{log.read_text()}")
+        try:
+            k.client().close()
+            return k
+        except llmagentos.KernelError:
+            time.sleep(0.05)
+    k.stop()
+    raise RuntimeError(f"kernel did not come up:\n{log.read_text()}")
+
+
+@pytest.fixture
+def kernel(tmp_path):
+    k = boot_kernel(tmp_path)
+    yield k
+    k.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_kernel(tmp_path_factory):
+    """One kernel for a module's read-mostly tests (cheaper than one per test)."""
+    k = boot_kernel(tmp_path_factory.mktemp("kernel"))
+    yield k
+    k.stop()
+
+
+def wait_for(pred, timeout: float = 10, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        v = pred()
+        if v:
+            return v
+        time.sleep(interval)
+    raise AssertionError("condition not reached in time")

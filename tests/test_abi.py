@@ -1,0 +1,199 @@
+"""The ABI from outside: auth, impersonation, errnos, bad input, raw msgpack clients."""
+
+import os
+import socket
+import stat
+import textwrap
+import threading
+import time
+
+import msgpack
+import pytest
+
+import llmagentos
+from conftest import PY
+
+
+def raw(path: str) -> socket.socket:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(10)
+    s.connect(path)
+    return s
+
+
+def rpc(s: socket.socket, msgid: int, method: str, params: list):
+    """A client written with nothing but socket and msgpack."""
+    s.sendall(msgpack.packb([0, msgid, method, params]))
+    unpacker = msgpack.Unpacker(raw=False)
+    while True:
+        data = s.recv(65536)
+        assert data, "connection closed"
+        unpacker.feed(data)
+        for msg in unpacker:
+            if msg[0] == 1 and msg[1] == msgid:
+                return msg
+
+
+def test_plain_msgpack_client(shared_kernel):
+    s = raw(shared_kernel.socket)
+    kind, msgid, err, res = rpc(s, 1, "sys.hello", [shared_kernel.token])
+    assert (kind, msgid, err) == (1, 1, None) and res["pid"] == 1
+    assert rpc(s, 2, "proc.getpid", []) == [1, 2, None, 1]
+    s.close()
+
+
+def test_hello_first(shared_kernel):
+    s = raw(shared_kernel.socket)
+    _, _, err, _ = rpc(s, 1, "proc.ps", [])
+    assert err["name"] == "EPERM" and err["errno"] == 1 and "hello" in err["message"]
+    _, _, err, _ = rpc(s, 2, "sys.hello", ["wrong-token"])
+    assert err["name"] == "EACCES"
+    _, _, err, _ = rpc(s, 3, "proc.ps", [])
+    assert err["name"] == "EPERM"
+
+
+def test_errnos(shared_kernel):
+    s = raw(shared_kernel.socket)
+    rpc(s, 1, "sys.hello", [shared_kernel.token])
+    assert rpc(s, 2, "no.such", [])[2]["name"] == "ENOSYS"
+    assert rpc(s, 3, "proc.stat", ["one"])[2]["name"] == "EINVAL"
+    assert rpc(s, 4, "proc.kill", [])[2]["name"] == "EINVAL"
+    assert rpc(s, 5, "proc.getpid", [1, 2])[2]["name"] == "EINVAL"
+    assert rpc(s, 6, "proc.stat", [424242])[2]["name"] == "ESRCH"
+    assert rpc(s, 7, 12, [])[2]["name"] == "EINVAL"  # method must be a string
+    assert rpc(s, 8, "proc.getpid", []) == [1, 8, None, 1]  # still fine
+
+
+def test_missing_capability_is_eacces(shared_kernel):
+    with shared_kernel.client() as c:
+        pid = c.proc.spawn([PY, "-c", textwrap.dedent("""
+            import llmagentos
+            c = llmagentos.connect()
+            try:
+                c.sys.shutdown()
+            except PermissionError as e:
+                print(e.name)
+        """)])
+        c.proc.wait(pid, 20)
+        assert c.proc.logs(pid)["data"] == b"EACCES\n"
+
+
+def test_token_is_that_pid_and_never_another(shared_kernel):
+    with shared_kernel.client() as c:
+        pid = c.proc.spawn([PY, "-c", textwrap.dedent("""
+            import os, llmagentos
+            c = llmagentos.connect()
+            print(c.pid, os.environ["LLMAGENTOS_PID"])
+            # a second hello with another token on the same connection is refused
+            try:
+                c.sys.hello("guess")
+            except PermissionError as e:
+                print(e.name)
+            # the shell user's token file is not readable to it by env: it has its own token
+            print(c.proc.getpid())
+        """)])
+        c.proc.wait(pid, 20)
+        a, b, err, me = c.proc.logs(pid)["data"].decode().split()
+        assert a == b == me == str(pid) and err == "EACCES"
+
+
+def test_hello_twice_with_other_valid_token_is_eperm(shared_kernel):
+    with shared_kernel.client() as c:
+        child = c.proc.spawn(["sleep", "30"])
+        # learn the child's token the way the child would: from its environment
+        import psutil
+        token = psutil.Process(c.proc.stat(child)["os_pid"]).environ()["LLMAGENTOS_TOKEN"]
+        with llmagentos.connect(token=token, run_dir=shared_kernel.run_dir) as cc:
+            assert cc.proc.getpid() == child
+            with pytest.raises(PermissionError):
+                cc.sys.hello(shared_kernel.token)  # cannot become init
+            assert cc.proc.getpid() == child
+        c.proc.kill(child, "KILL")
+        c.proc.wait(child)
+        with pytest.raises(PermissionError):  # a dead process's token is dead
+            llmagentos.connect(token=token, run_dir=shared_kernel.run_dir)
+
+
+def test_oversized_frame_closes_with_reason(tmp_path):
+    from conftest import boot_kernel
+    k = boot_kernel(tmp_path, "--max-frame", "4096")
+    try:
+        s = raw(k.socket)
+        rpc(s, 1, "sys.hello", [k.token])
+        s.sendall(msgpack.packb([0, 2, "sys.null", ["x" * 10000]]))
+        data = b""
+        while True:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+        u = msgpack.Unpacker(raw=False)
+        u.feed(data)
+        msgs = list(u)
+        assert msgs[-1][0] == 2 and msgs[-1][1] == "sys.close" and "limit" in msgs[-1][2][0]
+        with k.client() as c:  # the kernel is fine
+            assert c.proc.getpid() == 1
+    finally:
+        k.stop()
+
+
+def test_random_bytes_do_not_disturb_other_clients(shared_kernel):
+    good = shared_kernel.client()
+    for seed in range(30):
+        s = raw(shared_kernel.socket)
+        s.sendall(os.urandom(200 + seed * 37))
+        s.close()
+    s = raw(shared_kernel.socket)
+    s.sendall(b"\xc1" * 10)  # never-used msgpack byte: protocol error
+    assert s.recv(4096)  # the close reason
+    assert good.proc.getpid() == 1
+    assert good.sys.stats()["counters"]["protocol_errors"] >= 1
+    good.close()
+
+
+def test_client_vanishing_mid_call(shared_kernel):
+    with shared_kernel.client() as c:
+        pid = c.proc.spawn(["sleep", "30"])
+        s = raw(shared_kernel.socket)
+        rpc(s, 1, "sys.hello", [shared_kernel.token])
+        s.sendall(msgpack.packb([0, 2, "proc.wait", [pid, 20]]))
+        time.sleep(0.2)
+        s.close()  # gone while proc.wait blocks
+        time.sleep(0.2)
+        assert c.proc.stat(pid)["state"] == "READY"
+        assert c.proc.stat(1)["state"] == "RUNNING"
+        c.proc.kill(pid, "KILL")
+        assert c.proc.wait(pid, 10)["signal_name"] == "SIGKILL"
+
+
+def test_concurrent_clients(shared_kernel):
+    errors = []
+
+    def worker():
+        try:
+            with shared_kernel.client() as c:
+                for _ in range(200):
+                    assert c.proc.getpid() == 1
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    ts = [threading.Thread(target=worker) for _ in range(8)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not errors
+
+
+def test_socket_and_token_are_private(shared_kernel):
+    assert stat.S_IMODE(os.stat(shared_kernel.socket).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(shared_kernel.run_dir / "token").st_mode) == 0o600
+
+
+def test_syscalls_table_over_the_wire(shared_kernel):
+    with shared_kernel.client() as c:
+        calls = c.sys.calls()
+    names = {x["name"] for x in calls}
+    assert {"sys.hello", "proc.spawn", "proc.wait", "proc.kill"} <= names
+    spawn = next(x for x in calls if x["name"] == "proc.spawn")
+    assert spawn["cap"] == "proc.spawn" and spawn["params"][0]["name"] == "argv"

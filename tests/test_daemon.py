@@ -1,0 +1,157 @@
+"""The daemon's life: boot, one kernel per run dir, stale sockets, TCP, shutdown, CLI."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+import llmagentos
+from conftest import PY, boot_kernel, wait_for
+
+LLMOS = [PY, "-m", "llmagentos.cli"]
+
+
+def llmos(k, *args, check=None):
+    r = subprocess.run([*LLMOS, *args], env=k.env(), capture_output=True, text=True, timeout=60)
+    if check is not None:
+        assert r.returncode == check, r.stdout + r.stderr
+    return r
+
+
+def test_boot_twice_fails_clearly(kernel):
+    r = subprocess.run([PY, "-m", "llmagentos.kernel", "--run-dir", str(kernel.run_dir),
+                        "--state-dir", str(kernel.state_dir)],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1
+    assert "already running" in r.stderr and str(kernel.proc.pid) in r.stderr
+    with kernel.client() as c:
+        assert c.proc.getpid() == 1
+
+
+def test_stale_socket_is_replaced(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(str(run / "kernel.sock"))  # a crashed kernel's leftover: bound, not listening
+    s.close()
+    k = boot_kernel(tmp_path)
+    try:
+        with k.client() as c:
+            assert c.proc.getpid() == 1
+    finally:
+        k.stop()
+
+
+def test_crashed_kernel_then_reboot(tmp_path):
+    k = boot_kernel(tmp_path)
+    k.proc.kill()  # SIGKILL: no cleanup at all
+    k.proc.wait()
+    assert (k.run_dir / "kernel.sock").exists()
+    k2 = boot_kernel(tmp_path)
+    try:
+        with k2.client() as c:
+            assert c.proc.getpid() == 1
+    finally:
+        k2.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_shutdown_terms_then_kills_children(tmp_path, sig):
+    k = boot_kernel(tmp_path)
+    with k.client() as c:
+        polite = c.proc.spawn(["sleep", "60"])
+        stubborn = c.proc.spawn([PY, "-c", "import signal,time\n"
+                                 "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+                                 "print('x', flush=True); time.sleep(60)"])
+        wait_for(lambda: c.proc.logs(stubborn)["data"])
+        os_pids = [c.proc.stat(p)["os_pid"] for p in (polite, stubborn)]
+    k.proc.send_signal(sig)
+    assert k.proc.wait(20) == 0
+    for p in os_pids:
+        assert not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE
+    assert not (k.run_dir / "kernel.sock").exists()
+    assert not (k.run_dir / "kernel.pid").exists()
+
+
+def test_tcp_listener_requires_token(tmp_path):
+    k = boot_kernel(tmp_path, "--tcp", "127.0.0.1:0")
+    try:
+        addr = (k.run_dir / "tcp").read_text().strip()
+        assert addr.startswith("tcp://127.0.0.1:")
+        with llmagentos.connect(addr, k.token) as c:
+            assert c.proc.getpid() == 1
+        with pytest.raises(PermissionError):
+            llmagentos.connect(addr, "not-the-token")
+    finally:
+        k.stop()
+
+
+def test_tcp_refuses_non_loopback(tmp_path):
+    r = subprocess.run([PY, "-m", "llmagentos.kernel", "--run-dir", str(tmp_path / "r"),
+                        "--state-dir", str(tmp_path / "s"), "--tcp", "0.0.0.0:0"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1 and "loopback" in r.stderr
+
+
+def test_cli_end_to_end(tmp_path):
+    env = dict(os.environ, LLMAGENTOS_RUN_DIR=str(tmp_path / "run"))
+    env.pop("LLMAGENTOS_SOCKET", None)
+    env.pop("LLMAGENTOS_TOKEN", None)
+
+    def run(*args):
+        return subprocess.run([*LLMOS, *args], env=env, capture_output=True, text=True,
+                              timeout=60)
+
+    assert run("ps").returncode == 3  # no kernel yet
+    r = run("boot", "--detach", "--state-dir", str(tmp_path / "state"))
+    assert r.returncode == 0 and "kernel up" in r.stdout, r.stderr
+    try:
+        pid = int(run("spawn", "--name", "sl", "--", "sleep", "30").stdout)
+        ps = json.loads(run("ps", "--json").stdout)
+        assert any(p["pid"] == pid and p["name"] == "sl" for p in ps)
+        assert run("kill", "-STOP", str(pid)).returncode == 0
+        assert json.loads(run("stat", str(pid), "--json").stdout)["state"] == "STOPPED"
+        assert run("kill", "-CONT", str(pid)).returncode == 0
+        assert run("kill", "-9", str(pid)).returncode == 0
+        assert run("wait", str(pid)).returncode == 128 + 9
+        echo = int(run("spawn", "--", "sh", "-c", "echo hi; exit 5").stdout)
+        assert run("wait", str(echo)).returncode == 5
+        assert run("logs", str(echo)).stdout == "hi\n"
+        r = run("kill", "424242")
+        assert r.returncode == 1 and "ESRCH" in r.stderr
+        r = run("call", "proc.stat", "424242", "--json")
+        assert r.returncode == 1 and json.loads(r.stdout)["error"]["name"] == "ESRCH"
+        assert json.loads(run("call", "proc.getpid").stdout) == 1
+        assert "proc.spawn" in run("syscalls").stdout
+        st = run("status")
+        assert st.returncode == 0 and "processes" in st.stdout
+        assert run("spawn").returncode == 2
+        assert run("wait", "1", "--timeout", "0.1").returncode == 1  # ECHILD: init is no child
+    finally:
+        r = run("shutdown")
+    assert r.returncode == 0 and "kernel down" in r.stdout
+    assert run("ps").returncode == 3
+
+
+def test_detach_reports_boot_failure(tmp_path, kernel):
+    env = kernel.env()
+    r = subprocess.run([*LLMOS, "boot", "--detach"], env=env, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 1 and "already running" in r.stderr
+
+
+def test_sys_shutdown_syscall(tmp_path):
+    k = boot_kernel(tmp_path)
+    with k.client() as c:
+        kid = c.proc.spawn(["sleep", "60"])
+        os_pid = c.proc.stat(kid)["os_pid"]
+        c.sys.shutdown(0.5)
+    assert k.proc.wait(20) == 0
+    wait_for(lambda: not psutil.pid_exists(os_pid)
+             or psutil.Process(os_pid).status() == psutil.STATUS_ZOMBIE)
+    assert sys.modules["llmagentos"]
