@@ -159,6 +159,23 @@ class CallTable:
         return out
 
 
+def markdown(table: "CallTable") -> str:
+    """The call table as a Markdown reference (docs/syscalls.md is this output)."""
+    lines = ["# System calls", "",
+             "Generated from the call table (`llmos syscalls --markdown`); do not edit.", ""]
+    for group, calls in table.groups().items():
+        lines += [f"## {group}", "", "| nr | call | capability | description |",
+                  "|---:|---|---|---|"]
+        for sc in calls:
+            params = ", ".join(
+                f"{p.name}: {p.type}" + ("" if p.required else f" = {p.default!r}")
+                for p in sc.params)
+            lines.append(f"| {sc.number} | `{sc.name}({params})` | {sc.cap or '-'} | "
+                         f"{sc.doc}{' (streams)' if sc.stream else ''} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def P(name: str, type: str, default: Any = REQUIRED, doc: str = "") -> Param:
     return Param(name, type, default, doc)
 

@@ -57,3 +57,12 @@ def test_capability_globs_and_bounding():
     assert caps.bounded(["fs.read", "tool:calc.*"], ["fs.read", "tool:calc.eval"]) == []
     assert caps.bounded(["fs.read"], ["fs.read", "exec"]) == ["exec"]
     assert caps.bounded(["tool:calc.*"], ["tool:*"]) == ["tool:*"]  # no widening by glob
+
+
+def test_docs_are_generated_from_the_table():
+    from pathlib import Path
+
+    from llmagentos.syscalls.table import markdown
+    doc = Path(__file__).parent.parent / "docs" / "syscalls.md"
+    assert doc.read_text().strip() == markdown(TABLE).strip(), \
+        "docs/syscalls.md is stale: run `llmos syscalls --markdown > docs/syscalls.md`"

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from llmagentos.syscalls import paths
-from llmagentos.syscalls.table import TABLE
+from llmagentos.syscalls.table import TABLE, markdown
 
 from .client import Client, connect
 from .errors import KernelError
@@ -235,6 +235,9 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_syscalls(args: argparse.Namespace) -> int:
     rows = [sc.describe() for sc in TABLE]
+    if args.markdown:
+        print(markdown(TABLE))
+        return EXIT_OK
 
     def human(_: Any) -> None:
         _table([{"nr": sc.number, "call": sc.signature(), "cap": sc.cap or "-", "doc": sc.doc}
@@ -310,8 +313,9 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("--follow", "-f", action="store_true")
     lg.set_defaults(fn=cmd_logs)
 
-    sub.add_parser("syscalls", parents=[common], help="the call table").set_defaults(
-        fn=cmd_syscalls)
+    sy = sub.add_parser("syscalls", parents=[common], help="the call table")
+    sy.add_argument("--markdown", action="store_true", help="as the docs/syscalls.md reference")
+    sy.set_defaults(fn=cmd_syscalls)
 
     c = sub.add_parser("call", parents=[common], help="call NAME ARGS... (JSON or text)")
     c.add_argument("name")
