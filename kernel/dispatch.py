@@ -78,15 +78,27 @@ def lookup(method: str) -> tuple[Syscall, Entry]:
 async def invoke(call: Call, entry: Entry, args: list, kwargs: dict) -> Any:
     """Check arity, types and capability, then run the handler."""
     sc = call.syscall
-    bound = sc.bind(args, kwargs)
-    if sc.cap is not None and not capmod.covers(call.caller.caps, sc.cap):
-        raise SyscallError("EACCES", f"{sc.name} needs capability {sc.cap!r}")
     caller = call.caller
     if caller is None:  # only sys.hello gets here unauthenticated
-        return await entry.fn(call, **bound)
-    caller.usage.syscalls += 1
-    caller.running_calls += 1
+        return await entry.fn(call, **sc.bind(args, kwargs))
+    errno: str | None = None
+    bound: Any = args
     try:
-        return await entry.fn(call, **bound)
+        bound = sc.bind(args, kwargs)
+        if sc.cap is not None and not capmod.covers(caller.caps, sc.cap):
+            raise SyscallError("EACCES", f"{sc.name} needs capability {sc.cap!r}")
+        caller.usage.syscalls += 1
+        caller.running_calls += 1
+        try:
+            return await entry.fn(call, **bound)
+        finally:
+            caller.running_calls -= 1
+    except SyscallError as e:
+        errno = e.name
+        raise
+    except BaseException:
+        errno = "EIO"
+        raise
     finally:
-        caller.running_calls -= 1
+        if sc.mutates:
+            call.kernel.audit.record(caller.pid, sc.name, bound, errno)

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
-
 from llmagentos.syscalls import paths
 
 from . import dispatch, sysproc, syssys  # noqa: F401  (handlers register on import)
+from .audit import AuditLog
 from .proc import ProcessTable
 from .server import serve_listener
 
@@ -65,6 +65,7 @@ class Kernel:
         self.tcp_address: str | None = None
         self._lock_fd: int | None = None
         self.on_renice: list = []  # callbacks(pcb) when a nice value changes
+        self.audit: AuditLog | None = None
         dispatch.check_complete()
 
     # --- boot -----------------------------------------------------------------
@@ -137,6 +138,7 @@ class Kernel:
         """Boot, serve until shutdown, clean up. task_status.started() once
         the socket accepts connections."""
         self._prepare_dirs()
+        self.audit = AuditLog(self.config.state_dir / "audit.db")
         listeners: list[trio.SocketListener] = []
         try:
             listeners = await self._open_listeners()
@@ -144,6 +146,7 @@ class Kernel:
             async with trio.open_nursery() as root:
                 self.procs.nursery = root
                 root.start_soon(self._signals)
+                root.start_soon(self.audit.flusher)
                 for lst in listeners:
                     await root.start(serve_listener, self, lst)
                 log.info("kernel up on %s (pid %d)", self.config.socket_path, os.getpid())
@@ -158,6 +161,7 @@ class Kernel:
         finally:
             for lst in listeners:
                 lst.socket.close()
+            self.audit.close()
             self._remove_run_files()
             log.info("kernel down")
 

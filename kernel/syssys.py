@@ -48,3 +48,11 @@ async def null(call: Call) -> None:
 @handler("sys.calls")
 async def calls(call: Call) -> list:
     return [sc.describe() for sc in TABLE]
+
+
+@handler("sys.audit")
+async def audit(call: Call, pid: int | None, syscall: str | None, errno: str | None,
+                since: float | None, limit: int) -> list:
+    if not 1 <= limit <= 10_000:
+        raise SyscallError("EINVAL", "limit must be in 1..10000")
+    return call.kernel.audit.query(pid, syscall, errno, since, limit)

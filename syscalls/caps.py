@@ -11,12 +11,12 @@ from typing import Iterable
 
 # What a process gets when its spawner names no set: everything its parent holds
 # except the powers over other processes and the kernel itself.
-PRIVILEGED = frozenset({"proc.kill_any", "sys.shutdown", "proc.renice"})
+PRIVILEGED = frozenset({"proc.kill_any", "sys.shutdown", "proc.renice", "sys.audit"})
 
 KNOWN = (
     "llm", "ctx", "mem", "mem.shared", "fs.read", "fs.write", "exec", "tool:*",
     "proc.spawn", "proc.kill_any", "proc.renice", "drv.register", "env",
-    "sys.shutdown", "ipc",
+    "sys.shutdown", "sys.audit", "ipc",
 )
 
 

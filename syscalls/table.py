@@ -74,6 +74,7 @@ class Syscall:
     cap: str | None = None  # capability needed; None = any authenticated process
     doc: str = ""
     stream: bool = False  # may send notifications before its response
+    mutates: bool = False  # changes kernel state: written to the audit log
 
     @property
     def group(self) -> str:
@@ -126,6 +127,7 @@ class Syscall:
             "cap": self.cap,
             "doc": self.doc,
             "stream": self.stream,
+            "mutates": self.mutates,
         }
 
 
@@ -184,8 +186,8 @@ TABLE = CallTable()
 
 
 def _def(number: int, name: str, params: list[Param], cap: str | None, doc: str,
-         stream: bool = False) -> None:
-    TABLE.add(Syscall(number, name, tuple(params), cap, doc, stream))
+         stream: bool = False, mutates: bool = False) -> None:
+    TABLE.add(Syscall(number, name, tuple(params), cap, doc, stream, mutates))
 
 
 # --- sys: 0-19 ---------------------------------------------------------------
@@ -194,16 +196,20 @@ _def(0, "sys.hello", [P("token", "str")], None,
 _def(1, "sys.uname", [], None, "kernel name, version, boot time, policy, devices")
 _def(2, "sys.stats", [], None, "kernel-wide counters: processes, syscalls, device, memory")
 _def(3, "sys.shutdown", [P("grace", "float", 3.0)], "sys.shutdown",
-     "shut the kernel down: TERM every process, wait grace seconds, KILL")
+     "shut the kernel down: TERM every process, wait grace seconds, KILL", mutates=True)
 _def(4, "sys.null", [], None, "do nothing and return nil (for measuring syscall overhead)")
 _def(5, "sys.calls", [], None, "the call table, as data")
+_def(6, "sys.audit", [P("pid", "int?", None), P("syscall", "str?", None), P("errno", "str?", None),
+                      P("since", "float?", None), P("limit", "int", 100)], "sys.audit",
+     "read the audit log (syscall is a glob; errno a name, 'any' or 'ok')")
 
 # --- proc: 20-49 -------------------------------------------------------------
 _def(20, "proc.spawn", [
     P("argv", "list"), P("name", "str?", None), P("env", "dict?", None),
     P("cwd", "str?", None), P("caps", "list?", None), P("limits", "dict?", None),
     P("nice", "int", 0),
-], "proc.spawn", "start a real OS process as a child of the caller; returns its pid")
+], "proc.spawn", "start a real OS process as a child of the caller; returns its pid",
+     mutates=True)
 _def(21, "proc.getpid", [], None, "the caller's pid")
 _def(22, "proc.ps", [], None, "the process table, one row per process")
 _def(23, "proc.stat", [P("pid", "int?", None)], None,
@@ -211,12 +217,13 @@ _def(23, "proc.stat", [P("pid", "int?", None)], None,
 _def(24, "proc.wait", [P("pid", "int"), P("timeout", "float?", None)], None,
      "wait for a child to exit and reap it; returns its exit status")
 _def(25, "proc.kill", [P("pid", "int"), P("signal", "int|str", "SIGTERM")], None,
-     "send a signal (SIGSTOP, SIGCONT, SIGTERM, SIGKILL, ...) to a process")
+     "send a signal (SIGSTOP, SIGCONT, SIGTERM, SIGKILL, ...) to a process", mutates=True)
 _def(26, "proc.nice", [P("pid", "int"), P("value", "int")], None,
-     "set a process's nice value (-20..19); lowering it needs proc.renice")
+     "set a process's nice value (-20..19); lowering it needs proc.renice", mutates=True)
 _def(27, "proc.setlimit", [P("pid", "int"), P("name", "str"), P("value", "int|float?")], None,
-     "set one limit of a process (only lower it, unless proc.kill_any is held)")
+     "set one limit of a process (only lower it, unless proc.kill_any is held)",
+     mutates=True)
 _def(29, "proc.logs", [P("pid", "int"), P("offset", "int", 0), P("limit", "int", 65536)], None,
      "read a process's captured stdout/stderr from offset (works after it was reaped)")
 _def(28, "proc.exit", [P("status", "int", 0)], None,
-     "record the caller's exit status; the client then exits with it")
+     "record the caller's exit status; the client then exits with it", mutates=True)

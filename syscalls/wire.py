@@ -57,7 +57,8 @@ def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
-def encode_request(msgid: int, method: str, args: list | tuple, kwargs: dict | None = None) -> bytes:
+def encode_request(msgid: int, method: str, args: list | tuple,
+                   kwargs: dict | None = None) -> bytes:
     msg: list = [REQUEST, msgid, method, list(args)]
     if kwargs:
         msg.append(kwargs)

@@ -10,9 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
-
 import llmagentos
+import pytest
 
 PY = sys.executable
 

@@ -7,10 +7,9 @@ import textwrap
 import threading
 import time
 
+import llmagentos
 import msgpack
 import pytest
-
-import llmagentos
 from conftest import PY
 
 

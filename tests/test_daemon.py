@@ -7,10 +7,9 @@ import socket
 import subprocess
 import sys
 
+import llmagentos
 import psutil
 import pytest
-
-import llmagentos
 from conftest import PY, boot_kernel, wait_for
 
 LLMOS = [PY, "-m", "llmagentos.cli"]
@@ -155,3 +154,28 @@ def test_sys_shutdown_syscall(tmp_path):
     wait_for(lambda: not psutil.pid_exists(os_pid)
              or psutil.Process(os_pid).status() == psutil.STATUS_ZOMBIE)
     assert sys.modules["llmagentos"]
+
+
+def test_audit_log_records_state_changes(tmp_path):
+    k = boot_kernel(tmp_path)
+    try:
+        with k.client() as c:
+            pid = c.proc.spawn(["sleep", "30"])
+            with pytest.raises(ProcessLookupError):
+                c.proc.kill(424242, "KILL")
+            c.proc.kill(pid, "KILL")
+            c.proc.wait(pid)
+            c.proc.getpid()  # reads are not audited
+            rows = c.sys.audit(None, "proc.*")
+            assert [(r["call"], r["errno"]) for r in rows] == [
+                ("proc.spawn", None), ("proc.kill", "ESRCH"), ("proc.kill", None)]
+            assert all(r["pid"] == 1 and len(r["digest"]) == 16 for r in rows)
+            assert [r["call"] for r in c.sys.audit(None, None, "any")] == ["proc.kill"]
+        r = llmos(k, "audit", "--call", "proc.kill", "--json", check=0)
+        assert len(json.loads(r.stdout)) == 2
+    finally:
+        k.stop()
+    # durable: the rows are in the state dir's database after shutdown
+    import sqlite3
+    db = sqlite3.connect(k.state_dir / "audit.db")
+    assert db.execute("SELECT count(*) FROM audit").fetchone()[0] == 3

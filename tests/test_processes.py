@@ -6,10 +6,9 @@ import sys
 import textwrap
 import time
 
+import llmagentos
 import psutil
 import pytest
-
-import llmagentos
 from conftest import PY, wait_for
 
 

@@ -4,7 +4,6 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from llmagentos.syscalls import wire
 
 
@@ -25,7 +24,8 @@ def test_request_with_kwargs_roundtrip():
 
 
 def test_response_and_notification():
-    data = wire.encode_response(3, None, {"a": 1}) + wire.encode_notification("llm.token", [3, "hi"])
+    data = (wire.encode_response(3, None, {"a": 1})
+            + wire.encode_notification("llm.token", [3, "hi"]))
     r, n = decode_all(data)
     assert r == wire.Response(3, None, {"a": 1})
     assert n == wire.Notification("llm.token", [3, "hi"])

@@ -233,6 +233,18 @@ def cmd_logs(args: argparse.Namespace) -> int:
             time.sleep(0.2)
 
 
+def cmd_audit(args: argparse.Namespace) -> int:
+    since = time.time() - args.since if args.since is not None else None
+    with _client(args) as c:
+        rows = c.sys.audit(args.pid, args.call, args.errno, since, args.limit)
+    for r in rows:
+        r["when"] = time.strftime("%H:%M:%S", time.localtime(r["time"]))
+        r["result"] = r["errno"] or "ok"
+    _out(args, rows, lambda rs: _table(rs, ["id", "when", "pid", "call", "result", "digest",
+                                            "detail"]))
+    return EXIT_OK
+
+
 def cmd_syscalls(args: argparse.Namespace) -> int:
     rows = [sc.describe() for sc in TABLE]
     if args.markdown:
@@ -312,6 +324,14 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("pid", type=int)
     lg.add_argument("--follow", "-f", action="store_true")
     lg.set_defaults(fn=cmd_logs)
+
+    au = sub.add_parser("audit", parents=[common], help="the audit log, newest last")
+    au.add_argument("--pid", type=int)
+    au.add_argument("--call", help="a glob, e.g. 'proc.*' or 'tool.call'")
+    au.add_argument("--errno", help="an errno name, 'any' (failures) or 'ok'")
+    au.add_argument("--since", type=float, metavar="SECONDS", help="only the last N seconds")
+    au.add_argument("--limit", type=int, default=50)
+    au.set_defaults(fn=cmd_audit)
 
     sy = sub.add_parser("syscalls", parents=[common], help="the call table")
     sy.add_argument("--markdown", action="store_true", help="as the docs/syscalls.md reference")
