@@ -13,6 +13,8 @@ from pathlib import Path
 
 import trio
 
+from llmagentos.syscalls.errno import SyscallError
+
 from .kernel import BootError, Kernel, KernelConfig
 
 
@@ -25,10 +27,24 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
     ap.add_argument("--grace", type=float, default=3.0, help="seconds between TERM and KILL")
     ap.add_argument("--max-frame", type=int, default=16 * 1024 * 1024,
                     help="largest accepted message, bytes")
-    ap.add_argument("--policy", default="fair", choices=["fifo", "rr", "priority", "fair"])
+    ap.add_argument("--policy", default="fair", choices=["fifo", "rr", "priority", "fair"],
+                    help="run-queue policy of the compute device")
+    ap.add_argument("--quantum", type=int, default=16, help="tokens per turn (rr, priority, fair)")
+    ap.add_argument("--model", default="gemma3-270m",
+                    help="model name from the registry, a GGUF path, or 'none' (no device)")
+    ap.add_argument("--config", type=Path, help="TOML model registry (more model names)")
+    ap.add_argument("--slots", type=int, default=8, help="sequences on the device")
+    ap.add_argument("--n-ctx", type=int, default=2048, help="tokens per slot")
+    ap.add_argument("--threads", type=int, help="llama.cpp threads (default: 2)")
+    ap.add_argument("--gpu-layers", type=int, help="layers to offload where a GPU exists")
+    ap.add_argument("--snapshot-ram", type=int, default=256 << 20,
+                    help="bytes of preempted KV state kept in RAM before spilling to disk")
     ap.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
-    cfg = KernelConfig(tcp=a.tcp, grace=a.grace, max_frame=a.max_frame, policy=a.policy)
+    cfg = KernelConfig(tcp=a.tcp, grace=a.grace, max_frame=a.max_frame, policy=a.policy,
+                       quantum=a.quantum, model=a.model, models_config=a.config,
+                       slots=a.slots, n_ctx=a.n_ctx, threads=a.threads,
+                       n_gpu_layers=a.gpu_layers, snapshot_ram=a.snapshot_ram)
     if a.run_dir:
         cfg.run_dir = a.run_dir.resolve()
     if a.state_dir:
@@ -42,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     cfg = parse_args(argv)
     try:
         trio.run(Kernel(cfg).run)
+    except SyscallError as e:  # e.g. a broken model registry file
+        print(f"llmos: boot failed: {e.message}", file=sys.stderr)
+        return 1
     except BootError as e:
         print(f"llmos: boot failed: {e}", file=sys.stderr)
         return 1

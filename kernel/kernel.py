@@ -25,11 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
+from llmagentos.drivers.llama_device import Device
+from llmagentos.drivers.models import ModelRegistry
 from llmagentos.syscalls import paths
+from llmagentos.syscalls.errno import SyscallError
 
-from . import dispatch, sysproc, syssys  # noqa: F401  (handlers register on import)
+from . import dispatch, sysllm, sysproc, syssys  # noqa: F401  (handlers register on import)
 from .audit import AuditLog
-from .proc import ProcessTable
+from .proc import PCB, ProcessTable
+from .scheduler import Scheduler
 from .server import serve_listener
 
 log = logging.getLogger("llmagentos.kernel")
@@ -48,7 +52,16 @@ class KernelConfig:
     tcp: str | None = None  # "127.0.0.1:PORT"
     max_frame: int = 16 * 1024 * 1024
     grace: float = 3.0
+    # the compute device
+    model: str = "gemma3-270m"  # a registered name, a GGUF path, or "none"
+    models_config: Path | None = None  # TOML registry of more models
+    slots: int = 8  # sequences in the llama.cpp context
+    n_ctx: int = 2048  # tokens per slot
+    threads: int | None = None
+    n_gpu_layers: int | None = None
     policy: str = "fair"
+    quantum: int = 16  # rr/priority/fair: tokens a running request keeps its slot
+    snapshot_ram: int = 256 << 20  # bytes of saved KV state kept in RAM before spilling
 
     @property
     def socket_path(self) -> Path:
@@ -58,6 +71,8 @@ class KernelConfig:
 class Kernel:
     def __init__(self, config: KernelConfig):
         self.config = config
+        if config.policy not in ("fifo", "rr", "priority", "fair"):
+            raise BootError(f"unknown policy {config.policy!r}: fifo, rr, priority or fair")
         self.boot_time = time.time()
         self.stats: Counter[str] = Counter()
         self.procs = ProcessTable(config.state_dir / "logs")
@@ -66,6 +81,11 @@ class Kernel:
         self._lock_fd: int | None = None
         self.on_renice: list = []  # callbacks(pcb) when a nice value changes
         self.audit: AuditLog | None = None
+        self.models = ModelRegistry(config.models_config)  # EINVAL/ENOENT: a boot error
+        self.device: Device | None = None
+        self.scheduler: Scheduler | None = None
+        self.embed_lock = trio.Lock()
+        self.context_generation = None  # set by the memory manager
         dispatch.check_complete()
 
     # --- boot -----------------------------------------------------------------
@@ -134,6 +154,37 @@ class Kernel:
             listeners += tcp
         return listeners
 
+    async def _load_device(self) -> None:
+        cfg = self.config
+        if cfg.model == "none":
+            return
+        log.info("loading model %s", cfg.model)
+        try:
+            self.device = await trio.to_thread.run_sync(lambda: Device(
+                cfg.model, registry=self.models, n_seq_max=cfg.slots, n_ctx=cfg.n_ctx,
+                n_threads=cfg.threads, n_gpu_layers=cfg.n_gpu_layers))
+        except SyscallError as e:
+            raise BootError(f"cannot load model {cfg.model!r}: {e.message}") from None
+        self.scheduler = Scheduler(self.device, cfg.policy, cfg.quantum, cfg.snapshot_ram,
+                                   str(cfg.state_dir / "kv"))
+        log.info("model %s loaded: %d slots x %d tokens", self.device.model_name,
+                 self.device.n_seq_max, self.device.n_ctx)
+
+    def _hook_device(self, root: trio.Nursery) -> None:
+        """Signals and exits reach the run queue: STOP parks, CONT resumes,
+        exit (KILL included) frees slots and saved state."""
+        sched = self.scheduler
+
+        def on_signal(pcb: PCB, sig: int) -> None:
+            if sig == signal.SIGSTOP:
+                sched.stop(pcb.pid)
+            elif sig == signal.SIGCONT:
+                sched.cont(pcb.pid)
+
+        self.procs.on_signal.append(on_signal)
+        self.procs.on_exit.append(lambda pcb: root.start_soon(sched.release, pcb.pid))
+        self.on_renice.append(lambda pcb: sched.set_nice(pcb.pid, pcb.nice))
+
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Boot, serve until shutdown, clean up. task_status.started() once
         the socket accepts connections."""
@@ -141,12 +192,16 @@ class Kernel:
         self.audit = AuditLog(self.config.state_dir / "audit.db")
         listeners: list[trio.SocketListener] = []
         try:
+            await self._load_device()
             listeners = await self._open_listeners()
             self._write_run_files()
             async with trio.open_nursery() as root:
                 self.procs.nursery = root
                 root.start_soon(self._signals)
                 root.start_soon(self.audit.flusher)
+                if self.scheduler is not None:
+                    await root.start(self.scheduler.run)
+                    self._hook_device(root)
                 for lst in listeners:
                     await root.start(serve_listener, self, lst)
                 log.info("kernel up on %s (pid %d)", self.config.socket_path, os.getpid())
@@ -162,6 +217,8 @@ class Kernel:
             for lst in listeners:
                 lst.socket.close()
             self.audit.close()
+            if self.device is not None:
+                self.device.close()
             self._remove_run_files()
             log.info("kernel down")
 
@@ -182,6 +239,9 @@ class Kernel:
             "socket": str(self.config.socket_path), "tcp": self.tcp_address,
             "run_dir": str(self.config.run_dir), "state_dir": str(self.config.state_dir),
             "policy": self.config.policy,
+            "model": self.device.model_name if self.device else None,
+            "slots": self.device.n_seq_max if self.device else 0,
+            "n_ctx": self.device.n_ctx if self.device else 0,
         }
 
 

@@ -170,6 +170,7 @@ class ProcessTable:
         self.socket_address = ""
         self.on_exit: list = []  # callbacks(pcb) run when a process exits (free resources)
         self.log_paths: dict[int, str] = {}  # every pid of this boot -> its log file
+        self.on_signal: list = []  # callbacks(pcb, sig) after the kernel sent a signal
         self.init = self._new_pcb(ppid=0, name="init", argv=[], caps=["*"])
         self.init.os_pid = os.getpid()
 
@@ -357,6 +358,8 @@ class ProcessTable:
             target.stopped = True
         elif sig == _signal.SIGCONT:
             target.stopped = False
+        for fn in self.on_signal:
+            fn(target, sig)
 
     async def wait(self, caller: PCB, pid: int, timeout: float | None) -> dict:
         if pid == -1:

@@ -29,8 +29,13 @@ async def stats(call: Call) -> dict:
     states: dict[str, int] = {}
     for p in k.procs.procs.values():
         states[p.state] = states.get(p.state, 0) + 1
-    return {**k.uname(), "counters": dict(k.stats), "processes": len(k.procs.procs),
-            "states": states}
+    out = {**k.uname(), "counters": dict(k.stats), "processes": len(k.procs.procs),
+           "states": states, "device": None}
+    if k.scheduler is not None:
+        dev = k.scheduler.stats()
+        dev.pop("owners", None)  # per-process rows are in proc.ps
+        out["device"] = dev
+    return out
 
 
 @handler("sys.shutdown")

@@ -227,3 +227,15 @@ _def(29, "proc.logs", [P("pid", "int"), P("offset", "int", 0), P("limit", "int",
      "read a process's captured stdout/stderr from offset (works after it was reaped)")
 _def(28, "proc.exit", [P("status", "int", 0)], None,
      "record the caller's exit status; the client then exits with it", mutates=True)
+
+# --- llm: 50-59 ----------------------------------------------------------------
+_def(50, "llm.generate", [
+    P("prompt", "str?", None), P("messages", "list?", None), P("params", "dict?", None),
+    P("stream", "bool", False), P("context", "bool", False),
+], "llm", "generate text from a prompt, chat messages, or (context=true) the caller's "
+   "context; stream=true sends [msgid, piece] llm.token notifications first", stream=True)
+_def(51, "llm.embed", [P("texts", "list|str")], "llm", "embedding vectors, one per text")
+_def(52, "llm.tokenize", [P("text", "str"), P("special", "bool", False)], "llm",
+     "text to token ids with the loaded model's vocabulary")
+_def(53, "llm.models", [], None, "the models the kernel knows; which one is loaded")
+_def(54, "llm.detokenize", [P("tokens", "list")], "llm", "token ids back to text")

@@ -53,13 +53,15 @@ class BootedKernel:
         return self.proc.returncode
 
 
-def boot_kernel(tmp: Path, *extra: str, wait: float = 60) -> BootedKernel:
+def boot_kernel(tmp: Path, *extra: str, wait: float = 60, model: str = "none") -> BootedKernel:
+    """Boot a kernel program. Tests of the foundation boot without the compute
+    device (`--model none`); device tests pass model="gemma3-270m"."""
     run_dir, state_dir = tmp / "run", tmp / "state"
     log = tmp / "kernel.log"
     with open(log, "ab") as f:
         proc = subprocess.Popen(
             [PY, "-m", "llmagentos.kernel", "--run-dir", str(run_dir),
-             "--state-dir", str(state_dir), "--grace", "1", *extra],
+             "--state-dir", str(state_dir), "--grace", "1", "--model", model, *extra],
             stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     k = BootedKernel(run_dir, state_dir, proc, log)
     deadline = time.monotonic() + wait
@@ -78,6 +80,15 @@ def boot_kernel(tmp: Path, *extra: str, wait: float = 60) -> BootedKernel:
 @pytest.fixture
 def kernel(tmp_path):
     k = boot_kernel(tmp_path)
+    yield k
+    k.stop()
+
+
+@pytest.fixture(scope="module")
+def llm_kernel(tmp_path_factory):
+    """A kernel with the real compute device (Gemma-3-270M), shared by a module."""
+    k = boot_kernel(tmp_path_factory.mktemp("llm"), "--slots", "4", "--n-ctx", "1024",
+                    model="gemma3-270m")
     yield k
     k.stop()
 

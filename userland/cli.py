@@ -67,7 +67,8 @@ def _kernel_argv(args: argparse.Namespace) -> list[str]:
     argv = [sys.executable, "-m", "llmagentos.kernel"]
     if args.run_dir:
         argv += ["--run-dir", str(args.run_dir)]
-    for opt in ("state_dir", "tcp", "policy", "grace", "log_level", "config", "model"):
+    for opt in ("state_dir", "tcp", "policy", "quantum", "grace", "log_level", "config", "model",
+                "slots", "n_ctx", "threads"):
         val = getattr(args, opt, None)
         if val is not None:
             argv += ["--" + opt.replace("_", "-"), str(val)]
@@ -147,8 +148,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         print("counters " + "  ".join(f"{k}={v}" for k, v in sorted(s["counters"].items())))
         dev = s.get("device")
         if dev:
-            print("device " + "  ".join(f"{k}={v}" for k, v in dev.items()
-                                        if not isinstance(v, (dict, list))))
+            print(f"device {s['model']}: {dev['n_slots']} slots x {s['n_ctx']} tokens, "
+                  f"policy {dev['policy']} (quantum {dev['quantum']}), "
+                  f"{dev['tokens_out']} tokens out, {dev['preemptions']} preemptions")
+        else:
+            print("device none")
     _out(args, st, human)
     return EXIT_OK
 
@@ -245,6 +249,50 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _top_frame(c: Client):
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+    st = c.sys.stats()
+    rows = c.proc.ps()
+    dev = st.get("device")
+    head = Text(f"LLMAgentOS {st['release']}  up {st['uptime']:.0f}s  "
+                f"processes {st['processes']}  syscalls {st['counters'].get('syscalls', 0)}\n")
+    if dev:
+        snap = dev["snapshots"]
+        head.append(
+            f"device {st['model']}  util {dev['utilization'] * 100:5.1f}%  "
+            f"batch {dev['batch_size']:4.1f}  {dev['tokens_per_s']:6.1f} tok/s  "
+            f"queue {dev['queue_length']}  slots {dev['running']} running/"
+            f"{dev['parked']} parked/{dev['n_slots']}  policy {dev['policy']}\n"
+            f"kv snapshots {snap['count']}  ram {snap['ram_bytes'] / 1e6:.1f} MB  "
+            f"disk {snap['disk_bytes'] / 1e6:.1f} MB  preemptions {dev['preemptions']}  "
+            f"restores {dev['restores']}  prefix copies {dev['prefix_copies']}\n")
+    t = Table(box=None, header_style="bold reverse")
+    for col in PS_COLS:
+        t.add_column(HEADERS.get(col, col.upper()),
+                     justify="left" if col in ("name", "state") else "right")
+    for r in rows:
+        t.add_row(*["" if r.get(col) is None else str(r.get(col)) for col in PS_COLS])
+    return Group(head, t), {"stats": st, "ps": rows}
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from rich.live import Live
+    with _client(args) as c:
+        if args.iterations == 1 or args.json:
+            frame, data = _top_frame(c)
+            _out(args, data, lambda _: _console().print(frame))
+            return EXIT_OK
+        n = 0
+        with Live(_top_frame(c)[0], console=_console(), refresh_per_second=4) as live:
+            while args.iterations <= 0 or n < args.iterations:
+                time.sleep(args.interval)
+                live.update(_top_frame(c)[0])
+                n += 1
+    return EXIT_OK
+
+
 def cmd_syscalls(args: argparse.Namespace) -> int:
     rows = [sc.describe() for sc in TABLE]
     if args.markdown:
@@ -285,6 +333,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--state-dir")
     b.add_argument("--tcp", metavar="HOST:PORT")
     b.add_argument("--policy", choices=["fifo", "rr", "priority", "fair"])
+    b.add_argument("--quantum", type=int)
+    b.add_argument("--model", help="model name, GGUF path, or 'none'")
+    b.add_argument("--config", help="TOML model registry")
+    b.add_argument("--slots", type=int)
+    b.add_argument("--n-ctx", type=int)
+    b.add_argument("--threads", type=int)
     b.add_argument("--grace", type=float)
     b.add_argument("--log-level")
     b.add_argument("--timeout", type=float, default=60.0, help="--detach: seconds to wait")
@@ -296,6 +350,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("status", parents=[common], help="kernel status").set_defaults(fn=cmd_status)
     sub.add_parser("ps", parents=[common], help="process table").set_defaults(fn=cmd_ps)
+
+    tp = sub.add_parser("top", parents=[common], help="live device and process view")
+    tp.add_argument("--interval", "-d", type=float, default=1.0)
+    tp.add_argument("--iterations", "-n", type=int, default=0, help="frames (0: until ^C)")
+    tp.set_defaults(fn=cmd_top)
 
     sp = sub.add_parser("spawn", parents=[common], help="spawn -- CMD ARGS...")
     sp.add_argument("--name")
