@@ -30,8 +30,15 @@ from llmagentos.drivers.models import ModelRegistry
 from llmagentos.syscalls import paths
 from llmagentos.syscalls.errno import SyscallError
 
-from . import dispatch, sysllm, sysproc, syssys  # noqa: F401  (handlers register on import)
+from . import (  # noqa: F401  (handlers register on import)
+    dispatch,
+    sysctx,
+    sysllm,
+    sysproc,
+    syssys,
+)
 from .audit import AuditLog
+from .memory import ContextStore
 from .proc import PCB, ProcessTable
 from .scheduler import Scheduler
 from .server import serve_listener
@@ -85,7 +92,8 @@ class Kernel:
         self.device: Device | None = None
         self.scheduler: Scheduler | None = None
         self.embed_lock = trio.Lock()
-        self.context_generation = None  # set by the memory manager
+        self.context_generation = sysctx.context_generation
+        self.memory: ContextStore | None = None
         dispatch.check_complete()
 
     # --- boot -----------------------------------------------------------------
@@ -170,6 +178,26 @@ class Kernel:
         log.info("model %s loaded: %d slots x %d tokens", self.device.model_name,
                  self.device.n_seq_max, self.device.n_ctx)
 
+    def count_tokens(self, text: str) -> int:
+        if self.device is not None:
+            return len(self.device.tokenize(text, add_bos=False))
+        return len(text.encode()) // 4 + 1  # no device: a byte-based estimate
+
+    def _open_memory(self) -> None:
+        self.memory = ContextStore(self.config.state_dir / "memory.db", self.count_tokens)
+        # Contexts of pids belong to processes of an earlier boot: all gone.
+        for c in self.memory.list_contexts():
+            if c["owner"].startswith("pid:"):
+                self.memory.delete(c["id"])
+
+        def drop_anonymous(pcb: PCB) -> None:
+            if pcb.ctx_id is not None and not pcb.agent:
+                try:
+                    self.memory.delete(pcb.ctx_id)
+                except SyscallError:
+                    pass
+        self.procs.on_exit.append(drop_anonymous)
+
     def _hook_device(self, root: trio.Nursery) -> None:
         """Signals and exits reach the run queue: STOP parks, CONT resumes,
         exit (KILL included) frees slots and saved state."""
@@ -190,6 +218,7 @@ class Kernel:
         the socket accepts connections."""
         self._prepare_dirs()
         self.audit = AuditLog(self.config.state_dir / "audit.db")
+        self._open_memory()
         listeners: list[trio.SocketListener] = []
         try:
             await self._load_device()
@@ -217,6 +246,8 @@ class Kernel:
             for lst in listeners:
                 lst.socket.close()
             self.audit.close()
+            if self.memory is not None:
+                self.memory.close()
             if self.device is not None:
                 self.device.close()
             self._remove_run_files()

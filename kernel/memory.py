@@ -20,11 +20,14 @@ reaped (or to hand on with ``chown``).
 
 Threads: one ``ContextStore`` wraps one SQLite connection behind a lock, so it
 may be called from the trio thread and from ``trio.to_thread`` workers; calls
-are serialised. Cheap calls (append, window, read of a few rows, stats, pin,
-mem_get/put) take well under a millisecond plus one fsync and may run on the
-event loop. Calls that touch a whole context (fork, delete, compact,
-set_budget, import_archive) or call the embedding hook (search with ``embed``,
-embed_pending) belong in ``trio.to_thread.run_sync``.
+are serialised. Cheap calls (append, window, read of a few rows, pin of a
+live message, mem_get/put/delete) take well under a millisecond plus one fsync
+and may run on the event loop. search takes a few ms, but tens of ms for a
+query made only of words common in a 100k-message archive; stats counts the
+archive (~10 ms at 100k). Calls that touch a whole context (fork, delete,
+compact, set_budget, import_archive, pin of an archived message) or call the
+embedding hook (search with ``embed``, embed_pending) belong in
+``trio.to_thread.run_sync``. bench/bench_memory.py has the numbers.
 
 Durability: every mutating call commits (fsync, WAL, synchronous=FULL) before
 it returns; a call that raises leaves nothing behind.
@@ -35,13 +38,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import sqlite3
 import threading
 import time
 from array import array
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 from llmagentos.kernel import store
 from llmagentos.syscalls.errno import SyscallError
@@ -55,6 +59,7 @@ MAX_VALUE_BYTES = 1 << 20  # one long-term memory value
 MAX_TAGS = 32
 MAX_QUERY_TERMS = 16
 _RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al. 2009)
+_COMMON_DF = 1000  # a search term in this many messages only scores, never selects
 
 CountTokens = Callable[[str], int]
 Embed = Callable[[list[str]], list[list[float]]]
@@ -67,7 +72,7 @@ _STOPWORDS = frozenset(
     """a an and are as at be been but by can could did do does for from had has have he her
     him his how i if in into is it its me my no not of on or our she so than that the their
     them then there these they this those to us was we were what when where which who whom
-    why will with would you your""".split()
+    why will with would you your""".split()  # noqa: SIM905 (a word list reads better so)
 )
 _WORD = re.compile(r"\w+")
 
@@ -159,7 +164,6 @@ class ContextStore:
         self._lock = threading.RLock()
         self._db = store.connect(self.path)
         self._vectors: dict[int, tuple[Any, Any]] = {}  # ctx -> (row ids, unit matrix)
-        self._snapshots: dict[str, tuple[int, str]] = {}
 
     # -- plumbing -----------------------------------------------------------
 
@@ -167,7 +171,7 @@ class ContextStore:
         with self._lock:
             self._db.close()
 
-    def __enter__(self) -> ContextStore:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -186,7 +190,7 @@ class ContextStore:
             self._db.execute("COMMIT")
 
     @contextmanager
-    def _snapshot(self) -> Iterator[Any]:
+    def _read_tx(self) -> Iterator[Any]:
         """A read transaction: several SELECTs see one state."""
         with self._lock:
             self._db.execute("BEGIN")
@@ -224,14 +228,18 @@ class ContextStore:
             _check_str(name, "context name", MAX_NAME)
         _check_int(budget, "budget", 1)
         with self._tx() as db:
-            if name is not None and db.execute(
-                "SELECT 1 FROM contexts WHERE name = ?", (name,)
-            ).fetchone():
+            if (
+                name is not None
+                and db.execute("SELECT 1 FROM contexts WHERE name = ?", (name,)).fetchone()
+            ):
                 raise _err("EEXIST", f"a context named {name!r} exists; open it instead")
-            cur = db.execute(
-                "INSERT INTO contexts(name, owner, budget, created) VALUES (?, ?, ?, ?)",
-                (name, owner, budget, time.time()),
-            )
+            try:
+                cur = db.execute(
+                    "INSERT INTO contexts(name, owner, budget, created) VALUES (?, ?, ?, ?)",
+                    (name, owner, budget, time.time()),
+                )
+            except sqlite3.IntegrityError:  # another connection took the name meanwhile
+                raise _err("EEXIST", f"a context named {name!r} exists") from None
             return cur.lastrowid
 
     def open(self, name: str, owner: str) -> int:
@@ -269,15 +277,24 @@ class ContextStore:
             _check_str(name, "context name", MAX_NAME)
         with self._tx() as db:
             c = self._ctx(db, ctx, owner)
-            if name is not None and db.execute(
-                "SELECT 1 FROM contexts WHERE name = ?", (name,)
-            ).fetchone():
+            if (
+                name is not None
+                and db.execute("SELECT 1 FROM contexts WHERE name = ?", (name,)).fetchone()
+            ):
                 raise _err("EEXIST", f"a context named {name!r} exists")
             new = db.execute(
                 "INSERT INTO contexts(name, owner, budget, created, next_seq, paged,"
                 " paged_first, paged_last) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (name, new_owner, c.budget, time.time(), c.next_seq, c.paged,
-                 c.paged_first, c.paged_last),
+                (
+                    name,
+                    new_owner,
+                    c.budget,
+                    time.time(),
+                    c.next_seq,
+                    c.paged,
+                    c.paged_first,
+                    c.paged_last,
+                ),
             ).lastrowid
             db.execute(
                 "INSERT INTO messages(ctx, seq, pos, role, kind, content, tokens, pinned,"
@@ -301,7 +318,7 @@ class ContextStore:
             c = self._ctx(db, ctx, owner)
             db.execute("DELETE FROM messages WHERE ctx = ?", (c.id,))
             db.execute("DELETE FROM contexts WHERE id = ?", (c.id,))
-        self._vectors.pop(c.id, None)
+            self._vectors.pop(c.id, None)
 
     def set_budget(self, ctx: int, budget: int, *, owner: str | None = None) -> int:
         """Change the token budget, paging out as needed; returns how many were
@@ -342,8 +359,7 @@ class ContextStore:
             if tokens > c.budget:
                 raise _err(
                     "EDQUOT",
-                    f"message of {tokens} tokens exceeds context {c.id}'s budget of "
-                    f"{c.budget}",
+                    f"message of {tokens} tokens exceeds context {c.id}'s budget of {c.budget}",
                 )
             seq = c.next_seq
             db.execute(
@@ -374,8 +390,8 @@ class ContextStore:
         out: list[tuple] = []
         while True:
             n = c.paged + len(out)
-            first = min([c.paged_first or out[0][1]] + [r[1] for r in out]) if n else None
-            last = max([c.paged_last or 0] + [r[1] for r in out]) if n else None
+            seqs = [r[1] for r in out] + [s for s in (c.paged_first, c.paged_last) if s]
+            first, last = (min(seqs), max(seqs)) if seqs else (None, None)
             note = self._note_text(n, first, last) if n else None
             if total + (self._count(note) if note else 0) <= c.budget:
                 break
@@ -405,7 +421,9 @@ class ContextStore:
         what = "1 earlier message" if n == 1 else f"{n} earlier messages"
         span = f"seq {first}" if first == last else f"seq {first}\u2013{last}"
         verb = "was" if n == 1 else "were"
-        return f"[memory] {what} ({span}) {verb} paged to the archive; use ctx.search to recall them."
+        return (
+            f"[memory] {what} ({span}) {verb} paged to the archive; use ctx.search to recall them."
+        )
 
     def _write_note(self, db: Any, c: _Context, note: str | None) -> None:
         """Make the note say ``note`` (or remove it), placed after the newest
@@ -477,7 +495,7 @@ class ContextStore:
         sql += " ORDER BY pos, seq"
         if limit is not None:
             sql += f" LIMIT {limit}"
-        with self._snapshot() as db:
+        with self._read_tx() as db:
             c = self._ctx(db, ctx, owner)
             rows = db.execute(sql, [c.id, *args]).fetchall()
         return [_message(r) for r in rows]
@@ -488,7 +506,7 @@ class ContextStore:
         are always included, even if they alone exceed that; otherwise the
         oldest are left out first. This is a view: nothing is paged."""
         _check_int(reserve, "reserve", 0)
-        with self._snapshot() as db:
+        with self._read_tx() as db:
             c = self._ctx(db, ctx, owner)
             rows = db.execute(
                 f"SELECT {_MSG_COLS} FROM messages WHERE ctx = ? AND state = 'live'"
@@ -509,7 +527,7 @@ class ContextStore:
     def stats(self, ctx: int, *, owner: str | None = None) -> dict[str, Any]:
         """Budget and message/token counts: live (including the note), archived,
         pinned, embedded, plus identity."""
-        with self._snapshot() as db:
+        with self._read_tx() as db:
             c = self._ctx(db, ctx, owner)
             live_n, live_t, pin_n, pin_t = db.execute(
                 "SELECT count(*), coalesce(sum(tokens), 0), coalesce(sum(pinned), 0),"
@@ -517,11 +535,16 @@ class ContextStore:
                 " WHERE ctx = ? AND state = 'live'",
                 (c.id,),
             ).fetchone()
-            arch_n, arch_t, emb_n = db.execute(
-                "SELECT count(*), coalesce(sum(tokens), 0), count(embedding) FROM messages"
+            arch_n, arch_t = db.execute(
+                "SELECT count(*), coalesce(sum(tokens), 0) FROM messages"
                 " WHERE ctx = ? AND state = 'archived'",
                 (c.id,),
             ).fetchone()
+            unembedded = db.execute(
+                "SELECT count(*) FROM messages INDEXED BY messages_unembedded"
+                " WHERE ctx = ? AND state = 'archived' AND embedding IS NULL",
+                (c.id,),
+            ).fetchone()[0]
         return {
             "ctx": c.id,
             "name": c.name,
@@ -535,14 +558,15 @@ class ContextStore:
             "archived_tokens": arch_t,
             "pinned_messages": pin_n,
             "pinned_tokens": pin_t,
-            "embedded_messages": emb_n,
+            "embedded_messages": arch_n - unembedded,
             "paged_uncovered": c.paged,
         }
 
     def pin(self, ctx: int, seq: int, pinned: bool = True, *, owner: str | None = None) -> dict:
         """Pin (or unpin) message ``seq``; returns it. Pinned messages are never
         paged. Pinning an archived message recalls it into the live window,
-        paging others out if needed (EDQUOT if it cannot fit)."""
+        paging others out if needed (EDQUOT if it cannot fit); that recount of
+        the archive makes a recall O(archive) rather than cheap."""
         _check_int(seq, "seq")
         if seq == NOTE_SEQ:
             raise _err("EINVAL", "the paging note (seq 0) cannot be pinned")
@@ -579,6 +603,7 @@ class ContextStore:
     ) -> dict[str, int]:
         """Stand a summary in for everything up to ``upto_seq``.
 
+        ``upto_seq`` past the newest message means "everything so far".
         Unpinned live messages with seq <= upto_seq are paged out first; then
         every archived message up to there not yet covered by a summary is
         marked as covered by the new one (it stays in the archive, searchable)
@@ -597,6 +622,8 @@ class ContextStore:
             c = self._ctx(db, ctx, owner)
             if tokens > c.budget:
                 raise _err("EDQUOT", f"summary of {tokens} tokens exceeds budget {c.budget}")
+            # Later messages have pos = seq > upto: the summary must stay before them.
+            upto_seq = min(upto_seq, c.next_seq - 1)
             paged = db.execute(
                 "UPDATE messages SET state = 'archived' WHERE ctx = ? AND state = 'live'"
                 " AND pinned = 0 AND kind != 'note' AND pos <= ?",
@@ -613,8 +640,16 @@ class ContextStore:
             db.execute(
                 "INSERT INTO messages(ctx, seq, pos, role, kind, content, tokens, pinned,"
                 " state, created) VALUES (?, ?, ?, ?, 'summary', ?, ?, ?, 'live', ?)",
-                (c.id, seq, upto_seq + 0.5, role, summary_text, tokens, int(bool(pinned)),
-                 time.time()),
+                (
+                    c.id,
+                    seq,
+                    upto_seq + 0.5,
+                    role,
+                    summary_text,
+                    tokens,
+                    int(bool(pinned)),
+                    time.time(),
+                ),
             )
             db.execute("UPDATE contexts SET next_seq = ? WHERE id = ?", (seq + 1, c.id))
             self._recount_paged(db, c)
@@ -625,9 +660,10 @@ class ContextStore:
         self, ctx: int, messages: Iterable[tuple[str, str]], *, owner: str | None = None
     ) -> int:
         """Append ``(role, content)`` pairs straight into the archive, in one
-        transaction (restoring a saved history, loading a benchmark). They take
-        the next seqs, count no tokens against the window and are searchable.
-        Returns how many were stored."""
+        transaction (restoring a saved history into a fresh context, loading a
+        benchmark). They take the next seqs, count no tokens against the
+        window, are searchable and are counted by the note. Returns how many
+        were stored."""
         rows = []
         for role, content in messages:
             if role not in ROLES or not isinstance(content, str):
@@ -642,9 +678,7 @@ class ContextStore:
                 " created) VALUES (?, ?, ?, ?, ?, ?, 0, 'archived', ?)",
                 [(c.id, first + i, first + i, r, t, n, now) for i, (r, t, n) in enumerate(rows)],
             )
-            db.execute(
-                "UPDATE contexts SET next_seq = ? WHERE id = ?", (first + len(rows), c.id)
-            )
+            db.execute("UPDATE contexts SET next_seq = ? WHERE id = ?", (first + len(rows), c.id))
             self._recount_paged(db, c)
             self._fit(db, c, protect=None)
         return len(rows)
@@ -676,16 +710,17 @@ class ContextStore:
         if self._embed is not None and query.strip():
             qvec = self._embed([query])[0]  # outside the lock: it may be slow
         depth = max(4 * k, 20)
-        with self._snapshot() as db:
+        with self._read_tx() as db:
             c = self._ctx(db, ctx, owner)
             filt = " AND m.state = 'archived'" if archived_only else ""
             fts: list[tuple] = []
-            if terms:
+            match = self._match(db, c.id, terms) if terms else None
+            if match:
                 fts = db.execute(
                     "SELECT m.id, bm25(messages_fts, 0.0, 1.0) AS r FROM messages_fts"
                     " JOIN messages m ON m.id = messages_fts.rowid"
                     f" WHERE messages_fts MATCH ? AND m.ctx = ?{filt} ORDER BY r LIMIT ?",
-                    (f'ctxkey : "c{c.id}" AND content : {fts_any(terms)}', c.id, depth),
+                    (match, c.id, depth),
                 ).fetchall()
             if qvec is None:
                 scores = {mid: -r for mid, r in fts}
@@ -709,6 +744,38 @@ class ContextStore:
                 out.append(m)
         return out
 
+    @staticmethod
+    def _match(db: Any, ctx: int, terms: list[str]) -> str | None:
+        """The FTS5 expression for ``terms`` within context ``ctx``, or None if
+        no term occurs there.
+
+        bm25 scores every row an expression matches, and a term found in most
+        messages matches a whole large archive (80 ms at 100k rows). So a term
+        in _COMMON_DF or more of the context's messages only *scores* when the
+        query also has rarer terms: those select the rows, and ``(ctx OR
+        common)`` seeks into the common doclists for just those rows, ranking
+        them exactly as the plain OR would. The price: a message that has only
+        common terms of such a query is not returned. Absent terms are dropped.
+        """
+        probe = (
+            "SELECT count(*) FROM (SELECT 1 FROM messages_fts WHERE messages_fts MATCH ? LIMIT ?)"
+        )
+        df = {
+            t: db.execute(probe, (f'ctxkey : "c{ctx}" AND content : "{t}"', _COMMON_DF)).fetchone()[
+                0
+            ]
+            for t in terms
+        }
+        rare = [t for t in terms if 0 < df[t] < _COMMON_DF]
+        common = [t for t in terms if df[t] >= _COMMON_DF]
+        if rare and common:
+            return (
+                f'content : {fts_any(rare)} AND (ctxkey : "c{ctx}" OR content : {fts_any(common)})'
+            )
+        if rare or common:
+            return f'ctxkey : "c{ctx}" AND content : {fts_any(rare or common)}'
+        return None
+
     # -- embeddings ---------------------------------------------------------
 
     def embed_pending(self, limit: int = 64) -> int:
@@ -720,8 +787,8 @@ class ContextStore:
         _check_int(limit, "limit", 1)
         with self._lock:
             rows = self._db.execute(
-                "SELECT id, ctx, content FROM messages WHERE state = 'archived'"
-                " AND embedding IS NULL AND kind != 'note' ORDER BY id LIMIT ?",
+                "SELECT id, ctx, content FROM messages"
+                " WHERE state = 'archived' AND embedding IS NULL LIMIT ?",
                 (limit,),
             ).fetchall()
         if not rows:
@@ -734,8 +801,8 @@ class ContextStore:
                 "UPDATE messages SET embedding = ? WHERE id = ?",
                 [(array("f", v).tobytes(), r[0]) for r, v in zip(rows, vectors)],
             )
-        for ctx in {r[1] for r in rows}:
-            self._vectors.pop(ctx, None)
+            for ctx in {r[1] for r in rows}:
+                self._vectors.pop(ctx, None)
         return len(rows)
 
     def _nearest(self, db: Any, ctx: int, qvec: list[float], n: int) -> list[int]:
@@ -770,7 +837,7 @@ class ContextStore:
     # -- long-term memory ---------------------------------------------------
 
     def mem_put(
-        self, namespace: str, key: str, value: Any, tags: Iterable[str] = ()
+        self, namespace: str, key: str, value: Any, tags: Iterable[str] | None = None
     ) -> bool:
         """Store ``value`` (a string or anything JSON can encode) under
         ``namespace``/``key`` with ``tags``, replacing what was there.
@@ -785,7 +852,7 @@ class ContextStore:
             raise _err("EDQUOT", f"value is over {MAX_VALUE_BYTES} bytes")
         if isinstance(tags, str):
             raise _err("EINVAL", "tags must be a list of strings, not a string")
-        tag_list = sorted({_check_str(t, "tag", MAX_NAME) for t in tags})
+        tag_list = sorted({_check_str(t, "tag", MAX_NAME) for t in tags or ()})
         if len(tag_list) > MAX_TAGS:
             raise _err("EINVAL", f"at most {MAX_TAGS} tags")
         now = time.time()
@@ -841,9 +908,12 @@ class ContextStore:
         _check_str(namespace, "namespace")
         _check_str(key, "key")
         with self._tx() as db:
-            if db.execute(
-                "DELETE FROM memories WHERE namespace = ? AND key = ?", (namespace, key)
-            ).rowcount == 0:
+            if (
+                db.execute(
+                    "DELETE FROM memories WHERE namespace = ? AND key = ?", (namespace, key)
+                ).rowcount
+                == 0
+            ):
                 raise _err("ENOENT", f"no memory {key!r} in {namespace!r}")
 
     def mem_list(self, namespace: str, tags: Iterable[str] | None = None) -> list[dict]:
@@ -869,11 +939,11 @@ class ContextStore:
         if not want:
             return "", []
         marks = ", ".join("?" * len(want))
-        return (
+        sql = (
             f" AND m.id IN (SELECT mem FROM memory_tags WHERE tag IN ({marks})"
-            f" GROUP BY mem HAVING count(*) = {len(want)})",
-            want,
+            f" GROUP BY mem HAVING count(*) = {len(want)})"
         )
+        return sql, want
 
     def mem_search(
         self, namespace: str, query: str, k: int = 5, tags: Iterable[str] | None = None
@@ -890,8 +960,10 @@ class ContextStore:
         terms = fts_terms(query)
         with self._lock:
             if terms:
-                ns_words = fts_terms(namespace) if _WORD.search(namespace) else []
-                ns = f'ns : "{" ".join(ns_words)}" AND ' if ns_words else ""
+                # The namespace as one FTS5 string (quotes doubled): tokenized exactly
+                # as it was indexed. The join on m.namespace is what makes it exact.
+                quoted = namespace.replace('"', '""')
+                ns = f'ns : "{quoted}" AND ' if _WORD.search(namespace) else ""
                 rows = self._db.execute(
                     f"SELECT {cols}, bm25(memories_fts, 0.0, 2.0, 1.0, 1.0) AS r"
                     " FROM memories_fts JOIN memories m ON m.id = memories_fts.rowid"
@@ -911,25 +983,3 @@ class ContextStore:
             m["score"] = -row[6]
             out.append(m)
         return out
-
-    # -- KV snapshot accounting (in memory: snapshots do not outlive the kernel) --
-
-    def record_snapshot(self, owner: str, nbytes: int, where: str = "ram") -> None:
-        """Note that ``owner``'s saved sequence state takes ``nbytes`` in ``where``."""
-        if where not in ("ram", "disk"):
-            raise _err("EINVAL", f"where must be 'ram' or 'disk', got {where!r}")
-        _check_int(nbytes, "nbytes", 0)
-        with self._lock:
-            self._snapshots[owner] = (nbytes, where)
-
-    def drop_snapshot(self, owner: str) -> None:
-        with self._lock:
-            self._snapshots.pop(owner, None)
-
-    def snapshot_totals(self) -> dict[str, int]:
-        """{ram, disk, count}: bytes of saved KV state by place, and how many."""
-        with self._lock:
-            totals = {"ram": 0, "disk": 0, "count": len(self._snapshots)}
-            for nbytes, where in self._snapshots.values():
-                totals[where] += nbytes
-        return totals

@@ -76,6 +76,7 @@ class PCB:
     waiting_calls: int = 0  # syscalls blocked (wait, device queue)
     exit_event: trio.Event = field(default_factory=trio.Event)
     ctx_id: int | None = None
+    agent: str | None = None  # named agent: its context and memory outlive the process
     fds: dict[int, Any] = field(default_factory=dict)
 
     @property
@@ -257,7 +258,7 @@ class ProcessTable:
 
         pcb = self._new_pcb(ppid=parent.pid, name=name or os.path.basename(argv[0]),
                             argv=list(argv), caps=list(caps), nice=nice, limits=lim,
-                            cwd=cwd or os.getcwd())
+                            cwd=cwd or os.getcwd(), agent=name)
         pcb.log_path = str(self.log_dir / f"{pcb.pid}.log")
         self.log_paths[pcb.pid] = pcb.log_path
         child_env = {**self.base_env, **env,
@@ -407,7 +408,7 @@ class ProcessTable:
         out = {
             **pcb.row(), "argv": pcb.argv, "caps": pcb.caps, "limits": pcb.limits,
             "start_time": pcb.start_time, "cwd": pcb.cwd, "log": pcb.log_path,
-            "usage": vars(pcb.usage).copy(), "ctx_id": pcb.ctx_id,
+            "usage": vars(pcb.usage).copy(), "ctx_id": pcb.ctx_id, "agent": pcb.agent,
             "children": [c.pid for c in self.children(pcb.pid)],
             "exit": pcb.status() if pcb.exited else None,
             "cpu_user": None, "cpu_system": None, "rss": None, "threads": None,

@@ -70,10 +70,13 @@ MIGRATIONS: list[tuple[str, ...]] = [
             embedding BLOB,
             UNIQUE (ctx, seq)
         )""",
-        "CREATE INDEX messages_live ON messages(ctx, pos) WHERE state = 'live'",
-        "CREATE INDEX messages_pos ON messages(ctx, pos)",
-        """CREATE INDEX messages_unembedded ON messages(id)
-            WHERE state = 'archived' AND embedding IS NULL AND kind != 'note'""",
+        # The window, paging and the note read (ctx, state) in conversation order;
+        # read() walks (ctx, pos) across both states. Neither needs a sort, and
+        # with tokens in the index stats() counts the archive without the table.
+        "CREATE INDEX messages_state ON messages(ctx, state, pos, seq, tokens)",
+        "CREATE INDEX messages_pos ON messages(ctx, pos, seq)",
+        """CREATE INDEX messages_unembedded ON messages(ctx)
+            WHERE state = 'archived' AND embedding IS NULL""",
         f"""CREATE VIRTUAL TABLE messages_fts USING fts5(
             ctxkey, content, content='', tokenize='{_TOKENIZE}'
         )""",

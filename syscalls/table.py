@@ -239,3 +239,47 @@ _def(52, "llm.tokenize", [P("text", "str"), P("special", "bool", False)], "llm",
      "text to token ids with the loaded model's vocabulary")
 _def(53, "llm.models", [], None, "the models the kernel knows; which one is loaded")
 _def(54, "llm.detokenize", [P("tokens", "list")], "llm", "token ids back to text")
+
+# --- ctx: 60-79 (the memory manager; ctx=nil means the caller's current context) ----
+_def(60, "ctx.append", [P("role", "str"), P("content", "str"), P("pinned", "bool", False),
+                        P("ctx", "int?", None)], "ctx",
+     "append a message; past the budget the oldest unpinned ones are paged to the archive",
+     mutates=True)
+_def(61, "ctx.read", [P("start", "int", 0), P("end", "int?", None), P("archived", "bool", True),
+                      P("ctx", "int?", None)], "ctx",
+     "messages by position, archived ones included unless archived=false")
+_def(62, "ctx.window", [P("reserve", "int", 0), P("ctx", "int?", None)], "ctx",
+     "the messages that fit the budget for the next generation (minus reserve tokens)")
+_def(63, "ctx.stats", [P("ctx", "int?", None)], "ctx",
+     "budget, live/archived/pinned message and token counts")
+_def(64, "ctx.pin", [P("seq", "int"), P("pinned", "bool", True), P("ctx", "int?", None)], "ctx",
+     "pin (never paged) or unpin a message", mutates=True)
+_def(65, "ctx.fork", [P("pid", "int?", None), P("name", "str?", None), P("ctx", "int?", None)],
+     "ctx", "copy a context: for a child pid (it becomes the child's), or for the caller",
+     mutates=True)
+_def(66, "ctx.search", [P("query", "str"), P("k", "int", 5), P("ctx", "int?", None)], "ctx",
+     "full-text search of the live window and the archive; best first")
+_def(67, "ctx.compact", [P("strategy", "str", "summarize"), P("upto", "int?", None),
+                         P("ctx", "int?", None)], "ctx",
+     "replace old messages by a summary the device writes (accounted to the caller)",
+     mutates=True)
+_def(68, "ctx.delete", [P("ctx", "int?", None)], "ctx",
+     "delete a context with its archive", mutates=True)
+_def(69, "ctx.open", [P("name", "str"), P("create", "bool", True)], "ctx",
+     "open (or create) a named context of the caller's agent and make it current",
+     mutates=True)
+_def(70, "ctx.list", [], "ctx", "the contexts the caller owns")
+
+# --- mem: 80-89 (long-term memory; namespace nil = private to the process/agent) ----
+_def(80, "mem.put", [P("key", "str"), P("value", "any"), P("tags", "list?", None),
+                     P("namespace", "str?", None)], "mem",
+     "store a value under a key; shared:* namespaces need mem.shared", mutates=True)
+_def(81, "mem.get", [P("key", "str"), P("namespace", "str?", None)], "mem",
+     "the value, tags and times stored under a key")
+_def(82, "mem.search", [P("query", "str"), P("k", "int", 5), P("tags", "list?", None),
+                        P("namespace", "str?", None)], "mem",
+     "full-text search of a namespace, optionally requiring tags")
+_def(83, "mem.delete", [P("key", "str"), P("namespace", "str?", None)], "mem",
+     "delete a key", mutates=True)
+_def(84, "mem.list", [P("namespace", "str?", None), P("tags", "list?", None)], "mem",
+     "the keys of a namespace")

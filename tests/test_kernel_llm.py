@@ -5,9 +5,8 @@ import textwrap
 import threading
 import time
 
-import pytest
-
 import llmagentos
+import pytest
 from conftest import PY, boot_kernel, reference_llama, wait_for
 
 PROMPT = "The three primary colors are"
