@@ -166,8 +166,6 @@ def test_shared_system_prompt_is_decoded_once(llm_kernel):
     system = "You are a careful assistant. " * 20
     with llm_kernel.client() as c:
         first = c.llm.generate(system + "Question one?", None, {"max_tokens": 2})
-    with llm_kernel.client() as c2:  # init again, but a fresh request from another slot...
-        pass
     prog = textwrap.dedent(f"""
         import llmagentos
         r = llmagentos.connect().llm.generate({system!r} + "Question two?", None,
