@@ -101,4 +101,6 @@ async def invoke(call: Call, entry: Entry, args: list, kwargs: dict) -> Any:
         raise
     finally:
         if sc.mutates:
-            call.kernel.audit.record(caller.pid, sc.name, bound, errno)
+            detail = bound.get("name") if isinstance(bound, dict) else None
+            call.kernel.audit.record(caller.pid, sc.name, bound, errno,
+                                     detail if isinstance(detail, str) else "")

@@ -33,9 +33,11 @@ from llmagentos.syscalls.errno import SyscallError
 from . import (  # noqa: F401  (handlers register on import)
     dispatch,
     sysctx,
+    sysfs,
     sysllm,
     sysproc,
     syssys,
+    systool,
 )
 from .audit import AuditLog
 from .memory import ContextStore
@@ -219,6 +221,9 @@ class Kernel:
         self._prepare_dirs()
         self.audit = AuditLog(self.config.state_dir / "audit.db")
         self._open_memory()
+        self.tools = systool.kernel_tools(self, self.config.state_dir)
+        self.procs.on_exit.append(lambda pcb: self.tools.drop_pid(pcb.pid, "exited"))
+        self.procs.on_exit.append(lambda pcb: sysfs.release(self, pcb))
         listeners: list[trio.SocketListener] = []
         try:
             await self._load_device()

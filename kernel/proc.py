@@ -33,6 +33,8 @@ LIMITS: dict[str, str] = {
     "tokens": "LLM tokens in+out over the process's life; beyond it is EDQUOT",
     "ctx_tokens": "token budget of the process's context",
     "tool_calls": "tool calls over the process's life; beyond it is EDQUOT",
+    "fs_bytes": "bytes in the process's private file root; beyond it is EDQUOT",
+    "fs_files": "files and directories in the private file root; beyond it is EDQUOT",
 }
 
 
@@ -77,6 +79,7 @@ class PCB:
     exit_event: trio.Event = field(default_factory=trio.Event)
     ctx_id: int | None = None
     agent: str | None = None  # named agent: its context and memory outlive the process
+    sandbox: Any = None  # its file system view, opened at first use (kernel/sysfs.py)
     fds: dict[int, Any] = field(default_factory=dict)
 
     @property

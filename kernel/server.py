@@ -99,8 +99,10 @@ class Connection:
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
             finally:
-                # Client gone (or closed): cancel what it still had running.
+                # Client gone (or closed): cancel what it still had running, and
+                # whatever it served as a driver goes with it.
                 self.closed = True
+                self.kernel.tools.drop_conn(self)
                 nursery.cancel_scope.cancel()
         with trio.move_on_after(0.5):
             await self.stream.aclose()

@@ -12,9 +12,11 @@ from typing import Iterable
 # What a process gets when its spawner names no set: everything its parent holds
 # except the powers over other processes and the kernel itself.
 PRIVILEGED = frozenset({"proc.kill_any", "sys.shutdown", "proc.renice", "sys.audit"})
+# Sharing with other agents is asked for by name, never inherited by default.
+SHARING = frozenset({"fs.shared", "mem.shared"})
 
 KNOWN = (
-    "llm", "ctx", "mem", "mem.shared", "fs.read", "fs.write", "exec", "tool:*",
+    "llm", "ctx", "mem", "mem.shared", "fs.read", "fs.write", "fs.shared", "exec", "tool:*",
     "proc.spawn", "proc.kill_any", "proc.renice", "drv.register", "env",
     "sys.shutdown", "sys.audit", "ipc",
 )
@@ -35,7 +37,10 @@ def bounded(parent: Iterable[str], requested: Iterable[str]) -> list[str]:
 
 
 def default_child(parent: Iterable[str]) -> list[str]:
+    """A child's set when its spawner names none: the parent's, less the
+    privileged and the sharing capabilities."""
     parent = list(parent)
+    withheld = PRIVILEGED | SHARING
     if "*" in parent:
-        return [c for c in KNOWN if c not in PRIVILEGED]
-    return [c for c in parent if c not in PRIVILEGED]
+        return [c for c in KNOWN if c not in withheld]
+    return [c for c in parent if c not in withheld]

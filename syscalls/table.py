@@ -283,3 +283,43 @@ _def(83, "mem.delete", [P("key", "str"), P("namespace", "str?", None)], "mem",
      "delete a key", mutates=True)
 _def(84, "mem.list", [P("namespace", "str?", None), P("tags", "list?", None)], "mem",
      "the keys of a namespace")
+
+# --- fs: 90-109 (paths are inside the caller's sandbox: its private root + /shared) -----
+_def(90, "fs.open", [P("path", "str"), P("mode", "str", "r")], "fs.read",
+     "open a file ('r', 'r+', 'w', 'a', 'x'; writing needs fs.write); returns an fd",
+     mutates=True)
+_def(91, "fs.read", [P("fd", "int"), P("n", "int", -1)], "fs.read",
+     "read up to n bytes (-1: to the end) from an fd")
+_def(92, "fs.write", [P("fd", "int"), P("data", "bytes|str")], "fs.write",
+     "write to an fd; returns the bytes written", mutates=True)
+_def(93, "fs.close", [P("fd", "int")], "fs.read", "close an fd")
+_def(94, "fs.stat", [P("path", "str")], "fs.read", "type, size, mtime, mode of a path")
+_def(95, "fs.listdir", [P("path", "str", "/")], "fs.read", "the entries of a directory")
+_def(96, "fs.mkdir", [P("path", "str"), P("parents", "bool", False)], "fs.write",
+     "make a directory", mutates=True)
+_def(97, "fs.unlink", [P("path", "str")], "fs.write", "remove a file", mutates=True)
+_def(98, "fs.rmdir", [P("path", "str")], "fs.write", "remove an empty directory",
+     mutates=True)
+_def(99, "fs.rename", [P("src", "str"), P("dst", "str")], "fs.write",
+     "rename within one mount", mutates=True)
+_def(100, "fs.seek", [P("fd", "int"), P("offset", "int"), P("whence", "int", 0)], "fs.read",
+     "move an fd's position; returns the new one")
+_def(101, "fs.read_file", [P("path", "str")], "fs.read", "a whole file's bytes")
+_def(102, "fs.write_file", [P("path", "str"), P("data", "bytes|str"), P("append", "bool", False)],
+     "fs.write", "create/replace (or append to) a whole file", mutates=True)
+_def(103, "fs.usage", [], "fs.read", "bytes and files used in the private root, and quotas")
+
+# --- tool and drv: 110-129 -------------------------------------------------------
+_def(110, "tool.list", [P("namespace", "str?", None)], None,
+     "the tools the caller may call, with JSON schemas of their arguments")
+_def(111, "tool.describe", [P("name", "str")], None, "one tool: description and JSON schema")
+_def(112, "tool.call", [P("name", "str"), P("args", "dict?", None), P("timeout", "float", 30.0)],
+     None, "call a tool (needs capability tool:<name>); arguments checked against its schema",
+     mutates=True)
+_def(120, "drv.register", [P("namespace", "str"), P("tools", "list")], "drv.register",
+     "serve tools under a namespace from this process: calls arrive as "
+     "[req_id, tool, args, caller_pid] drv.request notifications", mutates=True)
+_def(121, "drv.reply", [P("req_id", "int"), P("result", "any", None), P("error", "dict?", None)],
+     "drv.register", "answer a drv.request: a result, or an error {name, message}")
+_def(122, "drv.unregister", [P("namespace", "str")], "drv.register",
+     "stop serving a namespace; pending calls fail with EIO", mutates=True)

@@ -28,6 +28,9 @@ from .errors import ERRORS, KernelError, error_for
 
 Notify = Callable[[str, list], Any]
 
+# Notifications that belong to the process, not to one of its calls.
+UNSOLICITED = frozenset({"drv.request"})
+
 
 @dataclass(frozen=True)
 class Address:
@@ -208,6 +211,9 @@ class AsyncClient(_Stubs):
         self._nursery_cm: Any = None
         self._closed_reason: str | None = None
         self.pid: int | None = None
+        # Notifications addressed to the process rather than to one of its calls
+        # (drv.request for a driver) wait here for `notifications()`.
+        self._events_send, self._events = trio.open_memory_channel(1024)
 
     async def __aenter__(self) -> "AsyncClient":
         a = self.address
@@ -248,6 +254,7 @@ class AsyncClient(_Stubs):
             self._closed_reason = self._closed_reason or "the kernel closed the connection"
             for ch in list(self._pending.values()):
                 ch.close()
+            self._events_send.close()
 
     async def _route(self, msg: Any) -> None:
         if isinstance(msg, wire.Response):
@@ -258,6 +265,9 @@ class AsyncClient(_Stubs):
         elif isinstance(msg, wire.Notification):
             if msg.method == "sys.close":
                 self._closed_reason = f"kernel closed the connection: {msg.args}"
+                return
+            if msg.method in UNSOLICITED:
+                await self._events_send.send(msg)
                 return
             target = msg.args[0] if msg.args and isinstance(msg.args[0], int) else None
             ch = self._pending.get(target)
@@ -289,6 +299,11 @@ class AsyncClient(_Stubs):
             raise ERRORS["ECONNRESET"](self._closed_reason or "connection lost")
         finally:
             self._pending.pop(msgid, None)
+
+    def notifications(self) -> trio.MemoryReceiveChannel:
+        """Kernel-initiated notifications (e.g. drv.request) as wire.Notification
+        objects; the channel closes when the connection does."""
+        return self._events
 
     def _stub(self, sc: Syscall) -> Callable[..., Any]:
         async def stub(*args: Any, **kwargs: Any) -> Any:

@@ -1,0 +1,152 @@
+"""Handlers of the `tool` and `drv` groups, and the kernel's own tools.
+
+`tool.call(name, args)` checks, in order: the tool exists (ENOENT), the caller
+holds `tool:<name>` (EACCES) and any extra capability the tool needs, its
+tool-call quota (EDQUOT), the arguments against the tool's JSON schema
+(EINVAL with the validator's message). Then it runs the in-kernel handler in
+a worker thread, or asks the userland driver that serves it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from llmagentos.drivers import builtin_tools
+from llmagentos.drivers.execbox import ExecLimits, run_code
+from llmagentos.syscalls import caps as capmod
+from llmagentos.syscalls.errno import SyscallError
+
+from .dispatch import Call, handler
+from .proc import PCB
+from .sysctx import identity
+from .sysfs import sandbox_of
+from .tools import Tool, ToolTable
+
+MAX_TOOL_TIMEOUT = 600.0
+
+
+def kernel_tools(kernel: Any, state_dir: Path) -> ToolTable:
+    """calc, clock and kv from drivers/builtin_tools.py, plus files.* and exec.run
+    over the caller's sandbox."""
+    table = ToolTable()
+    kv = builtin_tools.open_kv(str(state_dir / "kv.db"))
+    for t in builtin_tools.builtin_tools(kv).values():
+        table.add(Tool(t.name, t.description, t.schema,
+                       handler=lambda pcb, args, h=t.handler: h(identity(pcb), args)))
+    obj = {"$schema": builtin_tools.SCHEMA_DIALECT, "type": "object",
+           "additionalProperties": False}
+    path = {"type": "string", "minLength": 1, "maxLength": 4096}
+
+    def files_read(pcb: PCB, args: dict) -> dict:
+        data = sandbox_of(kernel, pcb).read_file(args["path"])
+        return {"text": data.decode("utf-8", "replace"), "bytes": len(data)}
+
+    def files_write(pcb: PCB, args: dict) -> dict:
+        sb = sandbox_of(kernel, pcb)
+        parent = args["path"].rstrip("/").rpartition("/")[0]
+        if parent:  # a model should not have to mkdir first
+            sb.mkdir(parent, parents=True)
+        return {"bytes": sb.write_file(args["path"], args["text"],
+                                       append=args.get("append", False))}
+
+    def files_list(pcb: PCB, args: dict) -> dict:
+        return {"entries": sandbox_of(kernel, pcb).listdir(args.get("path", "/"))}
+
+    def exec_run(pcb: PCB, args: dict) -> dict:
+        sb = sandbox_of(kernel, pcb)
+        limits = ExecLimits(wall_s=float(args.get("timeout", 10)),
+                            cpu_s=float(args.get("timeout", 10)))
+        res = run_code(args["lang"], args["code"], sb.root, limits)
+        sb.rescan()  # what the code wrote counts against the quota
+        return {"exit_code": res.exit_code, "signal": res.signal, "stdout": res.stdout,
+                "stderr": res.stderr, "truncated": res.truncated, "timed_out": res.timed_out,
+                "wall_s": res.wall_s, "isolation": res.isolation}
+
+    table.add(Tool("files.read", "Read a text file from your sandbox.",
+                   {**obj, "properties": {"path": path}, "required": ["path"]},
+                   handler=files_read, cap="fs.read"))
+    table.add(Tool("files.write", "Write (or append) a text file in your sandbox.",
+                   {**obj, "properties": {"path": path, "text": {"type": "string"},
+                                          "append": {"type": "boolean"}},
+                    "required": ["path", "text"]}, handler=files_write, cap="fs.write"))
+    table.add(Tool("files.list", "List a directory of your sandbox.",
+                   {**obj, "properties": {"path": path}}, handler=files_list, cap="fs.read"))
+    table.add(Tool("exec.run", "Run Python or shell code in your sandbox directory, with "
+                               "CPU, memory, process and time limits; returns its output.",
+                   {**obj, "properties": {"lang": {"enum": ["python", "sh"]},
+                                          "code": {"type": "string", "maxLength": 100_000},
+                                          "timeout": {"type": "number", "exclusiveMinimum": 0,
+                                                      "maximum": 60}},
+                    "required": ["lang", "code"]}, handler=exec_run, cap="exec"))
+    return table
+
+
+def _visible(pcb: PCB, tool: Tool) -> bool:
+    return capmod.covers(pcb.caps, f"tool:{tool.name}") and (
+        tool.cap is None or capmod.covers(pcb.caps, tool.cap))
+
+
+@handler("tool.list")
+async def tool_list(call: Call, namespace: str | None) -> list:
+    tools = call.kernel.tools.tools.values()
+    return [t.describe() for t in sorted(tools, key=lambda t: t.name)
+            if _visible(call.caller, t)
+            and (namespace is None or t.name.startswith(namespace + "."))]
+
+
+@handler("tool.describe")
+async def tool_describe(call: Call, name: str) -> dict:
+    return call.kernel.tools.get(name).describe()
+
+
+@handler("tool.call", blocking=True)
+async def tool_call(call: Call, name: str, args: dict | None, timeout: float) -> Any:
+    k, pcb = call.kernel, call.caller
+    tool = k.tools.get(name)
+    if not capmod.covers(pcb.caps, f"tool:{name}"):
+        raise SyscallError("EACCES", f"calling {name} needs capability tool:{name}")
+    if tool.cap is not None and not capmod.covers(pcb.caps, tool.cap):
+        raise SyscallError("EACCES", f"{name} needs capability {tool.cap!r}")
+    limit = pcb.limits.get("tool_calls")
+    if limit is not None and pcb.usage.tool_calls >= limit:
+        raise SyscallError("EDQUOT", f"tool-call limit {int(limit)} reached")
+    if not 0 < timeout <= MAX_TOOL_TIMEOUT:
+        raise SyscallError("EINVAL", f"timeout must be in (0, {MAX_TOOL_TIMEOUT}]")
+    args = args or {}
+    tool.check(args)
+    pcb.usage.tool_calls += 1
+    if tool.driver is not None:
+        pcb.waiting_calls += 1
+        try:
+            return await k.tools.call_driver(tool, pcb, args, timeout)
+        finally:
+            pcb.waiting_calls -= 1
+    with trio.fail_after(timeout):
+        try:
+            return await trio.to_thread.run_sync(tool.handler, pcb, args)
+        except trio.TooSlowError:
+            raise SyscallError("ETIMEDOUT", f"{name} did not finish within {timeout}s") \
+                from None
+
+
+@handler("drv.register")
+async def drv_register(call: Call, namespace: str, tools: list) -> list:
+    return call.kernel.tools.register(call.caller.pid, call.conn, namespace, tools)
+
+
+@handler("drv.reply")
+async def drv_reply(call: Call, req_id: int, result: Any, error: dict | None) -> None:
+    call.kernel.tools.reply(call.caller.pid, req_id, result, error)
+
+
+@handler("drv.unregister")
+async def drv_unregister(call: Call, namespace: str) -> None:
+    drv = call.kernel.tools.drivers.get(namespace)
+    if drv is None:
+        raise SyscallError("ENOENT", f"no driver serves {namespace!r}")
+    if drv.pid != call.caller.pid and call.caller.pid != 1:
+        raise SyscallError("EPERM", f"namespace {namespace!r} is served by pid {drv.pid}")
+    call.kernel.tools.unregister(namespace, "unregistered")
