@@ -5,9 +5,8 @@ import json
 import os
 import textwrap
 
-import pytest
-
 import llmagentos
+import pytest
 from conftest import PY, boot_kernel
 
 
