@@ -33,17 +33,20 @@ from llmagentos.syscalls.errno import SyscallError
 from . import (  # noqa: F401  (handlers register on import)
     dispatch,
     sysctx,
+    sysenv,
     sysfs,
     sysllm,
     sysproc,
     syssys,
     systool,
+    systraj,
 )
 from .audit import AuditLog
 from .memory import ContextStore
 from .proc import PCB, ProcessTable
 from .scheduler import Scheduler
 from .server import serve_listener
+from .trajectories import TrajectoryStore
 
 log = logging.getLogger("llmagentos.kernel")
 
@@ -96,7 +99,8 @@ class Kernel:
         self.embed_lock = trio.Lock()
         self.context_generation = sysctx.context_generation
         self.memory: ContextStore | None = None
-        dispatch.check_complete()
+        if dispatch.missing():
+            log.warning("syscalls without a handler (ENOSYS): %s", dispatch.missing())
 
     # --- boot -----------------------------------------------------------------
     def _prepare_dirs(self) -> None:
@@ -222,8 +226,10 @@ class Kernel:
         self.audit = AuditLog(self.config.state_dir / "audit.db")
         self._open_memory()
         self.tools = systool.kernel_tools(self, self.config.state_dir)
+        self.trajectories = TrajectoryStore(self.config.state_dir / "trajectories.db")
         self.procs.on_exit.append(lambda pcb: self.tools.drop_pid(pcb.pid, "exited"))
         self.procs.on_exit.append(lambda pcb: sysfs.release(self, pcb))
+        self.procs.on_exit.append(lambda pcb: sysenv.release(self, pcb))
         listeners: list[trio.SocketListener] = []
         try:
             await self._load_device()
@@ -253,6 +259,7 @@ class Kernel:
             self.audit.close()
             if self.memory is not None:
                 self.memory.close()
+            self.trajectories.close()
             if self.device is not None:
                 self.device.close()
             self._remove_run_files()

@@ -80,6 +80,8 @@ class PCB:
     ctx_id: int | None = None
     agent: str | None = None  # named agent: its context and memory outlive the process
     sandbox: Any = None  # its file system view, opened at first use (kernel/sysfs.py)
+    attached: bool = False  # lives in another process's OS process (proc.attach)
+    conns: int = 0  # open connections that said hello as this pid
     fds: dict[int, Any] = field(default_factory=dict)
 
     @property
@@ -108,7 +110,7 @@ class PCB:
     def row(self) -> dict:
         return {
             "pid": self.pid, "ppid": self.ppid, "name": self.name, "state": self.state,
-            "nice": self.nice, "os_pid": self.os_pid,
+            "nice": self.nice, "os_pid": self.os_pid, "attached": self.attached,
             "uptime": round(time.time() - self.start_time, 3),
             "tokens_in": self.usage.tokens_in, "tokens_out": self.usage.tokens_out,
             "cached_tokens": self.usage.cached_tokens,
@@ -215,17 +217,16 @@ class ProcessTable:
     def live(self) -> list[PCB]:
         return [p for p in self.procs.values() if not p.exited and p.pid != INIT_PID]
 
+    def live_os(self) -> list[PCB]:
+        """Live processes with an OS process of their own (what shutdown signals)."""
+        return [p for p in self.live() if not p.attached]
+
     # --- spawn --------------------------------------------------------------
-    async def spawn(self, parent: PCB, argv: list, name: str | None, env: dict | None,
-                    cwd: str | None, caps: list | None, limits: dict | None,
-                    nice: int) -> PCB:
-        if not argv or not all(isinstance(a, str) for a in argv):
-            raise SyscallError("EINVAL", "argv must be a non-empty list of strings")
-        if any("\0" in a for a in argv):
-            raise SyscallError("EINVAL", "argv must not contain NUL bytes")
-        env = env or {}
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-            raise SyscallError("EINVAL", "env must map strings to strings")
+    def _child_rights(self, parent: PCB, caps: list | None, limits: dict | None,
+                      nice: int) -> tuple[list[str], dict]:
+        """What a new child may hold: caps within the parent's bounding set,
+        limits no higher than the parent's, nice no lower; EAGAIN past
+        max_children."""
         if caps is None:
             caps = capmod.default_child(parent.caps)
         if not all(isinstance(c, str) for c in caps):
@@ -254,13 +255,26 @@ class ProcessTable:
             if live >= maxc:
                 raise SyscallError("EAGAIN", f"pid {parent.pid} has {live} live children "
                                              f"(limit max_children={int(maxc)})")
+        return list(caps), lim
+
+    async def spawn(self, parent: PCB, argv: list, name: str | None, env: dict | None,
+                    cwd: str | None, caps: list | None, limits: dict | None,
+                    nice: int) -> PCB:
+        if not argv or not all(isinstance(a, str) for a in argv):
+            raise SyscallError("EINVAL", "argv must be a non-empty list of strings")
+        if any("\0" in a for a in argv):
+            raise SyscallError("EINVAL", "argv must not contain NUL bytes")
+        env = env or {}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise SyscallError("EINVAL", "env must map strings to strings")
+        caps, lim = self._child_rights(parent, caps, limits, nice)
         if cwd is not None and not os.path.isdir(cwd):
             raise SyscallError("ENOENT", f"cwd {cwd!r} is not a directory")
         if self.nursery is None:
             raise SyscallError("ESHUTDOWN", "the kernel is not accepting new processes")
 
         pcb = self._new_pcb(ppid=parent.pid, name=name or os.path.basename(argv[0]),
-                            argv=list(argv), caps=list(caps), nice=nice, limits=lim,
+                            argv=list(argv), caps=caps, nice=nice, limits=lim,
                             cwd=cwd or os.getcwd(), agent=name)
         pcb.log_path = str(self.log_dir / f"{pcb.pid}.log")
         self.log_paths[pcb.pid] = pcb.log_path
@@ -286,6 +300,40 @@ class ProcessTable:
         pcb.os_pid = proc.pid
         self.nursery.start_soon(self._watch, pcb)
         return pcb
+
+    def attach(self, parent: PCB, name: str | None, caps: list | None, limits: dict | None,
+               nice: int, os_pid: int | None) -> PCB:
+        """A child that lives inside an existing OS process (an `Agent` object in
+        the caller's program): it has its own pid, token, caps, context and
+        device slot, but no OS process of its own, so signals act only on its
+        kernel side: STOP/CONT park and resume its requests, TERM/KILL end it.
+        It exits when its last connection closes."""
+        caps, lim = self._child_rights(parent, caps, limits, nice)
+        if self.nursery is None:
+            raise SyscallError("ESHUTDOWN", "the kernel is not accepting new processes")
+        pcb = self._new_pcb(ppid=parent.pid, name=name or "agent", argv=[], caps=caps,
+                            nice=nice, limits=lim, cwd=parent.cwd, agent=name, attached=True)
+        pcb.os_pid = os_pid
+        # The shell user never waits for its agents: init reaps them at exit.
+        pcb.orphan = parent.pid == INIT_PID
+        if "wall_time" in lim:
+            self.nursery.start_soon(self._attached_deadline, pcb)
+        return pcb
+
+    async def _attached_deadline(self, pcb: PCB) -> None:
+        await trio.sleep_until(trio.current_time() + pcb.limits["wall_time"])
+        if not pcb.exited:
+            pcb.exit_reason = f"wall time limit of {pcb.limits['wall_time']}s"
+            self.end_attached(pcb, signal=_signal.SIGKILL)
+
+    def end_attached(self, pcb: PCB, status: int = 0, signal: int | None = None) -> None:
+        if pcb.exited:
+            return
+        if signal is None:
+            pcb.exit_code = status
+        else:
+            pcb.term_signal = signal
+        self._exited(pcb)
 
     def _forget(self, pcb: PCB) -> None:
         self.procs.pop(pcb.pid, None)
@@ -354,6 +402,17 @@ class ProcessTable:
                                         "(not a descendant; needs proc.kill_any)")
         if sig == 0 or target.exited:
             return
+        if target.attached:  # no OS process of its own: the kernel side is all there is
+            if sig in (_signal.SIGKILL, _signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP):
+                self.end_attached(target, signal=sig)
+                return
+            if sig not in (_signal.SIGSTOP, _signal.SIGCONT):
+                raise SyscallError("EINVAL", f"an attached process takes STOP, CONT, TERM, "
+                                             f"INT, HUP and KILL, not signal {sig}")
+            target.stopped = sig == _signal.SIGSTOP
+            for fn in self.on_signal:
+                fn(target, sig)
+            return
         if target.os_pid is None:
             raise SyscallError("ESRCH", f"pid {pid} has no OS process yet")
         signal_tree(target.os_pid, sig)
@@ -393,19 +452,21 @@ class ProcessTable:
 
     async def terminate_all(self, grace: float) -> None:
         """Shutdown: TERM every process, wait up to grace seconds, KILL the rest."""
-        for p in self.live():
+        for p in self.live_os():
             if p.os_pid is not None:
                 signal_tree(p.os_pid, _signal.SIGCONT)
                 signal_tree(p.os_pid, _signal.SIGTERM)
         with trio.move_on_after(grace):
-            for p in self.live():
+            for p in self.live_os():
                 await p.exit_event.wait()
-        for p in self.live():
+        for p in self.live_os():
             if p.os_pid is not None:
                 signal_tree(p.os_pid, _signal.SIGKILL)
         with trio.move_on_after(2):
-            for p in self.live():
+            for p in self.live_os():
                 await p.exit_event.wait()
+        for p in self.live():  # attached processes end with the kernel
+            self.end_attached(p, signal=_signal.SIGTERM)
 
     def stat(self, pcb: PCB) -> dict:
         out = {

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import struct
 import traceback
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +39,18 @@ class Connection:
         self._send_lock = trio.Lock()
         self.closed = False
         self.nursery: trio.Nursery | None = None
+
+    def peer_pid(self) -> int | None:
+        """The OS pid at the other end of a Unix socket (SO_PEERCRED)."""
+        try:
+            sock = self.stream.socket
+            if sock.family != socket.AF_UNIX:
+                return None
+            creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                    struct.calcsize("3i"))
+            return struct.unpack("3i", creds)[0] or None
+        except (OSError, AttributeError):
+            return None
 
     async def send(self, data: bytes) -> None:
         # Uncontended fast path: taking the lock without a checkpoint is most
@@ -103,6 +117,11 @@ class Connection:
                 # whatever it served as a driver goes with it.
                 self.closed = True
                 self.kernel.tools.drop_conn(self)
+                pcb = self.pcb
+                if pcb is not None and pcb.attached:
+                    pcb.conns -= 1
+                    if pcb.conns == 0:
+                        self.kernel.procs.end_attached(pcb, 0)
                 nursery.cancel_scope.cancel()
         with trio.move_on_after(0.5):
             await self.stream.aclose()
@@ -113,6 +132,8 @@ class Connection:
         try:
             if self.pcb is None and req.method != "sys.hello":
                 raise SyscallError("EPERM", "say sys.hello(token) first")
+            if self.pcb is not None and self.pcb.exited:
+                raise SyscallError("ESRCH", f"pid {self.pcb.pid} has exited")
             sc, entry = dispatch.lookup(req.method)
         except SyscallError as e:
             k.stats["errors"] += 1

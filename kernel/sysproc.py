@@ -16,6 +16,14 @@ async def spawn(call: Call, argv: list, name: str | None, env: dict | None, cwd:
     return pcb.pid
 
 
+@handler("proc.attach")
+async def attach(call: Call, name: str | None, caps: list | None, limits: dict | None,
+                 nice: int) -> dict:
+    os_pid = call.conn.peer_pid() or call.caller.os_pid
+    pcb = call.kernel.procs.attach(call.caller, name, caps, limits, nice, os_pid)
+    return {"pid": pcb.pid, "token": pcb.token}
+
+
 @handler("proc.getpid")
 async def getpid(call: Call) -> int:
     return call.caller.pid

@@ -14,6 +14,8 @@ async def hello(call: Call, token: str) -> dict:
     pcb = call.kernel.procs.authenticate(token)
     if conn.pcb is not None and conn.pcb.pid != pcb.pid:
         raise SyscallError("EPERM", f"connection is already pid {conn.pcb.pid}")
+    if conn.pcb is None and pcb.attached:
+        pcb.conns += 1  # an attached process lives as long as a connection of it does
     conn.pcb = pcb
     return {"pid": pcb.pid, "name": pcb.name, "kernel": call.kernel.uname()["release"]}
 

@@ -223,6 +223,11 @@ _def(26, "proc.nice", [P("pid", "int"), P("value", "int")], None,
 _def(27, "proc.setlimit", [P("pid", "int"), P("name", "str"), P("value", "int|float?")], None,
      "set one limit of a process (only lower it, unless proc.kill_any is held)",
      mutates=True)
+_def(30, "proc.attach", [P("name", "str?", None), P("caps", "list?", None),
+                        P("limits", "dict?", None), P("nice", "int", 0)], "proc.spawn",
+     "make a child process that lives in the caller's OS process (an Agent object); "
+     "returns {pid, token}: a connection that says hello with the token is that process",
+     mutates=True)
 _def(29, "proc.logs", [P("pid", "int"), P("offset", "int", 0), P("limit", "int", 65536)], None,
      "read a process's captured stdout/stderr from offset (works after it was reaped)")
 _def(28, "proc.exit", [P("status", "int", 0)], None,
@@ -323,3 +328,37 @@ _def(121, "drv.reply", [P("req_id", "int"), P("result", "any", None), P("error",
      "drv.register", "answer a drv.request: a result, or an error {name, message}")
 _def(122, "drv.unregister", [P("namespace", "str")], "drv.register",
      "stop serving a namespace; pending calls fail with EIO", mutates=True)
+
+# --- env: 130-139 (Gymnasium environments served by the kernel) ----------------------
+_def(130, "env.make", [P("env_id", "str"), P("kwargs", "dict?", None)], "env",
+     "create a Gymnasium environment by id; returns {handle, observation_space, "
+     "action_space, spec}")
+_def(131, "env.reset", [P("handle", "int"), P("seed", "int?", None), P("options", "dict?", None)],
+     "env", "reset; returns {observation, info, text}")
+_def(132, "env.step", [P("handle", "int"), P("action", "any")], "env",
+     "one step; returns {observation, reward, terminated, truncated, info, text}")
+_def(133, "env.close", [P("handle", "int")], "env", "close an environment")
+_def(134, "env.list", [P("prefix", "str?", None)], None,
+     "registered environment ids (all, or those starting with prefix)")
+_def(135, "env.render", [P("handle", "int")], "env", "the environment's text rendering")
+
+# --- traj: 140-149 (trajectories: the experience that learning reads) -------------
+_def(140, "traj.begin", [P("task", "str"), P("family", "str?", None), P("kind", "str", "episode"),
+                         P("meta", "dict?", None)], None,
+     "start recording an episode (kind 'episode' or 'demo'); returns its id", mutates=True)
+_def(141, "traj.step", [P("episode", "int"), P("observation", "any"), P("action", "any"),
+                        P("reward", "float", 0.0), P("info", "dict?", None)], None,
+     "record one step (observation, action, reward, tool calls and tokens in info)",
+     mutates=True)
+_def(142, "traj.end", [P("episode", "int"), P("success", "bool?", None),
+                       P("meta", "dict?", None)], None,
+     "finish an episode; returns its summary", mutates=True)
+_def(143, "traj.list", [P("family", "str?", None), P("kind", "str?", None),
+                        P("agent", "str?", None), P("limit", "int", 100)], None,
+     "episodes, newest last, with steps, total reward and success")
+_def(144, "traj.get", [P("episode", "int")], None, "one episode with all its steps")
+_def(145, "traj.search", [P("query", "str"), P("family", "str?", None), P("kind", "str", "demo"),
+                          P("k", "int", 3), P("success", "bool?", True)], None,
+     "episodes whose task text best matches the query (demonstrations for few-shot)")
+_def(146, "traj.stats", [P("family", "str")], None,
+     "per-family statistics: episodes, success rate, mean reward, per-choice outcomes")

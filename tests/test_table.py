@@ -65,3 +65,9 @@ def test_docs_are_generated_from_the_table():
     doc = Path(__file__).parent.parent / "docs" / "syscalls.md"
     assert doc.read_text().strip() == markdown(TABLE).strip(), \
         "docs/syscalls.md is stale: run `llmos syscalls --markdown > docs/syscalls.md`"
+
+
+def test_every_call_has_a_kernel_handler():
+    from llmagentos.kernel import kernel  # noqa: F401  (registers every handler)
+    from llmagentos.kernel.dispatch import missing
+    assert missing() == []

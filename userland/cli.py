@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 from llmagentos.syscalls import paths
 from llmagentos.syscalls.table import TABLE, markdown
 
+from .boot import boot_detached
 from .client import Client, connect
 from .errors import KernelError
 
@@ -63,53 +63,34 @@ def _client(args: argparse.Namespace) -> Client:
 
 
 # --- boot / shutdown ------------------------------------------------------------
-def _kernel_argv(args: argparse.Namespace) -> list[str]:
-    argv = [sys.executable, "-m", "llmagentos.kernel"]
-    if args.run_dir:
-        argv += ["--run-dir", str(args.run_dir)]
+def _kernel_options(args: argparse.Namespace) -> list[str]:
+    """`llmos boot` options passed on to the kernel program."""
+    out = []
     for opt in ("state_dir", "tcp", "policy", "quantum", "grace", "log_level", "config", "model",
                 "slots", "n_ctx", "threads"):
         val = getattr(args, opt, None)
         if val is not None:
-            argv += ["--" + opt.replace("_", "-"), str(val)]
-    return argv
+            out += ["--" + opt.replace("_", "-"), str(val)]
+    return out
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
-    argv = _kernel_argv(args)
-    if not args.detach:
-        os.execv(argv[0], argv)  # the kernel replaces the shell command, signals and all
     run_dir = Path(args.run_dir) if args.run_dir else paths.default_run_dir()
-    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    log_path = run_dir / paths.LOG_NAME
-    with open(log_path, "ab") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                                start_new_session=True)
-    deadline = time.monotonic() + args.timeout
-    shown = False
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace").splitlines()[-5:]
-            print("llmos: kernel failed to boot:\n  " + "\n  ".join(tail), file=sys.stderr)
-            return EXIT_ERR
-        try:
-            with connect(run_dir=run_dir) as c:
-                info = c.sys.uname()
-            if info["pid"] != proc.pid:  # someone else's kernel: ours will fail on the lock
-                time.sleep(0.1)
-                continue
-            _out(args, info, lambda i: print(
-                f"kernel up: pid {i['pid']}, socket {i['socket']}"
-                + (f", tcp {i['tcp']}" if i.get("tcp") else "")))
-            return EXIT_OK
-        except KernelError:
-            if not shown and sys.stderr.isatty():
-                print("llmos: booting (loading the model)...", file=sys.stderr)
-                shown = True
-            time.sleep(0.1)
-    print(f"llmos: kernel did not accept connections within {args.timeout}s; log: {log_path}",
-          file=sys.stderr)
-    return EXIT_TIMEOUT
+    if not args.detach:  # the kernel replaces the shell command, signals and all
+        os.execv(sys.executable, [sys.executable, "-m", "llmagentos.kernel", "--run-dir",
+                                  str(run_dir), *_kernel_options(args)])
+    shown = []
+
+    def progress() -> None:
+        if not shown and sys.stderr.isatty():
+            print("llmos: booting (loading the model)...", file=sys.stderr)
+            shown.append(True)
+
+    info = boot_detached(run_dir, _kernel_options(args), args.timeout, progress)
+    _out(args, info, lambda i: print(
+        f"kernel up: pid {i['pid']}, socket {i['socket']}"
+        + (f", tcp {i['tcp']}" if i.get("tcp") else "")))
+    return EXIT_OK
 
 
 def cmd_shutdown(args: argparse.Namespace) -> int:
@@ -293,6 +274,17 @@ def cmd_top(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_driver_run(args: argparse.Namespace) -> int:
+    from .driver import cli_run
+    with _client(args) as c:
+        try:
+            pid = cli_run(c, args.file, args.cls, args.cap)
+        except (LookupError, ImportError, SyntaxError, TypeError) as e:
+            raise UsageError(f"cannot load a driver from {args.file}: {e}") from None
+    _out(args, {"pid": pid}, lambda d: print(d["pid"]))
+    return EXIT_OK
+
+
 def cmd_syscalls(args: argparse.Namespace) -> int:
     rows = [sc.describe() for sc in TABLE]
     if args.markdown:
@@ -383,6 +375,14 @@ def build_parser() -> argparse.ArgumentParser:
     lg.add_argument("pid", type=int)
     lg.add_argument("--follow", "-f", action="store_true")
     lg.set_defaults(fn=cmd_logs)
+
+    dr = sub.add_parser("driver", help="userland tool drivers")
+    drs = dr.add_subparsers(dest="driver_cmd", required=True)
+    drr = drs.add_parser("run", parents=[common], help="run FILE's Driver class as a process")
+    drr.add_argument("file")
+    drr.add_argument("--class", dest="cls", help="which Driver subclass, if several")
+    drr.add_argument("--cap", action="append", help="capabilities (default: inherited)")
+    drr.set_defaults(fn=cmd_driver_run)
 
     au = sub.add_parser("audit", parents=[common], help="the audit log, newest last")
     au.add_argument("--pid", type=int)

@@ -120,7 +120,7 @@ class Client(_Stubs):
     def call(self, method: str, *args: Any, on_notify: Notify | None = None, **kwargs: Any) -> Any:
         with self._lock:
             msgid = next(self._ids) & wire.MAX_MSGID
-            self._sock.sendall(wire.encode_request(msgid, method, args, kwargs))
+            self._sock.sendall(_encode(msgid, method, args, kwargs))
             while True:
                 for msg in self._read():
                     if isinstance(msg, wire.Response) and msg.msgid == msgid:
@@ -170,6 +170,14 @@ class Client(_Stubs):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _encode(msgid: int, method: str, args: tuple, kwargs: dict) -> bytes:
+    try:
+        return wire.encode_request(msgid, method, args, kwargs)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise ERRORS["EINVAL"](f"{method}: arguments cannot be sent as MessagePack: {e}") \
+            from None
 
 
 def _open_socket(addr: Address, timeout: float | None) -> socket.socket:
@@ -286,7 +294,7 @@ class AsyncClient(_Stubs):
         self._pending[msgid] = send
         try:
             async with self._send_lock:
-                await self._stream.send_all(wire.encode_request(msgid, method, args, kwargs))
+                await self._stream.send_all(_encode(msgid, method, args, kwargs))
             async for kind, msg in recv:
                 if kind == "response":
                     if msg.error is not None:

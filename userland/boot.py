@@ -1,0 +1,66 @@
+"""Starting a kernel from userland: `llmos boot --detach`, and the private
+kernel an `Agent` boots when none is running."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from llmagentos.syscalls import paths
+
+from .client import Client, connect
+from .errors import ERRORS, KernelError
+
+
+def boot_detached(run_dir: Path, kernel_args: list[str], timeout: float = 60.0,
+                  progress=None) -> dict:
+    """Start `python -m llmagentos.kernel` in its own session and return its
+    uname once it accepts calls (the model is loaded by then)."""
+    run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    log_path = run_dir / paths.LOG_NAME
+    argv = [sys.executable, "-m", "llmagentos.kernel", "--run-dir", str(run_dir), *kernel_args]
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log_path.read_text(errors="replace").splitlines()[-5:]
+            raise ERRORS["EIO"]("kernel failed to boot:\n  " + "\n  ".join(tail))
+        try:
+            with connect(run_dir=run_dir) as c:
+                info = c.sys.uname()
+            if info["pid"] == proc.pid:  # not someone else's kernel on that run dir
+                return info
+        except KernelError:
+            if progress is not None:
+                progress()
+        time.sleep(0.1)
+    raise ERRORS["ETIMEDOUT"](f"kernel did not accept connections within {timeout}s; "
+                              f"log: {log_path}")
+
+
+_private: dict = {}
+
+
+def private_kernel(model: str) -> Client:
+    """A kernel of this program's own, shut down at exit: what `Agent()` uses
+    when no kernel is running, so the seed's example runs as written."""
+    if "run_dir" not in _private:
+        run_dir = Path(tempfile.mkdtemp(prefix="llmagentos-private-"))
+        info = boot_detached(run_dir, ["--model", model])
+        _private.update(run_dir=run_dir, pid=info["pid"])
+
+        def shutdown() -> None:
+            try:
+                os.kill(_private["pid"], signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        atexit.register(shutdown)
+    return connect(run_dir=_private["run_dir"])
