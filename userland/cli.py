@@ -285,6 +285,71 @@ def cmd_driver_run(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+TRAJ_COLS = ["id", "kind", "family", "owner", "steps", "total_reward", "success", "task"]
+
+
+def cmd_traj(args: argparse.Namespace) -> int:
+    with _client(args) as c:
+        if args.traj_cmd == "ls":
+            rows = c.traj.list(args.family, args.kind, args.agent, args.limit)
+            for r in rows:
+                r["task"] = r["task"][:48]
+            _out(args, rows, lambda rs: _table(rs, TRAJ_COLS))
+        elif args.traj_cmd == "show":
+            ep = c.traj.get(args.episode)
+
+            def human(e: dict) -> None:
+                print(f"episode {e['id']} ({e['kind']}, {e['family']}) by {e['owner']}: "
+                      f"{e['steps']} steps, reward {e['total_reward']}, success {e['success']}")
+                print(f"task: {e['task']}")
+                for s in e["trajectory"]:
+                    print(f"  t={s['t']:<3} reward={s['reward']:<6} "
+                          f"action={json.dumps(s['action'])}  "
+                          f"obs={json.dumps(s['observation'])[:80]}")
+            _out(args, ep, human)
+        elif args.traj_cmd == "export":
+            rows = c.traj.list(args.family, args.kind, args.agent, args.limit)
+            out = open(args.out, "w") if args.out else sys.stdout
+            try:
+                for r in rows:
+                    out.write(json.dumps(c.traj.get(r["id"]), default=str) + "\n")
+            finally:
+                if args.out:
+                    out.close()
+            if args.out:
+                print(f"{len(rows)} episodes written to {args.out}", file=sys.stderr)
+        elif args.traj_cmd == "plot":
+            rows = c.traj.list(args.family, "episode", args.agent, args.limit)
+            if not rows:
+                raise UsageError("no episodes match")
+            plot_learning_curve(rows, args.out, args.window,
+                                f"{args.family or 'all families'}: learning curve")
+            print(f"{len(rows)} episodes plotted to {args.out}")
+    return EXIT_OK
+
+
+def plot_learning_curve(rows: list[dict], out: str, window: int, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rewards = [r["total_reward"] for r in rows]
+    success = [1.0 if r["success"] else 0.0 for r in rows]
+
+    def moving(xs: list[float]) -> list[float]:
+        return [sum(xs[max(0, i - window + 1):i + 1]) / len(xs[max(0, i - window + 1):i + 1])
+                for i in range(len(xs))]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(rewards, ".", alpha=0.3, label="reward per episode")
+    ax.plot(moving(rewards), label=f"mean reward ({window}-episode window)")
+    ax.plot(moving(success), label=f"success rate ({window}-episode window)")
+    ax.set_xlabel("episode")
+    ax.set_title(title)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+
+
 def cmd_syscalls(args: argparse.Namespace) -> int:
     rows = [sc.describe() for sc in TABLE]
     if args.markdown:
@@ -383,6 +448,25 @@ def build_parser() -> argparse.ArgumentParser:
     drr.add_argument("--class", dest="cls", help="which Driver subclass, if several")
     drr.add_argument("--cap", action="append", help="capabilities (default: inherited)")
     drr.set_defaults(fn=cmd_driver_run)
+
+    tr = sub.add_parser("traj", help="trajectories: ls | show | export | plot")
+    trs = tr.add_subparsers(dest="traj_cmd", required=True)
+    for name, hlp in (("ls", "episodes, newest last"), ("export", "episodes as JSONL"),
+                      ("plot", "a PNG learning curve")):
+        t = trs.add_parser(name, parents=[common], help=hlp)
+        t.add_argument("--family")
+        t.add_argument("--kind", choices=["episode", "demo"])
+        t.add_argument("--agent", help="agent name (or pid:N)")
+        t.add_argument("--limit", type=int, default=1000 if name != "ls" else 50)
+        if name == "export":
+            t.add_argument("--out", "-o", help="file (default: stdout)")
+        if name == "plot":
+            t.add_argument("--out", "-o", default="learning_curve.png")
+            t.add_argument("--window", type=int, default=20)
+        t.set_defaults(fn=cmd_traj)
+    tsh = trs.add_parser("show", parents=[common], help="one episode, step by step")
+    tsh.add_argument("episode", type=int)
+    tsh.set_defaults(fn=cmd_traj)
 
     au = sub.add_parser("audit", parents=[common], help="the audit log, newest last")
     au.add_argument("--pid", type=int)
