@@ -332,12 +332,12 @@ _def(122, "drv.unregister", [P("namespace", "str")], "drv.register",
 # --- env: 130-139 (Gymnasium environments served by the kernel) ----------------------
 _def(130, "env.make", [P("env_id", "str"), P("kwargs", "dict?", None)], "env",
      "create a Gymnasium environment by id; returns {handle, observation_space, "
-     "action_space, spec}")
+     "action_space, spec}", mutates=True)
 _def(131, "env.reset", [P("handle", "int"), P("seed", "int?", None), P("options", "dict?", None)],
      "env", "reset; returns {observation, info, text}")
 _def(132, "env.step", [P("handle", "int"), P("action", "any")], "env",
      "one step; returns {observation, reward, terminated, truncated, info, text}")
-_def(133, "env.close", [P("handle", "int")], "env", "close an environment")
+_def(133, "env.close", [P("handle", "int")], "env", "close an environment", mutates=True)
 _def(134, "env.list", [P("prefix", "str?", None)], None,
      "registered environment ids (all, or those starting with prefix)")
 _def(135, "env.render", [P("handle", "int")], "env", "the environment's text rendering")
