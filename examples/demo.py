@@ -1,6 +1,6 @@
-"""`make demo`: boot a kernel, run a few agent processes, show them, signal
-one, wait for all, shut down. Everything goes through the `llmos` CLI and
-the syscall client, as a user would do it."""
+"""`make demo`: boot a kernel on the embedded model, run three agents at once
+(one on a Gymnasium environment, one using tools, one learning), show the
+process table while they run, the results after, and shut down."""
 
 from __future__ import annotations
 
@@ -28,29 +28,28 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="llmos-demo-"))
     os.environ["LLMAGENTOS_RUN_DIR"] = str(tmp / "run")
     os.environ["LLMAGENTOS_STATE_DIR"] = str(tmp / "state")
-    sh("boot", "--detach")
+    sh("boot", "--detach", "--slots", "4", "--n-ctx", "1024")
     try:
         c = llmagentos.connect()
-        agents = {
-            "counter-a": c.proc.spawn([PY, str(HERE / "counter_agent.py"), "4"], "counter-a"),
-            "counter-b": c.proc.spawn([PY, str(HERE / "counter_agent.py"), "6"], "counter-b"),
-            "sleeper": c.proc.spawn(["sleep", "30"], "sleeper"),
-        }
-        time.sleep(0.8)
+        agents = {name: c.proc.spawn([PY, str(HERE / "agents" / f"{name}.py")], name)
+                  for name in ("env_agent", "tool_agent", "learning_agent")}
+        time.sleep(4)
         sh("ps")
-        print(f"\nstopping counter-b (pid {agents['counter-b']}) for a second...")
-        sh("kill", "-STOP", str(agents["counter-b"]))
+        sh("top", "-n", "1")
+        print(f"\npausing env_agent (pid {agents['env_agent']}) for two seconds: its device "
+              "requests are parked, the others keep the device busy")
+        sh("kill", "-STOP", str(agents["env_agent"]))
+        time.sleep(2)
         sh("ps")
-        time.sleep(1)
-        sh("kill", "-CONT", str(agents["counter-b"]))
-        sh("kill", "-TERM", str(agents["sleeper"]))
+        sh("kill", "-CONT", str(agents["env_agent"]))
         for name, pid in agents.items():
-            st = c.proc.wait(pid, 60)
+            st = c.proc.wait(pid, 600)
             how = f"exit {st['exit_code']}" if st["signal"] is None else st["signal_name"]
-            print(f"{name} (pid {pid}) finished: {how}")
-        for name in ("counter-a", "counter-b"):
-            print(f"\n--- output of {name} ---")
-            print(c.proc.logs(agents[name])["data"].decode(), end="")
+            print(f"\n--- {name} (pid {pid}) finished: {how} ---")
+            print(c.proc.logs(pid)["data"].decode(), end="")
+        sh("traj", "ls", "--limit", "8")
+        out = tmp / "learning_curve.png"
+        sh("traj", "plot", "--family", "frozenlake-q", "--window", "10", "-o", str(out))
         c.close()
     finally:
         sh("shutdown")

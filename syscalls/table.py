@@ -346,7 +346,7 @@ _def(135, "env.render", [P("handle", "int")], "env", "the environment's text ren
 _def(140, "traj.begin", [P("task", "str"), P("family", "str?", None), P("kind", "str", "episode"),
                          P("meta", "dict?", None)], None,
      "start recording an episode (kind 'episode' or 'demo'); returns its id", mutates=True)
-_def(141, "traj.step", [P("episode", "int"), P("observation", "any"), P("action", "any"),
+_def(141, "traj.step", [P("episode", "int"), P("observation", "any?"), P("action", "any?"),
                         P("reward", "float", 0.0), P("info", "dict?", None)], None,
      "record one step (observation, action, reward, tool calls and tokens in info)",
      mutates=True)

@@ -145,3 +145,26 @@ def test_strategy_learning_and_meta_warm_start(llm_kernel):
         fresh = learn.StrategyLearner("q", seed=2)
         learn.warm_start(fresh, c, tasks.arithmetic(1)[0])
         assert fresh.select(tasks.arithmetic(1)[0]) == "tool"
+
+
+def test_llm_agent_plays_a_gymnasium_environment(agent):
+    task = Task("Reach the goal G without falling into a hole H.", env="FrozenLake-v1",
+                max_steps=6, family="frozenlake", seed=3)
+    r = agent.run(task)
+    ep = agent.client.traj.get(r.episode)
+    assert 1 <= r.steps <= 6 and ep["steps"] == r.steps
+    assert all(s["action"] in (0, 1, 2, 3) for s in ep["trajectory"])
+    assert r.usage["tokens_out"] >= r.steps  # each action came from the model
+    assert agent.client.call("env.list", "FrozenLake")  # the env group is there
+
+
+def test_policy_program_on_an_environment(agent):
+    def balance(observation):
+        """Push the cart toward the side the pole leans to."""
+        x, v, angle, omega = observation.value
+        return 1 if angle + 0.5 * omega > 0 else 0
+
+    r = agent.run(Task("Balance the pole.", env="CartPole-v1", policy=balance,
+                       max_steps=200, family="cartpole", seed=0))
+    assert r.steps == 200 and r.total_reward == 200.0 and r.success
+    assert r.usage["tokens_out"] == 0  # a program, not the model
