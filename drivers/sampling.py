@@ -33,7 +33,6 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
-
 from llmagentos.syscalls.errno import SyscallError
 
 _TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
@@ -59,14 +58,15 @@ class SamplingParams:
     json_schema: dict | str | bool | None = None
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any] | None) -> "SamplingParams":
+    def from_dict(cls, data: dict[str, Any] | None) -> SamplingParams:
         """Build from wire data; unknown keys or wrong types are EINVAL."""
         if data is None:
             return cls()
         if isinstance(data, SamplingParams):
             return data
         if not isinstance(data, dict):
-            raise SyscallError("EINVAL", f"sampling params must be a map, not {type(data).__name__}")
+            raise SyscallError(
+                "EINVAL", f"sampling params must be a map, not {type(data).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -172,13 +172,16 @@ class Sampler:
         if p.temperature <= 0:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
         else:
-            if p.top_k > 0:
-                llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(p.top_k))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_p(p.top_p, 1))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_min_p(p.min_p, 1))
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(p.temperature))
             seed = llama_cpp.LLAMA_DEFAULT_SEED if p.seed is None else p.seed
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed))
+            stages = [llama_cpp.llama_sampler_init_top_k(p.top_k)] if p.top_k > 0 else []
+            stages += [
+                llama_cpp.llama_sampler_init_top_p(p.top_p, 1),
+                llama_cpp.llama_sampler_init_min_p(p.min_p, 1),
+                llama_cpp.llama_sampler_init_temp(p.temperature),
+                llama_cpp.llama_sampler_init_dist(seed),
+            ]
+            for stage in stages:
+                llama_cpp.llama_sampler_chain_add(chain, stage)
         text = p.grammar_text()
         if text is not None:
             grammar = llama_cpp.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
@@ -195,7 +198,8 @@ class Sampler:
         """Sample from output row ``idx`` of the last decode and accept the token."""
         if self.grammar is None:
             return int(llama_cpp.llama_sampler_sample(self.chain, ctx, idx))
-        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
+        row = llama_cpp.llama_get_logits_ith(ctx, idx)
+        logits = np.ctypeslib.as_array(row, shape=(self.n_vocab,))
         cand = np.empty(self.n_vocab, dtype=_TOKEN_DATA)
         cand["id"] = self._ids
         cand["logit"] = logits

@@ -6,11 +6,10 @@ import subprocess
 import sys
 import textwrap
 
-import pytest
-
 import llmagentos
-from llmagentos import Task, learn, tasks
+import pytest
 from conftest import PY
+from llmagentos import Task, learn, tasks
 
 
 @pytest.fixture
