@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench learn lint clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python bench/run_all.py
+
+learn: setup
+	$(BIN)/python bench/bench_learn.py
 
 lint: setup
 	$(BIN)/ruff check kernel syscalls userland drivers tests bench examples
