@@ -263,19 +263,19 @@ def resolve_namespace(call: Call, ns: str | None) -> str:
 @handler("mem.put")
 async def mem_put(call: Call, key: str, value: Any, tags: list | None,
                   namespace: str | None) -> bool:
-    ns = _ns(call, namespace)
+    ns = resolve_namespace(call, namespace)
     return call.kernel.memory.mem_put(ns, key, value, tags)
 
 
 @handler("mem.get")
 async def mem_get(call: Call, key: str, namespace: str | None) -> dict:
-    return call.kernel.memory.mem_get(_ns(call, namespace), key)
+    return call.kernel.memory.mem_get(resolve_namespace(call, namespace), key)
 
 
 @handler("mem.search", blocking=True)
 async def mem_search(call: Call, query: str, k: int, tags: list | None,
                      namespace: str | None) -> list:
-    ns, mem = _ns(call, namespace), call.kernel.memory
+    ns, mem = resolve_namespace(call, namespace), call.kernel.memory
     if not 1 <= k <= 100:
         raise SyscallError("EINVAL", "k must be in 1..100")
     return await trio.to_thread.run_sync(lambda: mem.mem_search(ns, query, k, tags))
@@ -283,12 +283,10 @@ async def mem_search(call: Call, query: str, k: int, tags: list | None,
 
 @handler("mem.delete")
 async def mem_delete(call: Call, key: str, namespace: str | None) -> None:
-    call.kernel.memory.mem_delete(_ns(call, namespace), key)
+    call.kernel.memory.mem_delete(resolve_namespace(call, namespace), key)
 
 
 @handler("mem.list")
 async def mem_list(call: Call, namespace: str | None, tags: list | None) -> list:
-    return call.kernel.memory.mem_list(_ns(call, namespace), tags)
+    return call.kernel.memory.mem_list(resolve_namespace(call, namespace), tags)
 
-
-_ns = resolve_namespace
