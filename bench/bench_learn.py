@@ -113,8 +113,8 @@ def episodes_to_threshold(c: llmagentos.Client, warm: bool, seed: int, cap: int 
 def meta(c: llmagentos.Client) -> dict:
     # Earlier tasks of the family (run by other agents) fill the family's statistics:
     # the imitation runs above recorded both strategies' outcomes.
-    cold = [episodes_to_threshold(c, False, s) for s in range(2)]
-    warm = [episodes_to_threshold(c, True, s) for s in range(2)]
+    cold = [episodes_to_threshold(c, False, s) for s in range(3)]
+    warm = [episodes_to_threshold(c, True, s) for s in range(3)]
     return {"cold": cold, "warm": warm, "stats": c.traj.stats("arithmetic")["choices"]}
 
 

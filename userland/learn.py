@@ -200,6 +200,9 @@ class StrategyLearner:
             kw.setdefault("epsilon_decay", 0.97)
             kw.setdefault("alpha", 0.3)
             self.impl: Any = QLearner(families, len(STRATEGY_NAMES), seed=seed, **kw)
+            # A cold start is the agent's default strategy ("direct"), left only
+            # by exploration or by a warm start from the family's statistics.
+            self.impl.q[:, 0] = 1e-3
         elif method == "reinforce":
             kw.setdefault("lr", 0.5)
             self.impl = Reinforce(families, len(STRATEGY_NAMES), seed=seed, **kw)
