@@ -29,8 +29,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import llmagentos  # noqa: E402
 from _kernel import BenchKernel  # noqa: E402
+
+import llmagentos  # noqa: E402
 from llmagentos import learn, tasks  # noqa: E402
 from llmagentos.envs import KernelEnv  # noqa: E402
 

@@ -17,8 +17,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import llmagentos  # noqa: E402
 from _kernel import BenchKernel  # noqa: E402
+
+import llmagentos  # noqa: E402
 
 CALLS = 20_000
 

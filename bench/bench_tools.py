@@ -15,6 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _kernel import BenchKernel  # noqa: E402
+
 from llmagentos.driver import cli_run  # noqa: E402
 
 CALLS = 2_000

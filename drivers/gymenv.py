@@ -23,6 +23,7 @@ import gymnasium as gym
 import msgpack
 import numpy as np
 from gymnasium import spaces
+
 from llmagentos.syscalls.errno import SyscallError
 from llmagentos.syscalls.spaces import _einval, space_to_wire, value_from_wire, value_to_wire
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
+
 from llmagentos.drivers.llama_device import Device
 from llmagentos.drivers.models import ModelRegistry
 from llmagentos.syscalls import paths

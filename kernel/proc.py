@@ -21,6 +21,7 @@ from typing import Any
 
 import psutil
 import trio
+
 from llmagentos.syscalls import caps as capmod
 from llmagentos.syscalls.errno import SyscallError
 

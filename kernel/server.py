@@ -15,6 +15,7 @@ import traceback
 from typing import TYPE_CHECKING, Any
 
 import trio
+
 from llmagentos.syscalls import wire
 from llmagentos.syscalls.errno import SyscallError
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 import trio
+
 from llmagentos.drivers.sampling import SamplingParams
 from llmagentos.syscalls import caps as capmod
 from llmagentos.syscalls.errno import SyscallError

@@ -33,6 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 import trio
+
 from llmagentos.drivers.gymenv import EnvTable
 
 from .dispatch import Call, handler

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import trio
+
 from llmagentos.drivers.sampling import SamplingParams
 from llmagentos.syscalls.errno import SyscallError
 

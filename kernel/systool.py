@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import trio
+
 from llmagentos.drivers import builtin_tools
 from llmagentos.drivers.execbox import ExecLimits, run_code
 from llmagentos.syscalls import caps as capmod

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import jsonschema
 import trio
+
 from llmagentos.syscalls.errno import ERRNO, SyscallError
 
 if TYPE_CHECKING:

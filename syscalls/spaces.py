@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 from gymnasium import spaces
+
 from llmagentos.syscalls.errno import SyscallError
 
 INLINE_ITEMS = 64  # arrays above this many items travel as raw bytes

@@ -10,8 +10,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import llmagentos
 import pytest
+
+import llmagentos
 
 PY = sys.executable
 

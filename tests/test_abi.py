@@ -7,10 +7,11 @@ import textwrap
 import threading
 import time
 
-import llmagentos
 import msgpack
 import pytest
 from conftest import PY
+
+import llmagentos
 
 
 def raw(path: str) -> socket.socket:

@@ -6,9 +6,10 @@ import subprocess
 import sys
 import textwrap
 
-import llmagentos
 import pytest
 from conftest import PY
+
+import llmagentos
 from llmagentos import Task, learn, tasks
 
 

@@ -8,6 +8,7 @@ from datetime import datetime
 
 import jsonschema
 import pytest
+
 from llmagentos.drivers.builtin_tools import (
     MAX_KEYS_PER_OWNER,
     MAX_VALUE_BYTES,

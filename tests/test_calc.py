@@ -6,6 +6,7 @@ import math
 import time
 
 import pytest
+
 from llmagentos.drivers.calc import MAX_EXPR_CHARS, evaluate
 from llmagentos.syscalls.errno import SyscallError
 

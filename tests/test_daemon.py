@@ -7,10 +7,11 @@ import socket
 import subprocess
 import sys
 
-import llmagentos
 import psutil
 import pytest
 from conftest import PY, boot_kernel, wait_for
+
+import llmagentos
 
 LLMOS = [PY, "-m", "llmagentos.cli"]
 

@@ -8,13 +8,14 @@ import time
 import warnings
 
 import gymnasium as gym
-import llmagentos
 import msgpack
 import numpy as np
 import pytest
 from conftest import PY, wait_for
 from gymnasium import spaces
 from gymnasium.utils.env_checker import check_env, data_equivalence
+
+import llmagentos
 from llmagentos.drivers.gymenv import EnvTable, ansi_to_text
 from llmagentos.envs import KernelEnv
 from llmagentos.syscalls.errno import SyscallError

@@ -5,9 +5,10 @@ import textwrap
 import threading
 import time
 
-import llmagentos
 import pytest
 from conftest import PY, boot_kernel, reference_llama, wait_for
+
+import llmagentos
 
 PROMPT = "The three primary colors are"
 GREEDY = {"temperature": 0, "max_tokens": 24}

@@ -6,9 +6,10 @@ import signal
 import textwrap
 import time
 
-import llmagentos
 import pytest
 from conftest import PY, boot_kernel, wait_for
+
+import llmagentos
 
 
 def run_script(c, body, *, name=None, caps=None, limits=None, timeout=120):

@@ -5,9 +5,10 @@ import json
 import os
 import textwrap
 
-import llmagentos
 import pytest
 from conftest import PY, boot_kernel
+
+import llmagentos
 
 
 def run(c, body, *, name=None, caps=None, limits=None):

@@ -11,6 +11,8 @@ import mcp_types as mt
 import psutil
 import pytest
 from conftest import wait_for
+from mcp import MCPError
+
 from llmagentos import ERRORS
 from llmagentos.mcp_bridge import (
     exception_to_reply,
@@ -18,7 +20,6 @@ from llmagentos.mcp_bridge import (
     parse_args,
     result_to_reply,
 )
-from mcp import MCPError
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable

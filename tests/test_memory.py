@@ -19,6 +19,7 @@ import zlib
 from pathlib import Path
 
 import pytest
+
 from llmagentos.kernel import store
 from llmagentos.kernel.memory import ContextStore
 from llmagentos.syscalls.errno import SyscallError

@@ -6,10 +6,11 @@ import sys
 import textwrap
 import time
 
-import llmagentos
 import psutil
 import pytest
 from conftest import PY, wait_for
+
+import llmagentos
 
 
 def script(body: str) -> list[str]:

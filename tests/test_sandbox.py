@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from llmagentos.drivers.sandbox import READ_MAX, Mount, Quota, Sandbox, parse_path, walk_tree
 from llmagentos.syscalls.errno import SyscallError
 

@@ -1,6 +1,7 @@
 """The call table is the single source of truth and checks arguments once."""
 
 import pytest
+
 from llmagentos.syscalls import caps
 from llmagentos.syscalls.errno import ERRNO, SyscallError
 from llmagentos.syscalls.table import TABLE

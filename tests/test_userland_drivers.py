@@ -15,10 +15,11 @@ from pathlib import Path
 from typing import Annotated, Literal, Optional, TypedDict
 
 import jsonschema
-import llmagentos
 import pytest
 import trio
 from conftest import wait_for
+
+import llmagentos
 from llmagentos import ERRORS, Driver, tool
 from llmagentos.driver import (
     cli_run,

@@ -4,6 +4,7 @@ import msgpack
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from llmagentos.syscalls import wire
 
 

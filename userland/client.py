@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import trio
+
 from llmagentos.syscalls import paths, wire
 from llmagentos.syscalls.table import TABLE, Syscall
 

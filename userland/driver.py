@@ -55,6 +55,7 @@ from typing import Any
 
 import msgpack
 import trio
+
 from llmagentos.syscalls import caps as _caps
 from llmagentos.syscalls.errno import NAMES, SyscallError
 from llmagentos.syscalls.wire import DEFAULT_MAX_FRAME

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import gymnasium as gym
+
 from llmagentos.syscalls.errno import SyscallError
 from llmagentos.syscalls.spaces import space_from_wire, value_from_wire, value_to_wire
 

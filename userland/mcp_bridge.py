@@ -38,10 +38,11 @@ import anyio
 import jsonschema
 import mcp_types as mt
 import trio
-from llmagentos.syscalls.errno import ERRNO
 from mcp import ClientSession, StdioServerParameters
 from mcp.client.stdio import stdio_client
 from mcp.shared.exceptions import MCPError
+
+from llmagentos.syscalls.errno import ERRNO
 
 from .client import AsyncClient, aconnect
 from .driver import SCHEMA_DIALECT, sole_error, to_wire
