@@ -67,11 +67,18 @@ def missing() -> list[str]:
     return [sc.name for sc in TABLE if sc.name not in HANDLERS]
 
 
+_ROUTES: dict[str, tuple[Syscall, Entry]] = {}  # every call's table row and handler, once
+
+
 def lookup(method: str) -> tuple[Syscall, Entry]:
+    route = _ROUTES.get(method)
+    if route is not None:
+        return route
     sc = TABLE[method]  # ENOSYS for unknown names
     entry = HANDLERS.get(method)
     if entry is None:
         raise SyscallError("ENOSYS", f"{method} is in the ABI but not in this kernel")
+    _ROUTES[method] = sc, entry
     return sc, entry
 
 
@@ -84,7 +91,7 @@ async def invoke(call: Call, entry: Entry, args: list, kwargs: dict) -> Any:
     errno: str | None = None
     bound: Any = args
     try:
-        bound = sc.bind(args, kwargs)
+        bound = sc.bind(args, kwargs) if (args or kwargs or sc.params) else {}
         if sc.cap is not None and not capmod.covers(caller.caps, sc.cap):
             raise SyscallError("EACCES", f"{sc.name} needs capability {sc.cap!r}")
         caller.usage.syscalls += 1
