@@ -33,6 +33,7 @@ from typing import Any
 
 import llama_cpp
 import numpy as np
+
 from llmagentos.syscalls.errno import SyscallError
 
 _TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)

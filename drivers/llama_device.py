@@ -1,0 +1,786 @@
+"""The compute device: one llama.cpp model and context with ``n_seq_max`` slots.
+
+A *slot* is a llama.cpp sequence id. Each slot holds the tokens of one
+conversation in the (unified) KV cache, ``slot_tokens(slot)``, plus the tokens
+still to be fed, queued by ``prepare``. One ``step(plan)`` is one tick of
+continuous batching: one llama_batch with the next token of every generating
+slot in the plan plus prompt chunks up to ``n_batch`` tokens, one
+``llama_decode``, then one sample for every slot whose logits were computed.
+
+Sizes: ``n_ctx`` is the most tokens one slot may hold (prompt + output);
+``kv_size`` (default ``n_ctx * n_seq_max``) is the whole KV cache, shared by
+all slots (``kv_unified``), so slots that share a copied prefix use fewer
+cells. llama.cpp itself lets any sequence grow to ``kv_size``; the per-slot
+limit is ours. ``kv_size < n_ctx * n_seq_max`` overcommits: a step that finds
+no room first halves its prompt chunks, then raises DeviceFullError (ENOSPC).
+
+Numerics: in the unified cache a sequence's cells sit wherever they were free,
+interleaved with other sequences', and attention sums over cells in cell
+order, so the last bits of the logits (and, rarely, a greedy choice) depend
+on the layout. A saved state restores bit-exactly and continues exactly when
+it lands in an equivalent layout (e.g. one sequence at a time); with
+``kv_unified=False`` each slot has its own stream, layouts are canonical and
+restore is always exact, at ~25% less batched throughput here (16 slots:
+134 vs 177 tok/s) and with whole-stream copies for ``copy_prefix``.
+
+Sliding-window attention (Gemma 3: 512) lets llama.cpp reuse cells that left
+a sequence's window; ``prepare`` and ``copy_prefix`` check that the cells a
+continuation needs are still there (``llama_memory_seq_pos_min``) and
+otherwise start the slot over, as llama.cpp's server does.
+
+Threads: the device is synchronous and owned by one thread at a time (the
+scheduler's worker). ``tokenize``, ``detokenize``, ``render_chat`` and
+``generation`` touch only the read-only model and may be called from any
+thread. ``embed`` uses its own context; do not run two ``embed`` at once.
+
+This build of llama.cpp crashes (SIGSEGV in ggml_backend_amx_mul_mat) when
+it repacks weights for the CPU's AMX units on this machine, so the device
+loads models with ``use_extra_bufts=False`` unless ``extra_buffers=True``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Self
+
+import llama_cpp
+import numpy as np
+
+from llmagentos.drivers.models import DEFAULT_MODEL, ModelRegistry, ModelSpec, check_gguf
+from llmagentos.drivers.sampling import Sampler, SamplingParams, TextStream
+from llmagentos.syscalls.errno import SyscallError
+
+FINISH_STOP = "stop"      # a stop string appeared
+FINISH_LENGTH = "length"  # max_tokens, or the slot's context is full
+FINISH_EOG = "eog"        # the model emitted an end-of-generation token
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+
+
+class ComputeThread:
+    """The one thread that runs llama.cpp graph computations in this process.
+
+    This llama.cpp is built with OpenMP. libgomp keeps a pool of helper threads
+    per thread that ever started a parallel region, and once it manages more
+    threads than there are CPUs it stops spinning at barriers, and ggml puts an
+    OpenMP barrier after every graph node: on this 2-core machine a decode run
+    from a second thread (say, a trio worker after the main thread decoded once)
+    took 35 ms instead of 22. So every ``llama_decode`` of every Device goes
+    through this thread, whichever thread calls it. Run other llama.cpp work
+    (e.g. a reference ``Llama``) through ``call()`` as well.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._ident: int | None = None
+
+    def call(self, fn: Any, *args: Any) -> Any:
+        """Run ``fn(*args)`` on the compute thread and return its result (blocking)."""
+        if threading.get_ident() == self._ident:
+            return fn(*args)
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    max_workers=1, thread_name_prefix="llama-compute")
+                self._ident = self._pool.submit(threading.get_ident).result()
+            pool = self._pool
+        return pool.submit(fn, *args).result()
+
+
+compute_thread = ComputeThread()
+
+
+def _init_backend(verbose: bool) -> None:
+    global _backend_ready
+    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
+    with _backend_lock:
+        if not _backend_ready:
+            llama_cpp.llama_backend_init()
+            _backend_ready = True
+
+
+class DeviceFullError(SyscallError):
+    """llama_decode found no room in the KV cache even for one token per slot."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("ENOSPC", message)
+
+
+@dataclass
+class TokenEvent:
+    """What one step did for one slot whose logits were sampled."""
+
+    slot: int
+    token: int | None          # the sampled token; None when the step only finished the slot
+    piece: str                 # text now safe to show (may be "" while UTF-8 or a stop is held)
+    finished: bool = False
+    reason: str | None = None  # FINISH_STOP | FINISH_LENGTH | FINISH_EOG when finished
+
+
+@dataclass
+class StepResult:
+    events: list[TokenEvent]
+    fed: dict[int, int]        # slot -> tokens decoded for it this step (prefill + 1 per decode)
+    n_decode: int              # slots that got logits (one new token each)
+    n_prefill: int             # prompt tokens decoded
+    seconds: float             # wall time of the step (decode + sampling)
+    retries: int = 0           # decode retries with a smaller batch (KV cache full)
+
+
+class Generation:
+    """One request's decoding state: sampler, text, output tokens. Outlives slot moves."""
+
+    def __init__(self, device: Device, prompt_tokens: Sequence[int], params: SamplingParams):
+        self.prompt_tokens = list(prompt_tokens)
+        self.params = params
+        self.sampler = Sampler(
+            device.vocab, device.n_vocab, params,
+            prompt_tail=self.prompt_tokens, eog_token=device.eos,
+        )
+        self.stream = TextStream(params.stop)
+        self.tokens: list[int] = []
+        self.finished = False
+        self.reason: str | None = None
+
+    @property
+    def context(self) -> list[int]:
+        """Every token of the sequence so far: prompt + output."""
+        return self.prompt_tokens + self.tokens
+
+    @property
+    def text(self) -> str:
+        return self.stream.text
+
+    def close(self) -> None:
+        self.sampler.close()
+
+
+@dataclass
+class _Slot:
+    tokens: list[int] = field(default_factory=list)   # resident in the KV cache, pos 0..n-1
+    pending: list[int] = field(default_factory=list)  # queued to be fed, pos n..
+    gen: Generation | None = None
+
+
+class Device:
+    """A llama.cpp model + context with slots. See the module doc for the contract."""
+
+    def __init__(
+        self,
+        model: str | Path = DEFAULT_MODEL,
+        *,
+        registry: ModelRegistry | None = None,
+        n_seq_max: int | None = None,
+        n_ctx: int | None = None,
+        kv_size: int | None = None,
+        n_batch: int | None = None,
+        n_threads: int | None = None,
+        n_gpu_layers: int | None = None,
+        flash_attn: bool = False,
+        extra_buffers: bool = False,
+        kv_unified: bool = True,
+        verbose: bool = False,
+    ) -> None:
+        spec = _resolve_spec(model, registry)
+        self.spec = spec
+        self.model_name = spec.name
+        self.n_seq_max = n_seq_max or spec.n_seq_max or 8
+        self.n_ctx = n_ctx or spec.n_ctx or 1024
+        self.kv_size = kv_size or self.n_ctx * self.n_seq_max
+        self.n_batch = n_batch or spec.n_batch or 512
+        self.n_threads = n_threads or spec.n_threads or 2
+        n_gpu_layers = n_gpu_layers if n_gpu_layers is not None else (spec.n_gpu_layers or 0)
+        if self.n_seq_max < 1 or self.n_seq_max > llama_cpp.llama_max_parallel_sequences():
+            limit = llama_cpp.llama_max_parallel_sequences()
+            raise SyscallError("EINVAL", f"n_seq_max must be in 1..{limit}")
+        self.path = spec.gguf_path()
+        self._verbose = verbose
+        _init_backend(verbose)
+
+        self.model = None
+        self.ctx = None
+        self._batch = None
+        self._emb_ctx = None
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = n_gpu_layers
+        mparams.use_extra_bufts = extra_buffers
+        model_p = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
+        if not model_p:
+            raise SyscallError(
+                "EIO", f"llama.cpp could not load model {spec.name!r} from {self.path}")
+        self.model = model_p
+        self.vocab = llama_cpp.llama_model_get_vocab(model_p)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(model_p)
+        self.n_swa = llama_cpp.llama_model_n_swa(model_p)
+        if self.n_ctx > self.n_ctx_train:
+            self.close()
+            raise SyscallError(
+                "EINVAL", f"n_ctx {self.n_ctx} exceeds the model's {self.n_ctx_train}")
+        eos = llama_cpp.llama_vocab_eos(self.vocab)
+        self.eos = eos if eos >= 0 else llama_cpp.llama_vocab_eot(self.vocab)
+        self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = self.kv_size
+        cparams.n_batch = self.n_batch
+        cparams.n_ubatch = self.n_batch
+        cparams.n_seq_max = self.n_seq_max
+        cparams.kv_unified = kv_unified
+        self.kv_unified = kv_unified
+        cparams.n_threads = self.n_threads
+        cparams.n_threads_batch = self.n_threads
+        cparams.no_perf = False
+        cparams.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if flash_attn
+            else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        ctx = llama_cpp.llama_init_from_model(model_p, cparams)
+        if not ctx:
+            self.close()
+            raise SyscallError("ENOMEM", f"llama_init_from_model failed (kv_size={self.kv_size})")
+        self.ctx = ctx
+        self.mem = llama_cpp.llama_get_memory(ctx)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self.n_seq_max)
+        self._slots = [_Slot() for _ in range(self.n_seq_max)]
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self._chat = _ChatFormat.for_device(self)
+        # Counters since load, for stats().
+        self.steps = 0
+        self.busy_seconds = 0.0
+        self.tokens_decoded = 0
+        self.tokens_prefilled = 0
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Free the context, batch and model. Idempotent."""
+        for slot in getattr(self, "_slots", []):
+            if slot.gen is not None:
+                slot.gen = None
+        if self._emb_ctx is not None:
+            llama_cpp.llama_free(self._emb_ctx)
+            self._emb_ctx = None
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if self.ctx is not None:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if self.model is not None:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- text ------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Text -> tokens. ``special`` parses control tokens such as ``<end_of_turn>``."""
+        data = text.encode("utf-8")
+        cap = len(data) + 8
+        buf = (llama_cpp.llama_token * cap)()
+        n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_bos, special)
+        if n < 0:
+            cap = -n
+            buf = (llama_cpp.llama_token * cap)()
+            n = llama_cpp.llama_tokenize(self.vocab, data, len(data), buf, cap, add_bos, special)
+            if n < 0:
+                raise SyscallError("EINVAL", "text could not be tokenized")
+        return list(buf[:n])
+
+    def token_piece(self, token: int) -> bytes:
+        """The bytes of one token (not special tokens); cached, since every step needs it."""
+        piece = self._pieces.get(token)
+        if piece is None:
+            buf = self._piece_buf
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+            piece = buf.raw[:n]
+            self._pieces[token] = piece
+        return piece
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        if any(not 0 <= t < self.n_vocab for t in tokens):
+            raise SyscallError("EINVAL", f"token ids must be in 0..{self.n_vocab - 1}")
+        stream = TextStream()
+        return "".join(stream.feed(self.token_piece(t)) for t in tokens) + stream.flush()
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def render_chat(
+        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True
+    ) -> str:
+        """Messages -> prompt text, via the model's chat template (or the plain format)."""
+        return self._chat.render(messages, add_generation_prompt)
+
+    def tokenize_chat(
+        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True
+    ) -> list[int]:
+        text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+        has_bos = bool(self._chat.bos_text) and text.startswith(self._chat.bos_text)
+        return self.tokenize(text, add_bos=not has_bos, special=True)
+
+    @property
+    def chat_stop(self) -> list[str]:
+        """Stop strings a chat request should add (the plain format needs them)."""
+        return list(self._chat.stop)
+
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat.template
+
+    # -- requests and slots --------------------------------------------------------------
+
+    def generation(
+        self, prompt_tokens: Sequence[int], params: SamplingParams | dict | None
+    ) -> Generation:
+        """A request's decoding state (sampler built here: a bad grammar is EINVAL now)."""
+        if not isinstance(params, SamplingParams):
+            params = SamplingParams.from_dict(params)
+        self.check_prompt(prompt_tokens)
+        return Generation(self, prompt_tokens, params)
+
+    def check_prompt(self, prompt_tokens: Sequence[int]) -> None:
+        if not prompt_tokens:
+            raise SyscallError("EINVAL", "empty prompt")
+        if len(prompt_tokens) >= self.n_ctx:
+            raise SyscallError(
+                "E2BIG",
+                f"prompt of {len(prompt_tokens)} tokens does not fit a slot of {self.n_ctx}",
+            )
+        bad = [t for t in prompt_tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise SyscallError("EINVAL", f"token ids out of range 0..{self.n_vocab - 1}: {bad[:5]}")
+
+    def slot_tokens(self, slot: int) -> list[int]:
+        """The tokens resident in the slot's KV cache (not those still pending)."""
+        return list(self._slots[slot].tokens)
+
+    def slot_pending(self, slot: int) -> int:
+        return len(self._slots[slot].pending)
+
+    def prepare(self, slot: int, prompt_tokens: Sequence[int]) -> int:
+        """Make the slot hold ``prompt_tokens``: keep the common prefix, queue the rest.
+
+        Returns how many tokens were reused. When the whole prompt is resident, the
+        last token is removed and queued again: sampling needs its logits.
+        """
+        self.check_prompt(prompt_tokens)
+        s = self._slots[slot]
+        prompt = list(prompt_tokens)
+        n = _common_prefix(s.tokens, prompt)
+        if n == len(prompt):
+            n -= 1
+        self._truncate(slot, n)
+        s.pending = prompt[len(s.tokens):]
+        return len(s.tokens)
+
+    def _truncate(self, slot: int, n: int) -> None:
+        """Keep the first ``n`` resident tokens, if the KV cache still can.
+
+        Sliding-window layers (Gemma 3: 512 tokens) let llama.cpp reuse a sequence's
+        cells that fell out of its window, even with a full-size SWA cache. Appending
+        is always safe; cutting back to ``n`` needs positions ``[n - n_swa, n)``, so
+        when they are gone the slot starts over (as llama.cpp's server does).
+        """
+        s = self._slots[slot]
+        if n < len(s.tokens):
+            if n > 0 and not self._has_window(slot, n):
+                n = 0
+            if n == 0 or not llama_cpp.llama_memory_seq_rm(self.mem, slot, n, -1):
+                llama_cpp.llama_memory_seq_rm(self.mem, slot, -1, -1)
+                n = 0
+            del s.tokens[n:]
+
+    def _has_window(self, slot: int, n: int) -> bool:
+        """Does ``slot`` still hold what a continuation at position ``n`` attends to?"""
+        if self.n_swa <= 0:
+            return True
+        pos_min = llama_cpp.llama_memory_seq_pos_min(self.mem, slot)
+        return 0 <= pos_min <= max(0, n - self.n_swa)
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> int:
+        """Share the first ``n`` resident tokens of ``src`` with ``dst`` (no decode).
+
+        ``dst`` is emptied first. Returns the number of tokens copied.
+        """
+        if src == dst:
+            raise SyscallError("EINVAL", "copy_prefix: src and dst are the same slot")
+        n = min(n, len(self._slots[src].tokens))
+        self.release(dst)
+        if n > 0 and not self._has_window(src, n):
+            return 0  # the source's sliding-window cells for this prefix are gone
+        if n > 0:
+            if self.kv_unified:  # cells are shared: no data moves
+                llama_cpp.llama_memory_seq_cp(self.mem, src, dst, 0, n)
+            else:  # another stream: llama.cpp copies whole streams only, so cut after
+                llama_cpp.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
+                llama_cpp.llama_memory_seq_rm(self.mem, dst, n, -1)
+            self._slots[dst].tokens = self._slots[src].tokens[:n]
+        return n
+
+    def save(self, slot: int) -> bytearray:
+        """The slot's KV state (no logits) as bytes; pair it with slot_tokens(slot)."""
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, slot)
+        data = bytearray(size)
+        if size:
+            buf = (ctypes.c_uint8 * size).from_buffer(data)
+            written = llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, slot)
+            del buf
+            if written != size:
+                raise SyscallError(
+                    "EIO", f"llama_state_seq_get_data wrote {written} of {size} bytes")
+        return data
+
+    def restore(
+        self, slot: int, data: bytes | bytearray | memoryview, tokens: Sequence[int]
+    ) -> int:
+        """Load a saved state into ``slot`` (which is emptied). Returns 0 on failure.
+
+        The state carries no logits: call prepare() with the sequence afterwards, which
+        re-feeds the last token when nothing else is pending.
+        """
+        s = self._slots[slot]
+        s.pending = []
+        s.tokens = []
+        if not data:
+            llama_cpp.llama_memory_seq_rm(self.mem, slot, -1, -1)
+            return 0
+        if isinstance(data, bytearray):
+            buf = (ctypes.c_uint8 * len(data)).from_buffer(data)
+        else:
+            buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        n = llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(data), slot)
+        del buf
+        if n == 0 or llama_cpp.llama_memory_seq_pos_max(self.mem, slot) != len(tokens) - 1:
+            llama_cpp.llama_memory_seq_rm(self.mem, slot, -1, -1)
+            return 0
+        s.tokens = list(tokens)
+        return n
+
+    def release(self, slot: int) -> None:
+        """Forget the slot's tokens and request (the request itself is not closed)."""
+        llama_cpp.llama_memory_seq_rm(self.mem, slot, -1, -1)
+        s = self._slots[slot]
+        s.tokens = []
+        s.pending = []
+        s.gen = None
+
+    def attach(self, slot: int, gen: Generation) -> None:
+        """Let ``gen`` sample from this slot's logits from now on."""
+        self._slots[slot].gen = gen
+
+    def detach(self, slot: int) -> Generation | None:
+        s = self._slots[slot]
+        gen, s.gen = s.gen, None
+        return gen
+
+    def attached(self, slot: int) -> Generation | None:
+        return self._slots[slot].gen
+
+    # -- the tick --------------------------------------------------------------------------
+
+    def step(self, plan: Sequence[int]) -> StepResult:
+        """Advance every slot in ``plan`` (in that order of preference) by one decode.
+
+        Slots with one pending token (generating) go first; prompt chunks fill the
+        rest of the batch. Only a chunk that reaches the end of its prompt asks for
+        logits. A slot in ``plan`` without a request or without pending tokens is skipped.
+        """
+        t0 = time.perf_counter()
+        runnable = [s for s in dict.fromkeys(plan)
+                    if self._slots[s].gen is not None and self._slots[s].pending
+                    and not self._slots[s].gen.finished
+                    and self._slots[s].gen.sampler.chain is not None]
+        decode = [s for s in runnable if len(self._slots[s].pending) == 1]
+        prefill = [s for s in runnable if len(self._slots[s].pending) > 1]
+        budget = self.n_batch
+        retries = 0
+        while True:
+            rows = self._fill_batch(decode, prefill, budget)
+            if not rows:
+                return StepResult([], {}, 0, 0, time.perf_counter() - t0)
+            rc = compute_thread.call(llama_cpp.llama_decode, self.ctx, self._batch)
+            if rc == 0:
+                break
+            if rc == 1:
+                n_prefill = sum(take for _, take, _, _ in rows if take > 1)
+                if n_prefill > 0 and budget > len(decode) + 1:
+                    budget = len(decode) + max(1, n_prefill // 2)
+                    retries += 1
+                    continue
+                raise DeviceFullError(
+                    f"KV cache full ({self.kv_size} cells): no room for {len(rows)} sequences; "
+                    "release or save idle slots"
+                )
+            raise SyscallError("EIO", f"llama_decode failed with code {rc}")
+
+        events: list[TokenEvent] = []
+        fed: dict[int, int] = {}
+        n_decode = n_prefill = 0
+        for slot, take, first_row, wants_logits in rows:
+            s = self._slots[slot]
+            s.tokens.extend(s.pending[:take])
+            del s.pending[:take]
+            fed[slot] = take
+            if wants_logits:
+                n_decode += 1
+                if take > 1:
+                    n_prefill += take - 1
+                events.append(self._sample(slot, first_row + take - 1))
+            else:
+                n_prefill += take
+        dt = time.perf_counter() - t0
+        self.steps += 1
+        self.busy_seconds += dt
+        self.tokens_decoded += n_decode
+        self.tokens_prefilled += n_prefill
+        return StepResult(events, fed, n_decode, n_prefill, dt, retries)
+
+    def _fill_batch(
+        self, decode: list[int], prefill: list[int], budget: int
+    ) -> list[tuple[int, int, int, bool]]:
+        """Fill the llama_batch; returns (slot, n_tokens, first_row, wants_logits) per slot."""
+        b = self._batch
+        rows: list[tuple[int, int, int, bool]] = []
+        i = 0
+        for slot in decode + prefill:
+            if i >= budget:
+                break
+            s = self._slots[slot]
+            take = min(len(s.pending), budget - i)
+            pos0 = len(s.tokens)
+            last = take == len(s.pending)
+            for j in range(take):
+                b.token[i + j] = s.pending[j]
+                b.pos[i + j] = pos0 + j
+                b.n_seq_id[i + j] = 1
+                b.seq_id[i + j][0] = slot
+                b.logits[i + j] = 0
+            if last:
+                b.logits[i + take - 1] = 1
+            rows.append((slot, take, i, last))
+            i += take
+        b.n_tokens = i
+        return rows
+
+    def _sample(self, slot: int, row: int) -> TokenEvent:
+        s = self._slots[slot]
+        gen = s.gen
+        assert gen is not None
+        if gen.params.max_tokens == 0:
+            return self._finish(slot, None, "", FINISH_LENGTH)
+        tok = gen.sampler.sample(self.ctx, row)
+        if self.is_eog(tok):
+            return self._finish(slot, tok, "", FINISH_EOG)
+        gen.tokens.append(tok)
+        piece = gen.stream.feed(self.token_piece(tok))
+        if gen.stream.stopped:
+            return self._finish(slot, tok, piece, FINISH_STOP)
+        if len(gen.tokens) >= gen.params.max_tokens or len(s.tokens) + 1 >= self.n_ctx:
+            return self._finish(slot, tok, piece, FINISH_LENGTH)
+        s.pending = [tok]
+        return TokenEvent(slot, tok, piece)
+
+    def _finish(self, slot: int, tok: int | None, piece: str, reason: str) -> TokenEvent:
+        s = self._slots[slot]
+        gen = s.gen
+        assert gen is not None
+        piece += gen.stream.flush()
+        gen.finished = True
+        gen.reason = reason
+        s.pending = []
+        return TokenEvent(slot, tok, piece, True, reason)
+
+    def perf(self) -> dict[str, float]:
+        """llama.cpp's own counters (prompt eval / eval ms and token counts)."""
+        p = llama_cpp.llama_perf_context(self.ctx)
+        return {"prompt_eval_ms": p.t_p_eval_ms, "prompt_eval_tokens": p.n_p_eval,
+                "eval_ms": p.t_eval_ms, "eval_tokens": p.n_eval}
+
+    # -- embeddings -----------------------------------------------------------------------
+
+    EMBED_CTX = 2048
+    EMBED_SEQS = 8
+
+    def embed(self, texts: Sequence[str], *, normalize: bool = True) -> list[list[float]]:
+        """Mean-pooled embeddings from a separate context on the same model (made on first use).
+
+        Texts longer than EMBED_CTX tokens are truncated.
+        """
+        if isinstance(texts, str):
+            raise SyscallError("EINVAL", "embed takes a list of strings")
+        ctx = self._embedding_context()
+        n_embd = llama_cpp.llama_model_n_embd(self.model)
+        mem = llama_cpp.llama_get_memory(ctx)
+        batch = llama_cpp.llama_batch_init(self.EMBED_CTX, 0, self.EMBED_SEQS)
+        out: list[list[float]] = []
+        try:
+            toks = [self.tokenize(t)[: self.EMBED_CTX] or [self.bos] for t in texts]
+            i = 0
+            while i < len(toks):
+                group: list[list[int]] = []
+                total = 0
+                while (i < len(toks) and len(group) < self.EMBED_SEQS
+                       and total + len(toks[i]) <= self.EMBED_CTX):
+                    group.append(toks[i])
+                    total += len(toks[i])
+                    i += 1
+                row = 0
+                for seq, tk in enumerate(group):
+                    for pos, t in enumerate(tk):
+                        batch.token[row] = t
+                        batch.pos[row] = pos
+                        batch.n_seq_id[row] = 1
+                        batch.seq_id[row][0] = seq
+                        batch.logits[row] = 1
+                        row += 1
+                batch.n_tokens = row
+                llama_cpp.llama_memory_clear(mem, True)
+                rc = compute_thread.call(llama_cpp.llama_decode, ctx, batch)
+                if rc != 0:
+                    raise SyscallError("EIO", f"embedding decode failed with code {rc}")
+                for seq in range(len(group)):
+                    ptr = llama_cpp.llama_get_embeddings_seq(ctx, seq)
+                    vec = np.ctypeslib.as_array(ptr, shape=(n_embd,)).astype(np.float64)
+                    if normalize:
+                        norm = float(np.linalg.norm(vec))
+                        vec = vec / norm if norm > 0 else vec
+                    out.append(vec.tolist())
+        finally:
+            llama_cpp.llama_batch_free(batch)
+        return out
+
+    def _embedding_context(self) -> llama_cpp.llama_context_p:
+        if self._emb_ctx is None:
+            p = llama_cpp.llama_context_default_params()
+            p.n_ctx = self.EMBED_CTX
+            p.n_batch = p.n_ubatch = self.EMBED_CTX
+            p.n_seq_max = self.EMBED_SEQS
+            p.kv_unified = True
+            p.embeddings = True
+            p.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+            p.n_threads = p.n_threads_batch = self.n_threads
+            p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+            ctx = llama_cpp.llama_init_from_model(self.model, p)
+            if not ctx:
+                raise SyscallError("ENOMEM", "could not create the embedding context")
+            self._emb_ctx = ctx
+        return self._emb_ctx
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _resolve_spec(model: str | Path, registry: ModelRegistry | None) -> ModelSpec:
+    if isinstance(model, Path) or str(model).endswith(".gguf"):
+        path = Path(model)
+        check_gguf(path)
+        return ModelSpec(path.stem, path=str(path))
+    return (registry or ModelRegistry()).resolve(str(model))
+
+
+PLAIN_CHAT_DOC = """The plain chat format (used when the model has no chat template):
+
+    <system content>\\n\\n            (each system message, no label)
+    User: <content>\\n
+    Assistant: <content>\\n
+    Assistant:                         (with add_generation_prompt)
+
+Requests should stop at "\\nUser:" (Device.chat_stop)."""
+
+
+class _ChatFormat:
+    """Renders chat messages: the GGUF's Jinja2 template if any, else the plain format."""
+
+    def __init__(self, template: str | None, bos_text: str, eos_text: str) -> None:
+        self.template = template
+        self.bos_text = bos_text
+        self.eos_text = eos_text
+        self._jinja = None
+        self.stop: list[str] = []
+        if template is None:
+            self.stop = ["\nUser:"]
+
+    @classmethod
+    def for_device(cls, device: Device) -> _ChatFormat:
+        template = device.spec.chat_template or _meta_str(device.model, "tokenizer.chat_template")
+        bos = _token_text(device, device.bos)
+        eos = _token_text(device, device.eos)
+        return cls(template, bos, eos)
+
+    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        if not isinstance(messages, list) or not all(
+            isinstance(m, dict) and isinstance(m.get("role"), str)
+            and isinstance(m.get("content", ""), str) for m in messages
+        ):
+            raise SyscallError("EINVAL", "messages must be a list of {role: str, content: str}")
+        if self.template is None:
+            return _render_plain(messages, add_generation_prompt)
+        if self._jinja is None:
+            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+            self._jinja = Jinja2ChatFormatter(
+                template=self.template, eos_token=self.eos_text, bos_token=self.bos_text,
+                add_generation_prompt=add_generation_prompt,
+            )
+        self._jinja.add_generation_prompt = add_generation_prompt
+        try:
+            return self._jinja(messages=messages).prompt
+        except Exception as exc:  # a template's raise_exception() or a jinja error
+            raise SyscallError("EINVAL", f"chat template rejected the messages: {exc}") from exc
+
+
+def _render_plain(messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+    parts = []
+    for m in messages:
+        role, content = m["role"], m.get("content", "")
+        if role == "system":
+            parts.append(f"{content}\n\n")
+        else:
+            parts.append(f"{role.capitalize()}: {content}\n")
+    if add_generation_prompt:
+        parts.append("Assistant:")
+    return "".join(parts)
+
+
+def _meta_str(model: Any, key: str) -> str | None:
+    size = 1 << 16
+    buf = ctypes.create_string_buffer(size)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, size)
+    if n < 0:
+        return None
+    if n >= size:
+        buf = ctypes.create_string_buffer(n + 1)
+        llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, n + 1)
+    return buf.value.decode("utf-8", errors="replace")
+
+
+def _token_text(device: Device, token: int) -> str:
+    if token < 0:
+        return ""
+    text = llama_cpp.llama_vocab_get_text(device.vocab, token)
+    return text.decode("utf-8", errors="replace") if text else ""

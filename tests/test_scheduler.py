@@ -1,0 +1,729 @@
+"""The scheduler: policies, context switches, prefix reuse, signals.
+
+Exact orderings are specified on a deterministic fake device (same interface
+as drivers.llama_device.Device, no llama); every feature is then checked again
+on the real Gemma-3-270M device.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+
+import pytest
+import trio
+import trio.testing
+
+from llmagentos.drivers.llama_device import (
+    FINISH_EOG,
+    FINISH_LENGTH,
+    FINISH_STOP,
+    DeviceFullError,
+    StepResult,
+    TokenEvent,
+    compute_thread,
+)
+from llmagentos.drivers.sampling import SamplingParams, TextStream
+from llmagentos.kernel.scheduler import Scheduler
+from llmagentos.syscalls.errno import SyscallError
+
+# --------------------------------------------------------------------------------------
+# A deterministic fake device
+
+
+class FakeGen:
+    def __init__(self, prompt: list[int], params: SamplingParams) -> None:
+        self.prompt_tokens = list(prompt)
+        self.params = params
+        self.tokens: list[int] = []
+        self.stream = TextStream(params.stop)
+        self.finished = False
+        self.reason: str | None = None
+        self.closed = False
+
+    @property
+    def context(self) -> list[int]:
+        return self.prompt_tokens + self.tokens
+
+    @property
+    def text(self) -> str:
+        return self.stream.text
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class FakeDevice:
+    """Next token = a function of the last three tokens; a step costs 1 ms per token fed."""
+
+    EOG = 1
+
+    def __init__(self, n_seq_max: int = 2, n_batch: int = 64, n_ctx: int = 4096,
+                 kv_cap: int | None = None) -> None:
+        self.n_seq_max = n_seq_max
+        self.kv_cap = kv_cap  # total resident tokens the "KV cache" holds
+        self.n_batch = n_batch
+        self.n_ctx = n_ctx
+        self._tokens: list[list[int]] = [[] for _ in range(n_seq_max)]
+        self._pending: list[list[int]] = [[] for _ in range(n_seq_max)]
+        self._gen: list[FakeGen | None] = [None] * n_seq_max
+        self.saves = self.restores = self.copies = 0
+        self.steps: list[dict[int, int]] = []
+        self.emitted: list[FakeGen] = []  # the request of every sampled token, in order
+
+    @staticmethod
+    def next_token(context: list[int]) -> int:
+        return (sum(context[-3:]) * 7 + len(context)) % 26 + 100
+
+    def generation(self, prompt, params):
+        if not prompt:
+            raise SyscallError("EINVAL", "empty prompt")
+        return FakeGen(prompt, SamplingParams.from_dict(params))
+
+    def slot_tokens(self, slot):
+        return list(self._tokens[slot])
+
+    def prepare(self, slot, prompt):
+        toks = self._tokens[slot]
+        n = 0
+        while n < min(len(toks), len(prompt)) and toks[n] == prompt[n]:
+            n += 1
+        if n == len(prompt):
+            n -= 1
+        del toks[n:]
+        self._pending[slot] = list(prompt[n:])
+        return n
+
+    def copy_prefix(self, src, dst, n):
+        self.release(dst)
+        self._tokens[dst] = self._tokens[src][:n]
+        self.copies += 1
+        return len(self._tokens[dst])
+
+    def save(self, slot):
+        self.saves += 1
+        return bytearray(json.dumps(self._tokens[slot]).encode())
+
+    def restore(self, slot, data, tokens):
+        self.release(slot)
+        if json.loads(bytes(data)) != list(tokens):
+            return 0
+        self.restores += 1
+        self._tokens[slot] = list(tokens)
+        return len(data)
+
+    def release(self, slot):
+        self._tokens[slot] = []
+        self._pending[slot] = []
+        self._gen[slot] = None
+
+    def attach(self, slot, gen):
+        self._gen[slot] = gen
+
+    def detach(self, slot):
+        gen, self._gen[slot] = self._gen[slot], None
+        return gen
+
+    def step(self, plan):
+        runnable = [s for s in dict.fromkeys(plan)
+                    if self._gen[s] is not None and self._pending[s] and not self._gen[s].finished]
+        order = ([s for s in runnable if len(self._pending[s]) == 1]
+                 + [s for s in runnable if len(self._pending[s]) > 1])
+        if self.kv_cap is not None:
+            want = sum(min(len(self._pending[s]), self.n_batch) for s in order)
+            if sum(map(len, self._tokens)) + want > self.kv_cap:
+                raise DeviceFullError("fake KV cache full")
+        fed: dict[int, int] = {}
+        events = []
+        budget = self.n_batch
+        for s in order:
+            if budget <= 0:
+                break
+            take = min(budget, len(self._pending[s]))
+            budget -= take
+            self._tokens[s] += self._pending[s][:take]
+            del self._pending[s][:take]
+            fed[s] = take
+            if not self._pending[s]:
+                events.append(self._sample(s))
+        self.steps.append(fed)
+        seconds = 0.001 * (1 + sum(fed.values()))
+        return StepResult(events, fed, len(events), sum(fed.values()) - len(events), seconds)
+
+    def _sample(self, s):
+        gen = self._gen[s]
+        tok = self.next_token(self._tokens[s])
+        if tok == self.EOG:
+            return self._finish(s, tok, "", FINISH_EOG)
+        gen.tokens.append(tok)
+        self.emitted.append(gen)
+        piece = gen.stream.feed(chr(ord("a") + tok - 100).encode())
+        if gen.stream.stopped:
+            return self._finish(s, tok, piece, FINISH_STOP)
+        if len(gen.tokens) >= gen.params.max_tokens:
+            return self._finish(s, tok, piece, FINISH_LENGTH)
+        self._pending[s] = [tok]
+        return TokenEvent(s, tok, piece)
+
+    def _finish(self, s, tok, piece, reason):
+        gen = self._gen[s]
+        piece += gen.stream.flush()
+        gen.finished, gen.reason = True, reason
+        self._pending[s] = []
+        return TokenEvent(s, tok, piece, True, reason)
+
+
+def greedy(max_tokens: int, **kw) -> dict:
+    return {"max_tokens": max_tokens, "temperature": 0, **kw}
+
+
+class Run:
+    """Submit requests one at a time (so queue order is exact) and record what ran.
+
+    ``order`` is the owner of every token in the order the device produced them
+    (exact on the fake device; on the real one, the order pieces were streamed).
+    """
+
+    def __init__(self, sched: Scheduler, nursery: trio.Nursery) -> None:
+        self.sched = sched
+        self.nursery = nursery
+        self.streamed: list[int] = []
+        self.owner_of: dict[tuple[int, ...], int] = {}
+        self.results: dict[int, object] = {}
+        self.errors: dict[int, BaseException] = {}
+        self.done_order: list[int] = []
+
+    @property
+    def order(self) -> list[int]:
+        emitted = getattr(self.sched.device, "emitted", None)
+        if emitted is None:
+            return self.streamed
+        return [self.owner_of[tuple(g.prompt_tokens)] for g in emitted
+                if tuple(g.prompt_tokens) in self.owner_of]
+
+    async def submit(self, owner: int, prompt: list[int], params: dict, **kw) -> None:
+        self.owner_of[tuple(prompt)] = owner
+
+        async def on_token(piece: str) -> None:
+            self.streamed.append(owner)
+
+        async def go() -> None:
+            try:
+                self.results[owner] = await self.sched.generate(
+                    owner, prompt, params, on_token=on_token, **kw)
+                self.done_order.append(owner)
+            except SyscallError as exc:
+                self.errors[owner] = exc
+
+        self.nursery.start_soon(go)
+        await trio.testing.wait_all_tasks_blocked()
+
+    async def start(self) -> None:
+        await self.nursery.start(self.sched.run)
+
+
+def pattern(order: list[int]) -> str:
+    return "".join(chr(ord("A") + o - 1) for o in order)
+
+
+async def solo(prompt: list[int], n: int) -> list[int]:
+    """What a request produces alone on a fresh fake device."""
+    sched = Scheduler(FakeDevice(1), policy="fifo")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sched.run)
+        res = await sched.generate(99, prompt, greedy(n))
+        nursery.cancel_scope.cancel()
+    return res.tokens
+
+
+PA, PB, PC = [2, 10, 11, 12], [2, 20, 21, 22], [2, 30, 31, 32]
+
+# --------------------------------------------------------------------------------------
+# Policies on the fake device: exact orderings
+
+
+async def test_fifo_runs_requests_to_completion_in_arrival_order(nursery):
+    sched = Scheduler(FakeDevice(1), policy="fifo", quantum=2)
+    run = Run(sched, nursery)
+    for owner, prompt in ((1, PA), (2, PB), (3, PC)):
+        await run.submit(owner, prompt, greedy(5))
+    await run.start()
+    while len(run.results) < 3:
+        await trio.sleep(0.01)
+    assert pattern(run.order) == "AAAAABBBBBCCCCC"
+    assert run.done_order == [1, 2, 3]
+    assert sched.stats()["preemptions"] == 0
+
+
+async def test_rr_yields_the_slot_after_a_quantum(nursery):
+    sched = Scheduler(FakeDevice(1), policy="rr", quantum=4)
+    run = Run(sched, nursery)
+    await run.submit(1, PA, greedy(12))
+    await run.submit(2, PB, greedy(12))
+    await run.start()
+    while len(run.results) < 2:
+        await trio.sleep(0.01)
+    assert pattern(run.order) == "AAAABBBB" * 3
+    # Each preempted request continued exactly where it was (save + restore).
+    assert run.results[1].tokens == await solo(PA, 12)
+    assert run.results[2].tokens == await solo(PB, 12)
+    st = sched.stats()
+    assert st["preemptions"] == 4 and st["restores"] == 4
+
+
+async def test_rr_does_not_preempt_without_contention(nursery):
+    sched = Scheduler(FakeDevice(2), policy="rr", quantum=2)
+    run = Run(sched, nursery)
+    await run.submit(1, PA, greedy(8))
+    await run.submit(2, PB, greedy(8))
+    await run.start()
+    while len(run.results) < 2:
+        await trio.sleep(0.01)
+    assert sched.stats()["preemptions"] == 0
+    assert pattern(run.order) == "AB" * 8  # one batch, both every tick
+
+
+async def test_priority_lower_nice_gets_the_device(nursery):
+    sched = Scheduler(FakeDevice(1), policy="priority", quantum=4)
+    run = Run(sched, nursery)
+    await run.submit(1, PA, greedy(40), nice=10)
+    await run.submit(2, PB, greedy(40), nice=-10)
+    await run.start()
+    while len(run.results) < 2:
+        await trio.sleep(0.01)
+    # Nice -10 first; nice 10 gets one quantum, then waits until -10 is done.
+    assert pattern(run.order) == "BBBB" + "AAAA" + "B" * 36 + "A" * 36
+    assert run.done_order == [2, 1]
+
+
+async def test_fair_serves_least_device_time_first(nursery):
+    sched = Scheduler(FakeDevice(1), policy="fair", quantum=4)
+    run = Run(sched, nursery)
+    await run.submit(1, [2] + list(range(200, 400)), greedy(12))  # costly prompt
+    await run.submit(2, PB, greedy(12))
+    await run.submit(3, PC, greedy(12))
+    await run.start()
+    while len(run.results) < 3:
+        await trio.sleep(0.01)
+    # Owner 1's long prefill cost more device time than 2 and 3 together use.
+    assert run.done_order[-1] == 1
+    assert pattern(run.order).startswith("AAAABBBBCCCCBBBBCCCC")
+    owners = sched.stats()["owners"]
+    assert owners[1]["device_time"] > owners[2]["device_time"]
+
+
+async def test_rr_is_round_robin_where_fair_is_not(nursery):
+    sched = Scheduler(FakeDevice(1), policy="rr", quantum=4)
+    run = Run(sched, nursery)
+    await run.submit(1, [2] + list(range(200, 400)), greedy(12))
+    await run.submit(2, PB, greedy(12))
+    await run.submit(3, PC, greedy(12))
+    await run.start()
+    while len(run.results) < 3:
+        await trio.sleep(0.01)
+    assert pattern(run.order) == "AAAABBBBCCCC" * 3
+    assert run.done_order == [1, 2, 3]
+
+
+# --------------------------------------------------------------------------------------
+# Signals, cancellation, release on the fake device
+
+
+async def test_stop_parks_and_cont_resumes_without_loss(nursery):
+    sched = Scheduler(FakeDevice(1), policy="fifo")
+    run = Run(sched, nursery)
+    stopped_at = []
+
+    async def on_token(piece):
+        run.streamed.append(1)
+        if len(run.streamed) == 5:
+            sched.stop(1)
+            stopped_at.append(len(run.streamed))
+
+    async def a():
+        run.results[1] = await sched.generate(1, PA, greedy(20), on_token=on_token)
+
+    nursery.start_soon(a)
+    await run.start()
+    while not stopped_at:
+        await trio.sleep(0.005)
+    # While 1 is stopped, 2 takes the slot (1's state is saved) and finishes.
+    await run.submit(2, PB, greedy(6))
+    while 2 not in run.results:
+        await trio.sleep(0.005)
+    count_while_stopped = run.streamed.count(1)
+    assert count_while_stopped <= 6  # at most the token already in flight
+    st = sched.stats()
+    assert st["preemptions"] == 1 and st["snapshots"]["count"] == 1
+    sched.cont(1)
+    while 1 not in run.results:
+        await trio.sleep(0.005)
+    assert run.results[1].tokens == await solo(PA, 20)
+    assert run.results[2].tokens == await solo(PB, 6)
+
+
+async def test_cancelled_request_frees_its_slot(nursery):
+    sched = Scheduler(FakeDevice(1), policy="fifo")
+    await nursery.start(sched.run)
+    with trio.move_on_after(0.05):
+        await sched.generate(1, PA, greedy(10_000))
+    st = sched.stats()
+    assert st["running"] == 0 and st["queue_length"] == 0
+    assert [s["state"] for s in st["slots"]] == ["idle"]  # its tokens stay cached
+    res = await sched.generate(2, PB, greedy(3))
+    assert res.finish_reason == "length" and len(res.tokens) == 3
+
+
+async def test_release_cancels_requests_and_frees_slots_and_snapshots(nursery):
+    sched = Scheduler(FakeDevice(1), policy="rr", quantum=2)
+    run = Run(sched, nursery)
+    await run.submit(1, PA, greedy(10_000))
+    await run.submit(2, PB, greedy(10_000))
+    await run.start()
+    while sched.stats()["preemptions"] < 2:
+        await trio.sleep(0.005)
+    await sched.release(1)
+    await trio.testing.wait_all_tasks_blocked()
+    assert isinstance(run.errors[1], SyscallError) and run.errors[1].name == "ECANCELED"
+    assert 1 not in sched.stats()["owners"]
+    assert all(k[1] != 1 for k in sched.snapshots.keys() if k[0] == "owner")
+    await sched.release(2)
+    await trio.testing.wait_all_tasks_blocked()
+    st = sched.stats()
+    assert st["snapshots"]["count"] == 0 and st["queue_length"] == 0
+    assert [s["state"] for s in st["slots"]] == ["empty"]
+
+
+async def test_a_full_kv_cache_drops_idle_conversations_then_fails_the_longest(nursery):
+    sched = Scheduler(FakeDevice(2, kv_cap=60), policy="fair")
+    await nursery.start(sched.run)
+    long_a = [2] + list(range(500, 540))
+    await sched.generate(1, long_a, greedy(4))  # 44 tokens stay resident in slot 0
+    res = await sched.generate(2, [2] + list(range(600, 630)), greedy(4))
+    assert res.finish_reason == "length"  # room was made by dropping owner 1's tokens
+    assert sched.stats()["slots"][0]["state"] == "empty"
+    run = Run(sched, nursery)
+    await run.submit(3, [2] + list(range(700, 740)), greedy(1000))
+    await run.submit(4, [2] + list(range(800, 815)), greedy(1000))
+    while 3 not in run.errors and 4 not in run.errors:
+        await trio.sleep(0.01)
+    assert run.errors[3].name == "ENOSPC"  # the longer one gives way
+    await sched.release(4)
+
+
+# --------------------------------------------------------------------------------------
+# Prefix reuse, prefix copies, idle snapshots, spilling on the fake device
+
+
+async def test_multi_turn_reuses_the_resident_prefix(nursery):
+    sched = Scheduler(FakeDevice(2), policy="fair")
+    await nursery.start(sched.run)
+    r1 = await sched.generate(1, PA, greedy(5))
+    assert r1.usage["cached_tokens"] == 0
+    r2 = await sched.generate(1, PA + r1.tokens + [7, 8], greedy(3))
+    assert r2.usage["cached_tokens"] == len(PA) + len(r1.tokens) - 1
+    assert sched.stats()["owners"][1]["cached_tokens"] == r2.usage["cached_tokens"]
+
+
+async def test_shared_prefix_is_copied_not_decoded(nursery):
+    device = FakeDevice(2)
+    sched = Scheduler(device, policy="fair")
+    await nursery.start(sched.run)
+    system = [2] + list(range(300, 340))
+    await sched.generate(1, system + [5, 6], greedy(2))
+    r = await sched.generate(2, system + [9], greedy(2))
+    assert r.usage["cached_tokens"] == len(system)
+    assert device.copies == 1 and sched.stats()["prefix_copies"] == 1
+    assert sched.stats()["slots"][0]["owner"] == 1  # owner 1's conversation is untouched
+
+
+async def test_evicted_idle_conversation_is_restored_from_snapshot(nursery):
+    device = FakeDevice(1)
+    sched = Scheduler(device, policy="fair")
+    await nursery.start(sched.run)
+    long_a = [2] + list(range(400, 460))
+    r1 = await sched.generate(1, long_a, greedy(4))
+    await sched.generate(2, PB, greedy(4))  # takes the only slot; 1's tokens are saved
+    assert sched.stats()["idle_saves"] == 1
+    r2 = await sched.generate(1, long_a + r1.tokens + [3], greedy(2))
+    assert r2.usage["cached_tokens"] == len(long_a) + len(r1.tokens) - 1
+    assert sched.stats()["restores"] == 1
+
+
+async def test_snapshots_spill_to_disk_over_the_ram_budget(nursery, tmp_path):
+    sched = Scheduler(FakeDevice(1), policy="rr", quantum=3, snapshot_ram_bytes=1,
+                      spill_dir=str(tmp_path))
+    run = Run(sched, nursery)
+    await run.submit(1, PA, greedy(9))
+    await run.submit(2, PB, greedy(9))
+    await run.start()
+    while len(run.results) < 2:
+        await trio.sleep(0.01)
+    st = sched.stats()
+    assert st["snapshots"]["spills"] >= 2 and st["restores"] >= 2
+    assert run.results[1].tokens == await solo(PA, 9)
+    assert not list(tmp_path.iterdir())  # restored files are removed
+
+
+async def test_bad_params_are_einval_before_queueing(nursery):
+    sched = Scheduler(FakeDevice(1))
+    await nursery.start(sched.run)
+    with pytest.raises(SyscallError) as exc:
+        await sched.generate(1, PA, {"max_tokens": 4, "temprature": 0})
+    assert exc.value.name == "EINVAL"
+    with pytest.raises(SyscallError):
+        sched.set_nice(1, 40)
+    with pytest.raises(SyscallError):
+        Scheduler(FakeDevice(1), policy="lottery")
+
+
+# --------------------------------------------------------------------------------------
+# The real device
+
+
+@pytest.fixture(scope="module")
+def device():
+    from llmagentos.drivers.llama_device import Device
+
+    dev = Device(n_seq_max=4, n_ctx=1024, n_batch=512, n_threads=2)
+    yield dev
+    dev.close()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """llama-cpp-python's high-level Llama on the same GGUF (AMX repack off, as in Device)."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
+    from llmagentos.drivers.models import packaged_gemma_path
+
+    original = low.llama_model_default_params
+
+    def no_extra_bufts():
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    low.llama_model_default_params = no_extra_bufts
+    try:
+        llm = compute_thread.call(lambda: llama_cpp.Llama(
+            str(packaged_gemma_path()), n_ctx=512, n_threads=2, n_threads_batch=2,
+            verbose=False))
+    finally:
+        low.llama_model_default_params = original
+    yield llm
+    llm.close()
+
+
+@pytest.fixture
+async def sched(device, nursery):
+    s = Scheduler(device, policy="fair", quantum=8)
+    await nursery.start(s.run)
+    return s
+
+
+def tok(device, text):
+    return device.tokenize(text, special=True)
+
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):"]
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+async def test_real_greedy_equals_llama_cpp_create_completion(sched, device, reference, prompt):
+    ref = compute_thread.call(
+        lambda: reference.create_completion(prompt, max_tokens=24, temperature=0))
+    res = await sched.generate(1, tok(device, prompt), greedy(24))
+    assert res.text == ref["choices"][0]["text"]
+    assert res.usage["completion_tokens"] == ref["usage"]["completion_tokens"]
+    assert res.finish_reason == "length"
+
+
+async def test_real_streamed_pieces_join_to_the_text(sched, device):
+    pieces = []
+
+    async def on_token(piece):
+        pieces.append(piece)
+
+    res = await sched.generate(1, tok(device, "List three colours:"), greedy(24),
+                               on_token=on_token)
+    assert len(pieces) > 3 and "".join(pieces) == res.text
+
+
+async def test_real_stop_string_ends_generation(sched, device):
+    full = await sched.generate(1, tok(device, "The capital of France is"), greedy(24))
+    stop = full.text[10:14]
+    res = await sched.generate(2, tok(device, "The capital of France is"), greedy(24, stop=[stop]))
+    assert res.finish_reason == "stop"
+    assert res.text == full.text[: full.text.index(stop)]
+
+
+async def test_real_json_schema_output_parses(sched, device):
+    schema = {"type": "object",
+              "properties": {"answer": {"type": "string", "enum": ["yes", "no"]},
+                             "sure": {"type": "boolean"}},
+              "required": ["answer", "sure"]}
+    res = await sched.generate(1, tok(device, "Is Paris in France? Reply in JSON."),
+                               greedy(40, json_schema=schema))
+    data = json.loads(res.text)
+    assert data["answer"] in ("yes", "no") and isinstance(data["sure"], bool)
+    sampled = await sched.generate(2, tok(device, "A person as JSON:"),
+                                   {"max_tokens": 40, "temperature": 0.8, "seed": 7,
+                                    "json_schema": schema})
+    assert set(json.loads(sampled.text)) == {"answer", "sure"}
+
+
+async def test_real_gbnf_grammar_constrains_output(sched, device):
+    grammar = r'root ::= "The answer is " ("yes" | "no") "."'
+    res = await sched.generate(1, tok(device, "Question: is water wet?\n"),
+                               greedy(16, grammar=grammar))
+    assert re.fullmatch(r"The answer is (yes|no)\.", res.text)
+    assert res.finish_reason == "eog"
+    with pytest.raises(SyscallError) as exc:
+        await sched.generate(1, tok(device, "x"), greedy(4, grammar="root ::= ("))
+    assert exc.value.name == "EINVAL"
+
+
+async def test_real_concurrent_requests_all_finish(device, nursery):
+    sched = Scheduler(device, policy="rr", quantum=8)
+    await nursery.start(sched.run)
+    results = {}
+
+    async def one(i):
+        results[i] = await sched.generate(10 + i, tok(device, f"Fact number {i}:"), greedy(12))
+
+    async with trio.open_nursery() as inner:
+        for i in range(6):  # 6 requests on 4 slots
+            inner.start_soon(one, i)
+    assert sorted(results) == list(range(6))
+    assert all(r.finish_reason in ("length", "eog") and r.text for r in results.values())
+    st = sched.stats()
+    assert st["tokens_out"] == sum(len(r.tokens) for r in results.values())
+    assert st["batch_size"] > 1.5  # requests really shared decodes
+
+
+async def test_real_preempt_restore_equals_uninterrupted(device, nursery):
+    prompt_a = tok(device, "The capital of France is")
+    prompt_b = tok(device, "Once upon a time")
+    solo_sched = Scheduler(device, policy="fifo", slots=1)
+    async with trio.open_nursery() as inner:
+        await inner.start(solo_sched.run)
+        alone = await solo_sched.generate(1, prompt_a, greedy(24))
+        inner.cancel_scope.cancel()
+    sched = Scheduler(device, policy="rr", quantum=4, slots=1)
+    run = Run(sched, nursery)
+    await run.submit(1, prompt_a, greedy(24))
+    await run.submit(2, prompt_b, greedy(12))
+    await run.start()
+    while len(run.results) < 2:
+        await trio.sleep(0.02)
+    assert run.results[1].text == alone.text
+    st = sched.stats()
+    assert st["preemptions"] >= 3 and st["restores"] >= 3 and st["restore_failures"] == 0
+
+
+async def test_real_stop_and_cont_mid_generation(device, nursery, tmp_path):
+    prompt = tok(device, "The capital of France is")
+    sched = Scheduler(device, policy="fifo", slots=1, snapshot_ram_bytes=1,
+                      spill_dir=str(tmp_path))  # forces the saved state through a file
+    await nursery.start(sched.run)
+    alone = await sched.generate(9, prompt, greedy(20))
+    await sched.release(9)
+    seen = []
+
+    async def on_token(piece):
+        seen.append(piece)
+        if len(seen) == 4:
+            sched.stop(1)
+
+    result = {}
+
+    async def a():
+        result["a"] = await sched.generate(1, prompt, greedy(20), on_token=on_token)
+
+    nursery.start_soon(a)
+    while len(seen) < 4:
+        await trio.sleep(0.01)
+    other = await sched.generate(2, tok(device, "Once upon a time"), greedy(6))
+    assert other.finish_reason == "length"
+    n_stopped = len(seen)
+    await trio.sleep(0.2)
+    assert len(seen) == n_stopped and "a" not in result  # nothing happens while stopped
+    assert sched.stats()["snapshots"]["spills"] >= 1
+    sched.cont(1)
+    while "a" not in result:
+        await trio.sleep(0.01)
+    assert result["a"].text == alone.text
+
+
+async def test_real_release_frees_the_slot(device, nursery):
+    sched = Scheduler(device, policy="fair", slots=2)
+    await nursery.start(sched.run)
+    errors = []
+
+    async def a():
+        try:
+            await sched.generate(1, tok(device, "Count: 1, 2, 3,"), greedy(500))
+        except SyscallError as exc:
+            errors.append(exc.name)
+
+    nursery.start_soon(a)
+    while sched.stats()["tokens_out"] < 3:
+        await trio.sleep(0.01)
+    await sched.release(1)
+    await trio.testing.wait_all_tasks_blocked()
+    assert errors == ["ECANCELED"]
+    st = sched.stats()
+    assert st["running"] == 0 and st["snapshots"]["count"] == 0
+    assert all(s["state"] == "empty" for s in st["slots"])
+    await trio.sleep(0.05)  # the loop has run the deferred release
+    assert all(len(device.slot_tokens(s)) == 0 for s in range(2))
+
+
+async def test_real_prefix_reuse_shows_in_cached_tokens(sched, device):
+    p1 = tok(device, "You are a helpful assistant.\nUser: Name a fruit.\nAssistant:")
+    r1 = await sched.generate(1, p1, greedy(8))
+    assert r1.usage["cached_tokens"] == 0
+    p2 = p1 + r1.tokens + device.tokenize("\nUser: Another one.\nAssistant:", add_bos=False)
+    r2 = await sched.generate(1, p2, greedy(8))
+    assert r2.usage["cached_tokens"] == len(p1) + len(r1.tokens) - 1
+    assert r2.usage["prompt_tokens"] == len(p2)
+
+
+async def test_real_shared_system_prompt_is_copied(device, nursery):
+    sched = Scheduler(device, policy="fair")
+    await nursery.start(sched.run)
+    system = "You are a careful assistant. " * 20
+    p1 = tok(device, system + "Question: what is 2+2?")
+    p2 = tok(device, system + "Question: name a colour.")
+    await sched.generate(1, p1, greedy(4))
+    shared = next(i for i, (a, b) in enumerate(zip(p1, p2)) if a != b)
+    r2 = await sched.generate(2, p2, greedy(4))
+    assert r2.usage["cached_tokens"] == shared > 100
+    assert sched.stats()["prefix_copies"] == 1
+
+
+async def test_real_priority_favours_low_nice(device, nursery):
+    sched = Scheduler(device, policy="priority", quantum=4, slots=1)
+    run = Run(sched, nursery)
+    await run.submit(1, tok(device, "Once upon a time"), greedy(24), nice=10)
+    await run.submit(2, tok(device, "The capital of France is"), greedy(24), nice=-10)
+    await run.start()
+    while 2 not in run.results:
+        await trio.sleep(0.02)
+    low, high = run.order.count(2), run.order.count(1)
+    assert low >= 2 * max(high, 1)
+    assert run.done_order[0] == 2
+
+
+async def test_real_stats_report_the_device(sched, device):
+    await sched.generate(1, tok(device, "Hello"), greedy(4))
+    st = sched.stats()
+    for key in ("utilization", "batch_size", "tokens_per_s", "queue_length", "slots",
+                "snapshots", "policy", "owners"):
+        assert key in st
+    own = st["owners"][1]
+    assert own["tokens_out"] == 4 and own["tokens_in"] >= 2 and own["device_time"] > 0
+    assert not math.isnan(st["utilization"])
