@@ -1,0 +1,126 @@
+"""The compute device through the kernel, against raw llama-cpp-python, in one run.
+
+(1) single-stream tok/s through `llm.generate` ÷ raw `Llama.create_completion`
+    tok/s, same prompt and length (goal >= 0.95);
+(2) aggregate tok/s of 16 concurrent agent processes (real OS processes
+    making syscalls, 16 slots) ÷ raw single-stream tok/s (goal >= 2.0).
+
+Raw first, then the kernel, never both at once: they share two cores.
+
+    python bench/bench_kernel_llm.py
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _kernel import BenchKernel  # noqa: E402
+
+PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
+TOKENS = 128
+RUNS = 3
+
+
+def raw_llama():
+    """llama-cpp-python's high-level Llama, with the AMX repack off as in our Device."""
+    import llama_cpp
+    import llama_cpp.llama_cpp as low
+
+    from llmagentos.drivers.models import packaged_gemma_path
+    original = low.llama_model_default_params
+
+    def no_extra_bufts():
+        p = original()
+        p.use_extra_bufts = False
+        return p
+
+    low.llama_model_default_params = no_extra_bufts
+    try:
+        return llama_cpp.Llama(str(packaged_gemma_path()), n_ctx=1024, n_threads=2,
+                               n_threads_batch=2, verbose=False)
+    finally:
+        low.llama_model_default_params = original
+
+
+def raw_single() -> float:
+    llm = raw_llama()
+    rates = []
+    for _ in range(RUNS):
+        t0 = time.perf_counter()
+        out = llm.create_completion(PROMPT, max_tokens=TOKENS, temperature=0)
+        rates.append(out["usage"]["completion_tokens"] / (time.perf_counter() - t0))
+        llm.reset()  # no prompt cache between runs: the same work each time
+    llm.close()
+    return statistics.median(rates)
+
+
+def kernel_single() -> float:
+    with BenchKernel("--slots", "1", "--n-ctx", "1024") as k:
+        c = k.client()
+        rates = []
+        for i in range(RUNS):
+            # a fresh process each run, so nothing of the prompt is resident
+            pid = c.proc.spawn([sys.executable, "-c", textwrap.dedent(f"""
+                import time, llmagentos
+                c = llmagentos.connect()
+                t0 = time.perf_counter()
+                r = c.llm.generate({PROMPT!r}, None, {{"max_tokens": {TOKENS},
+                                                      "temperature": 0}})
+                print(r["usage"]["completion_tokens"] / (time.perf_counter() - t0))
+            """)])
+            c.proc.wait(pid, 300)
+            rates.append(float(c.proc.logs(pid)["data"]))
+        return statistics.median(rates)
+
+
+def kernel_16_processes(n: int = 16, tokens: int = 64) -> dict:
+    with BenchKernel("--slots", str(n), "--n-ctx", "256") as k:
+        c = k.client()
+        prog = textwrap.dedent(f"""
+            import sys, time, llmagentos
+            c = llmagentos.connect()
+            r = c.llm.generate("Tell me about the sea.", None,
+                               {{"max_tokens": {tokens}, "temperature": 0.8,
+                                 "seed": int(sys.argv[1]), "stop": []}})
+            print(r["usage"]["completion_tokens"], time.time())
+        """)
+        t0 = time.time()
+        pids = [c.proc.spawn([sys.executable, "-c", prog, str(i)], f"gen{i}") for i in range(n)]
+        total, last, batch = 0, t0, 0.0
+        for p in pids:
+            c.proc.wait(p, 600)
+            done_tokens, done_at = c.proc.logs(p)["data"].split()
+            total += int(done_tokens)
+            last = max(last, float(done_at))
+        batch = c.sys.stats()["device"]["batch_size"]
+        return {"tok_s": total / (last - t0), "tokens": total, "wall_s": last - t0,
+                "batch": batch}
+
+
+def run() -> dict:
+    raw = raw_single()
+    single = kernel_single()
+    multi = kernel_16_processes()
+    return {"raw": raw, "kernel_single": single, "multi": multi,
+            "ratio_single": single / raw, "ratio_multi": multi["tok_s"] / raw}
+
+
+def report(r: dict) -> None:
+    print("== compute device through the kernel ==")
+    print(f"  raw llama-cpp-python create_completion: {r['raw']:.1f} tok/s (median of {RUNS})")
+    print(f"  kernel llm.generate, one process:       {r['kernel_single']:.1f} tok/s  "
+          f"ratio {r['ratio_single']:.2f} (goal >= 0.95)")
+    m = r["multi"]
+    print(f"  16 agent processes at once:             {m['tok_s']:.1f} tok/s aggregate "
+          f"({m['tokens']} tokens in {m['wall_s']:.1f}s)  ratio {r['ratio_multi']:.2f} "
+          f"(goal >= 2.0)")
+
+
+if __name__ == "__main__":
+    report(run())
