@@ -326,3 +326,8 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def run() -> dict:
+    """What bench/run_all.py calls."""
+    return run_all()

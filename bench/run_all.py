@@ -22,7 +22,9 @@ def main() -> int:
         t0 = time.monotonic()
         mod = importlib.import_module(name)
         try:
-            mod.report(mod.run())
+            text = mod.report(mod.run())
+            if isinstance(text, str):
+                print(text)
         except Exception as e:  # keep going: one broken bench must not hide the others
             failed += 1
             print(f"!! {name} failed: {type(e).__name__}: {e}")
