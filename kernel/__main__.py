@@ -39,12 +39,15 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
     ap.add_argument("--gpu-layers", type=int, help="layers to offload where a GPU exists")
     ap.add_argument("--snapshot-ram", type=int, default=256 << 20,
                     help="bytes of preempted KV state kept in RAM before spilling to disk")
+    ap.add_argument("--embed-memory", action="store_true",
+                    help="embed archived context messages; ctx.search then finds by meaning too")
     ap.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
     cfg = KernelConfig(tcp=a.tcp, grace=a.grace, max_frame=a.max_frame, policy=a.policy,
                        quantum=a.quantum, model=a.model, models_config=a.config,
                        slots=a.slots, n_ctx=a.n_ctx, threads=a.threads,
-                       n_gpu_layers=a.gpu_layers, snapshot_ram=a.snapshot_ram)
+                       n_gpu_layers=a.gpu_layers, snapshot_ram=a.snapshot_ram,
+                       embed_memory=a.embed_memory)
     if a.run_dir:
         cfg.run_dir = a.run_dir.resolve()
     if a.state_dir:

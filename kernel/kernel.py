@@ -75,6 +75,7 @@ class KernelConfig:
     policy: str = "fair"
     quantum: int = 16  # rr/priority/fair: tokens a running request keeps its slot
     snapshot_ram: int = 256 << 20  # bytes of saved KV state kept in RAM before spilling
+    embed_memory: bool = False  # embed archived messages with the device; search blends them
 
     @property
     def socket_path(self) -> Path:
@@ -191,7 +192,11 @@ class Kernel:
         return len(text.encode()) // 4 + 1  # no device: a byte-based estimate
 
     def _open_memory(self) -> None:
-        self.memory = ContextStore(self.config.state_dir / "memory.db", self.count_tokens)
+        embed = None
+        if self.config.embed_memory and self.config.model != "none":
+            embed = lambda texts: self.device.embed(texts)  # noqa: E731  (device loads later)
+        self.memory = ContextStore(self.config.state_dir / "memory.db", self.count_tokens,
+                                   embed=embed)
         # Contexts of pids belong to processes of an earlier boot: all gone.
         for c in self.memory.list_contexts():
             if c["owner"].startswith("pid:"):
@@ -204,6 +209,15 @@ class Kernel:
                 except SyscallError:
                     pass
         self.procs.on_exit.append(drop_anonymous)
+
+    async def _embed_archive(self) -> None:
+        """Give archived messages their vectors in the background, a batch at a
+        time, so ctx.search can find by meaning as well as by words."""
+        while True:
+            async with self.embed_lock:
+                n = await trio.to_thread.run_sync(self.memory.embed_pending, 32,
+                                                  abandon_on_cancel=False)
+            await trio.sleep(0.05 if n else 1.0)
 
     def _hook_device(self, root: trio.Nursery) -> None:
         """Signals and exits reach the run queue: STOP parks, CONT resumes,
@@ -243,6 +257,8 @@ class Kernel:
                 if self.scheduler is not None:
                     await root.start(self.scheduler.run)
                     self._hook_device(root)
+                if self.config.embed_memory and self.device is not None:
+                    root.start_soon(self._embed_archive)
                 for lst in listeners:
                     await root.start(serve_listener, self, lst)
                 log.info("kernel up on %s (pid %d)", self.config.socket_path, os.getpid())

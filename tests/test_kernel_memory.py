@@ -215,3 +215,23 @@ def test_anonymous_contexts_go_with_their_process(shared_kernel):
         with pytest.raises(FileNotFoundError):
             c.ctx.stats(cid)
         assert llmagentos  # the module is used above
+
+
+def test_archive_is_embedded_when_configured(tmp_path):
+    k = boot_kernel(tmp_path, "--embed-memory", "--slots", "2", "--n-ctx", "512",
+                    model="gemma3-270m")
+    try:
+        with k.client() as c:
+            cid = c.ctx.open("embedder")
+            c.ctx.append("user", "My car is a red convertible.")
+            for i in range(40):
+                c.ctx.append("user", f"Filler message number {i} about nothing in particular.")
+            c.proc.stat()  # the window is small: most of this is archived by now
+            st = wait_for(lambda: (s := c.ctx.stats(cid))["embedded_messages"]
+                          >= s["archived_messages"] > 0 and s, timeout=60)
+            assert st["archived_messages"] > 0
+            hits = c.ctx.search("automobile vehicle", 3, cid)  # no word in common
+            assert hits  # the vector side answers where full text has nothing
+            assert c.ctx.search("convertible", 1, cid)[0]["seq"] == 1
+    finally:
+        k.stop()
