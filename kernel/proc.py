@@ -418,12 +418,17 @@ class ProcessTable:
             raise SyscallError("ESRCH", f"pid {pid} has no OS process yet")
         signal_tree(target.os_pid, sig)
         target.signalled_at = time.monotonic()
-        if sig == _signal.SIGSTOP:
-            target.stopped = True
-        elif sig == _signal.SIGCONT:
-            target.stopped = False
-        for fn in self.on_signal:
-            fn(target, sig)
+        # Attached processes (Agents) living in that OS process are stopped and
+        # continued with it: their device requests park and resume too.
+        hosted = [p for p in self.procs.values() if p.attached and not p.exited
+                  and p.os_pid == target.os_pid]
+        for p in [target, *hosted]:
+            if sig == _signal.SIGSTOP:
+                p.stopped = True
+            elif sig == _signal.SIGCONT:
+                p.stopped = False
+            for fn in self.on_signal:
+                fn(p, sig)
 
     async def wait(self, caller: PCB, pid: int, timeout: float | None) -> dict:
         if pid == -1:

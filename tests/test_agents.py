@@ -168,3 +168,26 @@ def test_policy_program_on_an_environment(agent):
                        max_steps=200, family="cartpole", seed=0))
     assert r.steps == 200 and r.total_reward == 200.0 and r.success
     assert r.usage["tokens_out"] == 0  # a program, not the model
+
+
+def test_stopping_a_program_parks_the_agents_it_hosts(llm_kernel):
+    prog = textwrap.dedent("""
+        import llmagentos, sys
+        a = llmagentos.Agent(model_name="gemma3-270m", name="hosted")
+        print(a.pid, flush=True)
+        a.generate("A long story:", max_tokens=200, temperature=0)
+        print("done", flush=True)
+    """)
+    with llm_kernel.client() as c:
+        host = c.proc.spawn([PY, "-c", prog], "host")
+        from conftest import wait_for
+        agent_pid = int(wait_for(lambda: c.proc.logs(host)["data"].split()
+                                 and c.proc.logs(host)["data"].split()[0]))
+        wait_for(lambda: c.proc.stat(agent_pid)["usage"]["tokens_out"] == 0
+                 and c.sys.stats()["device"]["running"] >= 1, timeout=30)
+        c.proc.kill(host, "SIGSTOP")
+        assert c.proc.stat(agent_pid)["state"] == "STOPPED"
+        wait_for(lambda: c.sys.stats()["device"]["running"] == 0, timeout=10)
+        c.proc.kill(host, "SIGCONT")
+        assert c.proc.wait(host, 120)["exit_code"] == 0
+        assert c.proc.logs(host)["data"].split()[-1] == b"done"
