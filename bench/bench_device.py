@@ -26,37 +26,11 @@ from typing import Any
 
 import trio
 
-from llmagentos.drivers.llama_device import Device, compute_thread
-from llmagentos.drivers.models import packaged_gemma_path
+from llmagentos.drivers.llama_device import Device, compute_thread, reference_llama
 from llmagentos.kernel.scheduler import Scheduler
 
 PROMPT = "The history of the printing press begins"
 SYSTEM_WORDS = "You are a careful assistant who answers briefly and cites sources. "
-
-
-def reference_llama(n_ctx: int = 2048) -> Any:
-    """llama-cpp-python's high-level Llama, with the same (AMX-free) weights as Device.
-
-    Load and run it on the device's compute thread (see ComputeThread): a second
-    OpenMP master thread would slow both down.
-    """
-    import llama_cpp
-    import llama_cpp.llama_cpp as low
-
-    original = low.llama_model_default_params
-
-    def no_extra_bufts():
-        params = original()
-        params.use_extra_bufts = False
-        return params
-
-    low.llama_model_default_params = no_extra_bufts
-    try:
-        return compute_thread.call(lambda: llama_cpp.Llama(
-            str(packaged_gemma_path()), n_ctx=n_ctx, n_threads=2, n_threads_batch=2,
-            verbose=False))
-    finally:
-        low.llama_model_default_params = original
 
 
 def _greedy(n: int) -> dict:

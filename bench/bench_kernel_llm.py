@@ -27,36 +27,17 @@ TOKENS = 128
 RUNS = 3
 
 
-def raw_llama():
-    """llama-cpp-python's high-level Llama, with the AMX repack off as in our Device."""
-    import llama_cpp
-    import llama_cpp.llama_cpp as low
-
-    from llmagentos.drivers.models import packaged_gemma_path
-    original = low.llama_model_default_params
-
-    def no_extra_bufts():
-        p = original()
-        p.use_extra_bufts = False
-        return p
-
-    low.llama_model_default_params = no_extra_bufts
-    try:
-        return llama_cpp.Llama(str(packaged_gemma_path()), n_ctx=1024, n_threads=2,
-                               n_threads_batch=2, verbose=False)
-    finally:
-        low.llama_model_default_params = original
-
-
 def raw_single() -> float:
-    llm = raw_llama()
+    from llmagentos.drivers.llama_device import compute_thread, reference_llama
+    llm = reference_llama(1024)
     rates = []
     for _ in range(RUNS):
         t0 = time.perf_counter()
-        out = llm.create_completion(PROMPT, max_tokens=TOKENS, temperature=0)
+        out = compute_thread.call(
+            lambda: llm.create_completion(PROMPT, max_tokens=TOKENS, temperature=0))
         rates.append(out["usage"]["completion_tokens"] / (time.perf_counter() - t0))
-        llm.reset()  # no prompt cache between runs: the same work each time
-    llm.close()
+        compute_thread.call(llm.reset)  # no prompt cache between runs: the same work each time
+    compute_thread.call(llm.close)
     return statistics.median(rates)
 
 

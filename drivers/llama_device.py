@@ -784,3 +784,31 @@ def _token_text(device: Device, token: int) -> str:
         return ""
     text = llama_cpp.llama_vocab_get_text(device.vocab, token)
     return text.decode("utf-8", errors="replace") if text else ""
+
+
+def reference_llama(n_ctx: int = 2048, n_threads: int = 2) -> Any:
+    """llama-cpp-python's own high-level `Llama` on the packaged GGUF, loaded as
+    the Device loads it (no AMX weight repack, which crashes this build): the
+    baseline tests and benchmarks compare the kernel against.
+
+    It is created on `compute_thread`; run it there too (`compute_thread.call`),
+    since a second OpenMP master thread slows every decode in the process.
+    """
+    import llama_cpp.llama_cpp as low
+
+    from llmagentos.drivers.models import packaged_gemma_path
+
+    original = low.llama_model_default_params
+
+    def no_extra_bufts() -> Any:
+        params = original()
+        params.use_extra_bufts = False
+        return params
+
+    low.llama_model_default_params = no_extra_bufts
+    try:
+        return compute_thread.call(lambda: llama_cpp.Llama(
+            str(packaged_gemma_path()), n_ctx=n_ctx, n_threads=n_threads,
+            n_threads_batch=n_threads, verbose=False))
+    finally:
+        low.llama_model_default_params = original

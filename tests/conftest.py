@@ -113,23 +113,6 @@ def wait_for(pred, timeout: float = 10, interval: float = 0.05):
 
 
 def reference_llama(n_ctx: int = 512):
-    """llama-cpp-python's own high-level Llama on the packaged GGUF, with the
-    AMX weight repack off as in the Device (that repack crashes this build)."""
-    import llama_cpp
-    import llama_cpp.llama_cpp as low
-
-    from llmagentos.drivers.models import packaged_gemma_path
-
-    original = low.llama_model_default_params
-
-    def no_extra_bufts():
-        params = original()
-        params.use_extra_bufts = False
-        return params
-
-    low.llama_model_default_params = no_extra_bufts
-    try:
-        return llama_cpp.Llama(str(packaged_gemma_path()), n_ctx=n_ctx, n_threads=2,
-                               n_threads_batch=2, verbose=False)
-    finally:
-        low.llama_model_default_params = original
+    """llama-cpp-python's own greedy baseline (see drivers/llama_device.py)."""
+    from llmagentos.drivers.llama_device import reference_llama as load
+    return load(n_ctx)
