@@ -41,6 +41,16 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
                     help="bytes of preempted KV state kept in RAM before spilling to disk")
     ap.add_argument("--embed-memory", action="store_true",
                     help="embed archived context messages; ctx.search then finds by meaning too")
+    ap.add_argument("--ray", metavar="auto|ADDRESS",
+                    help="place the compute devices on a Ray cluster ('auto': join the local "
+                         "one or start it); needs pip install 'llmagentos[ray]'")
+    ap.add_argument("--devices", type=int, default=1, help="--ray: device actors to place")
+    ap.add_argument("--device-cpus", type=float, default=1.0,
+                    help="--ray: CPUs each device actor reserves")
+    ap.add_argument("--device-gpus", type=float, default=0.0,
+                    help="--ray: GPUs each device actor reserves")
+    ap.add_argument("--device-restarts", type=int, default=3,
+                    help="--ray: times Ray restarts a dead device actor")
     ap.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
     cfg = KernelConfig(tcp=a.tcp, grace=a.grace, max_frame=a.max_frame, policy=a.policy,
@@ -48,6 +58,8 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
                        slots=a.slots, n_ctx=a.n_ctx, threads=a.threads,
                        n_gpu_layers=a.gpu_layers, snapshot_ram=a.snapshot_ram,
                        embed_memory=a.embed_memory)
+    cfg.ray, cfg.devices, cfg.device_restarts = a.ray, a.devices, a.device_restarts
+    cfg.device_cpus, cfg.device_gpus = a.device_cpus, a.device_gpus
     if a.run_dir:
         cfg.run_dir = a.run_dir.resolve()
     if a.state_dir:

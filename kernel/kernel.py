@@ -75,6 +75,12 @@ class KernelConfig:
     policy: str = "fair"
     quantum: int = 16  # rr/priority/fair: tokens a running request keeps its slot
     snapshot_ram: int = 256 << 20  # bytes of saved KV state kept in RAM before spilling
+    # a Ray cluster (optional; kernel/cluster.py): devices as actors, agents as tasks
+    ray: str | None = None  # "auto" (join or start a local instance) or a cluster address
+    devices: int = 1  # device actors to place on the cluster
+    device_cpus: float = 1.0  # Ray resources each device actor asks for
+    device_gpus: float = 0.0
+    device_restarts: int = 3  # Ray restarts a dead device actor this many times
     embed_memory: bool = False  # embed archived messages with the device; search blends them
 
     @property
@@ -101,6 +107,7 @@ class Kernel:
         self.embed_lock = trio.Lock()
         self.context_generation = sysctx.context_generation
         self.memory: ContextStore | None = None
+        self.cluster = None  # a kernel.cluster.Cluster when booted with --ray
         if dispatch.missing():
             log.warning("syscalls without a handler (ENOSYS): %s", dispatch.missing())
 
@@ -167,11 +174,19 @@ class Kernel:
                 raise BootError(f"cannot listen on {self.config.tcp}: {e}") from None
             addr = tcp[0].socket.getsockname()
             self.tcp_address = f"tcp://{addr[0]}:{addr[1]}"
+            self.procs.tcp_address = self.tcp_address
             listeners += tcp
         return listeners
 
     async def _load_device(self) -> None:
         cfg = self.config
+        if cfg.ray:
+            from .cluster import Cluster  # imports ray: only when asked for
+
+            self.cluster = Cluster(cfg)
+            self.device, self.scheduler = await self.cluster.start(self.models)
+            self.procs.cluster = self.cluster
+            return
         if cfg.model == "none":
             return
         log.info("loading model %s", cfg.model)
@@ -279,6 +294,8 @@ class Kernel:
             self.trajectories.close()
             if self.device is not None:
                 self.device.close()
+            if self.cluster is not None:
+                self.cluster.close()
             self._remove_run_files()
             log.info("kernel down")
 
@@ -300,7 +317,7 @@ class Kernel:
             "run_dir": str(self.config.run_dir), "state_dir": str(self.config.state_dir),
             "policy": self.config.policy,
             "model": self.device.model_name if self.device else None,
-            "slots": self.device.n_seq_max if self.device else 0,
+            "slots": self.scheduler.n_slots if self.scheduler else 0,
             "n_ctx": self.device.n_ctx if self.device else 0,
         }
 

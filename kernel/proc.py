@@ -84,6 +84,8 @@ class PCB:
     attached: bool = False  # lives in another process's OS process (proc.attach)
     conns: int = 0  # open connections that said hello as this pid
     fds: dict[int, Any] = field(default_factory=dict)
+    node: str | None = None  # the cluster node it runs on (placement="ray"); None: here
+    remote: Any = None  # its kernel.cluster.RemoteProcess: signals and exit go through it
 
     @property
     def state(self) -> str:
@@ -112,6 +114,7 @@ class PCB:
         return {
             "pid": self.pid, "ppid": self.ppid, "name": self.name, "state": self.state,
             "nice": self.nice, "os_pid": self.os_pid, "attached": self.attached,
+            "node": self.node,
             "uptime": round(time.time() - self.start_time, 3),
             "tokens_in": self.usage.tokens_in, "tokens_out": self.usage.tokens_out,
             "cached_tokens": self.usage.cached_tokens,
@@ -175,6 +178,8 @@ class ProcessTable:
         self._next_pid = INIT_PID
         self.nursery: trio.Nursery | None = None  # where watchers live; set by the kernel
         self.socket_address = ""
+        self.tcp_address = ""  # tcp://HOST:PORT where the kernel listens, if it does
+        self.cluster: Any = None  # kernel.cluster.Cluster: where placement="ray" runs
         self.on_exit: list = []  # callbacks(pcb) run when a process exits (free resources)
         self.log_paths: dict[int, str] = {}  # every pid of this boot -> its log file
         self.on_signal: list = []  # callbacks(pcb, sig) after the kernel sent a signal
@@ -260,7 +265,7 @@ class ProcessTable:
 
     async def spawn(self, parent: PCB, argv: list, name: str | None, env: dict | None,
                     cwd: str | None, caps: list | None, limits: dict | None,
-                    nice: int) -> PCB:
+                    nice: int, placement: str = "local") -> PCB:
         if not argv or not all(isinstance(a, str) for a in argv):
             raise SyscallError("EINVAL", "argv must be a non-empty list of strings")
         if any("\0" in a for a in argv):
@@ -268,7 +273,17 @@ class ProcessTable:
         env = env or {}
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise SyscallError("EINVAL", "env must map strings to strings")
+        if placement not in ("local", "ray"):
+            raise SyscallError("EINVAL", f"placement must be 'local' or 'ray', not {placement!r}")
+        if placement == "ray" and self.cluster is None:
+            raise SyscallError("EINVAL", "placement='ray' needs a kernel booted with --ray")
+        if placement == "ray" and not self.tcp_address:
+            raise SyscallError("EINVAL", "placement='ray' needs the kernel's TCP listener "
+                                         "(boot with --tcp 127.0.0.1:PORT): remote processes "
+                                         "reach the kernel over it")
         caps, lim = self._child_rights(parent, caps, limits, nice)
+        if placement == "ray":
+            cwd = None  # the node's own file system; the remote host picks its directory
         if cwd is not None and not os.path.isdir(cwd):
             raise SyscallError("ENOENT", f"cwd {cwd!r} is not a directory")
         if self.nursery is None:
@@ -279,6 +294,8 @@ class ProcessTable:
                             cwd=cwd or os.getcwd(), agent=name)
         pcb.log_path = str(self.log_dir / f"{pcb.pid}.log")
         self.log_paths[pcb.pid] = pcb.log_path
+        if placement == "ray":
+            return await self._spawn_remote(pcb, argv, env)
         child_env = {**self.base_env, **env,
                      "LLMAGENTOS_SOCKET": self.socket_address,
                      "LLMAGENTOS_TOKEN": pcb.token,
@@ -301,6 +318,50 @@ class ProcessTable:
         pcb.os_pid = proc.pid
         self.nursery.start_soon(self._watch, pcb)
         return pcb
+
+    async def _spawn_remote(self, pcb: PCB, argv: list, env: dict) -> PCB:
+        """Start the program on a cluster node; it calls back over the TCP listener."""
+        remote_env = {**env, "LLMAGENTOS_SOCKET": self.tcp_address,
+                      "LLMAGENTOS_TOKEN": pcb.token, "LLMAGENTOS_PID": str(pcb.pid)}
+        try:
+            remote = await self.cluster.spawn(list(argv), remote_env, None)
+        except SyscallError:
+            self._forget(pcb)
+            raise
+        pcb.remote = remote
+        pcb.node = remote.node
+        pcb.os_pid = remote.pid  # a pid on that node, not here
+        self.nursery.start_soon(self._watch_remote, pcb)
+        return pcb
+
+    async def _watch_remote(self, pcb: PCB) -> None:
+        """The remote twin of _watch: exit status and output come back from the node."""
+        with trio.CancelScope() as scope:
+            if "wall_time" in pcb.limits:
+                scope.deadline = trio.current_time() + pcb.limits["wall_time"]
+            rc, output = await pcb.remote.wait()
+        if scope.cancelled_caught:  # the wall-time deadline
+            pcb.exit_reason = f"wall time limit of {pcb.limits['wall_time']}s"
+            pcb.remote.signal(_signal.SIGKILL)
+            pcb.remote.close()
+            rc, output = -int(_signal.SIGKILL), b""
+        try:
+            with open(pcb.log_path, "ab") as f:
+                f.write(output)
+        except OSError:
+            pass
+        if rc < 0:
+            pcb.term_signal = -rc
+        else:
+            pcb.exit_code = rc
+        self._exited(pcb)
+
+    def _signal_os(self, pcb: PCB, sig: int) -> None:
+        """Signal the process's OS process tree, here or on its node."""
+        if pcb.remote is not None:
+            pcb.remote.signal(sig)
+        elif pcb.os_pid is not None:
+            signal_tree(pcb.os_pid, sig)
 
     def attach(self, parent: PCB, name: str | None, caps: list | None, limits: dict | None,
                nice: int, os_pid: int | None) -> PCB:
@@ -416,7 +477,7 @@ class ProcessTable:
             return
         if target.os_pid is None:
             raise SyscallError("ESRCH", f"pid {pid} has no OS process yet")
-        signal_tree(target.os_pid, sig)
+        self._signal_os(target, sig)
         target.signalled_at = time.monotonic()
         # Attached processes (Agents) living in that OS process are stopped and
         # continued with it: their device requests park and resume too.
@@ -459,15 +520,13 @@ class ProcessTable:
     async def terminate_all(self, grace: float) -> None:
         """Shutdown: TERM every process, wait up to grace seconds, KILL the rest."""
         for p in self.live_os():
-            if p.os_pid is not None:
-                signal_tree(p.os_pid, _signal.SIGCONT)
-                signal_tree(p.os_pid, _signal.SIGTERM)
+            self._signal_os(p, _signal.SIGCONT)
+            self._signal_os(p, _signal.SIGTERM)
         with trio.move_on_after(grace):
             for p in self.live_os():
                 await p.exit_event.wait()
         for p in self.live_os():
-            if p.os_pid is not None:
-                signal_tree(p.os_pid, _signal.SIGKILL)
+            self._signal_os(p, _signal.SIGKILL)
         with trio.move_on_after(2):
             for p in self.live_os():
                 await p.exit_event.wait()
@@ -483,7 +542,7 @@ class ProcessTable:
             "exit": pcb.status() if pcb.exited else None,
             "cpu_user": None, "cpu_system": None, "rss": None, "threads": None,
         }
-        if pcb.os_pid is not None and not pcb.exited:
+        if pcb.os_pid is not None and not pcb.exited and pcb.remote is None:
             try:
                 p = psutil.Process(pcb.os_pid)
                 with p.oneshot():

@@ -276,6 +276,18 @@ class Scheduler:
             raise SyscallError("ESRCH", f"no usage recorded for process {owner}")
         return dict(vars(acct.usage))
 
+    def load(self) -> int:
+        """Requests queued or running: what a DeviceSet balances new processes by."""
+        return len(self._queue) + sum(1 for r in self._slot_req if r is not None)
+
+    def holds(self, owner: int) -> bool:
+        """Has ``owner`` anything here: a request, a resident slot or saved state?"""
+        acct = self._owners.get(owner)
+        if acct is not None and (any(r.owner is acct for r in self._queue) or any(
+                r is not None and r.owner is acct for r in self._slot_req)):
+            return True
+        return owner in self._slot_owner or ("owner", owner) in self.snapshots
+
     def stats(self) -> dict[str, Any]:
         now = self.clock()
         while self._window and self._window[0][0] < now - STATS_WINDOW:
@@ -367,6 +379,9 @@ class Scheduler:
         Never raises: what the operations did before a failure is reported with it,
         so the bookkeeping (snapshots taken, states saved) stays true.
         """
+        remote_tick = getattr(self.device, "tick", None)
+        if remote_tick is not None:  # a remote device runs the whole tick in one round trip
+            return remote_tick(ops, plan)
         results: list[Any] = []
         try:
             self._run_ops(ops, results)

@@ -11,8 +11,9 @@ from .proc import INIT_PID, LIMITS, parse_signal
 
 @handler("proc.spawn")
 async def spawn(call: Call, argv: list, name: str | None, env: dict | None, cwd: str | None,
-                caps: list | None, limits: dict | None, nice: int) -> int:
-    pcb = await call.kernel.procs.spawn(call.caller, argv, name, env, cwd, caps, limits, nice)
+                caps: list | None, limits: dict | None, nice: int, placement: str) -> int:
+    pcb = await call.kernel.procs.spawn(call.caller, argv, name, env, cwd, caps, limits, nice,
+                                        placement)
     return pcb.pid
 
 

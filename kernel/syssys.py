@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import trio
+
 from llmagentos.syscalls.errno import SyscallError
 from llmagentos.syscalls.table import TABLE
 
@@ -37,6 +39,8 @@ async def stats(call: Call) -> dict:
         dev = k.scheduler.stats()
         dev.pop("owners", None)  # per-process rows are in proc.ps
         out["device"] = dev
+    if k.cluster is not None:  # nodes alive and dead, device actors (asks Ray's GCS)
+        out["cluster"] = await trio.to_thread.run_sync(k.cluster.status, abandon_on_cancel=True)
     return out
 
 

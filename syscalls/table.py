@@ -207,8 +207,9 @@ _def(6, "sys.audit", [P("pid", "int?", None), P("syscall", "str?", None), P("err
 _def(20, "proc.spawn", [
     P("argv", "list"), P("name", "str?", None), P("env", "dict?", None),
     P("cwd", "str?", None), P("caps", "list?", None), P("limits", "dict?", None),
-    P("nice", "int", 0),
-], "proc.spawn", "start a real OS process as a child of the caller; returns its pid",
+    P("nice", "int", 0), P("placement", "str", "local"),
+], "proc.spawn", "start a real OS process as a child of the caller; returns its pid "
+   "(placement=\"ray\": on a node of the kernel's Ray cluster, reaching the kernel over TCP)",
      mutates=True)
 _def(21, "proc.getpid", [], None, "the caller's pid")
 _def(22, "proc.ps", [], None, "the process table, one row per process")

@@ -67,7 +67,7 @@ def _kernel_options(args: argparse.Namespace) -> list[str]:
     """`llmos boot` options passed on to the kernel program."""
     out = []
     for opt in ("state_dir", "tcp", "policy", "quantum", "grace", "log_level", "config", "model",
-                "slots", "n_ctx", "threads"):
+                "slots", "n_ctx", "threads", "ray", "devices"):
         val = getattr(args, opt, None)
         if val is not None:
             out += ["--" + opt.replace("_", "-"), str(val)]
@@ -134,6 +134,16 @@ def cmd_status(args: argparse.Namespace) -> int:
                   f"{dev['tokens_out']} tokens out, {dev['preemptions']} preemptions")
         else:
             print("device none")
+        cl = s.get("cluster")
+        if cl:  # booted with --ray
+            print(f"ray cluster {cl['address']}: nodes {cl['nodes_alive']} alive, "
+                  f"{cl['nodes_dead']} dead; {cl['agents']} remote processes")
+            for n in cl["nodes"]:
+                print(f"  node {n['node']} {n['node_id'][:12]} "
+                      f"{'alive' if n['alive'] else 'DEAD'}  cpus {n['cpus']} gpus {n['gpus']}")
+            for d in cl["devices"]:
+                print(f"  device {d['device']} on {d['node']} (actor pid {d['actor_pid']}) "
+                      f"{'alive' if d['alive'] else 'DEAD'}  failures {d['failures']}")
     _out(args, st, human)
     return EXIT_OK
 
@@ -396,6 +406,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--slots", type=int)
     b.add_argument("--n-ctx", type=int)
     b.add_argument("--threads", type=int)
+    b.add_argument("--ray", metavar="auto|ADDRESS",
+                   help="devices on a Ray cluster (pip install 'llmagentos[ray]')")
+    b.add_argument("--devices", type=int, help="--ray: device actors to place")
     b.add_argument("--grace", type=float)
     b.add_argument("--log-level")
     b.add_argument("--timeout", type=float, default=60.0, help="--detach: seconds to wait")

@@ -1,0 +1,202 @@
+"""Several compute devices behind the Scheduler's API: which device runs which process.
+
+A ``DeviceSet`` owns one Scheduler per device, local or remote (a Ray actor,
+drivers/ray_device.py); each Scheduler runs its own device loop. The kernel
+sees the same API as for one Scheduler (generate, stop, cont, release,
+set_nice, usage, stats, run).
+
+Placement, per process (owner pid):
+
+* Sticky while resident: a process whose home device holds anything of it (a
+  request, its conversation in a slot, a saved snapshot) goes there again, so
+  a multi-turn agent keeps reusing its prefix.
+* Otherwise, and for new processes, the live device with the least load
+  (queued + running requests) takes it.
+* A device that fails loses its processes' residency: their in-flight requests
+  got EIO from its Scheduler, and their next request is placed afresh and
+  prefills from the context on whichever device takes it. A dead device gets
+  no new processes until a probe finds it answering again (Ray restarted it).
+
+A sequence never moves between devices while it runs; a process moves only
+between requests, and then only by re-prefilling (no KV state crosses devices
+here; snapshots stay with the Scheduler that took them).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import trio
+
+from llmagentos.drivers.sampling import SamplingParams
+from llmagentos.syscalls.errno import SyscallError
+
+from .scheduler import NICE_MAX, NICE_MIN, Result, Scheduler
+
+log = logging.getLogger(__name__)
+
+PROBE_INTERVAL = 1.0  # seconds between liveness probes of dead devices
+SUMMED = ("steps", "tokens_out", "tokens_in", "device_time", "preemptions", "restores",
+          "restore_failures", "prefix_copies", "copied_tokens", "idle_saves", "running",
+          "parked", "queue_length", "n_slots", "tokens_per_s")
+
+
+class DeviceSet:
+    """The Scheduler API over several Schedulers, one per device. See the module doc."""
+
+    def __init__(self, schedulers: Sequence[Scheduler]) -> None:
+        if not schedulers:
+            raise ValueError("a DeviceSet needs at least one device")
+        self.schedulers = list(schedulers)
+        self.policy = self.schedulers[0].policy
+        self.quantum = self.schedulers[0].quantum
+        self._home: dict[int, int] = {}   # owner pid -> index of its device
+        self._nice: dict[int, int] = {}
+        self._stopped: set[int] = set()
+        self.moves = 0                    # processes placed away from their old device
+
+    @property
+    def n_slots(self) -> int:
+        return sum(s.n_slots for s in self.schedulers)
+
+    def alive(self, i: int) -> bool:
+        return getattr(self.schedulers[i].device, "alive", True)
+
+    # -- placement --------------------------------------------------------------------------
+
+    async def _place(self, owner: int) -> Scheduler:
+        i = self._home.get(owner)
+        if i is not None and self.alive(i) and self.schedulers[i].holds(owner):
+            return self.schedulers[i]
+        live = [k for k in range(len(self.schedulers)) if self.alive(k)] or \
+            list(range(len(self.schedulers)))
+        j = min(live, key=lambda k: (self.schedulers[k].load(), k != i, k))
+        if i is not None and i != j:
+            self.moves += 1
+            await self.schedulers[i].release(owner)  # its leftovers there are of no use
+        self._home[owner] = j
+        sched = self.schedulers[j]
+        if owner in self._nice:
+            sched.set_nice(owner, self._nice[owner])
+        if owner in self._stopped:
+            sched.stop(owner)
+        return sched
+
+    # -- the Scheduler API --------------------------------------------------------------------
+
+    async def generate(
+        self,
+        owner: int,
+        prompt_tokens: Sequence[int],
+        params: SamplingParams | dict | None = None,
+        *,
+        nice: int | None = None,
+        on_token: Callable[[str], Awaitable[Any]] | None = None,
+    ) -> Result:
+        if nice is not None:
+            self.set_nice(owner, nice)
+        sched = await self._place(owner)
+        try:
+            return await sched.generate(owner, prompt_tokens, params, nice=nice,
+                                        on_token=on_token)
+        except SyscallError as exc:
+            if exc.name == "EIO" and self._home.get(owner) == self.schedulers.index(sched):
+                self._home.pop(owner, None)  # next time: wherever is alive and least loaded
+            raise
+
+    def stop(self, owner: int) -> None:
+        self._stopped.add(owner)
+        i = self._home.get(owner)
+        if i is not None:
+            self.schedulers[i].stop(owner)
+
+    def cont(self, owner: int) -> None:
+        self._stopped.discard(owner)
+        i = self._home.get(owner)
+        if i is not None:
+            self.schedulers[i].cont(owner)
+
+    async def release(self, owner: int) -> None:
+        self._home.pop(owner, None)
+        self._nice.pop(owner, None)
+        self._stopped.discard(owner)
+        for sched in self.schedulers:
+            await sched.release(owner)
+
+    def set_nice(self, owner: int, nice: int) -> None:
+        if not isinstance(nice, int) or isinstance(nice, bool) or not NICE_MIN <= nice <= NICE_MAX:
+            raise SyscallError("EINVAL", f"nice must be an integer in {NICE_MIN}..{NICE_MAX}")
+        i = self._home.get(owner)
+        if i is not None:
+            self.schedulers[i].set_nice(owner, nice)
+        self._nice[owner] = nice
+
+    def usage(self, owner: int) -> dict[str, Any]:
+        total: dict[str, Any] | None = None
+        for sched in self.schedulers:
+            try:
+                u = sched.usage(owner)
+            except SyscallError:
+                continue
+            total = u if total is None else {k: total[k] + u[k] for k in total}
+        if total is None:
+            raise SyscallError("ESRCH", f"no usage recorded for process {owner}")
+        return total
+
+    def stats(self) -> dict[str, Any]:
+        per = [s.stats() for s in self.schedulers]
+        out: dict[str, Any] = {k: sum(p[k] for p in per) for k in SUMMED}
+        out["policy"] = self.policy
+        out["quantum"] = self.quantum
+        out["slots"] = [{**slot, "device": i} for i, p in enumerate(per) for slot in p["slots"]]
+        out["utilization"] = sum(p["utilization"] for p in per) / len(per)
+        busy = [p["batch_size"] for p in per if p["batch_size"]]
+        out["batch_size"] = sum(busy) / len(busy) if busy else 0.0
+        snaps = [p["snapshots"] for p in per]
+        out["snapshots"] = {k: sum(s[k] for s in snaps) for k in snaps[0]}
+        out["owners"] = {}
+        for p in per:
+            out["owners"].update(p["owners"])
+        out["moves"] = self.moves
+        out["devices"] = []
+        for i, (sched, p) in enumerate(zip(self.schedulers, per)):
+            dev = sched.device
+            desc = dev.describe() if hasattr(dev, "describe") else {
+                "kind": "local", "node": "local", "alive": True, "failures": 0}
+            out["devices"].append({
+                "device": i, **desc, "model": dev.model_name, "n_slots": p["n_slots"],
+                "running": p["running"], "queue_length": p["queue_length"],
+                "tokens_per_s": p["tokens_per_s"], "utilization": p["utilization"],
+                "tokens_out": p["tokens_out"],
+                "processes": sorted(o for o, k in self._home.items() if k == i)})
+        return out
+
+    # -- the device loops -------------------------------------------------------------------
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Every device's loop, plus the liveness probe of remote devices."""
+        async with trio.open_nursery() as n:
+            for sched in self.schedulers:
+                await n.start(sched.run)
+            if any(hasattr(s.device, "probe") for s in self.schedulers):
+                n.start_soon(self._probe_loop)
+            task_status.started()
+
+    async def _probe_loop(self) -> None:
+        """Dead devices come back when Ray has restarted their actor; live ones that went
+        quiet are checked too, so a lost node shows in stats without waiting for a tick."""
+        while True:
+            await trio.sleep(PROBE_INTERVAL)
+            for i, sched in enumerate(self.schedulers):
+                dev = sched.device
+                if not hasattr(dev, "probe") or (dev.alive and sched.load()):
+                    continue  # a busy live device proves itself every tick
+                was = dev.alive
+                ok = await trio.to_thread.run_sync(dev.probe, abandon_on_cancel=True)
+                if ok != was:
+                    log.warning("device %d is %s", i, "back" if ok else "dead")
+                if not ok:  # its processes go elsewhere from their next request on
+                    for owner in [o for o, k in self._home.items() if k == i]:
+                        self._home.pop(owner, None)
