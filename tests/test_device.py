@@ -155,23 +155,8 @@ def device():
 
 @pytest.fixture(scope="module")
 def reference():
-    import llama_cpp
-    import llama_cpp.llama_cpp as low
-
-    original = low.llama_model_default_params
-
-    def no_extra_bufts():  # the AMX repack crashes this build; Device turns it off too
-        params = original()
-        params.use_extra_bufts = False
-        return params
-
-    low.llama_model_default_params = no_extra_bufts
-    try:
-        llm = compute_thread.call(lambda: llama_cpp.Llama(
-            str(packaged_gemma_path()), n_ctx=512, n_threads=2, n_threads_batch=2,
-            verbose=False))
-    finally:
-        low.llama_model_default_params = original
+    from conftest import reference_llama
+    llm = reference_llama()
     yield llm
     llm.close()
 

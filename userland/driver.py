@@ -48,7 +48,7 @@ import time
 import traceback
 import types
 import typing
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -432,6 +432,20 @@ def sole_error(exc: BaseException) -> BaseException:
 
 # --- the Driver base class -----------------------------------------------------------------
 
+async def requests(client: Any) -> AsyncIterator[tuple[int, str, Any, int]]:
+    """The calls the kernel routes to this driver: each drv.request notification
+    on the connection as (req_id, tool, args, caller_pid); ends when it closes."""
+    async for note in client.notifications():
+        if note.method != "drv.request":
+            continue
+        try:
+            req_id, name, args, caller = note.args
+        except (TypeError, ValueError):
+            log.warning("malformed drv.request %r", note.args)
+            continue
+        yield req_id, name, args, caller
+
+
 class Driver:
     """Base class of a userland driver: subclass it, decorate methods with `@tool`.
 
@@ -498,14 +512,7 @@ class Driver:
         log.info("serving %d tools under %r", len(self.tools), self.namespace)
         async with trio.open_nursery() as nursery:
             task_status.started()
-            async for note in client.notifications():
-                if note.method != "drv.request":
-                    continue
-                try:
-                    req_id, name, args, caller = note.args
-                except (TypeError, ValueError):
-                    log.warning("malformed drv.request %r", note.args)
-                    continue
+            async for req_id, name, args, caller in requests(client):
                 nursery.start_soon(self._serve_one, client, req_id, name, args, caller)
         log.info("the kernel closed the connection; %r is no longer served", self.namespace)
 

@@ -45,7 +45,7 @@ from mcp.shared.exceptions import MCPError
 from llmagentos.syscalls.errno import ERRNO
 
 from .client import AsyncClient, aconnect
-from .driver import SCHEMA_DIALECT, sole_error, to_wire
+from .driver import SCHEMA_DIALECT, requests, sole_error, to_wire
 from .errors import KernelError
 
 log = logging.getLogger("llmagentos.mcp_bridge")
@@ -204,14 +204,7 @@ class MCPBridge:
                 nursery.cancel_scope.cancel()
 
             nursery.start_soon(watch_server)
-            async for note in client.notifications():
-                if note.method != "drv.request":
-                    continue
-                try:
-                    req_id, name, args, _caller = note.args
-                except (TypeError, ValueError):
-                    log.warning("malformed drv.request %r", note.args)
-                    continue
+            async for req_id, name, args, _caller in requests(client):
                 nursery.start_soon(self._call, client, session, req_id, name, args or {})
             nursery.cancel_scope.cancel()  # the kernel connection closed
 
