@@ -112,6 +112,23 @@ def wait_for(pred, timeout: float = 10, interval: float = 0.05):
     raise AssertionError("condition not reached in time")
 
 
+@pytest.fixture(scope="module")
+def device():
+    """A real compute device (4 slots), one per test module."""
+    from llmagentos.drivers.llama_device import Device
+    dev = Device(n_seq_max=4, n_ctx=1024, n_batch=512, n_threads=2)
+    yield dev
+    dev.close()
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """llama-cpp-python's own Llama on the same GGUF, one per test module."""
+    llm = reference_llama()
+    yield llm
+    llm.close()
+
+
 def reference_llama(n_ctx: int = 512):
     """llama-cpp-python's own greedy baseline (see drivers/llama_device.py)."""
     from llmagentos.drivers.llama_device import reference_llama as load

@@ -146,19 +146,6 @@ def test_chat_templates_render():
 # The real device
 
 
-@pytest.fixture(scope="module")
-def device():
-    dev = Device(n_seq_max=4, n_ctx=1024, n_batch=512, n_threads=2)
-    yield dev
-    dev.close()
-
-
-@pytest.fixture(scope="module")
-def reference():
-    from conftest import reference_llama
-    llm = reference_llama()
-    yield llm
-    llm.close()
 
 
 def run_slot(device, slot, prompt, params, *, fresh=True, max_steps=400):

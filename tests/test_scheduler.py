@@ -482,22 +482,6 @@ async def test_bad_params_are_einval_before_queueing(nursery):
 # The real device
 
 
-@pytest.fixture(scope="module")
-def device():
-    from llmagentos.drivers.llama_device import Device
-
-    dev = Device(n_seq_max=4, n_ctx=1024, n_batch=512, n_threads=2)
-    yield dev
-    dev.close()
-
-
-@pytest.fixture(scope="module")
-def reference():
-    """llama-cpp-python's high-level Llama on the same GGUF (AMX repack off, as in Device)."""
-    from conftest import reference_llama
-    llm = reference_llama()
-    yield llm
-    llm.close()
 
 
 @pytest.fixture
