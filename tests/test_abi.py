@@ -197,3 +197,31 @@ def test_syscalls_table_over_the_wire(shared_kernel):
     assert {"sys.hello", "proc.spawn", "proc.wait", "proc.kill"} <= names
     spawn = next(x for x in calls if x["name"] == "proc.spawn")
     assert spawn["cap"] == "proc.spawn" and spawn["params"][0]["name"] == "argv"
+
+
+def test_every_syscall_with_garbage_arguments_gets_an_errno_not_a_crash(shared_kernel):
+    """Random values of every type for every call: each answer is a result or
+    a clear errno (never the dispatcher's EIO 'internal error'), and the
+    kernel keeps serving."""
+    import random
+
+    from llmagentos.syscalls.table import TABLE
+    rng = random.Random(0)
+    values = [None, 0, -1, 1, 2**40, 1.5, float("nan"), "", "x", "../..", "\x00", "a" * 5000,
+              b"", b"\xff", [], [1], ["a"], [[]], {}, {"a": 1}, {"role": 1}, True,
+              [{"role": "user", "content": "hi"}], 99999]
+    skip = {"sys.shutdown", "proc.exit", "proc.spawn", "proc.attach", "proc.kill", "proc.wait"}
+    internal = []
+    with shared_kernel.client() as c:
+        for sc in TABLE:
+            if sc.name in skip:
+                continue
+            for _ in range(25):
+                args = [rng.choice(values) for _ in range(rng.randint(0, len(sc.params) + 1))]
+                try:
+                    c.call(sc.name, *args)
+                except llmagentos.KernelError as e:
+                    if "internal error" in e.message:
+                        internal.append((sc.name, args, e.message))
+        assert internal == []
+        assert c.proc.getpid() == 1
