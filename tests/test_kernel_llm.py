@@ -331,3 +331,34 @@ def test_corrupt_model_file_fails_boot(tmp_path):
     bad.write_bytes(b"not a gguf at all")
     with pytest.raises(RuntimeError, match="boot failed"):
         boot_kernel(tmp_path, model=str(bad))
+
+
+@pytest.mark.parametrize("policy", ["priority", "fair", "rr"])
+def test_policies_on_the_real_device(tmp_path, policy):
+    """One slot, two processes started together. priority: the nice -10 one
+    finishes first although it started second; fair and rr: both advance
+    (the first to start does not run to completion before the other starts)."""
+    k = boot_kernel(tmp_path, "--slots", "1", "--n-ctx", "256", "--policy", policy,
+                    "--quantum", "4", model="gemma3-270m")
+    prog = textwrap.dedent("""
+        import llmagentos, time
+        c = llmagentos.connect()
+        c.llm.generate("Count slowly:", None, {"max_tokens": 40, "temperature": 0})
+        print(time.time())
+    """)
+    try:
+        with k.client() as c:
+            low = c.proc.spawn([PY, "-c", prog], "low", None, None, None, None, 10)
+            time.sleep(0.3)
+            high = c.proc.spawn([PY, "-c", prog], "high", None, None, None, None, -10) \
+                if policy == "priority" else c.proc.spawn([PY, "-c", prog], "second")
+            for p in (low, high):
+                assert c.proc.wait(p, 120)["exit_code"] == 0
+            t_low, t_high = (float(c.proc.logs(p)["data"]) for p in (low, high))
+            st = c.sys.stats()["device"]
+        if policy == "priority":
+            assert t_high < t_low
+        else:
+            assert st["preemptions"] >= 1  # they took turns on the one slot
+    finally:
+        k.stop()
