@@ -83,23 +83,17 @@ def lookup(method: str) -> tuple[Syscall, Entry]:
 
 
 async def invoke(call: Call, entry: Entry, args: list, kwargs: dict) -> Any:
-    """Check arity, types and capability, then run the handler."""
+    """Check arity, types and capability, then run the handler; a call that
+    changes state is written to the audit log, failed or not."""
     sc = call.syscall
     caller = call.caller
     if caller is None:  # only sys.hello gets here unauthenticated
         return await entry.fn(call, **sc.bind(args, kwargs))
+    if not sc.mutates:
+        return await _checked(call, entry, sc, caller, args, kwargs)
     errno: str | None = None
-    bound: Any = args
     try:
-        bound = sc.bind(args, kwargs) if (args or kwargs or sc.params) else {}
-        if sc.cap is not None and not capmod.covers(caller.caps, sc.cap):
-            raise SyscallError("EACCES", f"{sc.name} needs capability {sc.cap!r}")
-        caller.usage.syscalls += 1
-        caller.running_calls += 1
-        try:
-            return await entry.fn(call, **bound)
-        finally:
-            caller.running_calls -= 1
+        return await _checked(call, entry, sc, caller, args, kwargs)
     except SyscallError as e:
         errno = e.name
         raise
@@ -107,7 +101,23 @@ async def invoke(call: Call, entry: Entry, args: list, kwargs: dict) -> Any:
         errno = "EIO"
         raise
     finally:
-        if sc.mutates:
-            detail = bound.get("name") if isinstance(bound, dict) else None
-            call.kernel.audit.record(caller.pid, sc.name, bound, errno,
-                                     detail if isinstance(detail, str) else "")
+        try:
+            bound: Any = sc.bind(args, kwargs)
+        except SyscallError:
+            bound = args  # what the caller sent, for the digest
+        detail = bound.get("name") if isinstance(bound, dict) else None
+        call.kernel.audit.record(caller.pid, sc.name, bound, errno,
+                                 detail if isinstance(detail, str) else "")
+
+
+async def _checked(call: Call, entry: Entry, sc: Syscall, caller: Any, args: list,
+                   kwargs: dict) -> Any:
+    bound = sc.bind(args, kwargs) if (args or kwargs or sc.params) else {}
+    if sc.cap is not None and not capmod.covers(caller.caps, sc.cap):
+        raise SyscallError("EACCES", f"{sc.name} needs capability {sc.cap!r}")
+    caller.usage.syscalls += 1
+    caller.running_calls += 1
+    try:
+        return await entry.fn(call, **bound)
+    finally:
+        caller.running_calls -= 1

@@ -69,11 +69,9 @@ class Connection:
         await self.send(wire.encode_notification(method, args))
 
     async def respond(self, msgid: int, error: dict | None, result: Any) -> None:
-        try:
-            data = wire.encode_response(msgid, error, result)
-        except (TypeError, ValueError, OverflowError) as e:
-            err = SyscallError("EIO", f"result not serializable: {e}")
-            data = wire.encode_response(msgid, err.to_wire(), None)
+        await self._answer(_response(msgid, error, result))
+
+    async def _answer(self, data: bytes) -> None:
         try:
             await self.send(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -148,17 +146,25 @@ class Connection:
 
     async def _run(self, call: dispatch.Call, entry: dispatch.Entry, req: wire.Request) -> None:
         try:
-            result = await dispatch.invoke(call, entry, req.args, req.kwargs)
+            data = _response(req.msgid, None,
+                             await dispatch.invoke(call, entry, req.args, req.kwargs))
         except SyscallError as e:
             self.kernel.stats["errors"] += 1
-            await self.respond(req.msgid, e.to_wire(), None)
+            data = _response(req.msgid, e.to_wire(), None)
         except Exception as e:  # a handler bug must never take the kernel down
             self.kernel.stats["errors"] += 1
             log.error("handler %s failed:\n%s", req.method, traceback.format_exc())
-            await self.respond(req.msgid, SyscallError(
+            data = _response(req.msgid, SyscallError(
                 "EIO", f"internal error in {req.method}: {type(e).__name__}: {e}").to_wire(), None)
-        else:
-            await self.respond(req.msgid, None, result)
+        await self._answer(data)
+
+
+def _response(msgid: int, error: dict | None, result: Any) -> bytes:
+    try:
+        return wire.encode_response(msgid, error, result)
+    except (TypeError, ValueError, OverflowError) as e:
+        err = SyscallError("EIO", f"result not serializable: {e}")
+        return wire.encode_response(msgid, err.to_wire(), None)
 
 
 async def serve_listener(kernel: "Kernel", listener: trio.SocketListener,
