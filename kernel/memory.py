@@ -35,9 +35,7 @@ it returns; a call that raises leaves nothing behind.
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import sqlite3
 import threading
 import time
@@ -48,16 +46,19 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from llmagentos.kernel import store
-from llmagentos.syscalls.errno import SyscallError
+from llmagentos.kernel.ltm import LongTermMemory
+from llmagentos.kernel.store import (
+    MAX_NAME,
+    _check_int,
+    _check_str,
+    _err,
+    fts_any,
+    fts_terms,
+)
 
 ROLES = frozenset({"system", "user", "assistant", "tool"})
 NOTE_SEQ = 0  # the paging note's seq: one per context, rewritten in place
 NOTE_ROLE = "system"
-MAX_NAME = 255
-MAX_KEY = 1024
-MAX_VALUE_BYTES = 1 << 20  # one long-term memory value
-MAX_TAGS = 32
-MAX_QUERY_TERMS = 16
 _RRF_K = 60  # reciprocal-rank fusion constant (Cormack et al. 2009)
 _COMMON_DF = 1000  # a search term in this many messages only scores, never selects
 
@@ -65,56 +66,6 @@ CountTokens = Callable[[str], int]
 Embed = Callable[[list[str]], list[list[float]]]
 
 _MSG_COLS = "seq, role, kind, content, tokens, pinned, state, created"
-
-# Words that match nearly every message: dropping them keeps bm25 work bounded
-# by the rare terms that carry the query ("what is the vault code" -> vault, code).
-_STOPWORDS = frozenset(
-    """a an and are as at be been but by can could did do does for from had has have he her
-    him his how i if in into is it its me my no not of on or our she so than that the their
-    them then there these they this those to us was we were what when where which who whom
-    why will with would you your""".split()  # noqa: SIM905 (a word list reads better so)
-)
-_WORD = re.compile(r"\w+")
-
-
-def fts_terms(text: str) -> list[str]:
-    """The searchable words of arbitrary text: lowercased, deduplicated, stopwords
-    dropped (unless that leaves nothing), at most MAX_QUERY_TERMS."""
-    words = []
-    for w in _WORD.findall(text.lower()):
-        w = w.strip("_")
-        if w and w not in words:
-            words.append(w)
-    content = [w for w in words if w not in _STOPWORDS]
-    return (content or words)[:MAX_QUERY_TERMS]
-
-
-def fts_any(terms: list[str]) -> str:
-    """An FTS5 expression matching any of ``terms``. Each term is a quoted
-    string, so operators (AND, NEAR, *, ^, parentheses, column filters) in
-    user text are inert; ``\\w+`` words never contain a double quote."""
-    return "(" + " OR ".join(f'"{t}"' for t in terms) + ")"
-
-
-def _err(name: str, message: str) -> SyscallError:
-    return SyscallError(name, message)
-
-
-def _check_int(value: object, what: str, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _err("EINVAL", f"{what} must be an integer, not {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise _err("EINVAL", f"{what} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_str(value: object, what: str, max_len: int | None = None) -> str:
-    if not isinstance(value, str) or not value:
-        raise _err("EINVAL", f"{what} must be a non-empty string")
-    if max_len is not None and len(value) > max_len:
-        raise _err("EINVAL", f"{what} is longer than {max_len} characters")
-    return value
-
 
 @dataclass
 class _Context:
@@ -143,8 +94,9 @@ def _message(row: tuple) -> dict[str, Any]:
     }
 
 
-class ContextStore:
-    """Contexts, their archive and long-term memory, in one SQLite file.
+class ContextStore(LongTermMemory):
+    """Contexts, their archive and long-term memory (``mem_*``, kernel/ltm.py),
+    in one SQLite file.
 
     ``count_tokens`` measures message text with the model's tokenizer.
     ``embed``, when given, turns texts into vectors: archived messages get one
@@ -833,153 +785,3 @@ class ContextStore:
         top = np.argpartition(-sims, n - 1)[:n]
         top = top[np.argsort(-sims[top])]
         return [int(i) for i in ids[top]]
-
-    # -- long-term memory ---------------------------------------------------
-
-    def mem_put(
-        self, namespace: str, key: str, value: Any, tags: Iterable[str] | None = None
-    ) -> bool:
-        """Store ``value`` (a string or anything JSON can encode) under
-        ``namespace``/``key`` with ``tags``, replacing what was there.
-        Returns True if the key is new."""
-        _check_str(namespace, "namespace", MAX_NAME)
-        _check_str(key, "key", MAX_KEY)
-        try:
-            text = json.dumps(value, ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError) as e:
-            raise _err("EINVAL", f"value is not JSON-encodable: {e}") from None
-        if len(text.encode()) > MAX_VALUE_BYTES:
-            raise _err("EDQUOT", f"value is over {MAX_VALUE_BYTES} bytes")
-        if isinstance(tags, str):
-            raise _err("EINVAL", "tags must be a list of strings, not a string")
-        tag_list = sorted({_check_str(t, "tag", MAX_NAME) for t in tags or ()})
-        if len(tag_list) > MAX_TAGS:
-            raise _err("EINVAL", f"at most {MAX_TAGS} tags")
-        now = time.time()
-        with self._tx() as db:
-            old = db.execute(
-                "SELECT id FROM memories WHERE namespace = ? AND key = ?", (namespace, key)
-            ).fetchone()
-            if old is None:
-                mid = db.execute(
-                    "INSERT INTO memories(namespace, key, value, tags, created, updated)"
-                    " VALUES (?, ?, ?, ?, ?, ?)",
-                    (namespace, key, text, json.dumps(tag_list), now, now),
-                ).lastrowid
-            else:
-                mid = old[0]
-                db.execute(
-                    "UPDATE memories SET value = ?, tags = ?, updated = ? WHERE id = ?",
-                    (text, json.dumps(tag_list), now, mid),
-                )
-                db.execute("DELETE FROM memory_tags WHERE mem = ?", (mid,))
-            db.executemany(
-                "INSERT INTO memory_tags(tag, mem) VALUES (?, ?)", [(t, mid) for t in tag_list]
-            )
-        return old is None
-
-    @staticmethod
-    def _memory(row: tuple) -> dict[str, Any]:
-        namespace, key, value, tags, created, updated = row[:6]
-        return {
-            "namespace": namespace,
-            "key": key,
-            "value": json.loads(value),
-            "tags": json.loads(tags),
-            "created": created,
-            "updated": updated,
-        }
-
-    def mem_get(self, namespace: str, key: str) -> dict[str, Any]:
-        """{namespace, key, value, tags, created, updated}; ENOENT if absent."""
-        _check_str(namespace, "namespace")
-        _check_str(key, "key")
-        with self._lock:
-            row = self._db.execute(
-                "SELECT namespace, key, value, tags, created, updated FROM memories"
-                " WHERE namespace = ? AND key = ?",
-                (namespace, key),
-            ).fetchone()
-        if row is None:
-            raise _err("ENOENT", f"no memory {key!r} in {namespace!r}")
-        return self._memory(row)
-
-    def mem_delete(self, namespace: str, key: str) -> None:
-        _check_str(namespace, "namespace")
-        _check_str(key, "key")
-        with self._tx() as db:
-            if (
-                db.execute(
-                    "DELETE FROM memories WHERE namespace = ? AND key = ?", (namespace, key)
-                ).rowcount
-                == 0
-            ):
-                raise _err("ENOENT", f"no memory {key!r} in {namespace!r}")
-
-    def mem_list(self, namespace: str, tags: Iterable[str] | None = None) -> list[dict]:
-        """Keys of ``namespace`` (having all ``tags``), newest first, without values:
-        {key, tags, updated}."""
-        _check_str(namespace, "namespace")
-        where, args = self._tag_filter(tags)
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT key, tags, updated FROM memories m WHERE namespace = ?"
-                f"{where} ORDER BY updated DESC, id DESC",
-                (namespace, *args),
-            ).fetchall()
-        return [{"key": k, "tags": json.loads(t), "updated": u} for k, t, u in rows]
-
-    @staticmethod
-    def _tag_filter(tags: Iterable[str] | None) -> tuple[str, list]:
-        if tags is None:
-            return "", []
-        if isinstance(tags, str):
-            raise _err("EINVAL", "tags must be a list of strings, not a string")
-        want = sorted({_check_str(t, "tag", MAX_NAME) for t in tags})
-        if not want:
-            return "", []
-        marks = ", ".join("?" * len(want))
-        sql = (
-            f" AND m.id IN (SELECT mem FROM memory_tags WHERE tag IN ({marks})"
-            f" GROUP BY mem HAVING count(*) = {len(want)})"
-        )
-        return sql, want
-
-    def mem_search(
-        self, namespace: str, query: str, k: int = 5, tags: Iterable[str] | None = None
-    ) -> list[dict[str, Any]]:
-        """The ``k`` memories of ``namespace`` (having all ``tags``) that best
-        match ``query`` by bm25 over key, value and tags; each a mem_get dict
-        plus ``score``. A query without words lists the newest instead."""
-        _check_str(namespace, "namespace")
-        if not isinstance(query, str):
-            raise _err("EINVAL", "query must be a string")
-        _check_int(k, "k", 1)
-        where, args = self._tag_filter(tags)
-        cols = "m.namespace, m.key, m.value, m.tags, m.created, m.updated"
-        terms = fts_terms(query)
-        with self._lock:
-            if terms:
-                # The namespace as one FTS5 string (quotes doubled): tokenized exactly
-                # as it was indexed. The join on m.namespace is what makes it exact.
-                quoted = namespace.replace('"', '""')
-                ns = f'ns : "{quoted}" AND ' if _WORD.search(namespace) else ""
-                rows = self._db.execute(
-                    f"SELECT {cols}, bm25(memories_fts, 0.0, 2.0, 1.0, 1.0) AS r"
-                    " FROM memories_fts JOIN memories m ON m.id = memories_fts.rowid"
-                    f" WHERE memories_fts MATCH ? AND m.namespace = ?{where}"
-                    " ORDER BY r LIMIT ?",
-                    (f"{ns}{{key value tags}} : {fts_any(terms)}", namespace, *args, k),
-                ).fetchall()
-            else:
-                rows = self._db.execute(
-                    f"SELECT {cols}, 0.0 FROM memories m WHERE namespace = ?{where}"
-                    " ORDER BY updated DESC, id DESC LIMIT ?",
-                    (namespace, *args, k),
-                ).fetchall()
-        out = []
-        for row in rows:
-            m = self._memory(row)
-            m["score"] = -row[6]
-            out.append(m)
-        return out
