@@ -90,10 +90,12 @@ async def invoke(call: Call, entry: Entry, args: list, kwargs: dict) -> Any:
     if caller is None:  # only sys.hello gets here unauthenticated
         return await entry.fn(call, **sc.bind(args, kwargs))
     if not sc.mutates:
-        return await _checked(call, entry, sc, caller, args, kwargs)
+        return await _checked(call, entry, sc, caller, _bind(sc, args, kwargs))
     errno: str | None = None
+    bound: Any = args  # what the caller sent, for the digest, if it does not bind
     try:
-        return await _checked(call, entry, sc, caller, args, kwargs)
+        bound = _bind(sc, args, kwargs)
+        return await _checked(call, entry, sc, caller, bound)
     except SyscallError as e:
         errno = e.name
         raise
@@ -101,18 +103,17 @@ async def invoke(call: Call, entry: Entry, args: list, kwargs: dict) -> Any:
         errno = "EIO"
         raise
     finally:
-        try:
-            bound: Any = sc.bind(args, kwargs)
-        except SyscallError:
-            bound = args  # what the caller sent, for the digest
         detail = bound.get("name") if isinstance(bound, dict) else None
         call.kernel.audit.record(caller.pid, sc.name, bound, errno,
                                  detail if isinstance(detail, str) else "")
 
 
-async def _checked(call: Call, entry: Entry, sc: Syscall, caller: Any, args: list,
-                   kwargs: dict) -> Any:
-    bound = sc.bind(args, kwargs) if (args or kwargs or sc.params) else {}
+def _bind(sc: Syscall, args: list, kwargs: dict) -> dict[str, Any]:
+    return sc.bind(args, kwargs) if (args or kwargs or sc.params) else {}
+
+
+async def _checked(call: Call, entry: Entry, sc: Syscall, caller: Any,
+                   bound: dict[str, Any]) -> Any:
     if sc.cap is not None and not capmod.covers(caller.caps, sc.cap):
         raise SyscallError("EACCES", f"{sc.name} needs capability {sc.cap!r}")
     caller.usage.syscalls += 1

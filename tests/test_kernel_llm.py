@@ -15,7 +15,7 @@ GREEDY = {"temperature": 0, "max_tokens": 24}
 
 
 @pytest.fixture(scope="module")
-def reference():
+def reference_text():
     """llama-cpp-python's own greedy completion, for the same prompt and length."""
     llm = reference_llama()
     out = llm.create_completion(PROMPT, max_tokens=24, temperature=0)["choices"][0]["text"]
@@ -23,24 +23,24 @@ def reference():
     return out
 
 
-def test_greedy_equals_llama_cpp_python(llm_kernel, reference):
+def test_greedy_equals_llama_cpp_python(llm_kernel, reference_text):
     with llm_kernel.client() as c:
         r = c.llm.generate(PROMPT, None, GREEDY)
-    assert r["text"] == reference
+    assert r["text"] == reference_text
     assert r["finish_reason"] == "length"
     assert r["usage"]["completion_tokens"] == 24 and r["usage"]["prompt_tokens"] > 3
 
 
-def test_streamed_equals_non_streamed(llm_kernel, reference):
+def test_streamed_equals_non_streamed(llm_kernel, reference_text):
     pieces = []
     with llm_kernel.client() as c:
         r = c.call("llm.generate", PROMPT, None, GREEDY, True,
                    on_notify=lambda m, a: pieces.append((m, a)))
     assert all(m == "llm.token" for m, _ in pieces) and len(pieces) > 5
-    assert "".join(a[1] for _, a in pieces) == r["text"] == reference
+    assert "".join(a[1] for _, a in pieces) == r["text"] == reference_text
 
 
-def test_async_stream(llm_kernel, reference):
+def test_async_stream(llm_kernel, reference_text):
     import trio
 
     async def main():
@@ -51,7 +51,7 @@ def test_async_stream(llm_kernel, reference):
         return "".join(got), r["text"]
 
     streamed, text = trio.run(main)
-    assert streamed == text == reference
+    assert streamed == text == reference_text
 
 
 def test_json_schema_output_parses(llm_kernel):
