@@ -51,6 +51,10 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
                     help="--ray: GPUs each device actor reserves")
     ap.add_argument("--device-restarts", type=int, default=3,
                     help="--ray: times Ray restarts a dead device actor")
+    ap.add_argument("--isolation", default="auto",
+                    choices=["auto", "namespace", "landlock", "none"],
+                    help="how spawned processes are kept from the kernel and each other "
+                         "(docs/sandbox.md)")
     ap.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
     cfg = KernelConfig(tcp=a.tcp, grace=a.grace, max_frame=a.max_frame, policy=a.policy,
@@ -60,6 +64,7 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
                        embed_memory=a.embed_memory)
     cfg.ray, cfg.devices, cfg.device_restarts = a.ray, a.devices, a.device_restarts
     cfg.device_cpus, cfg.device_gpus = a.device_cpus, a.device_gpus
+    cfg.isolation = a.isolation
     if a.run_dir:
         cfg.run_dir = a.run_dir.resolve()
     if a.state_dir:

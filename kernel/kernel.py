@@ -43,6 +43,7 @@ from . import (  # noqa: F401  (handlers register on import)
     systraj,
 )
 from .audit import AuditLog
+from .isolation import Isolation, make_kernel_undumpable
 from .memory import ContextStore
 from .proc import PCB, ProcessTable
 from .scheduler import Scheduler
@@ -82,6 +83,7 @@ class KernelConfig:
     device_gpus: float = 0.0
     device_restarts: int = 3  # Ray restarts a dead device actor this many times
     embed_memory: bool = False  # embed archived messages with the device; search blends them
+    isolation: str = "auto"  # auto | namespace | landlock | none (kernel/isolation.py)
 
     @property
     def socket_path(self) -> Path:
@@ -127,12 +129,30 @@ class Kernel:
                             + (f" (pid {pid})" if pid else "")
                             + "; shut it down with `llmos shutdown` or use --run-dir") from None
         self._lock_fd = fd
+        self._isolate()
         sock = cfg.socket_path
         if sock.exists() or sock.is_symlink():
             if _socket_alive(sock):
                 raise BootError(f"{sock} is answering although no kernel holds the lock")
             log.warning("replacing stale socket %s from a crashed kernel", sock)
             sock.unlink()
+
+    def _isolate(self) -> None:
+        """Pick the isolation level for spawned processes; the kernel itself
+        becomes undumpable (it holds every token)."""
+        cfg = self.config
+        make_kernel_undumpable()
+        hide_dirs = [cfg.state_dir]
+        if cfg.run_dir.resolve().is_relative_to(cfg.state_dir.resolve()):
+            log.warning("the run dir is inside the state dir: the state dir cannot be hidden "
+                        "from spawned processes")
+            hide_dirs = []
+        try:
+            self.procs.isolation = Isolation.probe(cfg.isolation, hide_dirs,
+                                                   [cfg.run_dir / paths.TOKEN_NAME])
+        except RuntimeError as e:
+            raise BootError(str(e)) from None
+        log.info("isolation of spawned processes: %s", self.procs.isolation.level)
 
     def _write_run_files(self) -> None:
         rd = self.config.run_dir
@@ -316,6 +336,7 @@ class Kernel:
             "socket": str(self.config.socket_path), "tcp": self.tcp_address,
             "run_dir": str(self.config.run_dir), "state_dir": str(self.config.state_dir),
             "policy": self.config.policy,
+            "isolation": self.procs.isolation.describe(),
             "model": self.device.model_name if self.device else None,
             "slots": self.scheduler.n_slots if self.scheduler else 0,
             "n_ctx": self.device.n_ctx if self.device else 0,

@@ -23,7 +23,10 @@ import psutil
 import trio
 
 from llmagentos.syscalls import caps as capmod
+from llmagentos.syscalls import paths
 from llmagentos.syscalls.errno import SyscallError
+
+from .isolation import Isolation, resolve_executable
 
 INIT_PID = 1
 
@@ -123,6 +126,18 @@ class PCB:
         }
 
 
+_KERNEL_TREE = object()  # _os_owner: started by the kernel, but by no live process
+
+
+def _ppid(os_pid: int) -> int:
+    try:
+        with open(f"/proc/{os_pid}/stat", "rb") as f:
+            stat = f.read()
+        return int(stat[stat.rindex(b")") + 2:].split()[1])  # comm may hold spaces and ')'
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def parse_signal(sig: int | str) -> int:
     """Accept 9, "9", "KILL", "SIGKILL"; reject anything else with EINVAL."""
     if isinstance(sig, str):
@@ -170,8 +185,10 @@ def signal_tree(os_pid: int, sig: int) -> None:
 class ProcessTable:
     """Every process of this boot, by pid; owns their OS processes."""
 
-    def __init__(self, log_dir: Path, base_env: dict[str, str] | None = None):
+    def __init__(self, log_dir: Path, base_env: dict[str, str] | None = None,
+                 isolation: Isolation | None = None):
         self.log_dir = log_dir
+        self.isolation = isolation or Isolation("none")
         self.base_env = dict(os.environ if base_env is None else base_env)
         self.procs: dict[int, PCB] = {}
         self.by_token: dict[str, int] = {}
@@ -207,6 +224,41 @@ class ProcessTable:
         if pid is None or self.procs[pid].exited:
             raise SyscallError("EACCES", "bad or expired token")
         return self.procs[pid]
+
+    def may_present(self, pcb: PCB, peer_pid: int | None) -> bool:
+        """Whether the OS process `peer_pid` may say hello as `pcb`: a token is
+        bound to the OS processes of its own process. A peer this kernel did not
+        start (the shell user's programs) may present any token; a peer inside a
+        spawned process's tree only that process's token (or of an Agent it
+        attached); a descendant of the kernel outside every process's tree (an
+        orphan that escaped its parent) none. Without peer credentials (TCP) the
+        token alone decides."""
+        if peer_pid is None or peer_pid == os.getpid():
+            return True
+        owner = self._os_owner(peer_pid)
+        if owner is None:
+            return True
+        if owner is _KERNEL_TREE:
+            return False
+        return pcb is owner or (pcb.attached and self.is_descendant(pcb.pid, owner.pid))
+
+    def _os_owner(self, os_pid: int) -> "PCB | object | None":
+        """The live spawned process whose OS tree holds os_pid; _KERNEL_TREE when
+        only the kernel is an ancestor; None when the kernel is not either."""
+        by_os = {p.os_pid: p for p in self.procs.values()
+                 if p.os_pid is not None and not p.exited and not p.attached
+                 and p.remote is None and p.pid != INIT_PID}
+        kernel_pid = os.getpid()
+        pid = os_pid
+        for _ in range(256):  # a chain of parents; never loop on a corrupt read
+            if pid in by_os:
+                return by_os[pid]
+            if pid == kernel_pid:
+                return _KERNEL_TREE
+            pid = _ppid(pid)
+            if pid <= 1:
+                return None
+        return None
 
     def children(self, pid: int) -> list[PCB]:
         return [p for p in self.procs.values() if p.ppid == pid]
@@ -297,23 +349,41 @@ class ProcessTable:
         if placement == "ray":
             return await self._spawn_remote(pcb, argv, env)
         child_env = {**self.base_env, **env,
-                     "LLMAGENTOS_SOCKET": self.socket_address,
-                     "LLMAGENTOS_TOKEN": pcb.token,
-                     "LLMAGENTOS_PID": str(pcb.pid)}
+                     paths.ENV_SOCKET: self.socket_address,
+                     paths.ENV_PID: str(pcb.pid)}
+        for k in (paths.ENV_TOKEN, paths.ENV_TOKEN_FD):  # the token comes on a memfd
+            child_env.pop(k, None)
         try:
-            with open(pcb.log_path, "wb") as log:
-                proc = await trio.lowlevel.open_process(
-                    list(argv), stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                    env=child_env, cwd=pcb.cwd, start_new_session=True)
+            exe = resolve_executable(argv[0], pcb.cwd, child_env.get("PATH", os.defpath))
         except FileNotFoundError:
             self._forget(pcb)
             raise SyscallError("ENOENT", f"no such executable: {argv[0]!r}") from None
         except PermissionError:
             self._forget(pcb)
             raise SyscallError("EACCES", f"cannot execute {argv[0]!r}") from None
+        ready_r, ready_w = os.pipe()
+        cfg = self.isolation.config(exe, list(argv), child_env, pcb.token, [])
+        cfg["ready_fd"] = ready_w
+        cfg_fd = self.isolation.config_fd(cfg)
+        try:
+            with open(pcb.log_path, "wb") as log:
+                proc = await trio.lowlevel.open_process(
+                    self.isolation.command(cfg_fd), stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT, cwd=pcb.cwd, start_new_session=True,
+                    pass_fds=[cfg_fd, ready_w])
         except OSError as e:
+            os.close(ready_r)
             self._forget(pcb)
             raise SyscallError("EIO", f"spawn failed: {e}") from None
+        finally:
+            os.close(cfg_fd)
+            os.close(ready_w)
+        failure = await _exec_outcome(ready_r)
+        if failure is not None:  # the launcher could not confine or exec: nothing runs
+            with trio.move_on_after(5):
+                await proc.wait()
+            self._forget(pcb)
+            raise SyscallError("EIO", f"spawn failed: {failure}")
         pcb.os_proc = proc
         pcb.os_pid = proc.pid
         self.nursery.start_soon(self._watch, pcb)
@@ -553,6 +623,22 @@ class ProcessTable:
             except psutil.Error:
                 pass
         return out
+
+
+async def _exec_outcome(ready_fd: int, timeout: float = 30.0) -> str | None:
+    """None once the launcher has exec'd the program (its end of the pipe
+    closed on exec), else what it reported."""
+    stream = trio.lowlevel.FdStream(ready_fd)
+    data = b""
+    try:
+        with trio.move_on_after(timeout) as scope:
+            while chunk := await stream.receive_some(4096):
+                data += chunk
+        if scope.cancelled_caught:
+            return f"the launcher did not exec within {timeout}s"
+    finally:
+        await stream.aclose()
+    return data.decode(errors="replace") or None
 
 
 async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:

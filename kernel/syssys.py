@@ -13,7 +13,10 @@ from .dispatch import Call, handler
 @handler("sys.hello")
 async def hello(call: Call, token: str) -> dict:
     conn = call.conn
-    pcb = call.kernel.procs.authenticate(token)
+    procs = call.kernel.procs
+    pcb = procs.authenticate(token)
+    if not procs.may_present(pcb, conn.peer_pid()):
+        raise SyscallError("EACCES", "bad or expired token")  # the same answer: no oracle
     if conn.pcb is not None and conn.pcb.pid != pcb.pid:
         raise SyscallError("EPERM", f"connection is already pid {conn.pcb.pid}")
     if conn.pcb is None and pcb.attached:

@@ -8,7 +8,8 @@ import tempfile
 from pathlib import Path
 
 ENV_SOCKET = "LLMAGENTOS_SOCKET"  # a Unix socket path, or tcp://HOST:PORT
-ENV_TOKEN = "LLMAGENTOS_TOKEN"
+ENV_TOKEN = "LLMAGENTOS_TOKEN"  # a token given by hand (remote processes, tests)
+ENV_TOKEN_FD = "LLMAGENTOS_TOKEN_FD"  # a spawned process's token: an inherited memfd
 ENV_PID = "LLMAGENTOS_PID"
 ENV_RUN_DIR = "LLMAGENTOS_RUN_DIR"
 ENV_STATE_DIR = "LLMAGENTOS_STATE_DIR"

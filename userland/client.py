@@ -60,6 +60,8 @@ def resolve(address: str | None = None, token: str | None = None,
     if token is None:
         if rd is None and os.environ.get(paths.ENV_TOKEN):
             token = os.environ[paths.ENV_TOKEN]
+        elif rd is None and os.environ.get(paths.ENV_TOKEN_FD):
+            token = inherited_token()
         else:
             tf = (rd or paths.default_run_dir()) / paths.TOKEN_NAME
             try:
@@ -70,6 +72,35 @@ def resolve(address: str | None = None, token: str | None = None,
             except PermissionError:
                 raise ERRORS["EACCES"](f"cannot read the token file {tf}") from None
     return Address.parse(address), token
+
+
+_inherited: str | None = None
+
+
+def inherited_token() -> str:
+    """A spawned process's own token, from the memfd the kernel handed over
+    (LLMAGENTOS_TOKEN_FD). Reading it makes this process undumpable, so other
+    processes of the same uid cannot read it from its memory."""
+    global _inherited
+    if _inherited is None:
+        try:
+            token = os.pread(int(os.environ[paths.ENV_TOKEN_FD]), 4096, 0).decode().strip()
+        except (OSError, ValueError):
+            raise ERRORS["ENOTCONN"](
+                f"{paths.ENV_TOKEN_FD} names no readable token: was this process spawned "
+                "by the kernel?") from None
+        _set_undumpable()
+        _inherited = token
+    return _inherited
+
+
+def _set_undumpable() -> None:
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE, 0
+    except (OSError, AttributeError):
+        pass
 
 
 class _Group:
