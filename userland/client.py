@@ -145,7 +145,11 @@ class Client(_Stubs):
         self._ids = itertools.count(1)
         self._decoder = wire.Decoder(max_frame)
         self._sock = _open_socket(self.address, timeout)
-        info = self.call("sys.hello", token)
+        try:
+            info = self.call("sys.hello", token)
+        except BaseException:
+            self.close()
+            raise
         self.pid: int = info["pid"]
 
     # --- the call loop --------------------------------------------------------
@@ -188,6 +192,7 @@ class Client(_Stubs):
             return exit_stub
 
         def stub(*args: Any, **kwargs: Any) -> Any:
+            args, kwargs = _caller_defaults(sc, self.address, args, kwargs)
             return self.call(sc.name, *args, **kwargs)
         return stub
 
@@ -202,6 +207,21 @@ class Client(_Stubs):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _caller_defaults(sc: Syscall, address: Address, args: tuple,
+                     kwargs: dict) -> tuple[tuple, dict]:
+    """Defaults that belong to the caller, not the kernel: a program spawned
+    from here runs in this process's working directory (as `llmos spawn`
+    does), when the kernel shares this machine's file system."""
+    if sc.name == "proc.spawn" and address.kind == "unix":
+        i = next(n for n, p in enumerate(sc.params) if p.name == "cwd")
+        if len(args) > i:
+            if args[i] is None:
+                args = (*args[:i], os.getcwd(), *args[i + 1:])
+        elif kwargs.get("cwd") is None:
+            kwargs = {**kwargs, "cwd": os.getcwd()}
+    return args, kwargs
 
 
 def _encode(msgid: int, method: str, args: tuple, kwargs: dict) -> bytes:
@@ -256,6 +276,7 @@ class AsyncClient(_Stubs):
         self._events_send, self._events = trio.open_memory_channel(1024)
 
     async def __aenter__(self) -> "AsyncClient":
+        _require_trio()
         a = self.address
         try:
             if a.kind == "tcp":
@@ -268,7 +289,11 @@ class AsyncClient(_Stubs):
         nursery = await self._nursery_cm.__aenter__()
         nursery.start_soon(self._reader)
         self._nursery = nursery
-        info = await self.call("sys.hello", self._token)
+        try:
+            info = await self.call("sys.hello", self._token)
+        except BaseException:  # leave nothing entered: the nursery, then the stream
+            await self.__aexit__(None, None, None)
+            raise
         self.pid = info["pid"]
         return self
 
@@ -347,12 +372,29 @@ class AsyncClient(_Stubs):
 
     def _stub(self, sc: Syscall) -> Callable[..., Any]:
         async def stub(*args: Any, **kwargs: Any) -> Any:
+            args, kwargs = _caller_defaults(sc, self.address, args, kwargs)
             return await self.call(sc.name, *args, **kwargs)
         return stub
 
 
 def aconnect(address: str | None = None, token: str | None = None, **kw: Any) -> AsyncClient:
+    """A trio client (`async with llmagentos.aconnect() as c:`); under asyncio
+    use the sync client in a thread (`asyncio.to_thread`)."""
     return AsyncClient(address, token, **kw)
+
+
+def _require_trio() -> None:
+    import sniffio
+
+    try:
+        lib = sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        lib = None
+    if lib != "trio":
+        where = lib or "outside an async run"
+        raise RuntimeError(f"llmagentos.aconnect() runs under trio (trio.run), not {where}; "
+                           "from asyncio use the sync client in a thread, e.g. "
+                           "await asyncio.to_thread(llmagentos.connect().proc.ps)")
 
 
 __all__ = ["Client", "AsyncClient", "connect", "aconnect", "KernelError"]

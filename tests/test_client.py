@@ -1,0 +1,49 @@
+"""The Python client as a user meets it: failures leave nothing behind, and
+defaults that belong to the caller come from the caller."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import pytest
+import trio
+
+import llmagentos
+
+
+async def test_aconnect_with_a_bad_token_leaves_trio_usable(shared_kernel):
+    for _ in range(2):
+        with pytest.raises(PermissionError):
+            async with llmagentos.aconnect(token="not-a-token", run_dir=shared_kernel.run_dir):
+                pass
+    await trio.sleep(0.01)  # trio used to die here: "Nursery stack corrupted"
+    async with llmagentos.aconnect(run_dir=shared_kernel.run_dir) as c:
+        assert await c.proc.getpid() == 1
+
+
+def test_aconnect_under_asyncio_says_it_needs_trio(shared_kernel):
+    async def main():
+        async with llmagentos.aconnect(run_dir=shared_kernel.run_dir):
+            pass
+    with pytest.raises(RuntimeError, match="trio"):
+        asyncio.run(main())
+
+
+def test_spawn_runs_in_the_callers_working_directory(shared_kernel, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with shared_kernel.client() as c:
+        pid = c.proc.spawn(["pwd"])
+        c.proc.wait(pid, 10)
+        assert c.proc.logs(pid)["data"].decode().strip() == str(tmp_path)
+        pid = c.proc.spawn(["pwd"], None, None, "/")  # an explicit cwd still wins
+        c.proc.wait(pid, 10)
+        assert c.proc.logs(pid)["data"].decode().strip() == "/"
+
+
+def test_sync_connect_with_a_bad_token_closes_its_socket(shared_kernel):
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(20):
+        with pytest.raises(PermissionError):
+            llmagentos.connect(token="nope", run_dir=shared_kernel.run_dir)
+    assert len(os.listdir("/proc/self/fd")) <= before + 2
