@@ -29,6 +29,8 @@ from llmagentos.syscalls.errno import SyscallError
 from .isolation import Isolation, resolve_executable
 
 INIT_PID = 1
+SHELL_ZOMBIE_AFTER_WAIT = 30.0  # seconds a shell child's zombie stays once waited for
+SHELL_ZOMBIE_LINGER = 600.0  # ... and when nobody waits for it
 
 # limit name -> (type, doc). Absent means unlimited.
 LIMITS: dict[str, str] = {
@@ -78,6 +80,7 @@ class PCB:
     term_signal: int | None = None  # set when killed by a signal
     exit_reason: str = ""  # e.g. "wall time limit"
     orphan: bool = False  # adopted by init: reaped at exit, nobody waits
+    waited: bool = False  # a shell child whose status was read (init reaps it soon)
     running_calls: int = 0  # syscalls being served right now
     waiting_calls: int = 0  # syscalls blocked (wait, device queue)
     exit_event: trio.Event = field(default_factory=trio.Event)
@@ -515,6 +518,19 @@ class ProcessTable:
         parent = self.procs.get(pcb.ppid)
         if pcb.orphan or parent is None:
             self.reap(pcb)
+        elif pcb.ppid == INIT_PID:
+            self._reap_later(pcb, SHELL_ZOMBIE_LINGER)
+
+    def _reap_later(self, pcb: PCB, delay: float) -> None:
+        """The shell user's children: each `llmos` command is a new connection,
+        so `llmos wait` then `llmos stat` must both find the zombie; init reaps
+        it a while after its status was read, or after it exited unread."""
+        async def reap_after() -> None:
+            await trio.sleep(delay)
+            if self.procs.get(pcb.pid) is pcb:
+                self.reap(pcb)
+        if self.nursery is not None:
+            self.nursery.start_soon(reap_after)
 
     def reap(self, pcb: PCB) -> dict:
         self.procs.pop(pcb.pid, None)
@@ -563,7 +579,7 @@ class ProcessTable:
 
     async def wait(self, caller: PCB, pid: int, timeout: float | None) -> dict:
         if pid == -1:
-            kids = self.children(caller.pid)
+            kids = [k for k in self.children(caller.pid) if not k.waited]
             if not kids:
                 raise SyscallError("ECHILD", f"pid {caller.pid} has no children")
         else:
@@ -577,6 +593,11 @@ class ProcessTable:
                 while True:
                     done = next((k for k in kids if k.exited), None)
                     if done is not None:
+                        if caller.pid == INIT_PID:  # the shell: stat may follow wait
+                            if not done.waited:
+                                done.waited = True
+                                self._reap_later(done, SHELL_ZOMBIE_AFTER_WAIT)
+                            return done.status()
                         return self.reap(done)
                     async with trio.open_nursery() as n:
                         # first child to exit wakes us

@@ -47,3 +47,19 @@ def test_sync_connect_with_a_bad_token_closes_its_socket(shared_kernel):
         with pytest.raises(PermissionError):
             llmagentos.connect(token="nope", run_dir=shared_kernel.run_dir)
     assert len(os.listdir("/proc/self/fd")) <= before + 2
+
+
+def test_readme_sequence_wait_then_stat(shared_kernel):
+    """`llmos wait PID` then `llmos stat PID`, each its own connection."""
+    import subprocess
+    import sys
+
+    def llmos(*args):
+        return subprocess.run([sys.executable, "-m", "llmagentos.cli", *args],
+                              env=shared_kernel.env(), capture_output=True, text=True, timeout=30)
+    with shared_kernel.client() as c:
+        pid = c.proc.spawn(["sh", "-c", "exit 3"])
+    assert llmos("wait", str(pid)).returncode == 3
+    st = llmos("stat", str(pid), "--json")
+    assert st.returncode == 0, st.stderr
+    assert '"exit_code": 3' in st.stdout
