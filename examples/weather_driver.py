@@ -87,6 +87,11 @@ class WeatherDriver(Driver):
             raise ValueError(f"{value} {unit_from} is below absolute zero")
         return round(_from_kelvin(kelvin, unit_to), 4)
 
+    @tool(name="list")  # the tool is weather.list; a method named `list` would hide the builtin
+    def list_cities(self) -> list[str]:
+        """Cities with a forecast: any name works; these are examples."""
+        return ["Oslo", "Lagos", "Lima", "Hanoi"]
+
 
 if __name__ == "__main__":
     WeatherDriver().run()  # under the kernel: `llmos spawn -- python weather_driver.py`

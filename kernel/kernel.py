@@ -287,6 +287,7 @@ class Kernel:
             self._write_run_files()
             async with trio.open_nursery() as root:
                 self.procs.nursery = root
+                self.tools.nursery = root
                 root.start_soon(self._signals)
                 root.start_soon(self.audit.flusher)
                 if self.scheduler is not None:

@@ -66,6 +66,8 @@ class Tool:
 
 
 class ToolTable:
+    nursery: trio.Nursery | None = None  # where notifications to drivers are sent from
+
     def __init__(self) -> None:
         self.tools: dict[str, Tool] = {}
         self.drivers: dict[str, Driver] = {}  # namespace -> driver
@@ -127,8 +129,14 @@ class ToolTable:
         drv.pending.clear()
 
     def drop_pid(self, pid: int, reason: str) -> None:
+        """The driver's process exited (or was killed while its OS process
+        lives on, as an attached driver does): its tools go, and its connection
+        hears so, so that the program stops serving."""
         for ns in [ns for ns, d in self.drivers.items() if d.pid == pid]:
+            conn = self.drivers[ns].conn
             self.unregister(ns, reason)
+            if self.nursery is not None and not conn.closed:
+                self.nursery.start_soon(_tell_unregistered, conn, ns, reason)
 
     def drop_conn(self, conn: "Connection") -> None:
         for ns in [ns for ns, d in self.drivers.items() if d.conn is conn]:
@@ -169,3 +177,10 @@ class ToolTable:
                 return
         raise SyscallError("ENOENT", f"no pending request {req_id} for pid {pid} "
                                      "(answered already, timed out, or not yours)")
+
+
+async def _tell_unregistered(conn: "Connection", namespace: str, reason: str) -> None:
+    try:
+        await conn.notify("drv.unregistered", [namespace, reason])
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass

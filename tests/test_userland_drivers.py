@@ -489,6 +489,70 @@ def test_the_weather_example(shared_kernel):
         c.tool.call("weather.forecast", {"city": "Oslo", "days": 9})
     with pytest.raises(ERRORS["EINVAL"], match="absolute zero"):
         c.tool.call("weather.convert", {"value": -500, "unit_from": "C", "unit_to": "K"})
+    assert "Oslo" in c.tool.call("weather.list", {})
     c.proc.kill(pid, "SIGTERM")
     wait_for(lambda: c.tool.list("weather") == [])
     c.close()
+
+
+# --- loading errors and servers started from the shell ---------------------------------
+
+def test_a_method_named_like_a_builtin_is_explained(tmp_path):
+    f = tmp_path / "notes.py"
+    f.write_text(textwrap.dedent("""
+        from llmagentos import Driver, tool
+
+        class Notes(Driver):
+            @tool
+            def list(self) -> list[str]:
+                return []
+
+            @tool
+            def add(self, items: list[str]) -> int:
+                return len(items)
+    """))
+    with pytest.raises(ImportError) as e:
+        load_driver_class(f)
+    assert f"{f}:10" in str(e.value) and '@tool(name="list")' in str(e.value)
+
+
+def test_llmos_driver_run_of_a_missing_file_is_a_usage_error(shared_kernel, tmp_path):
+    import subprocess
+    r = subprocess.run([PY, "-m", "llmagentos.cli", "driver", "run", str(tmp_path / "no.py")],
+                       env=shared_kernel.env(), capture_output=True, text=True, timeout=30)
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "no driver file" in r.stderr
+
+
+@pytest.mark.parametrize("how", ["driver", "mcp"])
+def test_a_server_started_from_the_shell_is_its_own_killable_process(shared_kernel, how):
+    """Started by hand (not by the kernel), a driver or MCP bridge would speak
+    as init: invisible in ps and unkillable. It attaches a process of its own."""
+    import subprocess
+    ns = f"shell{how}"
+    if how == "driver":
+        cmd = [PY, "-c", textwrap.dedent(f"""
+            from llmagentos import Driver, tool
+            class Echo(Driver):
+                namespace = {ns!r}
+                @tool
+                def echo(self, text: str) -> str:
+                    return text
+            Echo().run()
+        """)]
+    else:
+        cmd = [PY, "-m", "llmagentos.mcp_bridge", "--namespace", ns, "--",
+               PY, str(ROOT / "examples" / "mcp_server.py")]
+    prog = subprocess.Popen(cmd, env=shared_kernel.env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        with shared_kernel.client() as c:
+            wait_for(lambda: c.tool.list(ns), timeout=30)
+            driver_pid = c.tool.list(ns)[0]["driver"]
+            assert driver_pid != 1
+            row = next(r for r in c.proc.ps() if r["pid"] == driver_pid)
+            assert row["name"] == ("driver:" if how == "driver" else "mcp:") + ns
+            c.proc.kill(driver_pid, "SIGKILL")
+            assert c.tool.list(ns) == []
+        assert prog.wait(timeout=20) is not None  # it stopped serving and exited
+    finally:
+        prog.kill()

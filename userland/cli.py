@@ -289,7 +289,7 @@ def cmd_driver_run(args: argparse.Namespace) -> int:
     with _client(args) as c:
         try:
             pid = cli_run(c, args.file, args.cls, args.cap)
-        except (LookupError, ImportError, SyntaxError, TypeError) as e:
+        except (OSError, LookupError, ImportError, SyntaxError, TypeError) as e:
             raise UsageError(f"cannot load a driver from {args.file}: {e}") from None
     _out(args, {"pid": pid}, lambda d: print(d["pid"]))
     return EXIT_OK

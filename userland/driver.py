@@ -49,6 +49,7 @@ import traceback
 import types
 import typing
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePath
 from typing import Any
@@ -436,6 +437,9 @@ async def requests(client: Any) -> AsyncIterator[tuple[int, str, Any, int]]:
     """The calls the kernel routes to this driver: each drv.request notification
     on the connection as (req_id, tool, args, caller_pid); ends when it closes."""
     async for note in client.notifications():
+        if note.method == "drv.unregistered":  # killed, or its process ended: stop serving
+            log.info("the kernel unregistered %s: %s", *(note.args or ["?", "?"])[:2])
+            return
         if note.method != "drv.request":
             continue
         try:
@@ -444,6 +448,21 @@ async def requests(client: Any) -> AsyncIterator[tuple[int, str, Any, int]]:
             log.warning("malformed drv.request %r", note.args)
             continue
         yield req_id, name, args, caller
+
+
+@asynccontextmanager
+async def own_process(name: str) -> AsyncIterator[AsyncClient]:
+    """A connection for a server (a driver, an MCP bridge). Started from the
+    shell it would speak as init (pid 1): invisible in `ps`, unkillable. So it
+    attaches a process of its own first, named `name`: `llmos kill` of that pid
+    unregisters its tools and ends the serve loop."""
+    async with aconnect() as c:
+        if c.pid != 1:  # spawned by the kernel: already a process of its own
+            yield c
+            return
+        me = await c.proc.attach(name)
+        async with aconnect(token=me["token"]) as own:
+            yield own
 
 
 class Driver:
@@ -502,7 +521,7 @@ class Driver:
         when the tools are callable.
         """
         if client is None:
-            async with aconnect() as c:
+            async with own_process(f"driver:{self.namespace}") as c:
                 await self.serve(c, task_status=task_status)
             return
         if not self.tools:
@@ -620,7 +639,10 @@ def load_driver_class(path: str | Path, name: str | None = None) -> type[Driver]
     sys.modules[modname] = module  # dataclasses and pickling look modules up by name
     if str(path.parent) not in sys.path:
         sys.path.insert(0, str(path.parent))  # the driver's own helper modules
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # the user's file: say where and why, not a raw traceback
+        raise ImportError(_load_failure(path, e)) from None
     if name is not None:
         cls = getattr(module, name, None)
         if not (isinstance(cls, type) and issubclass(cls, Driver)):
@@ -635,6 +657,18 @@ def load_driver_class(path: str | Path, name: str | None = None) -> type[Driver]
         names = ", ".join(c.__name__ for c in found)
         raise LookupError(f"{path} defines several drivers ({names}): name one")
     return found[0]
+
+
+def _load_failure(path: Path, exc: Exception) -> str:
+    line = next((f.lineno for f in reversed(traceback.extract_tb(exc.__traceback__))
+                 if f.filename == str(path)), None)
+    where = f"{path}:{line}" if line else str(path)
+    msg = f"{where}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, TypeError) and "not subscriptable" in str(exc):
+        msg += ("\n(a method named like a builtin, e.g. `def list`, hides it from the "
+                "annotations below it in the class body: name the method otherwise and keep "
+                "the tool's name with @tool(name=\"list\"))")
+    return msg
 
 
 def cli_run(client: Any, path: str, name: str | None, caps: list[str] | None,

@@ -44,8 +44,8 @@ from mcp.shared.exceptions import MCPError
 
 from llmagentos.syscalls.errno import ERRNO
 
-from .client import AsyncClient, aconnect
-from .driver import SCHEMA_DIALECT, requests, sole_error, to_wire
+from .client import AsyncClient
+from .driver import SCHEMA_DIALECT, own_process, requests, sole_error, to_wire
 from .errors import KernelError
 
 log = logging.getLogger("llmagentos.mcp_bridge")
@@ -181,7 +181,7 @@ class MCPBridge:
                     log.info("MCP server %s: %d tools", info.server_info.name, len(tools))
                     entries, self.names = tool_entries(tools)
                     if client is None:
-                        async with aconnect() as c:
+                        async with own_process(f"mcp:{self.namespace}") as c:
                             await self._serve(c, session, gone, task_status, entries)
                     else:
                         await self._serve(client, session, gone, task_status, entries)
