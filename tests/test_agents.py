@@ -191,3 +191,28 @@ def test_stopping_a_program_parks_the_agents_it_hosts(llm_kernel):
         c.proc.kill(host, "SIGCONT")
         assert c.proc.wait(host, 120)["exit_code"] == 0
         assert c.proc.logs(host)["data"].split()[-1] == b"done"
+
+
+def test_a_task_that_names_a_tool_uses_it(llm_kernel):
+    """Agent() with no strategy: a Task naming a tool is answered with the tool."""
+    a = llmagentos.Agent(model_name="gemma3-270m", client=llm_kernel.client())
+    try:
+        r = a.run(Task("What is 17 + 25?", answer="42", tool="calc.eval"))
+        assert r.choice == "tool"
+        step = a.client.traj.get(r.episode)["trajectory"][0]
+        assert step["action"]["tool"] == "calc.eval"
+        r = a.run(Task("What is 17 + 25?", answer="42", tool="calc.eval", strategy="direct"))
+        assert r.choice == "direct"  # unless told otherwise
+        r = a.run(Task("What is 2 + 2?", answer="4", tool="calc.eval", policy="tool"))
+        assert r.choice == "tool"  # policy="tool" used to raise TypeError
+    finally:
+        a.close()
+
+
+def test_bad_strategies_are_clear_errors():
+    with pytest.raises(ValueError, match="strategy"):
+        Task("x", policy="guess")
+    with pytest.raises(ValueError, match="needs the tool"):
+        Task("x", strategy="tool")
+    with pytest.raises(ValueError, match="strategy"):
+        llmagentos.Agent(strategy="magic", auto_boot=False)

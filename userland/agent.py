@@ -38,9 +38,7 @@ from typing import Any, Callable
 
 from .client import Client, connect
 from .errors import ERRORS, KernelError
-from .tasks import Task
-
-STRATEGIES = ("direct", "tool")
+from .tasks import STRATEGIES, Task
 
 
 @dataclass
@@ -67,11 +65,29 @@ class EpisodeResult:
 
 
 class Agent:
+    """An LLM agent: a kernel process with its own pid, context, limits and usage.
+
+    model_name: the model it generates with (ENOENT lists the known ones).
+    system: a system message pinned at the start of its context.
+    tools / caps: the tools it may call (each adds `tool:<name>` to caps), and
+        its capabilities (default: the parent's, less the privileged ones).
+    nice / limits / name: as for `proc.spawn`; a name makes it a named agent
+        whose context, memory and files outlive it.
+    strategy: how it answers a question Task that sets none: "direct",
+        "tool", or None (the default: "tool" when the task names a tool).
+    learner / demos: a learner that chooses the strategy from experience, and
+        how many similar successful demonstrations to show first.
+    client / auto_boot: the connection to use; with no kernel running the
+        first Agent boots a private one for this program.
+    """
+
     def __init__(self, model_name: str = "gemma3-270m", *, system: str | None = None,
                  tools: list[str] | None = None, caps: list[str] | None = None, nice: int = 0,
                  name: str | None = None, limits: dict | None = None,
-                 strategy: str = "direct", learner: Any = None, demos: int = 0,
+                 strategy: str | None = None, learner: Any = None, demos: int = 0,
                  client: Client | None = None, auto_boot: bool = True):
+        if strategy is not None and strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES} or None, not {strategy!r}")
         try:
             self._parent = client or connect()
         except KernelError as e:
@@ -134,9 +150,13 @@ class Agent:
     def _choose(self, task: Task) -> str:
         if task.policy is not None:
             return "program"
+        if task.strategy is not None:  # the task says how
+            return task.strategy
         if self.learner is not None:
             return self.learner.select(task)
-        return self.strategy if task.tool or self.strategy != "tool" else "direct"
+        if self.strategy is not None:
+            return self.strategy if task.tool or self.strategy != "tool" else "direct"
+        return "tool" if task.tool else "direct"  # a task that names a tool uses it
 
     def _run_question(self, task: Task) -> EpisodeResult:
         c = self.client

@@ -23,8 +23,30 @@ from typing import Any, Callable
 Reward = Callable[..., float]
 
 
+STRATEGIES = ("direct", "tool")
+
+
 @dataclass
 class Task:
+    """One episode's work for an `Agent`.
+
+    goal: the question or instruction the agent sees.
+    env: a Gymnasium id (served by the kernel) or a `gymnasium.Env`; None for
+        a question.
+    reward / success: how the episode is scored; by default an exact match
+        with `answer` scores 1.
+    max_steps: the episode's step limit (env tasks).
+    family: groups tasks, so what is learned on one carries to the next.
+    answer: the expected answer, for the default reward.
+    policy: a program `observation -> action` that acts instead of the model.
+    strategy: how the model answers a question: "direct" (constrained to
+        `grammar`) or "tool" (it writes `tool`'s arguments, constrained to
+        the tool's JSON schema, and the tool's result is the answer). None:
+        "tool" when the task names a tool, else "direct" (a learner, when the
+        agent has one, chooses instead).
+    tool: the tool a "tool" answer calls, e.g. "calc.eval".
+    """
+
     goal: str = ""
     env: Any = None  # a Gymnasium id, a gymnasium.Env, or None (a question-answer task)
     reward: Reward | None = None  # (answer, task, agent) -> float; env tasks: (obs, action, r)
@@ -38,6 +60,19 @@ class Task:
     tool: str | None = None  # the tool a "tool" strategy calls
     seed: int | None = None
     meta: dict = field(default_factory=dict)
+    strategy: str | None = None  # "direct" | "tool" | None (see above)
+
+    def __post_init__(self) -> None:
+        if isinstance(self.policy, str):  # Task(policy="tool") means the strategy
+            self.strategy, self.policy = self.policy, None
+        if self.policy is not None and not callable(self.policy):
+            raise ValueError("Task.policy is a callable observation -> action; for the "
+                             f"model's way of answering use strategy= one of {STRATEGIES}")
+        if self.strategy is not None and self.strategy not in STRATEGIES:
+            raise ValueError(f"Task.strategy must be one of {STRATEGIES} or None, "
+                             f"not {self.strategy!r}")
+        if self.strategy == "tool" and not self.tool:
+            raise ValueError('strategy="tool" needs the tool to call: Task(..., tool="calc.eval")')
 
     def score(self, answer: Any, agent: Any = None) -> float:
         if self.reward is not None:
