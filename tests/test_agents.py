@@ -216,3 +216,33 @@ def test_bad_strategies_are_clear_errors():
         Task("x", strategy="tool")
     with pytest.raises(ValueError, match="strategy"):
         llmagentos.Agent(strategy="magic", auto_boot=False)
+
+
+def test_unknown_model_without_a_kernel_is_the_same_enoent(tmp_path):
+    """With no kernel running, Agent() boots a private one; an unknown model is
+    the ENOENT a running kernel gives, and a failed private boot leaves nothing."""
+    import glob
+    import tempfile
+    pattern = tempfile.gettempdir() + "/llmagentos-private-*"
+    bad = tmp_path / "broken.gguf"
+    bad.write_bytes(b"not a gguf")
+    prog = textwrap.dedent(f"""
+        import llmagentos
+        for model in ["gpt-3", {str(bad)!r}]:
+            try:
+                llmagentos.Agent(model_name=model)
+            except llmagentos.KernelError as e:
+                print(model.rsplit("/", 1)[-1], e.name, isinstance(e, FileNotFoundError))
+    """)
+    before = set(glob.glob(pattern))
+    env = {**os.environ, "LLMAGENTOS_RUN_DIR": str(tmp_path / "no-kernel"),
+           "LLMAGENTOS_STATE_DIR": str(tmp_path / "state")}
+    for k in ("LLMAGENTOS_SOCKET", "LLMAGENTOS_TOKEN"):
+        env.pop(k, None)
+    r = subprocess.run([sys.executable, "-c", prog], env=env, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "gpt-3 ENOENT True"
+    assert lines[1].startswith("broken.gguf ")
+    assert set(glob.glob(pattern)) == before

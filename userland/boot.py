@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,18 +50,43 @@ def boot_detached(run_dir: Path, kernel_args: list[str], timeout: float = 60.0,
 _private: dict = {}
 
 
+def _check_model_name(model: str) -> None:
+    if model == "none" or os.sep in model or model.endswith(".gguf"):
+        return  # a path: the kernel's boot checks the file
+    from llmagentos.drivers.models import ModelRegistry
+
+    registry = ModelRegistry()
+    if model not in registry:
+        raise ERRORS["ENOENT"](f"unknown model {model!r}; known models: "
+                               f"{', '.join(registry.names())}")
+
+
 def private_kernel(model: str) -> Client:
     """A kernel of this program's own, shut down at exit: what `Agent()` uses
     when no kernel is running, so the seed's example runs as written."""
     if "run_dir" not in _private:
+        _check_model_name(model)  # the same ENOENT a running kernel gives, before booting
         run_dir = Path(tempfile.mkdtemp(prefix="llmagentos-private-"))
-        info = boot_detached(run_dir, ["--model", model])
+        try:
+            info = boot_detached(run_dir, ["--model", model])
+        except BaseException:
+            shutil.rmtree(run_dir, ignore_errors=True)
+            raise
         _private.update(run_dir=run_dir, pid=info["pid"])
 
         def shutdown() -> None:
             try:
                 os.kill(_private["pid"], signal.SIGTERM)
+                deadline = time.monotonic() + 10
+                while time.monotonic() < deadline:  # the kernel removes its files last
+                    try:
+                        if os.waitpid(_private["pid"], os.WNOHANG)[0]:
+                            break  # our child, reaped
+                    except ChildProcessError:
+                        os.kill(_private["pid"], 0)  # not ours: is it still there?
+                    time.sleep(0.05)
             except ProcessLookupError:
                 pass
+            shutil.rmtree(run_dir, ignore_errors=True)
         atexit.register(shutdown)
     return connect(run_dir=_private["run_dir"])
