@@ -78,16 +78,18 @@ def check_name(name: object) -> str:
     return name
 
 
-_PLAIN = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_-")
+_PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_-")
 _MAX_PATH_NAME = 200  # well under NAME_MAX (255 bytes)
 _CUT = 120
 
 
 def path_name(text: str) -> str:
     """A file name for ``text``, one to one: each UTF-8 byte outside
-    [A-Za-z0-9_-] becomes ``%XX`` ('%', '.', '/' included, so the result is
-    never '.', '..' or a path). Past 200 characters the result is cut and
-    ends in '~' plus the text's SHA-256; a whole encoding never holds a '~'."""
+    [a-z0-9_-] becomes ``%XX`` ('%', '.', '/' included, so the result is never
+    '.', '..' or a path; capitals too, so names that differ only in case stay
+    apart on a case-insensitive file system). Past 200 characters the result
+    is cut and ends in '~' plus the text's SHA-256; a whole encoding never
+    holds a '~'."""
     data = text.encode()
     out = "".join(chr(b) if b in _PLAIN else f"%{b:02X}" for b in data)
     if len(out) > _MAX_PATH_NAME:

@@ -173,6 +173,8 @@ def test_path_name_is_injective_and_safe():
         assert set(p) <= set("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
                              "0123456789_-%~")
     assert path_name("agent:team lead") == "agent%3Ateam%20lead"
+    # apart on a case-insensitive file system too
+    assert len({p.lower() for p in out}) == len(texts)
     assert path_name("pid:3").startswith(path_name("pid:"))
     assert not path_name("agent:pid:3").startswith(path_name("pid:"))
 
