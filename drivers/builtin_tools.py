@@ -107,6 +107,8 @@ class KVStore(Protocol):
     def set(self, owner: str, key: str, value: Any) -> bool: ...  # True: created
     def delete(self, owner: str, key: str) -> None: ...
     def keys(self, owner: str, prefix: str = "") -> list[str]: ...
+    def owners(self) -> list[str]: ...
+    def drop(self, owner: str) -> int: ...  # every key of owner; returns how many
 
 
 def _check_key(key: object) -> str:
@@ -186,6 +188,18 @@ class MappingKV:
         head = f"{_check_owner(owner)}\0{prefix}"
         return sorted(s.split("\0", 1)[1] for s in self.mapping if s.startswith(head))
 
+    def owners(self) -> list[str]:
+        with self._lock:
+            return sorted({s.split("\0", 1)[0] for s in self.mapping})
+
+    def drop(self, owner: str) -> int:
+        head = f"{_check_owner(owner)}\0"
+        with self._lock:
+            slots = [s for s in self.mapping if s.startswith(head)]
+            for s in slots:
+                del self.mapping[s]
+        return len(slots)
+
 
 class SQLiteKV:
     """KV in an SQLite file (WAL): durable across kernel restarts."""
@@ -248,6 +262,16 @@ class SQLiteKV:
                 "SELECT key FROM kv WHERE owner=? AND substr(key, 1, ?)=? ORDER BY key",
                 (owner, len(prefix), prefix)).fetchall()
         return [r[0] for r in rows]
+
+    def owners(self) -> list[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT DISTINCT owner FROM kv ORDER BY owner").fetchall()
+        return [r[0] for r in rows]
+
+    def drop(self, owner: str) -> int:
+        owner = _check_owner(owner)
+        with self._lock:
+            return self._db.execute("DELETE FROM kv WHERE owner=?", (owner,)).rowcount
 
 
 def open_kv(storage: MutableMapping | str | Path | None = None) -> KVStore:

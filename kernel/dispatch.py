@@ -84,7 +84,8 @@ def lookup(method: str) -> tuple[Syscall, Entry]:
 
 async def invoke(call: Call, entry: Entry, args: list, kwargs: dict) -> Any:
     """Check arity, types and capability, then run the handler; a call that
-    changes state is written to the audit log, failed or not."""
+    changes state is written to the audit log, failed or not, and answered
+    once its row is committed."""
     sc = call.syscall
     caller = call.caller
     if caller is None:  # only sys.hello gets here unauthenticated
@@ -92,6 +93,7 @@ async def invoke(call: Call, entry: Entry, args: list, kwargs: dict) -> Any:
     if not sc.mutates:
         return await _checked(call, entry, sc, caller, _bind(sc, args, kwargs))
     errno: str | None = None
+    answered = True  # a result or an errno goes back: only once its row is committed
     bound: Any = args  # what the caller sent, for the digest, if it does not bind
     try:
         bound = _bind(sc, args, kwargs)
@@ -99,13 +101,18 @@ async def invoke(call: Call, entry: Entry, args: list, kwargs: dict) -> Any:
     except SyscallError as e:
         errno = e.name
         raise
-    except BaseException:
+    except Exception:
         errno = "EIO"
+        raise
+    except BaseException:  # cancelled: no answer goes back
+        errno, answered = "EIO", False
         raise
     finally:
         detail = bound.get("name") if isinstance(bound, dict) else None
-        call.kernel.audit.record(caller.pid, sc.name, bound, errno,
-                                 detail if isinstance(detail, str) else "")
+        batch = call.kernel.audit.record(caller.pid, sc.name, bound, errno,
+                                         detail if isinstance(detail, str) else "")
+        if answered:
+            await call.kernel.audit.committed(batch)
 
 
 def _bind(sc: Syscall, args: list, kwargs: dict) -> dict[str, Any]:

@@ -19,6 +19,7 @@ import os
 import secrets
 import signal
 import socket
+import stat
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from llmagentos.syscalls.errno import SyscallError
 
 from . import (  # noqa: F401  (handlers register on import)
     dispatch,
+    names,
     sysctx,
     sysenv,
     sysfs,
@@ -98,6 +100,7 @@ class Kernel:
         self.boot_time = time.time()
         self.stats: Counter[str] = Counter()
         self.procs = ProcessTable(config.state_dir / "logs")
+        self.log_readers: dict[int, frozenset[int]] = {}  # reaped pid -> who may read its log
         self.shutdown_requested = trio.Event()
         self.tcp_address: str | None = None
         self._lock_fd: int | None = None
@@ -116,8 +119,11 @@ class Kernel:
     # --- boot -----------------------------------------------------------------
     def _prepare_dirs(self) -> None:
         cfg = self.config
+        os.umask(0o077)  # what the kernel makes is its user's alone (spawn resets it)
         cfg.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         (cfg.state_dir / "logs").mkdir(mode=0o700, parents=True, exist_ok=True)
+        _make_private(cfg.run_dir, ())
+        _make_private(cfg.state_dir, _STATE_DIRS)
         # One kernel per run dir: an flock held for the kernel's life.
         fd = os.open(cfg.run_dir / paths.LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -232,18 +238,8 @@ class Kernel:
             embed = lambda texts: self.device.embed(texts)  # noqa: E731  (device loads later)
         self.memory = ContextStore(self.config.state_dir / "memory.db", self.count_tokens,
                                    embed=embed)
-        # Contexts of pids belong to processes of an earlier boot: all gone.
-        for c in self.memory.list_contexts():
-            if c["owner"].startswith("pid:"):
-                self.memory.delete(c["id"])
-
-        def drop_anonymous(pcb: PCB) -> None:
-            if pcb.ctx_id is not None and not pcb.agent:
-                try:
-                    self.memory.delete(pcb.ctx_id)
-                except SyscallError:
-                    pass
-        self.procs.on_exit.append(drop_anonymous)
+        self.procs.names = names.NameTable(self.procs, self.memory)
+        self.procs.on_exit.append(lambda pcb: names.forget(self, pcb))
 
     async def _embed_archive(self) -> None:
         """Give archived messages their vectors in the background, a batch at a
@@ -277,7 +273,9 @@ class Kernel:
         self._open_memory()
         self.tools = systool.kernel_tools(self, self.config.state_dir)
         self.trajectories = TrajectoryStore(self.config.state_dir / "trajectories.db")
+        names.forget_unnamed(self)  # before the first pid is handed out
         self.procs.on_exit.append(lambda pcb: self.tools.drop_pid(pcb.pid, "exited"))
+        self.procs.on_exit.append(lambda pcb: sysproc.note_log_readers(self, pcb))
         self.procs.on_exit.append(lambda pcb: sysfs.release(self, pcb))
         self.procs.on_exit.append(lambda pcb: sysenv.release(self, pcb))
         listeners: list[trio.SocketListener] = []
@@ -289,7 +287,7 @@ class Kernel:
                 self.procs.nursery = root
                 self.tools.nursery = root
                 root.start_soon(self._signals)
-                root.start_soon(self.audit.flusher)
+                root.start_soon(self.audit.writer)
                 if self.scheduler is not None:
                     await root.start(self.scheduler.run)
                     self._hook_device(root)
@@ -350,6 +348,32 @@ def _write_private(path: Path, text: str) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+_STATE_DIRS = ("logs", "fs", "kv", "shared")  # what the kernel makes in its state dir
+
+
+def _make_private(top: Path, subdirs: tuple[str, ...]) -> None:
+    """Tighten what an older kernel (or umask) left open to others: ``top``
+    0700 (unless it is a shared sticky dir such as /tmp), its databases 0600,
+    and in ``subdirs`` each dir 0700 (a sandbox's contents sit behind its
+    root's 0700) and each file 0600 (but for files agents share)."""
+    if not os.stat(top).st_mode & stat.S_ISVTX:
+        os.chmod(top, 0o700)
+    for e in os.scandir(top):
+        if e.is_symlink():
+            continue
+        if e.is_file() and ".db" in e.name:
+            os.chmod(e.path, 0o600)
+        elif e.is_dir() and e.name in subdirs:
+            os.chmod(e.path, 0o700)
+            for f in os.scandir(e.path):
+                if f.is_symlink():
+                    continue
+                if f.is_dir():
+                    os.chmod(f.path, 0o700)
+                elif e.name != "shared":
+                    os.chmod(f.path, 0o600)
 
 
 def _read_pidfile(path: Path) -> int | None:

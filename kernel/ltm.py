@@ -110,6 +110,12 @@ class LongTermMemory:
             ):
                 raise _err("ENOENT", f"no memory {key!r} in {namespace!r}")
 
+    def mem_drop(self, namespace: str) -> int:
+        """Remove the whole ``namespace``; returns how many memories it held."""
+        _check_str(namespace, "namespace", MAX_NAME)
+        with self._tx() as db:
+            return db.execute("DELETE FROM memories WHERE namespace = ?", (namespace,)).rowcount
+
     def mem_list(self, namespace: str, tags: Iterable[str] | None = None) -> list[dict]:
         """Keys of ``namespace`` (having all ``tags``), newest first, without values:
         {key, tags, updated}."""

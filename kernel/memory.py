@@ -272,6 +272,44 @@ class ContextStore(LongTermMemory):
             db.execute("DELETE FROM contexts WHERE id = ?", (c.id,))
             self._vectors.pop(c.id, None)
 
+    def delete_owned(self, owner: str) -> int:
+        """Remove every context of ``owner``; returns how many."""
+        _check_str(owner, "owner", MAX_NAME)
+        with self._tx() as db:
+            ids = [r[0] for r in db.execute("SELECT id FROM contexts WHERE owner = ?", (owner,))]
+            for cid in ids:
+                db.execute("DELETE FROM messages WHERE ctx = ?", (cid,))
+                db.execute("DELETE FROM contexts WHERE id = ?", (cid,))
+                self._vectors.pop(cid, None)
+        return len(ids)
+
+    def owners(self) -> list[str]:
+        """Every identity that owns a context or a long-term memory namespace."""
+        with self._lock:
+            rows = self._db.execute("SELECT owner FROM contexts UNION"
+                                    " SELECT namespace FROM memories").fetchall()
+        return sorted(r[0] for r in rows)
+
+    # -- agent names (the policy is kernel/names.py's) ------------------------
+
+    def name_owner(self, name: str) -> str | None:
+        """Who owns agent name ``name``; None if nobody has taken it yet."""
+        with self._lock:
+            row = self._db.execute("SELECT owner FROM agent_names WHERE name = ?",
+                                   (name,)).fetchone()
+        return None if row is None else row[0]
+
+    def take_name(self, name: str, owner: str) -> str:
+        """Record ``owner`` for ``name`` unless someone owns it already;
+        returns the owner on record (first come, first served)."""
+        _check_str(name, "agent name", MAX_NAME)
+        _check_str(owner, "owner", MAX_NAME)
+        with self._tx() as db:
+            db.execute("INSERT OR IGNORE INTO agent_names(name, owner, created) VALUES (?, ?, ?)",
+                       (name, owner, time.time()))
+            return db.execute("SELECT owner FROM agent_names WHERE name = ?",
+                              (name,)).fetchone()[0]
+
     def set_budget(self, ctx: int, budget: int, *, owner: str | None = None) -> int:
         """Change the token budget, paging out as needed; returns how many were
         paged. EDQUOT (nothing changed) if the pinned messages would not fit."""

@@ -203,6 +203,7 @@ class ProcessTable:
         self.on_exit: list = []  # callbacks(pcb) run when a process exits (free resources)
         self.log_paths: dict[int, str] = {}  # every pid of this boot -> its log file
         self.on_signal: list = []  # callbacks(pcb, sig) after the kernel sent a signal
+        self.names: Any = None  # kernel.names.NameTable: who may take up an agent name
         self.init = self._new_pcb(ppid=0, name="init", argv=[], caps=["*"])
         self.init.os_pid = os.getpid()
 
@@ -343,6 +344,7 @@ class ProcessTable:
             raise SyscallError("ENOENT", f"cwd {cwd!r} is not a directory")
         if self.nursery is None:
             raise SyscallError("ESHUTDOWN", "the kernel is not accepting new processes")
+        self.names.claim(parent, name)
 
         pcb = self._new_pcb(ppid=parent.pid, name=name or os.path.basename(argv[0]),
                             argv=list(argv), caps=caps, nice=nice, limits=lim,
@@ -446,6 +448,7 @@ class ProcessTable:
         caps, lim = self._child_rights(parent, caps, limits, nice)
         if self.nursery is None:
             raise SyscallError("ESHUTDOWN", "the kernel is not accepting new processes")
+        self.names.claim(parent, name)
         pcb = self._new_pcb(ppid=parent.pid, name=name or "agent", argv=[], caps=caps,
                             nice=nice, limits=lim, cwd=parent.cwd, agent=name, attached=True)
         pcb.os_pid = os_pid

@@ -28,6 +28,9 @@ Layout (version 1):
   intersects with one context's documents inside the index.
 - ``memories`` / ``memory_tags`` / ``memories_fts``: long-term memory, a
   key-value store per namespace with tags and full-text search.
+
+Version 2 adds ``agent_names``: each agent name and the identity that owns it
+(``init``, ``agent:NAME`` or an unnamed process's one-boot identity).
 """
 
 from __future__ import annotations
@@ -135,6 +138,22 @@ MIGRATIONS: list[tuple[str, ...]] = [
             INSERT INTO memories_fts(rowid, ns, key, value, tags)
                 VALUES (new.id, new.namespace, new.key, new.value, new.tags);
         END""",
+    ),
+    (
+        # Agent names and who owns them (kernel/names.py). Names already in use
+        # (contexts and memories of agent:NAME) go to init: only the shell user,
+        # or a holder of agent.adopt, may take them up until init hands them on.
+        """CREATE TABLE agent_names (
+            name    TEXT PRIMARY KEY,
+            owner   TEXT NOT NULL,
+            created REAL NOT NULL
+        ) WITHOUT ROWID""",
+        """INSERT OR IGNORE INTO agent_names(name, owner, created)
+            SELECT substr(owner, 7), 'init', CAST(strftime('%s', 'now') AS REAL) FROM contexts
+            WHERE owner GLOB 'agent:?*'""",
+        """INSERT OR IGNORE INTO agent_names(name, owner, created)
+            SELECT substr(namespace, 7), 'init', CAST(strftime('%s', 'now') AS REAL) FROM memories
+            WHERE namespace GLOB 'agent:?*'""",
     ),
 ]
 

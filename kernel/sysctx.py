@@ -1,9 +1,10 @@
 """Handlers of the `ctx` and `mem` groups: the memory manager as syscalls.
 
-Identity: a process spawned with a name is the *named agent* of that name
-and owns what it stores as ``agent:<name>`` (so it outlives the process and a
-kernel restart); an unnamed process owns ``pid:<pid>``, deleted when it is
-reaped. Init (the shell user) may act on any context. A process's context is
+Identity (kernel/names.py): a process spawned with a name is the *named
+agent* of that name and owns what it stores as ``agent:<name>`` (so it
+outlives the process and a kernel restart); an unnamed process owns
+``pid:<pid>``, deleted when it exits and, after a crash, at the next boot.
+Init (the shell user) may act on any context. A process's context is
 created the first time it is used (lazily, so a process that never talks
 pays nothing) with the budget: the model's context minus the generation
 reserve, or its `ctx_tokens` limit.
@@ -20,15 +21,12 @@ from llmagentos.syscalls import caps as capmod
 from llmagentos.syscalls.errno import SyscallError
 
 from .dispatch import Call, handler
+from .names import identity
 from .proc import INIT_PID, PCB
 from .sysllm import check_messages, run_generation
 
 GEN_RESERVE = 256  # tokens kept free for the reply when a budget is derived
 SUMMARY_INPUT_TOKENS = 768  # most of the old text a summary is written from
-
-
-def identity(pcb: PCB) -> str:
-    return f"agent:{pcb.agent}" if pcb.agent else f"pid:{pcb.pid}"
 
 
 def owner_arg(pcb: PCB) -> str | None:

@@ -1,16 +1,16 @@
 """Handlers of the `fs` group: each process's sandboxed file system.
 
-A process sees a private root (`state/fs/<identity>`: a named agent's files
-outlive it and kernel restarts; an unnamed process's are removed when it is
-reaped) and `/shared`, writable only with the `fs.shared` capability. The
-sandbox (drivers/sandbox.py) resolves every path inside its root with
-openat-style walking and never follows a symlink; file descriptors live in
-it, so they die with the process.
+A process sees a private root (`state/fs/<identity>`, encoded by
+names.path_name: a named agent's files outlive it and kernel restarts; an
+unnamed process's are removed when it is reaped, or at the next boot) and
+`/shared`, writable only with the `fs.shared` capability. The sandbox
+(drivers/sandbox.py) resolves every path inside its root with openat-style
+walking and never follows a symlink; file descriptors live in it, so they
+die with the process.
 """
 
 from __future__ import annotations
 
-import re
 import shutil
 
 from llmagentos.drivers.sandbox import Mount, Quota, Sandbox
@@ -18,6 +18,7 @@ from llmagentos.syscalls import caps as capmod
 from llmagentos.syscalls.errno import SyscallError
 
 from .dispatch import Call, handler
+from .names import path_name
 from .proc import PCB
 from .sysctx import identity
 
@@ -25,8 +26,8 @@ WRITE_MODES = ("w", "a", "x", "r+", "w+", "a+")
 
 
 def root_name(pcb: PCB) -> str:
-    # identities are "agent:NAME" or "pid:N"; keep the directory name boring
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", identity(pcb))
+    # one directory per identity, never shared: an injective encoding
+    return path_name(identity(pcb))
 
 
 def sandbox_of(kernel, pcb: PCB) -> Sandbox:

@@ -6,7 +6,7 @@ from llmagentos.syscalls import caps as capmod
 from llmagentos.syscalls.errno import SyscallError
 
 from .dispatch import Call, handler
-from .proc import INIT_PID, LIMITS, parse_signal
+from .proc import INIT_PID, LIMITS, PCB, parse_signal
 
 
 @handler("proc.spawn")
@@ -99,6 +99,26 @@ async def exit_(call: Call, status: int) -> None:
     call.caller.exit_reason = f"proc.exit({status})"
 
 
+def note_log_readers(kernel, pcb: PCB) -> None:
+    """At exit: who may still read the log once the process is reaped (its
+    ancestors now; pids are never reused within a boot)."""
+    procs, readers, p = kernel.procs, set(), pcb.ppid
+    while p in procs.procs and p not in readers:
+        readers.add(p)
+        p = procs.procs[p].ppid
+    kernel.log_readers[pcb.pid] = frozenset(readers)
+
+
+def may_read_logs(kernel, caller: PCB, pid: int) -> bool:
+    """As for signals: the process itself, its ancestors, or proc.kill_any (init)."""
+    if capmod.covers(caller.caps, "proc.kill_any"):
+        return True
+    target = kernel.procs.procs.get(pid)
+    if target is not None:
+        return kernel.procs.may_signal(caller, target)
+    return caller.pid in kernel.log_readers.get(pid, ())
+
+
 @handler("proc.logs")
 async def logs(call: Call, pid: int, offset: int, limit: int) -> dict:
     procs = call.kernel.procs
@@ -107,6 +127,9 @@ async def logs(call: Call, pid: int, offset: int, limit: int) -> dict:
         raise SyscallError("ESRCH", f"no process with pid {pid} in this boot")
     if offset < 0 or not 0 < limit <= 4 * 1024 * 1024:
         raise SyscallError("EINVAL", "offset must be >= 0 and limit in 1..4 MiB")
+    if not may_read_logs(call.kernel, call.caller, pid):
+        raise SyscallError("EPERM", f"pid {call.caller.pid} may not read the output of pid "
+                                    f"{pid} (not itself or a descendant; needs proc.kill_any)")
     target = procs.procs.get(pid)
     try:
         with open(path, "rb") as f:

@@ -32,7 +32,7 @@ def kernel_tools(kernel: Any, state_dir: Path) -> ToolTable:
     """calc, clock and kv from drivers/builtin_tools.py, plus files.* and exec.run
     over the caller's sandbox."""
     table = ToolTable()
-    kv = builtin_tools.open_kv(str(state_dir / "kv.db"))
+    kv = table.kv = builtin_tools.open_kv(str(state_dir / "kv.db"))
     for t in builtin_tools.builtin_tools(kv).values():
         table.add(Tool(t.name, t.description, t.schema,
                        handler=lambda pcb, args, h=t.handler: h(identity(pcb), args)))

@@ -71,6 +71,7 @@ class ToolTable:
     def __init__(self) -> None:
         self.tools: dict[str, Tool] = {}
         self.drivers: dict[str, Driver] = {}  # namespace -> driver
+        self.kv: Any = None  # the kv.* tools' per-identity store (systool.kernel_tools)
         self._req_ids = itertools.count(1)
 
     def add(self, tool: Tool) -> None:

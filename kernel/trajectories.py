@@ -7,7 +7,9 @@ FTS-indexed by task text, so demonstrations can be retrieved by similarity
 (imitation), and aggregated per family and per discrete choice (meta-learning
 warm starts). SQLite in WAL mode, one commit per call, like the memory store.
 Writes are owner-only; reads are open to every process: experience is the
-system's to learn from.
+system's to learn from. Episodes are records and stay; an unnamed process's
+unfinished ones are ended at the next boot (end_unfinished), so the next
+process to get its pid cannot write to them.
 """
 
 from __future__ import annotations
@@ -146,6 +148,16 @@ class TrajectoryStore:
                              (time.time(), None if success is None else int(success),
                               _json(merged, "meta"), episode))
             return self._episode(episode, None)
+
+    def end_unfinished(self, owner_prefix: str) -> int:
+        """End every open episode whose owner starts with ``owner_prefix``
+        (success undecided); returns how many. At boot, for ``pid:``: the
+        processes that ran them are gone and their pids will be handed out again."""
+        with self._lock:
+            return self._db.execute(
+                "UPDATE episodes SET ended = ? WHERE ended IS NULL"
+                " AND substr(owner, 1, ?) = ?",
+                (time.time(), len(owner_prefix), owner_prefix)).rowcount
 
     def list(self, family: str | None, kind: str | None, owner: str | None,
              limit: int) -> list[dict]:

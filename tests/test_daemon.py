@@ -180,3 +180,94 @@ def test_audit_log_records_state_changes(tmp_path):
     import sqlite3
     db = sqlite3.connect(k.state_dir / "audit.db")
     assert db.execute("SELECT count(*) FROM audit").fetchone()[0] == 3
+
+
+def test_every_acknowledged_call_is_in_the_audit_log_after_sigkill(tmp_path):
+    """Many clients make state-changing calls; the kernel is SIGKILLed mid-flight;
+    every call that was answered is in the log."""
+    import sqlite3
+    import threading
+
+    from llmagentos.kernel.audit import digest
+    from llmagentos.syscalls.table import TABLE
+
+    k = boot_kernel(tmp_path)
+    with k.client() as c:
+        target = c.proc.attach("audited")["pid"]
+    acked: list[list[int]] = [[] for _ in range(8)]
+    go = threading.Event()
+
+    def client(t: int) -> None:
+        with k.client() as c:
+            go.wait()
+            for i in range(1_000_000):
+                v = t * 1_000_000 + i  # unique: each call has its own digest
+                try:
+                    c.proc.setlimit(target, "tokens", v)
+                except (llmagentos.KernelError, OSError):
+                    return  # the kernel is gone
+                acked[t].append(v)
+
+    threads = [threading.Thread(target=client, args=(t,)) for t in range(8)]
+    for th in threads:
+        th.start()
+    try:
+        go.set()
+        wait_for(lambda: sum(map(len, acked)) > 500, timeout=20)
+        k.proc.send_signal(signal.SIGKILL)
+        k.proc.wait()
+    finally:
+        for th in threads:
+            th.join(30)
+        k.stop()
+    db = sqlite3.connect(k.state_dir / "audit.db")
+    logged = {d for (d,) in db.execute("SELECT digest FROM audit WHERE call = 'proc.setlimit'")}
+    sc = TABLE["proc.setlimit"]
+    want = {digest(sc.bind([target, "tokens", v], {})) for vs in acked for v in vs}
+    assert len(want) == sum(map(len, acked)) > 500
+    missing = want - logged
+    assert not missing, f"{len(missing)} of {len(want)} acknowledged calls are not in the log"
+
+
+def test_state_and_run_dirs_are_private(tmp_path):
+    """Dirs the kernel makes are 0700 and its files 0600, and what an older
+    kernel left open is closed at boot."""
+    import stat
+
+    state = tmp_path / "state"
+    old_root = state / "fs" / "agent_old"
+    old_root.mkdir(parents=True, mode=0o755)
+    (state / "logs").mkdir(mode=0o755)
+    (state / "logs" / "99.log").write_text("old")
+    os.chmod(state / "logs" / "99.log", 0o644)
+    os.chmod(state, 0o755)
+    os.chmod(state / "fs", 0o755)
+    k = boot_kernel(tmp_path)
+    try:
+        with k.client() as c:
+            body = ("import llmagentos; c = llmagentos.connect(); c.mem.put('k', 'v'); "
+                    "c.ctx.append('user', 'hi'); c.fs.mkdir('/d'); "
+                    "c.fs.write_file('/d/f.txt', 'x'); "
+                    "c.tool.call('kv.set', {'key': 'k', 'value': 1}); "
+                    "c.traj.begin('a task'); print('done')")
+            for name in ("private", None):
+                pid = c.proc.spawn([PY, "-c", body], name)
+                c.proc.wait(pid, 30)
+                assert c.proc.logs(pid)["data"] == b"done\n"
+            c.proc.setlimit(c.proc.attach("x")["pid"], "tokens", 5)  # an audit row
+            bad = []
+            for top in (k.state_dir, k.run_dir):
+                for dirpath, dirnames, filenames in os.walk(top):
+                    if stat.S_IMODE(os.stat(dirpath).st_mode) != 0o700:
+                        bad.append((dirpath, oct(os.stat(dirpath).st_mode)))
+                    for f in filenames:
+                        mode = stat.S_IMODE(os.lstat(os.path.join(dirpath, f)).st_mode)
+                        if mode != 0o600:
+                            bad.append((os.path.join(dirpath, f), oct(mode)))
+            assert not bad
+            made = {os.path.relpath(os.path.join(d, f), k.state_dir)
+                    for d, _, fs in os.walk(k.state_dir) for f in fs}
+            assert {"memory.db", "audit.db", "kv.db", "trajectories.db",
+                    "fs/agent%3Aprivate/d/f.txt"} <= made  # the walk saw the real thing
+    finally:
+        k.stop()

@@ -154,7 +154,7 @@ def test_named_agent_files_survive_restart_unnamed_do_not(tmp_path):
     finally:
         k.stop()
     names = sorted(p.name for p in (k.state_dir / "fs").iterdir())
-    assert names == ["agent_diarist"]
+    assert names == ["agent%3Adiarist"]  # names.path_name("agent:diarist")
     k = boot_kernel(tmp_path)
     try:
         with k.client() as c:

@@ -295,3 +295,51 @@ def test_python_exception_classes_match_errno():
     e = ERRORS["EACCES"]("no")
     assert (e.name, e.errno, str(e)) == ("EACCES", 13, "[EACCES] no")
     assert sys.modules["llmagentos.errors"]
+
+
+def test_logs_of_another_process_need_the_right_to_signal_it(shared_kernel):
+    with shared_kernel.client() as c:
+        other = c.proc.spawn(script("""
+            import time
+            print("secret of another process", flush=True)
+            time.sleep(30)
+        """))
+        try:
+            wait_for(lambda: c.proc.logs(other)["data"])  # init reads every log
+            prog = c.proc.spawn(script(f"""
+                import llmagentos, sys
+                c = llmagentos.connect()
+                def attempt(pid):
+                    try:
+                        return c.proc.logs(pid)["data"].decode().strip()
+                    except llmagentos.KernelError as e:
+                        return e.name
+                print("me", flush=True)
+                kid = c.proc.spawn([sys.executable, "-c", "print('from the child')"])
+                c.proc.wait(kid, 30)  # reaped: its parent may still read it
+                print(attempt({other}), attempt(c.proc.getpid()), attempt(kid), attempt(1),
+                      sep="|")
+            """))
+            c.proc.wait(prog, 30)
+            out = c.proc.logs(prog)["data"].decode().splitlines()
+            assert out[1].split("|") == ["EPERM", "me", "from the child", "ESRCH"]
+            # proc.kill_any reads any log, as it signals any process
+            spy = c.proc.spawn(script(f"""
+                import llmagentos
+                print(llmagentos.connect().proc.logs({other})["data"].decode().strip())
+            """), None, None, None, ["proc.kill_any"])
+            c.proc.wait(spy, 30)
+            assert c.proc.logs(spy)["data"] == b"secret of another process\n"
+            # and a reaped process's log is not readable by a sibling either
+            sib = c.proc.spawn(script(f"""
+                import llmagentos
+                try:
+                    llmagentos.connect().proc.logs({spy})
+                except llmagentos.KernelError as e:
+                    print(e.name)
+            """))
+            c.proc.wait(sib, 30)
+            assert c.proc.logs(sib)["data"] == b"EPERM\n"
+        finally:
+            c.proc.kill(other, "SIGKILL")
+            c.proc.wait(other, 30)
