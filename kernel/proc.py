@@ -589,6 +589,8 @@ class ProcessTable:
             target = self.get(pid)
             if target.ppid != caller.pid:
                 raise SyscallError("ECHILD", f"pid {pid} is not a child of pid {caller.pid}")
+            if target.waited:
+                raise SyscallError("ECHILD", f"pid {pid} was already waited for")
             kids = [target]
         caller.waiting_calls += 1
         try:
