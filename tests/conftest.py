@@ -54,6 +54,26 @@ class BootedKernel:
         return self.proc.returncode
 
 
+MODEL_FIXTURES = {"llm_kernel", "device", "reference"}
+
+
+def pytest_collection_modifyitems(items):
+    """Markers from what a test uses: `model` (it loads the real model), `ray`
+    (a Ray cluster); `-m "not model"` runs the fast foundation tests alone."""
+    import inspect
+
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        try:
+            boots_model = 'model="gemma3-270m"' in inspect.getsource(item.function)
+        except (OSError, TypeError):
+            boots_model = False
+        if fixtures & MODEL_FIXTURES or boots_model or item.module.__name__ == "test_ray":
+            item.add_marker(pytest.mark.model)
+        if item.module.__name__ == "test_ray":
+            item.add_marker(pytest.mark.ray)
+
+
 def boot_kernel(tmp: Path, *extra: str, wait: float = 60, model: str = "none") -> BootedKernel:
     """Boot a kernel program. Tests of the foundation boot without the compute
     device (`--model none`); device tests pass model="gemma3-270m"."""
