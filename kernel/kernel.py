@@ -43,6 +43,7 @@ from . import (  # noqa: F401  (handlers register on import)
     systraj,
 )
 from .audit import AuditLog
+from .cgroups import SWEEP_S, Containment, kernel_name
 from .memory import ContextStore
 from .proc import PCB, ProcessTable
 from .scheduler import Scheduler
@@ -82,6 +83,10 @@ class KernelConfig:
     device_gpus: float = 0.0
     device_restarts: int = 3  # Ray restarts a dead device actor this many times
     embed_memory: bool = False  # embed archived messages with the device; search blends them
+    # OS containment of processes (kernel/cgroups.py) and the caps of each process's exec runs
+    containment: str = "auto"  # "auto", or exactly one of cgroup2, cgroup1, subreaper
+    exec_memory: int = 1 << 30  # bytes all exec runs of one process hold together
+    exec_pids: int = 256  # processes all exec runs of one process have at once
 
     @property
     def socket_path(self) -> Path:
@@ -108,6 +113,7 @@ class Kernel:
         self.context_generation = sysctx.context_generation
         self.memory: ContextStore | None = None
         self.cluster = None  # a kernel.cluster.Cluster when booted with --ray
+        self.containment: Containment | None = None
         if dispatch.missing():
             log.warning("syscalls without a handler (ENOSYS): %s", dispatch.missing())
 
@@ -249,10 +255,32 @@ class Kernel:
         self.procs.on_exit.append(lambda pcb: root.start_soon(sched.release, pcb.pid))
         self.on_renice.append(lambda pcb: sched.set_nice(pcb.pid, pcb.nice))
 
+    def _contain(self) -> None:
+        """Probe OS containment once; the run dir's lock is held, so the per-kernel
+        parent group (named after the run dir) is ours to clean and use."""
+        try:
+            self.containment = Containment.probe(kernel_name(self.config.run_dir),
+                                                 self.config.containment)
+        except (ValueError, OSError) as e:
+            self._remove_run_files()
+            raise BootError(f"--containment {self.config.containment}: {e}") from None
+        # Without Ray, every child of the kernel is a process of ours or one they left.
+        self.containment.own_all_children = self.config.ray is None
+        self.procs.containment = self.containment
+        log.info("containment %s (caps: %s)", self.containment.level,
+                 ", ".join(self.containment.controllers) or "none")
+
+    async def _sweep_orphans(self) -> None:
+        """Subreaper containment: follow each group's processes, reap adopted orphans."""
+        while True:
+            self.containment.tick()
+            await trio.sleep(SWEEP_S)
+
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Boot, serve until shutdown, clean up. task_status.started() once
         the socket accepts connections."""
         self._prepare_dirs()
+        self._contain()
         self.audit = AuditLog(self.config.state_dir / "audit.db")
         self._open_memory()
         self.tools = systool.kernel_tools(self, self.config.state_dir)
@@ -269,6 +297,8 @@ class Kernel:
                 self.procs.nursery = root
                 root.start_soon(self._signals)
                 root.start_soon(self.audit.flusher)
+                if self.containment.level == "subreaper":
+                    root.start_soon(self._sweep_orphans)
                 if self.scheduler is not None:
                     await root.start(self.scheduler.run)
                     self._hook_device(root)
@@ -282,10 +312,12 @@ class Kernel:
                 log.info("shutting down: TERM, %.1fs grace, KILL", self.config.grace)
                 self.procs.nursery = None  # no new processes from here on
                 await self.procs.terminate_all(self.config.grace)
+                self.containment.sweep()  # what is left of any group dies now
                 # Let answers already on their way (sys.shutdown's own) reach their clients.
                 await trio.sleep(0.05)
                 root.cancel_scope.cancel()
         finally:
+            self.containment.close()
             for lst in listeners:
                 lst.socket.close()
             self.audit.close()
@@ -319,6 +351,7 @@ class Kernel:
             "model": self.device.model_name if self.device else None,
             "slots": self.scheduler.n_slots if self.scheduler else 0,
             "n_ctx": self.device.n_ctx if self.device else 0,
+            "containment": self.containment.describe() if self.containment else None,
         }
 
 

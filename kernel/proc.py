@@ -36,6 +36,8 @@ LIMITS: dict[str, str] = {
     "tool_calls": "tool calls over the process's life; beyond it is EDQUOT",
     "fs_bytes": "bytes in the process's private file root; beyond it is EDQUOT",
     "fs_files": "files and directories in the private file root; beyond it is EDQUOT",
+    "exec_memory": "bytes all the process's exec runs may hold together; beyond it the "
+                   "memory cap kills (ENOMEM in the run's result)",
 }
 
 
@@ -86,6 +88,8 @@ class PCB:
     fds: dict[int, Any] = field(default_factory=dict)
     node: str | None = None  # the cluster node it runs on (placement="ray"); None: here
     remote: Any = None  # its kernel.cluster.RemoteProcess: signals and exit go through it
+    group: Any = None  # its kernel.cgroups.Group: every OS process that dies with it
+    exec_group: Any = None  # the Group of its exec runs (caps over all of them)
 
     @property
     def state(self) -> str:
@@ -180,6 +184,7 @@ class ProcessTable:
         self.socket_address = ""
         self.tcp_address = ""  # tcp://HOST:PORT where the kernel listens, if it does
         self.cluster: Any = None  # kernel.cluster.Cluster: where placement="ray" runs
+        self.containment: Any = None  # kernel.cgroups.Containment; set by the kernel
         self.on_exit: list = []  # callbacks(pcb) run when a process exits (free resources)
         self.log_paths: dict[int, str] = {}  # every pid of this boot -> its log file
         self.on_signal: list = []  # callbacks(pcb, sig) after the kernel sent a signal
@@ -300,6 +305,7 @@ class ProcessTable:
                      "LLMAGENTOS_SOCKET": self.socket_address,
                      "LLMAGENTOS_TOKEN": pcb.token,
                      "LLMAGENTOS_PID": str(pcb.pid)}
+        pcb.group = self._new_group(pcb)
         try:
             with open(pcb.log_path, "wb") as log:
                 proc = await trio.lowlevel.open_process(
@@ -316,6 +322,8 @@ class ProcessTable:
             raise SyscallError("EIO", f"spawn failed: {e}") from None
         pcb.os_proc = proc
         pcb.os_pid = proc.pid
+        if pcb.group is not None:  # until the launcher joins it itself before exec
+            pcb.group.add(proc.pid)
         self.nursery.start_soon(self._watch, pcb)
         return pcb
 
@@ -356,12 +364,32 @@ class ProcessTable:
             pcb.exit_code = rc
         self._exited(pcb)
 
+    def _new_group(self, pcb: PCB) -> Any:
+        if self.containment is None:
+            return None
+        try:
+            return self.containment.create(f"p{pcb.pid}", marker=f"LLMAGENTOS_PID={pcb.pid}")
+        except OSError as e:
+            self._forget(pcb)
+            raise SyscallError("EAGAIN", f"no process group for pid {pcb.pid}: "
+                                         f"{e.strerror}") from None
+
     def _signal_os(self, pcb: PCB, sig: int) -> None:
         """Signal the process's OS process tree, here or on its node."""
         if pcb.remote is not None:
             pcb.remote.signal(sig)
+        elif pcb.group is not None:  # the whole group, double-forked and setsid ones too
+            if sig == _signal.SIGKILL:
+                pcb.group.kill()
+            pcb.group.signal(sig, also=pcb.os_pid)
         elif pcb.os_pid is not None:
             signal_tree(pcb.os_pid, sig)
+
+    def _release_groups(self, pcb: PCB) -> None:
+        """The process is gone: so is everything it started, exec runs included."""
+        for group in (pcb.group, pcb.exec_group):
+            if group is not None:
+                group.remove()
 
     def attach(self, parent: PCB, name: str | None, caps: list | None, limits: dict | None,
                nice: int, os_pid: int | None) -> PCB:
@@ -398,6 +426,7 @@ class ProcessTable:
         self._exited(pcb)
 
     def _forget(self, pcb: PCB) -> None:
+        self._release_groups(pcb)
         self.procs.pop(pcb.pid, None)
         self.by_token.pop(pcb.token, None)
 
@@ -413,7 +442,7 @@ class ProcessTable:
                 break
             if time.time() >= deadline:
                 pcb.exit_reason = f"wall time limit of {pcb.limits['wall_time']}s"
-                signal_tree(pcb.os_pid, _signal.SIGKILL)
+                self._signal_os(pcb, _signal.SIGKILL)
                 continue
             if time.monotonic() - pcb.signalled_at > 1.0:
                 try:  # a STOP/CONT sent from outside the kernel shows here too
@@ -425,8 +454,9 @@ class ProcessTable:
             pcb.term_signal = -rc
         else:
             pcb.exit_code = rc
-        # Descendants that outlive a killed process must not linger.
-        if pcb.term_signal == _signal.SIGKILL:
+        # Descendants that outlive a killed process must not linger (with a
+        # group, _exited kills them whatever the exit).
+        if pcb.term_signal == _signal.SIGKILL and pcb.group is None:
             signal_tree(pcb.os_pid, _signal.SIGKILL)
         self._exited(pcb)
 
@@ -434,6 +464,7 @@ class ProcessTable:
         pcb.exited = True
         pcb.stopped = False
         self.by_token.pop(pcb.token, None)  # a dead process's token is dead too
+        self._release_groups(pcb)
         for fn in self.on_exit:
             fn(pcb)
         for child in self.children(pcb.pid):
