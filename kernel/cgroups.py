@@ -315,6 +315,21 @@ class _CgroupGroup(Group):
                 os.close(fd)
 
     def add(self, pid: int) -> bool:
+        """Move pid in, then the descendants it started before the move (a
+        process started from outside has run a while by the time its starter
+        gets here); what it forks after the move is born inside."""
+        if not self._move(pid):
+            return False
+        table = _proc_table()
+        kids = _children_map(table)
+        stack = list(kids.get(pid, ()))
+        while stack:
+            p = stack.pop()
+            self._move(p)
+            stack.extend(kids.get(p, ()))
+        return True
+
+    def _move(self, pid: int) -> bool:
         try:
             for path in self._procs:
                 _write(path, str(pid))
