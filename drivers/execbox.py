@@ -10,8 +10,10 @@ that actually works on this machine (it tries it once and remembers):
     read-only tmpfs with ``/usr /bin /sbin /lib* /etc`` bound read-only, a
     minimal ``/dev``, a private ``/proc``, the scratch dir read-write at
     ``/sandbox`` (``/tmp`` links to it), then ``pivot_root``s into it and
-    runs the code as an unprivileged uid (default 65534, no groups, no
-    capabilities, ``no_new_privs``) with the rlimits set.
+    runs the code as an unprivileged uid (default 65534; the kernel gives each
+    process its own, ``exec_uid``), no groups, no capabilities,
+    ``no_new_privs``, a seccomp filter refusing new user namespaces, with the
+    rlimits set.
     Isolated: the host file system (only the system dirs are visible, read
     only; the rest of the host, the project and the other sandboxes are not
     there at all); root-only files under ``/etc`` (unreadable as uid 65534);
@@ -20,21 +22,20 @@ that actually works on this machine (it tries it once and remembers):
     and when PID 1 exits the kernel kills everything left, even processes
     that called ``setsid``); SysV IPC and the hostname. RLIMIT_NPROC is
     enforced because the code does not run as root.
-    Not isolated: CPU time beyond RLIMIT_CPU per process, total memory of all
-    processes (RLIMIT_AS is per process, so the worst case is about
-    ``nproc * memory_bytes``), disk usage of the scratch dir beyond
-    RLIMIT_FSIZE per file (the ``Sandbox`` quota sees it on its next
-    ``rescan()``), the world-readable files of the system dirs, and kernel
-    attack surface (no seccomp filter). Processes of the same uid in other
-    runs share one RLIMIT_NPROC count: give each agent its own ``uid`` if that
-    matters.
+    Not isolated here: CPU time beyond RLIMIT_CPU per process, total memory
+    and processes of all runs (RLIMIT_AS is per process: the ``group``, a
+    cgroup with caps, bounds the total), the world-readable files of the
+    system dirs, and kernel attack surface beyond user namespaces. Processes
+    of the same uid in other runs share one RLIMIT_NPROC count: give each
+    agent its own ``uid``.
 
 ``uid`` (running as root, but namespaces don't work)
-    The code runs as the unprivileged uid with the rlimits set in
-    ``preexec_fn``, in its own session and process group. Isolated: root-only
-    files, RLIMIT_NPROC. Not isolated: the network, the view of host
-    processes, world-writable dirs such as /tmp, world-readable files,
-    descendants that leave the process group (``setsid``) survive the kill.
+    The code runs as the unprivileged uid, joined to its group, with the
+    rlimits and the user-namespace filter set in ``preexec_fn``, in its own
+    session and process group. Isolated: root-only files, RLIMIT_NPROC. Not
+    isolated: the network, the view of host processes, world-writable dirs
+    such as /tmp, world-readable files; without a ``group``, descendants that
+    leave the process group (``setsid``) survive the kill.
 
 ``rlimits`` (not running as root)
     rlimits, session, timeout and output cap only; the code runs as the
@@ -42,8 +43,10 @@ that actually works on this machine (it tries it once and remembers):
     the kernel's included.
 
 In every level: a scrubbed environment (PATH, HOME, LANG, TMPDIR only), stdin
-is /dev/null, no inherited fds, RLIMIT_CORE 0, the whole process group killed
-at the wall-clock limit or the output cap.
+is /dev/null, no inherited fds, RLIMIT_CORE 0, the whole process group (and
+the run's ``group``) killed at the wall-clock limit, the output cap, a
+``cancel``, or when the scratch dir goes over its ``DiskQuota`` (checked
+every ``DISK_SCAN_S`` while the code runs; RLIMIT_FSIZE is what is left).
 
 The scratch dir's tree is chowned to the run's uid before each run (dirs and
 single-link regular files only, never following symlinks) so the code can
