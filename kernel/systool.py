@@ -17,6 +17,7 @@ count against the process's sandbox quota while it runs.
 
 from __future__ import annotations
 
+import errno
 import functools
 import itertools
 import math
@@ -95,8 +96,13 @@ def kernel_tools(kernel: Any, state_dir: Path) -> ToolTable:
         box = exec_group(pcb)
         try:
             run = box.child(f"r{next(run_ids)}") if box is not None else None
-        except OSError:
-            raise SyscallError("ESRCH", f"pid {pcb.pid} has exited") from None
+        except OSError as e:
+            if pcb.exited or box.removed:
+                raise SyscallError("ESRCH", f"pid {pcb.pid} has exited") from None
+            if e.errno == errno.ENOMEM:  # a memory cap too small to hold even a cgroup
+                raise SyscallError("ENOMEM", "the process's exec memory cap is too small "
+                                             "to start a run") from None
+            raise SyscallError("EAGAIN", f"no group for the run: {e.strerror}") from None
         uid = getattr(pcb, "uid", None)
         try:
             res = run_code(args["lang"], args["code"], sb.root, limits,

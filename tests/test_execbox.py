@@ -466,12 +466,12 @@ def test_tool_timeout_answers_etimedout_and_kills_the_run(shared_kernel):
         assert _exec(conn, "sh", "echo again")["stdout"] == "again\n"
 
 
-def test_a_killed_callers_container_dies_at_once(shared_kernel):
-    pid, conn = _as_new_process(shared_kernel)
+def _killed_callers_container_dies(k):
+    pid, conn = _as_new_process(k)
     t, res = _in_background(_exec, conn, "sh", "sleep 123.456 & sleep 59.876", 60)
     wait_gone(lambda: _cmdlines_with(b"sleep\x0059.876"), timeout=15)
     assert _cmdlines_with(b"sleep\x00123.456")
-    with shared_kernel.client() as c:
+    with k.client() as c:
         start = time.monotonic()
         c.proc.kill(pid, "SIGKILL")
     assert wait_gone(lambda: not _cmdlines_with(b"sleep\x00123.456")
@@ -480,6 +480,59 @@ def test_a_killed_callers_container_dies_at_once(shared_kernel):
     t.join(10)
     assert not t.is_alive()
     conn.close()
+
+
+def test_a_killed_callers_container_dies_at_once(shared_kernel):
+    _killed_callers_container_dies(shared_kernel)
+
+
+def _forced_levels() -> list[str]:
+    from llmagentos.kernel.cgroups import LEVELS, Containment
+    auto = Containment.probe("llmagentos-testprobe")
+    auto.close()
+    out = []
+    for lv in LEVELS:
+        if lv == auto.level:
+            continue
+        try:
+            Containment.probe("llmagentos-testprobe", lv).close()
+            out.append(lv)
+        except ValueError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("level", _forced_levels())
+def test_a_killed_callers_container_dies_at_the_weaker_levels(tmp_path, level):
+    from conftest import boot_kernel
+    k = boot_kernel(tmp_path, "--containment", level)
+    try:
+        _killed_callers_container_dies(k)
+    finally:
+        k.stop()
+
+
+def test_the_runs_processes_are_in_its_group(box):
+    """The group is joined before the code starts, at every isolation level
+    (as root, before the uid drop)."""
+    from llmagentos.kernel.cgroups import Containment
+    c = Containment.probe("llmagentos-testrun")
+    try:
+        if c.level == "subreaper":
+            pytest.skip("no cgroups here: nothing to join")
+        levels = [ISO] + [Isolation(lv, ISO.python) for lv in ("uid", "rlimits")
+                          if lv != ISO.level and (lv == "rlimits" or os.geteuid() == 0)]
+        for i, iso in enumerate(levels):
+            g = c.create(f"r{i}")
+            r = run_code("sh", "cat /proc/self/cgroup; (sleep 0 &); echo done", box, FAST,
+                         isolation=iso, group=g)
+            assert r.stdout.endswith("done\n"), (iso.level, r)
+            mine = [ln for ln in r.stdout.splitlines() if ln.endswith(f"/{c.name}/r{i}")]
+            assert len(mine) == len(c.bases), (iso.level, r.stdout)
+            assert not g.pids()  # and nothing is left in it
+            g.remove()
+    finally:
+        c.close()
 
 
 def _containment(k) -> dict:
@@ -492,6 +545,7 @@ def _sandbox_root(k, pid) -> Path:
 
 
 def test_exec_memory_is_capped_across_a_processs_runs(shared_kernel):
+    import llmagentos
     if "memory" not in _containment(shared_kernel)["controllers"]:
         pytest.skip("no cgroup memory controller here: exec has no aggregate memory cap")
     mb = 1024 * 1024
@@ -517,6 +571,11 @@ def test_exec_memory_is_capped_across_a_processs_runs(shared_kernel):
     assert res["r"]["stdout"] == "held\n", res  # the holder was not the one killed
     a2.close()
     a1.close()
+    # a cap too small to hold even a run's cgroup: ENOMEM, not a process that "exited"
+    pid_c, tiny = _as_new_process(shared_kernel, {"exec_memory": 4096})
+    with tiny, pytest.raises(llmagentos.KernelError) as e:
+        _exec(tiny, "sh", "true")
+    assert e.value.name == "ENOMEM", e.value
 
 
 def test_exec_runs_of_two_processes_use_their_own_uids(shared_kernel):
