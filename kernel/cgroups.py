@@ -101,6 +101,8 @@ def _pids_in(procs_file: str) -> set[int]:
 
 
 def _kill(pid: int, sig: int) -> None:
+    if pid == os.getpid():  # the kernel may live in a leaf of its own groups (v2)
+        return
     try:
         os.kill(pid, sig)
     except (ProcessLookupError, PermissionError):
@@ -467,6 +469,8 @@ class Containment:
         self.lock = threading.RLock()
         self.own_all_children = True  # subreaper: every non-root child of ours is adopted
         self._zombies: set[int] = set()
+        self._leaf: tuple[str, str] | None = None  # v2: (the kernel's own leaf, where it was)
+        self._enabled: list[tuple[str, str]] = []  # v2: (dir, controller) we turned on
 
     # --- probing ------------------------------------------------------------------
     @classmethod
@@ -503,8 +507,13 @@ class Containment:
         for level, c in tried.items():
             if not isinstance(c, str) and c is not chosen:
                 c._drop_bases()  # a probe's leftover parent dir
-        why = "; ".join(f"{lv}: {c if isinstance(c, str) else 'caps ' + str(c.controllers)}"
-                        for lv, c in tried.items() if c is not chosen)
+        def unused(c: Containment | str) -> str:
+            if isinstance(c, str):
+                return c
+            return "no " + " or ".join(x for x in CAPS if x not in c.controllers) + \
+                " controller to use"
+
+        why = "; ".join(f"{lv}: {unused(c)}" for lv, c in tried.items() if c is not chosen)
         if chosen is not None:
             chosen.reason = why
             return chosen
@@ -530,25 +539,64 @@ class Containment:
         if not os.access(os.path.join(base, "cgroup.procs"), os.W_OK):
             _rmdir(base)
             raise Unavailable(f"{base}/cgroup.procs is not writable")
+        self = cls("cgroup2", name, {"": base}, ())
+        self._clear_leftovers()
+        self._hand_down_caps(top, base)
+        return self
+
+    def _hand_down_caps(self, top: str, base: str) -> None:
+        """v2: enable memory and pids for the groups below ``base``. v2 lets only
+        a cgroup without processes hand controllers down; when the kernel's own
+        cgroup refuses for that reason and the kernel is its only process (a
+        delegated service or scope), the kernel moves into a leaf of its own,
+        ``base/kernel`` (moved back at close)."""
+        subtree = os.path.join(top, "cgroup.subtree_control")
         available = set(_read(os.path.join(top, "cgroup.controllers")).split())
-        for c in CAPS:
-            if c in available:
-                try:  # works in the root cgroup, or a delegated one without processes
-                    _write(os.path.join(top, "cgroup.subtree_control"), f"+{c}")
+        missing = [c for c in CAPS if c in available
+                   and c not in _read(subtree).split()]
+        for c in missing:
+            try:
+                _write(subtree, f"+{c}")
+                self._enabled.append((top, c))
+            except OSError as e:
+                if e.errno != errno.EBUSY or _pids_in(os.path.join(top, "cgroup.procs")) != {
+                        os.getpid()} or self._leaf is not None:
+                    continue
+                try:
+                    leaf = os.path.join(base, "kernel")
+                    os.makedirs(leaf, exist_ok=True)
+                    _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
+                    self._leaf = (leaf, top)
+                    _write(subtree, f"+{c}")
+                    self._enabled.append((top, c))
                 except OSError:
-                    pass
-        enabled = set(_read(os.path.join(top, "cgroup.subtree_control")).split())
+                    continue
         got = []
         for c in CAPS:
-            if c in enabled:
+            if c in _read(subtree).split():
                 try:
                     _write(os.path.join(base, "cgroup.subtree_control"), f"+{c}")
+                    self._enabled.append((base, c))
                     got.append(c)
                 except OSError:
                     pass
-        self = cls("cgroup2", name, {"": base}, tuple(got))
-        self._clear_leftovers()
-        return self
+        self.controllers = tuple(got)
+
+    def _give_back_caps(self) -> None:
+        """Close: undo what _hand_down_caps did, the kernel's move included."""
+        for d, c in reversed(self._enabled):
+            try:
+                _write(os.path.join(d, "cgroup.subtree_control"), f"-{c}")
+            except OSError:
+                pass
+        self._enabled = []
+        if self._leaf is not None:
+            leaf, top = self._leaf
+            try:
+                _write(os.path.join(top, "cgroup.procs"), str(os.getpid()))
+                self._leaf = None
+            except OSError:
+                pass  # stays in the leaf; the next boot removes it once empty
 
     @classmethod
     def _probe_v1(cls, name: str, mounts: dict[str, tuple[str, str]], own: dict[str, str]
@@ -687,6 +735,7 @@ class Containment:
         self.sweep()
         with self.lock:
             self._retry_stale()
+        self._give_back_caps()
         self._drop_bases()
 
     def _drop_bases(self) -> None:
