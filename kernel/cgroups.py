@@ -467,7 +467,9 @@ class Containment:
         self.groups: dict[str, Group] = {}
         self.stale: list[Group] = []  # groups whose dirs could not be removed yet
         self.lock = threading.RLock()
-        self.own_all_children = True  # subreaper: every non-root child of ours is adopted
+        # subreaper: every child of ours that is no group's root is an adopted
+        # orphan of some group (the kernel says so when it starts nothing else)
+        self.own_all_children = False
         self._zombies: set[int] = set()
         self._leaf: tuple[str, str] | None = None  # v2: (the kernel's own leaf, where it was)
         self._enabled: list[tuple[str, str]] = []  # v2: (dir, controller) we turned on
@@ -629,8 +631,7 @@ class Containment:
 
     @classmethod
     def _subreaper(cls, name: str, reason: str) -> "Containment":
-        libc = ctypes.CDLL(None, use_errno=True)
-        if libc.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        if not _set_subreaper(True):
             reason += f"; prctl(PR_SET_CHILD_SUBREAPER): {os.strerror(ctypes.get_errno())}"
         return cls("subreaper", name, {}, (), reason)
 
@@ -737,6 +738,8 @@ class Containment:
             self._retry_stale()
         self._give_back_caps()
         self._drop_bases()
+        if self.level == "subreaper":
+            _set_subreaper(False)
 
     def _drop_bases(self) -> None:
         for base in self.bases.values():
@@ -795,6 +798,11 @@ class Containment:
             except ChildProcessError:
                 pass
         self._zombies = zombies
+
+
+def _set_subreaper(on: bool) -> bool:
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.prctl(_PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
 
 
 def _environ(pid: int) -> bytes:

@@ -23,6 +23,8 @@ AUTO_LEVEL = _PROBE.level
 
 
 def _available(level: str) -> bool:
+    if level == "subreaper":  # always; probing it would make this process a subreaper
+        return True
     try:
         Containment.probe("llmagentos-testprobe", level).close()
         return True
@@ -214,34 +216,84 @@ def test_next_boot_kills_what_a_crashed_kernel_left(tmp_path, leftovers):
         assert not os.path.exists(os.path.join(os.path.dirname(base), name))
 
 
+FORK_RACE = r'''
+import os, subprocess, sys, time
+from llmagentos.kernel.cgroups import Containment
+
+FORKER = """
+import os, time
+for _ in range(150):
+    try:
+        if os.fork() == 0:
+            os.setsid()
+            time.sleep(60)
+            os._exit(0)
+    except OSError:
+        time.sleep(0.01)
+time.sleep(60)
+"""
+
+
+def alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+c = Containment.probe("llmagentos-testfork", sys.argv[1])
+c.own_all_children = True  # this program starts nothing else
+try:
+    g = c.create("p1", pids_max=200)
+    forker = subprocess.Popen([sys.executable, "-c", FORKER], preexec_fn=g.join_self,
+                              start_new_session=True)
+    g.add(forker.pid)
+    time.sleep(0.2)  # mid-forking
+    c.tick()
+    members = g.pids()
+    assert len(members) > 1, members
+    g.kill()
+    forker.wait(5)
+    end = time.monotonic() + 5
+    while any(alive(p) for p in members) and time.monotonic() < end:
+        time.sleep(0.05)
+    assert not any(alive(p) for p in members), [p for p in members if alive(p)]
+    assert not g.pids()
+    g.remove()
+finally:
+    c.close()
+print("ok", len(members))
+'''
+
+
 @pytest.mark.parametrize("lv", [AUTO_LEVEL, *FORCED])
 def test_a_forking_group_is_killed_entirely(lv):
-    """Kill races a process that keeps forking; nothing of it is left."""
-    c = Containment.probe("llmagentos-testfork", lv)
-    try:
-        g = c.create("p1", pids_max=200)
-        forker = subprocess.Popen([PY, "-c", textwrap.dedent("""
-            import os, time
-            for _ in range(150):
-                try:
-                    if os.fork() == 0:
-                        os.setsid()
-                        time.sleep(60)
-                        os._exit(0)
-                except OSError:
-                    time.sleep(0.01)
-            time.sleep(60)
-        """)], preexec_fn=g.join_self, start_new_session=True)
-        g.add(forker.pid)
-        time.sleep(0.2)  # mid-forking
-        if lv == "subreaper":
-            c.tick()
-        members = g.pids()
-        assert len(members) > 1
-        g.kill()
-        forker.wait(5)
-        wait_for(lambda: not any(alive(p) for p in members), timeout=5)
-        assert not g.pids()
-        g.remove()
-    finally:
-        c.close()
+    """Kill races a process that keeps forking; nothing of it is left. (In a
+    program of its own: the subreaper level makes its caller a subreaper.)"""
+    r = subprocess.run([PY, "-c", FORK_RACE, lv], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.startswith("ok "), r.stdout + r.stderr
+
+
+SWEEP_SPARES = r'''
+import subprocess, sys, time
+from llmagentos.kernel.cgroups import Containment
+
+c = Containment.probe("llmagentos-testspare", "subreaper")
+bystander = subprocess.Popen(["sleep", "30"])  # ours, but in no group
+g = c.create("p1")
+member = subprocess.Popen(["sleep", "31"])
+g.add(member.pid)
+c.close()
+time.sleep(0.2)
+print(bystander.poll(), member.poll())
+bystander.kill()
+'''
+
+
+def test_a_subreaper_sweep_spares_children_in_no_group():
+    """Only the kernel (which starts nothing else) says every child of its own
+    is an orphan of some group; a program using the module does not lose its
+    other children to a sweep."""
+    r = subprocess.run([PY, "-c", SWEEP_SPARES], capture_output=True, text=True, timeout=30)
+    assert r.stdout.split() == ["None", "-9"], r.stdout + r.stderr

@@ -494,6 +494,9 @@ def _forced_levels() -> list[str]:
     for lv in LEVELS:
         if lv == auto.level:
             continue
+        if lv == "subreaper":  # always there (probing would make us a subreaper)
+            out.append(lv)
+            continue
         try:
             Containment.probe("llmagentos-testprobe", lv).close()
             out.append(lv)
