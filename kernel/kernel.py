@@ -98,6 +98,8 @@ class Kernel:
         self.config = config
         if config.policy not in ("fifo", "rr", "priority", "fair"):
             raise BootError(f"unknown policy {config.policy!r}: fifo, rr, priority or fair")
+        if config.exec_memory <= 0 or config.exec_pids <= 0:
+            raise BootError("--exec-memory and --exec-pids must be positive")
         self.boot_time = time.time()
         self.stats: Counter[str] = Counter()
         self.procs = ProcessTable(config.state_dir / "logs")

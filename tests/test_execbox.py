@@ -581,6 +581,18 @@ def test_exec_memory_is_capped_across_a_processs_runs(shared_kernel):
     assert e.value.name == "ENOMEM", e.value
 
 
+def test_exec_run_stops_at_the_processs_disk_quota(shared_kernel):
+    pid, conn = _as_new_process(shared_kernel, {"fs_bytes": 1_000_000})
+    code = ("import time\n"
+            "for i in range(100):\n"
+            "    open('f%d' % i, 'wb').write(b'x' * 100_000)\n"
+            "    time.sleep(0.01)\n")
+    with conn:
+        r = _exec(conn, "python", code)
+        assert r["errno"] == "EDQUOT" and r["signal"] == signal.SIGKILL, r
+        assert conn.fs.usage()["bytes"] < 3_000_000
+
+
 def test_exec_runs_of_two_processes_use_their_own_uids(shared_kernel):
     from llmagentos.drivers.execbox import exec_uid
     if not DROPS_UID:
