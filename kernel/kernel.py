@@ -282,7 +282,6 @@ class Kernel:
         """Boot, serve until shutdown, clean up. task_status.started() once
         the socket accepts connections."""
         self._prepare_dirs()
-        self._contain()
         self.audit = AuditLog(self.config.state_dir / "audit.db")
         self._open_memory()
         self.tools = systool.kernel_tools(self, self.config.state_dir)
@@ -291,6 +290,7 @@ class Kernel:
         self.procs.on_exit.append(lambda pcb: sysfs.release(self, pcb))
         self.procs.on_exit.append(lambda pcb: sysenv.release(self, pcb))
         listeners: list[trio.SocketListener] = []
+        self._contain()
         try:
             await self._load_device()
             listeners = await self._open_listeners()
@@ -319,7 +319,7 @@ class Kernel:
                 await trio.sleep(0.05)
                 root.cancel_scope.cancel()
         finally:
-            self.containment.close()
+            self.containment.close()  # every group killed, the parent group removed
             for lst in listeners:
                 lst.socket.close()
             self.audit.close()
