@@ -10,8 +10,10 @@ that actually works on this machine (it tries it once and remembers):
     read-only tmpfs with ``/usr /bin /sbin /lib* /etc`` bound read-only, a
     minimal ``/dev``, a private ``/proc``, the scratch dir read-write at
     ``/sandbox`` (``/tmp`` links to it), then ``pivot_root``s into it and
-    runs the code as an unprivileged uid (default 65534, no groups, no
-    capabilities, ``no_new_privs``) with the rlimits set.
+    runs the code as an unprivileged uid (default 65534; the kernel gives each
+    process its own, ``exec_uid``), no groups, no capabilities,
+    ``no_new_privs``, a seccomp filter refusing new user namespaces, with the
+    rlimits set.
     Isolated: the host file system (only the system dirs are visible, read
     only; the rest of the host, the project and the other sandboxes are not
     there at all); root-only files under ``/etc`` (unreadable as uid 65534);
@@ -20,21 +22,20 @@ that actually works on this machine (it tries it once and remembers):
     and when PID 1 exits the kernel kills everything left, even processes
     that called ``setsid``); SysV IPC and the hostname. RLIMIT_NPROC is
     enforced because the code does not run as root.
-    Not isolated: CPU time beyond RLIMIT_CPU per process, total memory of all
-    processes (RLIMIT_AS is per process, so the worst case is about
-    ``nproc * memory_bytes``), disk usage of the scratch dir beyond
-    RLIMIT_FSIZE per file (the ``Sandbox`` quota sees it on its next
-    ``rescan()``), the world-readable files of the system dirs, and kernel
-    attack surface (no seccomp filter). Processes of the same uid in other
-    runs share one RLIMIT_NPROC count: give each agent its own ``uid`` if that
-    matters.
+    Not isolated here: CPU time beyond RLIMIT_CPU per process, total memory
+    and processes of all runs (RLIMIT_AS is per process: the ``group``, a
+    cgroup with caps, bounds the total), the world-readable files of the
+    system dirs, and kernel attack surface beyond user namespaces. Processes
+    of the same uid in other runs share one RLIMIT_NPROC count: give each
+    agent its own ``uid``.
 
 ``uid`` (running as root, but namespaces don't work)
-    The code runs as the unprivileged uid with the rlimits set in
-    ``preexec_fn``, in its own session and process group. Isolated: root-only
-    files, RLIMIT_NPROC. Not isolated: the network, the view of host
-    processes, world-writable dirs such as /tmp, world-readable files,
-    descendants that leave the process group (``setsid``) survive the kill.
+    The code runs as the unprivileged uid, joined to its group, with the
+    rlimits and the user-namespace filter set in ``preexec_fn``, in its own
+    session and process group. Isolated: root-only files, RLIMIT_NPROC. Not
+    isolated: the network, the view of host processes, world-writable dirs
+    such as /tmp, world-readable files; without a ``group``, descendants that
+    leave the process group (``setsid``) survive the kill.
 
 ``rlimits`` (not running as root)
     rlimits, session, timeout and output cap only; the code runs as the
@@ -42,8 +43,10 @@ that actually works on this machine (it tries it once and remembers):
     the kernel's included.
 
 In every level: a scrubbed environment (PATH, HOME, LANG, TMPDIR only), stdin
-is /dev/null, no inherited fds, RLIMIT_CORE 0, the whole process group killed
-at the wall-clock limit or the output cap.
+is /dev/null, no inherited fds, RLIMIT_CORE 0, the whole process group (and
+the run's ``group``) killed at the wall-clock limit, the output cap, a
+``cancel``, or when the scratch dir goes over its ``DiskQuota`` (checked
+every ``DISK_SCAN_S`` while the code runs; RLIMIT_FSIZE is what is left).
 
 The scratch dir's tree is chowned to the run's uid before each run (dirs and
 single-link regular files only, never following symlinks) so the code can
@@ -64,12 +67,20 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Protocol
 
-from llmagentos.drivers.execinit import SANDBOX_DIR, apply_rlimits
-from llmagentos.drivers.sandbox import walk_tree
+from llmagentos.drivers.execinit import (
+    SANDBOX_DIR,
+    Libc,
+    apply_rlimits,
+    install_filter,
+    userns_filter,
+)
+from llmagentos.drivers.sandbox import tree_usage, walk_tree
 from llmagentos.syscalls.errno import SyscallError
 
 _EXECINIT = str(Path(__file__).with_name("execinit.py"))
@@ -77,6 +88,8 @@ _SYSTEM_PREFIXES = ("/usr/", "/bin/", "/sbin/", "/lib")
 _PATH = "/usr/local/bin:/usr/bin:/bin"
 MAX_CODE_BYTES = 100_000  # below Linux's 128 KiB limit on one argv string
 NOBODY = 65534
+EXEC_UID_BASE = 1_800_000_000  # per-process uids: see exec_uid
+DISK_SCAN_S = 0.1  # how often a run's scratch dir is recounted against its disk quota
 POLL_S = 0.1  # how often the reader looks whether the process has exited
 DRAIN_S = 0.2  # how long output is still read after it has
 
@@ -112,6 +125,33 @@ class ExecLimits:
         }
 
 
+def exec_uid(pid: int) -> int:
+    """The uid (and gid) a kernel process's exec runs use when it has none of
+    its own: one per process, so RLIMIT_NPROC, which Linux counts per uid, is
+    not one count shared by every agent. The ids are in no passwd file and far
+    above ordinary and subordinate (user-namespace) ranges; a pid is not
+    reused within one boot."""
+    return EXEC_UID_BASE + pid
+
+
+@dataclass(frozen=True)
+class DiskQuota:
+    """What the scratch dir may hold in all while code runs (the process's
+    sandbox quota): bytes of regular files, and entries."""
+
+    max_bytes: int
+    max_files: int
+
+
+class RunGroup(Protocol):
+    """Where a run's processes live (kernel/cgroups.py ``Group``)."""
+
+    def join_self(self) -> None: ...
+    def add(self, pid: int) -> bool: ...
+    def kill(self) -> None: ...
+    def oom_kills(self) -> int: ...
+
+
 @dataclass(frozen=True)
 class ExecResult:
     exit_code: int | None  # None when killed by a signal
@@ -122,6 +162,10 @@ class ExecResult:
     timed_out: bool  # the wall-clock limit was hit; the run was killed
     wall_s: float
     isolation: str = "rlimits"  # the level it ran under (see LEVELS)
+    # Why the run was stopped early, besides the flags above: "EDQUOT" (the
+    # scratch dir went over its disk quota), "ENOMEM" (its group's memory cap
+    # killed a process), "ECANCELED" (the caller cancelled it); else None.
+    errno: str | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -170,12 +214,17 @@ def probe_isolation() -> Isolation:
 
 def run_code(lang: str, code: str, cwd: Path, limits: ExecLimits | None = None, *,
              uid: int = NOBODY, gid: int | None = None,
-             isolation: Isolation | None = None) -> ExecResult:
+             isolation: Isolation | None = None, group: RunGroup | None = None,
+             cancel: threading.Event | None = None,
+             disk: DiskQuota | None = None) -> ExecResult:
     """Run ``code`` (lang ``"python"`` or ``"sh"``) with ``cwd`` as its scratch
     dir. Blocking; the kernel calls it through ``trio.to_thread``.
 
     ``uid``/``gid``: the unprivileged ids the code runs as when the kernel is
     root. ``isolation``: force a level (tests); default ``probe_isolation()``.
+    ``group``: the run's process group; its first process joins it before
+    exec, and it is killed when the run ends. ``cancel``: once set, the run is
+    killed within ``POLL_S``. ``disk``: the quota of the whole scratch dir.
     """
     limits = limits or ExecLimits()
     limits.check()
@@ -195,13 +244,64 @@ def run_code(lang: str, code: str, cwd: Path, limits: ExecLimits | None = None, 
     cwd = Path(cwd)
     if not cwd.is_dir():
         raise SyscallError("ENOENT", "the scratch dir does not exist")
-    return _run(argv, cwd, limits, iso, uid, uid if gid is None else gid)
+    return _run(argv, cwd, limits, iso, uid, uid if gid is None else gid, group, cancel, disk)
+
+
+class _DiskWatch:
+    """Recounts the scratch dir while code runs; over the quota, the run stops."""
+
+    def __init__(self, root: Path, quota: DiskQuota):
+        self.root, self.quota = root, quota
+        used, _ = tree_usage(root)
+        self.room = max(0, quota.max_bytes - used)  # what one file may still take
+        self.next_scan = time.monotonic() + DISK_SCAN_S
+
+    def over(self, now: bool = False) -> bool:
+        t = time.monotonic()
+        if not now and t < self.next_scan:
+            return False
+        self.next_scan = t + DISK_SCAN_S
+        try:
+            used, files = tree_usage(self.root)
+        except OSError:
+            return False
+        return used > self.quota.max_bytes or files > self.quota.max_files
+
+
+def _enter(group: RunGroup | None, rlimits: dict, ids: tuple[int, int] | None, libc: Libc,
+           prog: bytes | None) -> None:
+    """In the child, before exec (a ``preexec_fn``): join the run's group while
+    still privileged, set the rlimits, drop to the run's ids, then
+    ``no_new_privs`` and the filter against user namespaces."""
+    if group is not None:
+        group.join_self()
+    apply_rlimits(rlimits)
+    if ids is not None:
+        uid, gid = ids
+        os.setgroups([])
+        os.setresgid(gid, gid, gid)
+        os.setresuid(uid, uid, uid)
+    libc.no_new_privs()
+    install_filter(libc, prog)
 
 
 def _run(argv: list[str], cwd: Path, limits: ExecLimits, iso: Isolation, uid: int,
-         gid: int) -> ExecResult:
+         gid: int, group: RunGroup | None = None, cancel: threading.Event | None = None,
+         disk: DiskQuota | None = None) -> ExecResult:
     if iso.level in ("container", "uid"):
         hand_over(cwd, uid, gid)
+    rl = limits.rlimits()
+    watch = _DiskWatch(cwd, disk) if disk is not None else None
+    if watch is not None:  # no one file may take more than the quota has left
+        rl["fsize"] = [min(rl["fsize"][0], watch.room)] * 2
+
+    def stop() -> str | None:
+        if cancel is not None and cancel.is_set():
+            return "ECANCELED"
+        if watch is not None and watch.over():
+            return "EDQUOT"
+        return None
+
     home = SANDBOX_DIR if iso.level == "container" else str(cwd)
     env = {"PATH": _PATH, "HOME": home, "LANG": "C.UTF-8", "TMPDIR": home}
     status_r = status_w = cfg_r = cfg_w = -1
@@ -216,37 +316,44 @@ def _run(argv: list[str], cwd: Path, limits: ExecLimits, iso: Isolation, uid: in
         cfg = json.dumps({
             "status_fd": status_w, "scratch": str(cwd), "cwd": SANDBOX_DIR,
             "ro_binds": list(iso.ro_binds), "uid": uid, "gid": gid, "argv": argv, "env": env,
-            "rlimits": limits.rlimits(),
+            "rlimits": rl,
             # A backstop: init ends the namespace itself should we die first.
             "deadline_s": math.ceil(limits.wall_s) + 5,
         }).encode()
         cmd = ["unshare", "--mount", "--pid", "--fork", "--kill-child", "--net", "--ipc",
                "--uts", "--", sys.executable, "-I", "-S", _EXECINIT, str(cfg_r)]
-        popen.update(pass_fds=(status_w, cfg_r), env={"PATH": _PATH, "LANG": "C.UTF-8"})
+        # execinit (root) joins the group through unshare; its code drops to the
+        # uid and loads the user-namespace filter itself.
+        popen.update(pass_fds=(status_w, cfg_r), env={"PATH": _PATH, "LANG": "C.UTF-8"},
+                     preexec_fn=group.join_self if group is not None else None)
     else:
         cmd = argv
-        rl = limits.rlimits()
-        popen.update(env=env, preexec_fn=functools.partial(apply_rlimits, rl))
-        if iso.level == "uid":
-            popen.update(user=uid, group=gid, extra_groups=[])
+        ids = (uid, gid) if iso.level == "uid" else None
+        popen.update(env=env, preexec_fn=functools.partial(_enter, group, rl, ids, Libc(),
+                                                           userns_filter()))
     start = time.monotonic()
     try:
         proc = subprocess.Popen(cmd, **popen)
-    except OSError as e:
+    except (OSError, subprocess.SubprocessError) as e:
         for fd in (status_r, cfg_w):
             if fd >= 0:
                 os.close(fd)
-        raise SyscallError("EIO", f"can't start {cmd[0]}: {e.strerror}") from None
+        why = e.strerror if isinstance(e, OSError) else str(e)  # e.g. joining its group
+        raise SyscallError("EIO", f"can't start {cmd[0]}: {why}") from None
     finally:
         for fd in (status_w, cfg_r):
             if fd >= 0:
                 os.close(fd)
+    if group is not None:
+        group.add(proc.pid)  # the run's root, for groups that track by pid
     if cfg_w >= 0:
         _send_config(cfg_w, cfg)
     try:
-        out, err, truncated, timed_out = _collect(proc, limits, start)
+        out, err, truncated, timed_out, why = _collect(proc, limits, start, stop)
     finally:
         _kill_group(proc)
+        if group is not None:
+            group.kill()  # setsid'd and double-forked descendants too
         proc.wait()
     wall = time.monotonic() - start
     code, sig = _status(proc.returncode, status_r)
@@ -255,13 +362,20 @@ def _run(argv: list[str], cwd: Path, limits: ExecLimits, iso: Isolation, uid: in
         sig = signal.SIGKILL
     if isinstance(code, str):  # execinit could not build the container or exec
         raise SyscallError("EIO", code)
+    if why is None and watch is not None and watch.over(now=True):
+        why = "EDQUOT"  # went over just before it ended
+    if why is None and group is not None and group.oom_kills():
+        why = "ENOMEM"
     return ExecResult(code, sig, out.decode("utf-8", "replace"),
-                      err.decode("utf-8", "replace"), truncated, timed_out, wall, iso.level)
+                      err.decode("utf-8", "replace"), truncated, timed_out, wall, iso.level,
+                      why)
 
 
-def _collect(proc: subprocess.Popen, limits: ExecLimits,
-             start: float) -> tuple[bytes, bytes, bool, bool]:
-    """Read both pipes until EOF, the wall-clock limit or the output cap.
+def _collect(proc: subprocess.Popen, limits: ExecLimits, start: float,
+             stop: Callable[[], str | None] = lambda: None,
+             ) -> tuple[bytes, bytes, bool, bool, str | None]:
+    """Read both pipes until EOF, the wall-clock limit, the output cap, or
+    until ``stop()`` gives a reason (an errno name) to end the run.
 
     Once the process itself has exited, what is left holding the pipes (a
     background child) gets DRAIN_S more, not the whole wall clock.
@@ -269,6 +383,7 @@ def _collect(proc: subprocess.Popen, limits: ExecLimits,
     bufs = {proc.stdout: bytearray(), proc.stderr: bytearray()}
     room = limits.output_bytes
     truncated = timed_out = False
+    why = None
     deadline = start + limits.wall_s
     with selectors.DefaultSelector() as sel:
         for f in bufs:
@@ -278,6 +393,9 @@ def _collect(proc: subprocess.Popen, limits: ExecLimits,
             now = time.monotonic()
             if now >= deadline:
                 timed_out = True
+                break
+            why = stop()
+            if why is not None:
                 break
             if proc.poll() is not None:
                 deadline = min(deadline, now + DRAIN_S)
@@ -295,14 +413,19 @@ def _collect(proc: subprocess.Popen, limits: ExecLimits,
                 if len(keep) < len(chunk):  # bytes dropped: stop the run
                     truncated = True
                     break
-    if not truncated and not timed_out:
+    while not truncated and not timed_out and why is None and proc.poll() is None:
+        now = time.monotonic()  # it closed its output but keeps running
+        if now >= deadline:
+            timed_out = True
+            break
+        why = stop()
         try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
+            proc.wait(min(POLL_S, deadline - now))
         except subprocess.TimeoutExpired:
-            timed_out = True  # it closed its output but kept running
+            pass
     for f in bufs:
         f.close()
-    return bytes(bufs[proc.stdout]), bytes(bufs[proc.stderr]), truncated, timed_out
+    return bytes(bufs[proc.stdout]), bytes(bufs[proc.stderr]), truncated, timed_out, why
 
 
 def _send_config(fd: int, cfg: bytes) -> None:

@@ -19,7 +19,8 @@ host, and everything goes when the namespace's last process exits):
 - the scratch dir bound read-write at ``/sandbox``; ``/tmp`` is a symlink to it.
 
 Then it forks the code as an unprivileged uid (no groups, no capabilities,
-``no_new_privs``) with the rlimits set, reaps every process of the namespace,
+``no_new_privs``, a seccomp filter that refuses new user namespaces) with the
+rlimits set, reaps every process of the namespace,
 and writes the code's exact wait status to the status fd as one JSON line.
 When it exits, the kernel kills whatever is left in the pid namespace.
 """
@@ -27,11 +28,13 @@ When it exits, the kernel kills whatever is left in the pid namespace.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import platform
 import resource
 import signal
+import struct
 import sys
 
 SANDBOX_DIR = "/sandbox"  # where the scratch dir appears inside the container
@@ -57,6 +60,16 @@ _MNT_DETACH = 0x2
 _PR_SET_NO_NEW_PRIVS = 38
 _SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}
 
+_PR_SET_SECCOMP = 22
+_SECCOMP_MODE_FILTER = 2
+_CLONE_NEWUSER = 0x10000000
+# machine -> (AUDIT_ARCH_*, clone, unshare, clone3); other arches get no filter
+_SECCOMP_ARCH = {
+    "x86_64": (0xC000003E, 56, 272, 435),
+    "aarch64": (0xC00000B7, 220, 97, 435),
+    "riscv64": (0xC00000F3, 220, 97, 435),
+}
+
 _SYSTEM_DIRS = ("usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32", "etc")
 _DEVICES = ("null", "zero", "full", "random", "urandom")
 
@@ -72,7 +85,7 @@ def _enc(s: str | None) -> bytes | None:
     return None if s is None else os.fsencode(s)
 
 
-class _Libc:
+class Libc:
     def __init__(self) -> None:
         self.lib = ctypes.CDLL(None, use_errno=True)
 
@@ -101,13 +114,68 @@ class _Libc:
         self._check(self.lib.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl")
 
 
-def _bind(libc: _Libc, source: str, target: str, extra: int) -> None:
+def userns_filter() -> bytes | None:
+    """A seccomp BPF program refusing new user namespaces: unshare and clone
+    with CLONE_NEWUSER fail with EPERM; clone3 (whose flags sit in memory a
+    filter can't read) fails with ENOSYS, so libc falls back to clone, which
+    is checked. Any other ABI on the machine (i386, x32) kills the process:
+    its syscall numbers differ and would slip past. None where the arch is
+    unknown."""
+    arch = _SECCOMP_ARCH.get(platform.machine())
+    if arch is None:
+        return None
+    audit_arch, nr_clone, nr_unshare, nr_clone3 = arch
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, kill = 0x7FFF0000, 0x80000000
+    deny = 0x00050000  # SECCOMP_RET_ERRNO | errno
+    # (code, true-label, false-label, k); labels name the instructions below
+    prog = [
+        ("start", ld, None, None, 4),  # seccomp_data.arch
+        (None, jeq, None, "kill", audit_arch),
+        (None, ld, None, None, 0),  # seccomp_data.nr
+        (None, jge, "kill", None, 0x40000000),  # x32 numbers
+        (None, jeq, "enosys", None, nr_clone3),
+        (None, jeq, "flags", None, nr_unshare),
+        (None, jeq, "flags", None, nr_clone),
+        (None, ret, None, None, allow),
+        ("flags", ld, None, None, 16),  # low half of args[0]: the flags of both
+        (None, jset, "eperm", None, _CLONE_NEWUSER),
+        (None, ret, None, None, allow),
+        ("eperm", ret, None, None, deny | errno.EPERM),
+        ("enosys", ret, None, None, deny | errno.ENOSYS),
+        ("kill", ret, None, None, kill),
+    ]
+    at = {label: i for i, (label, *_) in enumerate(prog) if label}
+    out = b""
+    for i, (_, code, jt, jf, k) in enumerate(prog):
+        t = at[jt] - i - 1 if jt else 0
+        f = at[jf] - i - 1 if jf else 0
+        out += struct.pack("=HBBI", code, t, f, k)
+    return out
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def install_filter(libc: "Libc", prog: bytes | None) -> None:
+    """Load a seccomp program (``userns_filter()``) into the calling process;
+    it must have ``no_new_privs`` (or be privileged). Only libc calls."""
+    if prog is None:
+        return
+    buf = ctypes.create_string_buffer(prog, len(prog))
+    fprog = _SockFprog(len(prog) // 8, ctypes.cast(buf, ctypes.c_void_p))
+    libc._check(libc.lib.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, ctypes.byref(fprog),
+                               0, 0), "seccomp")
+
+
+def _bind(libc: Libc, source: str, target: str, extra: int) -> None:
     libc.mount(source, target, None, _MS_BIND)
     # A bind mount takes the flags only on a second, remounting call.
     libc.mount(None, target, None, _MS_BIND | _MS_REMOUNT | extra)
 
 
-def build_root(libc: _Libc, scratch: str, ro_binds: list[str]) -> None:
+def build_root(libc: Libc, scratch: str, ro_binds: list[str]) -> None:
     """Build the container's file system and make it the root."""
     libc.mount(None, "/", None, _MS_REC | _MS_PRIVATE)
     # Pin every source before the new root covers any of them (the scratch dir
@@ -167,13 +235,14 @@ def _report(fd: int, obj: dict) -> None:
     os.write(fd, (json.dumps(obj) + "\n").encode())
 
 
-def _run_child(libc: _Libc, cfg: dict, status_fd: int) -> None:
+def _run_child(libc: Libc, cfg: dict, status_fd: int) -> None:
     """In the forked child: become the unprivileged user and exec the code."""
     try:
         os.setgroups([])
         os.setresgid(cfg["gid"], cfg["gid"], cfg["gid"])
         os.setresuid(cfg["uid"], cfg["uid"], cfg["uid"])
         libc.no_new_privs()
+        install_filter(libc, userns_filter())
         os.chdir(cfg["cwd"])
         apply_rlimits(cfg["rlimits"])
         os.close(status_fd)
@@ -190,7 +259,7 @@ def main(argv: list[str]) -> int:
         cfg = json.loads(f.read())
     status_fd = cfg["status_fd"]
     os.set_inheritable(status_fd, False)
-    libc = _Libc()
+    libc = Libc()
     try:
         if cfg.get("container", True):
             build_root(libc, cfg["scratch"], cfg.get("ro_binds", []))

@@ -192,6 +192,20 @@ def walk_tree(top_fd: int, visit: Callable[[int, os.DirEntry, os.stat_result], N
             os.close(dfd)
 
 
+def tree_usage(root: Path | str) -> tuple[int, int]:
+    """(bytes of regular files, entries) below the dir ``root``, never
+    following a symlink: what a quota counts."""
+    seen = [0, 0]
+
+    def count(dfd: int, entry: os.DirEntry, st: os.stat_result) -> None:
+        seen[1] += 1
+        if _stat.S_ISREG(st.st_mode):
+            seen[0] += st.st_size
+
+    walk_tree(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), count)
+    return seen[0], seen[1]
+
+
 class Sandbox:
     """A process's file system: private root, mounts, fd table and quota.
 
@@ -222,16 +236,8 @@ class Sandbox:
 
     def rescan(self) -> None:
         """Recount the private root's usage from disk (after others wrote it)."""
-        seen = [0, 0]  # bytes, entries
-
-        def count(dfd: int, entry: os.DirEntry, st: os.stat_result) -> None:
-            seen[1] += 1
-            if _stat.S_ISREG(st.st_mode):
-                seen[0] += st.st_size
-
         with self._lock:
-            walk_tree(os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), count)
-            self._bytes, self._files = seen
+            self._bytes, self._files = tree_usage(self.root)
 
     def usage(self) -> dict:
         with self._lock:

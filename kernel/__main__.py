@@ -55,6 +55,14 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
                     choices=["auto", "namespace", "landlock", "none"],
                     help="how spawned processes are kept from the kernel and each other "
                          "(docs/sandbox.md)")
+    ap.add_argument("--containment", default="auto",
+                    choices=["auto", "cgroup2", "cgroup1", "subreaper"],
+                    help="how process trees are kept together and killed (default: the "
+                         "strongest that works here)")
+    ap.add_argument("--exec-memory", type=int, default=1 << 30,
+                    help="bytes all exec runs of one process may hold together")
+    ap.add_argument("--exec-pids", type=int, default=256,
+                    help="processes all exec runs of one process may have at once")
     ap.add_argument("--log-level", default="INFO")
     a = ap.parse_args(argv)
     cfg = KernelConfig(tcp=a.tcp, grace=a.grace, max_frame=a.max_frame, policy=a.policy,
@@ -65,6 +73,7 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
     cfg.ray, cfg.devices, cfg.device_restarts = a.ray, a.devices, a.device_restarts
     cfg.device_cpus, cfg.device_gpus = a.device_cpus, a.device_gpus
     cfg.isolation = a.isolation
+    cfg.containment, cfg.exec_memory, cfg.exec_pids = a.containment, a.exec_memory, a.exec_pids
     if a.run_dir:
         cfg.run_dir = a.run_dir.resolve()
     if a.state_dir:

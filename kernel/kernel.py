@@ -45,6 +45,7 @@ from . import (  # noqa: F401  (handlers register on import)
     systraj,
 )
 from .audit import AuditLog
+from .cgroups import SWEEP_S, Containment, kernel_name
 from .isolation import Isolation, make_kernel_undumpable
 from .memory import ContextStore
 from .proc import PCB, ProcessTable
@@ -86,6 +87,10 @@ class KernelConfig:
     device_restarts: int = 3  # Ray restarts a dead device actor this many times
     embed_memory: bool = False  # embed archived messages with the device; search blends them
     isolation: str = "auto"  # auto | namespace | landlock | none (kernel/isolation.py)
+    # OS containment of processes (kernel/cgroups.py) and the caps of each process's exec runs
+    containment: str = "auto"  # "auto", or exactly one of cgroup2, cgroup1, subreaper
+    exec_memory: int = 1 << 30  # bytes all exec runs of one process hold together
+    exec_pids: int = 256  # processes all exec runs of one process have at once
 
     @property
     def socket_path(self) -> Path:
@@ -97,6 +102,8 @@ class Kernel:
         self.config = config
         if config.policy not in ("fifo", "rr", "priority", "fair"):
             raise BootError(f"unknown policy {config.policy!r}: fifo, rr, priority or fair")
+        if config.exec_memory <= 0 or config.exec_pids <= 0:
+            raise BootError("--exec-memory and --exec-pids must be positive")
         self.boot_time = time.time()
         self.stats: Counter[str] = Counter()
         self.procs = ProcessTable(config.state_dir / "logs")
@@ -113,6 +120,7 @@ class Kernel:
         self.context_generation = sysctx.context_generation
         self.memory: ContextStore | None = None
         self.cluster = None  # a kernel.cluster.Cluster when booted with --ray
+        self.containment: Containment | None = None
         if dispatch.missing():
             log.warning("syscalls without a handler (ENOSYS): %s", dispatch.missing())
 
@@ -265,6 +273,27 @@ class Kernel:
         self.procs.on_exit.append(lambda pcb: root.start_soon(sched.release, pcb.pid))
         self.on_renice.append(lambda pcb: sched.set_nice(pcb.pid, pcb.nice))
 
+    def _contain(self) -> None:
+        """Probe OS containment once; the run dir's lock is held, so the per-kernel
+        parent group (named after the run dir) is ours to clean and use."""
+        try:
+            self.containment = Containment.probe(kernel_name(self.config.run_dir),
+                                                 self.config.containment)
+        except (ValueError, OSError) as e:
+            self._remove_run_files()
+            raise BootError(f"--containment {self.config.containment}: {e}") from None
+        # Without Ray, every child of the kernel is a process of ours or one they left.
+        self.containment.own_all_children = self.config.ray is None
+        self.procs.containment = self.containment
+        log.info("containment %s (caps: %s)", self.containment.level,
+                 ", ".join(self.containment.controllers) or "none")
+
+    async def _sweep_orphans(self) -> None:
+        """Subreaper containment: follow each group's processes, reap adopted orphans."""
+        while True:
+            self.containment.tick()
+            await trio.sleep(SWEEP_S)
+
     async def run(self, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Boot, serve until shutdown, clean up. task_status.started() once
         the socket accepts connections."""
@@ -279,6 +308,7 @@ class Kernel:
         self.procs.on_exit.append(lambda pcb: sysfs.release(self, pcb))
         self.procs.on_exit.append(lambda pcb: sysenv.release(self, pcb))
         listeners: list[trio.SocketListener] = []
+        self._contain()
         try:
             await self._load_device()
             listeners = await self._open_listeners()
@@ -288,6 +318,8 @@ class Kernel:
                 self.tools.nursery = root
                 root.start_soon(self._signals)
                 root.start_soon(self.audit.writer)
+                if self.containment.level == "subreaper":
+                    root.start_soon(self._sweep_orphans)
                 if self.scheduler is not None:
                     await root.start(self.scheduler.run)
                     self._hook_device(root)
@@ -301,10 +333,12 @@ class Kernel:
                 log.info("shutting down: TERM, %.1fs grace, KILL", self.config.grace)
                 self.procs.nursery = None  # no new processes from here on
                 await self.procs.terminate_all(self.config.grace)
+                self.containment.sweep()  # what is left of any group dies now
                 # Let answers already on their way (sys.shutdown's own) reach their clients.
                 await trio.sleep(0.05)
                 root.cancel_scope.cancel()
         finally:
+            self.containment.close()  # every group killed, the parent group removed
             for lst in listeners:
                 lst.socket.close()
             self.audit.close()
@@ -339,6 +373,7 @@ class Kernel:
             "model": self.device.model_name if self.device else None,
             "slots": self.scheduler.n_slots if self.scheduler else 0,
             "n_ctx": self.device.n_ctx if self.device else 0,
+            "containment": self.containment.describe() if self.containment else None,
         }
 
 

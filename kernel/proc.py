@@ -41,6 +41,8 @@ LIMITS: dict[str, str] = {
     "tool_calls": "tool calls over the process's life; beyond it is EDQUOT",
     "fs_bytes": "bytes in the process's private file root; beyond it is EDQUOT",
     "fs_files": "files and directories in the private file root; beyond it is EDQUOT",
+    "exec_memory": "bytes all the process's exec runs may hold together; beyond it the "
+                   "memory cap kills (ENOMEM in the run's result)",
 }
 
 
@@ -92,6 +94,8 @@ class PCB:
     fds: dict[int, Any] = field(default_factory=dict)
     node: str | None = None  # the cluster node it runs on (placement="ray"); None: here
     remote: Any = None  # its kernel.cluster.RemoteProcess: signals and exit go through it
+    group: Any = None  # its kernel.cgroups.Group: every OS process that dies with it
+    exec_group: Any = None  # the Group of its exec runs (caps over all of them)
 
     @property
     def state(self) -> str:
@@ -200,6 +204,7 @@ class ProcessTable:
         self.socket_address = ""
         self.tcp_address = ""  # tcp://HOST:PORT where the kernel listens, if it does
         self.cluster: Any = None  # kernel.cluster.Cluster: where placement="ray" runs
+        self.containment: Any = None  # kernel.cgroups.Containment; set by the kernel
         self.on_exit: list = []  # callbacks(pcb) run when a process exits (free resources)
         self.log_paths: dict[int, str] = {}  # every pid of this boot -> its log file
         self.on_signal: list = []  # callbacks(pcb, sig) after the kernel sent a signal
@@ -358,16 +363,19 @@ class ProcessTable:
                      paths.ENV_PID: str(pcb.pid)}
         for k in (paths.ENV_TOKEN, paths.ENV_TOKEN_FD):  # the token comes on a memfd
             child_env.pop(k, None)
+        pcb.group = self._new_group(pcb)
         try:
             exe = resolve_executable(argv[0], pcb.cwd, child_env.get("PATH", os.defpath))
         except FileNotFoundError:
-            self._forget(pcb)
+            self._unspawn(pcb)
             raise SyscallError("ENOENT", f"no such executable: {argv[0]!r}") from None
         except PermissionError:
-            self._forget(pcb)
+            self._unspawn(pcb)
             raise SyscallError("EACCES", f"cannot execute {argv[0]!r}") from None
         ready_r, ready_w = os.pipe()
-        cfg = self.isolation.config(exe, list(argv), child_env, pcb.token, [])
+        # The launcher joins the group before anything can fork.
+        cfg = self.isolation.config(exe, list(argv), child_env, pcb.token,
+                                    list(pcb.group.procs_files) if pcb.group else [])
         cfg["ready_fd"] = ready_w
         cfg_fd = self.isolation.config_fd(cfg)
         try:
@@ -378,7 +386,7 @@ class ProcessTable:
                     pass_fds=[cfg_fd, ready_w])
         except OSError as e:
             os.close(ready_r)
-            self._forget(pcb)
+            self._unspawn(pcb)
             raise SyscallError("EIO", f"spawn failed: {e}") from None
         finally:
             os.close(cfg_fd)
@@ -387,10 +395,12 @@ class ProcessTable:
         if failure is not None:  # the launcher could not confine or exec: nothing runs
             with trio.move_on_after(5):
                 await proc.wait()
-            self._forget(pcb)
+            self._unspawn(pcb)
             raise SyscallError("EIO", f"spawn failed: {failure}")
         pcb.os_proc = proc
         pcb.os_pid = proc.pid
+        if pcb.group is not None:  # until the launcher joins it itself before exec
+            pcb.group.add(proc.pid)
         self.nursery.start_soon(self._watch, pcb)
         return pcb
 
@@ -431,12 +441,40 @@ class ProcessTable:
             pcb.exit_code = rc
         self._exited(pcb)
 
+    def _unspawn(self, pcb: PCB) -> None:
+        """A spawn that failed after its PCB and group were made: nothing of it stays."""
+        if pcb.group is not None:
+            pcb.group.kill()
+            pcb.group.remove()
+            pcb.group = None
+        self._forget(pcb)
+
+    def _new_group(self, pcb: PCB) -> Any:
+        if self.containment is None:
+            return None
+        try:
+            return self.containment.create(f"p{pcb.pid}", marker=f"LLMAGENTOS_PID={pcb.pid}")
+        except OSError as e:
+            self._forget(pcb)
+            raise SyscallError("EAGAIN", f"no process group for pid {pcb.pid}: "
+                                         f"{e.strerror}") from None
+
     def _signal_os(self, pcb: PCB, sig: int) -> None:
         """Signal the process's OS process tree, here or on its node."""
         if pcb.remote is not None:
             pcb.remote.signal(sig)
+        elif pcb.group is not None:  # the whole group, double-forked and setsid ones too
+            if sig == _signal.SIGKILL:
+                pcb.group.kill()
+            pcb.group.signal(sig, also=pcb.os_pid)
         elif pcb.os_pid is not None:
             signal_tree(pcb.os_pid, sig)
+
+    def _release_groups(self, pcb: PCB) -> None:
+        """The process is gone: so is everything it started, exec runs included."""
+        for group in (pcb.group, pcb.exec_group):
+            if group is not None:
+                group.remove()
 
     def attach(self, parent: PCB, name: str | None, caps: list | None, limits: dict | None,
                nice: int, os_pid: int | None) -> PCB:
@@ -474,6 +512,7 @@ class ProcessTable:
         self._exited(pcb)
 
     def _forget(self, pcb: PCB) -> None:
+        self._release_groups(pcb)
         self.procs.pop(pcb.pid, None)
         self.by_token.pop(pcb.token, None)
 
@@ -489,7 +528,7 @@ class ProcessTable:
                 break
             if time.time() >= deadline:
                 pcb.exit_reason = f"wall time limit of {pcb.limits['wall_time']}s"
-                signal_tree(pcb.os_pid, _signal.SIGKILL)
+                self._signal_os(pcb, _signal.SIGKILL)
                 continue
             if time.monotonic() - pcb.signalled_at > 1.0:
                 try:  # a STOP/CONT sent from outside the kernel shows here too
@@ -501,8 +540,9 @@ class ProcessTable:
             pcb.term_signal = -rc
         else:
             pcb.exit_code = rc
-        # Descendants that outlive a killed process must not linger.
-        if pcb.term_signal == _signal.SIGKILL:
+        # Descendants that outlive a killed process must not linger (with a
+        # group, _exited kills them whatever the exit).
+        if pcb.term_signal == _signal.SIGKILL and pcb.group is None:
             signal_tree(pcb.os_pid, _signal.SIGKILL)
         self._exited(pcb)
 
@@ -510,6 +550,7 @@ class ProcessTable:
         pcb.exited = True
         pcb.stopped = False
         self.by_token.pop(pcb.token, None)  # a dead process's token is dead too
+        self._release_groups(pcb)
         for fn in self.on_exit:
             fn(pcb)
         for child in self.children(pcb.pid):

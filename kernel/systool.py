@@ -4,18 +4,31 @@
 holds `tool:<name>` (EACCES) and any extra capability the tool needs, its
 tool-call quota (EDQUOT), the arguments against the tool's JSON schema
 (EINVAL with the validator's message). Then it runs the in-kernel handler in
-a worker thread, or asks the userland driver that serves it.
+a worker thread, or asks the userland driver that serves it. At the call's
+timeout it answers ETIMEDOUT then and there: a cancellable handler (exec.run)
+is told to stop and kills its work, any other thread is abandoned.
+
+exec.run: each process's runs live in one group (kernel/cgroups.py,
+`x<pid>`) whose memory and pids caps bound all of them together, one subgroup
+per run; the group dies with the process. The code runs as the process's own
+uid (`pcb.uid` when set, else `exec_uid(pid)`), and its scratch dir's writes
+count against the process's sandbox quota while it runs.
 """
 
 from __future__ import annotations
 
+import errno
+import functools
+import itertools
+import math
+import threading
 from pathlib import Path
 from typing import Any
 
 import trio
 
 from llmagentos.drivers import builtin_tools
-from llmagentos.drivers.execbox import ExecLimits, run_code
+from llmagentos.drivers.execbox import DiskQuota, ExecLimits, exec_uid, run_code
 from llmagentos.syscalls import caps as capmod
 from llmagentos.syscalls.errno import SyscallError
 
@@ -55,15 +68,53 @@ def kernel_tools(kernel: Any, state_dir: Path) -> ToolTable:
     def files_list(pcb: PCB, args: dict) -> dict:
         return {"entries": sandbox_of(kernel, pcb).listdir(args.get("path", "/"))}
 
-    def exec_run(pcb: PCB, args: dict) -> dict:
+    run_ids = itertools.count(1)
+    first_run = threading.Lock()
+
+    def exec_group(pcb: PCB) -> Any:
+        """The group of all the process's exec runs, made at its first run."""
+        c = kernel.containment
+        if c is None:
+            return None
+        with first_run:
+            if pcb.exec_group is None:
+                mem = min(kernel.config.exec_memory, pcb.limits.get("exec_memory", math.inf))
+                try:
+                    pcb.exec_group = c.create(f"x{pcb.pid}", memory_bytes=int(mem),
+                                              pids_max=kernel.config.exec_pids)
+                except OSError as e:
+                    raise SyscallError("EAGAIN", f"no exec group: {e.strerror}") from None
+        if pcb.exited:  # it exited meanwhile: its runs die with it
+            pcb.exec_group.remove()
+            raise SyscallError("ESRCH", f"pid {pcb.pid} has exited")
+        return pcb.exec_group
+
+    def exec_run(pcb: PCB, args: dict, cancel: threading.Event) -> dict:
         sb = sandbox_of(kernel, pcb)
         limits = ExecLimits(wall_s=float(args.get("timeout", 10)),
                             cpu_s=float(args.get("timeout", 10)))
-        res = run_code(args["lang"], args["code"], sb.root, limits)
+        box = exec_group(pcb)
+        try:
+            run = box.child(f"r{next(run_ids)}") if box is not None else None
+        except OSError as e:
+            if pcb.exited or box.removed:
+                raise SyscallError("ESRCH", f"pid {pcb.pid} has exited") from None
+            if e.errno == errno.ENOMEM:  # a memory cap too small to hold even a cgroup
+                raise SyscallError("ENOMEM", "the process's exec memory cap is too small "
+                                             "to start a run") from None
+            raise SyscallError("EAGAIN", f"no group for the run: {e.strerror}") from None
+        uid = getattr(pcb, "uid", None)
+        try:
+            res = run_code(args["lang"], args["code"], sb.root, limits,
+                           uid=exec_uid(pcb.pid) if uid is None else uid, group=run,
+                           cancel=cancel, disk=DiskQuota(sb.quota.max_bytes, sb.quota.max_files))
+        finally:
+            if run is not None:
+                run.remove()
         sb.rescan()  # what the code wrote counts against the quota
         return {"exit_code": res.exit_code, "signal": res.signal, "stdout": res.stdout,
                 "stderr": res.stderr, "truncated": res.truncated, "timed_out": res.timed_out,
-                "wall_s": res.wall_s, "isolation": res.isolation}
+                "wall_s": res.wall_s, "isolation": res.isolation, "errno": res.errno}
 
     table.add(Tool("files.read", "Read a text file from your sandbox.",
                    {**obj, "properties": {"path": path}, "required": ["path"]},
@@ -80,7 +131,8 @@ def kernel_tools(kernel: Any, state_dir: Path) -> ToolTable:
                                           "code": {"type": "string", "maxLength": 100_000},
                                           "timeout": {"type": "number", "exclusiveMinimum": 0,
                                                       "maximum": 60}},
-                    "required": ["lang", "code"]}, handler=exec_run, cap="exec"))
+                    "required": ["lang", "code"]}, handler=exec_run, cap="exec",
+                   cancellable=True))
     return table
 
 
@@ -124,12 +176,14 @@ async def tool_call(call: Call, name: str, args: dict | None, timeout: float) ->
             return await k.tools.call_driver(tool, pcb, args, timeout)
         finally:
             pcb.waiting_calls -= 1
-    with trio.fail_after(timeout):
-        try:
-            return await trio.to_thread.run_sync(tool.handler, pcb, args)
-        except trio.TooSlowError:
-            raise SyscallError("ETIMEDOUT", f"{name} did not finish within {timeout}s") \
-                from None
+    cancel = threading.Event()
+    work = functools.partial(tool.handler, pcb, args, *([cancel] if tool.cancellable else []))
+    try:
+        with trio.move_on_after(timeout):
+            return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+    finally:
+        cancel.set()  # timed out or cancelled: a cancellable handler kills its work
+    raise SyscallError("ETIMEDOUT", f"{name} did not finish within {timeout}s")
 
 
 @handler("drv.register")

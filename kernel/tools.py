@@ -49,6 +49,9 @@ class Tool:
     handler: Handler | None = None  # in-kernel tools
     driver: Driver | None = None  # userland tools
     cap: str | None = None  # needed besides tool:<name> (exec needs "exec")
+    # The handler takes a third argument, a threading.Event set when the call
+    # times out or is cancelled; it must then stop its work (the thread is abandoned).
+    cancellable: bool = False
     validator: Any = None
 
     def __post_init__(self) -> None:

@@ -332,3 +332,294 @@ def test_forced_weaker_levels_still_limit(box):
         assert r.truncated and len(r.stdout) == 100
         r = run_code("sh", "id -u", box, FAST, isolation=iso)
         assert r.stdout.strip() == str(NOBODY if level == "uid" else os.geteuid())
+
+
+# --- user namespaces, disk quota, cancellation (run_code) ---------------------
+
+USERNS_CODE = """
+import ctypes, os, platform, subprocess, threading
+libc = ctypes.CDLL(None, use_errno=True)
+print("unshare", libc.unshare(0x10000000), ctypes.get_errno())
+nr = {"x86_64": 56, "aarch64": 220}[platform.machine()]
+r = libc.syscall(nr, 0x10000000 | 17, 0, 0, 0, 0)  # clone(CLONE_NEWUSER | SIGCHLD)
+if r == 0:
+    os._exit(0)
+print("clone", r, ctypes.get_errno())
+if r > 0:
+    os.waitpid(r, 0)
+p = subprocess.run(["unshare", "-U", "true"], capture_output=True, text=True)
+print("unshare-U", p.returncode, p.stderr.strip())
+t = threading.Thread(target=print, args=("threads still work",))
+t.start(); t.join()
+print("fork still works", subprocess.run(["true"]).returncode)
+"""
+
+
+def test_no_user_namespaces_inside_exec(box):
+    levels = [ISO] + [Isolation(lv, ISO.python) for lv in ("uid", "rlimits")
+                      if lv != ISO.level and (lv == "rlimits" or os.geteuid() == 0)]
+    for iso in levels:
+        r = run_code("python", USERNS_CODE, box, FAST, isolation=iso)
+        out = r.stdout.splitlines()
+        assert out[0] == "unshare -1 1", (iso.level, r)  # EPERM
+        assert out[1] == "clone -1 1", (iso.level, r)
+        assert out[2].startswith("unshare-U 1") and "Operation not permitted" in out[2]
+        assert out[3:] == ["threads still work", "fork still works 0"], (iso.level, r)
+
+
+def test_writing_past_the_disk_quota_stops_the_run(box):
+    from llmagentos.drivers.execbox import DiskQuota
+    (box / "old.bin").write_bytes(b"o" * 200_000)  # already counted against the quota
+    quota = DiskQuota(max_bytes=1_000_000, max_files=100)
+    code = ("import time\n"
+            "for i in range(200):\n"
+            "    open('f%d' % i, 'wb').write(b'x' * 100_000)\n"
+            "    time.sleep(0.01)\n"
+            "print('all written')\n")
+    r = run_code("python", code, box, FAST, disk=quota)
+    assert r.errno == "EDQUOT" and r.signal == signal.SIGKILL, r
+    assert "all written" not in r.stdout and r.wall_s < 1.5
+    assert sum(f.stat().st_size for f in box.iterdir()) < 3_000_000
+    # one file can't take more than what is left either (RLIMIT_FSIZE at the room left)
+    for f in box.iterdir():
+        f.unlink()
+    r = run_code("python", "open('big', 'wb').write(b'x' * 3_000_000)", box, FAST, disk=quota)
+    assert r.exit_code == 1 and "File too large" in r.stderr, r
+    assert (box / "big").stat().st_size <= 1_000_000
+    # many empty files: the entry count is a quota too
+    r = run_code("sh", "i=0; while [ $i -lt 1000 ]; do : > f$i; i=$((i+1)); sleep 0.002; done",
+                 box, FAST, disk=quota)
+    assert r.errno == "EDQUOT", r
+
+
+def test_cancel_kills_the_run_at_once(box):
+    import threading
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+    start = time.monotonic()
+    r = run_code("sh", "sleep 30.77 & sleep 30.78", box, FAST, cancel=cancel)
+    assert time.monotonic() - start < 2
+    assert r.errno == "ECANCELED" and r.signal == signal.SIGKILL, r
+    assert wait_gone(lambda: not _cmdlines_with(b"sleep\x0030.7"))
+
+
+def _cmdlines_with(needle: bytes) -> list[int]:
+    out = []
+    for pid in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if needle in f.read():
+                    out.append(int(pid))
+        except (FileNotFoundError, NotADirectoryError, ProcessLookupError):
+            continue
+    return out
+
+
+# --- exec through the kernel: groups, caps, uids, timeouts ---------------------
+
+def _as_new_process(k, limits=None):
+    """A fresh process of the kernel (attached: it lives in this test) and a
+    connection speaking as it; ``conn.token`` opens more."""
+    with k.client() as c:
+        info = c.proc.attach(None, None, limits)
+    conn = _connect(k, info["token"])
+    conn.token = info["token"]
+    return info["pid"], conn
+
+
+def _connect(k, token):
+    import llmagentos
+    return llmagentos.connect(run_dir=k.run_dir, token=token)
+
+
+def _exec(conn, lang, code, timeout=30, call_timeout=60.0):
+    return conn.tool.call("exec.run", {"lang": lang, "code": code, "timeout": timeout},
+                          call_timeout)
+
+
+def _in_background(fn, *args):
+    import threading
+    box_ = {}
+    t = threading.Thread(target=lambda: box_.setdefault("r", _catch(fn, *args)), daemon=True)
+    t.start()
+    return t, box_
+
+
+def _catch(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as e:  # noqa: BLE001 - the test looks at it
+        return e
+
+
+def test_tool_timeout_answers_etimedout_and_kills_the_run(shared_kernel):
+    import llmagentos
+    pid, conn = _as_new_process(shared_kernel)
+    with conn:
+        start = time.monotonic()
+        with pytest.raises(llmagentos.KernelError) as e:
+            conn.tool.call("exec.run", {"lang": "sh", "code": "sleep 3.217"}, 1.0)
+        took = time.monotonic() - start
+        assert e.value.name == "ETIMEDOUT" and 0.9 < took < 1.5, (e.value, took)
+        assert wait_gone(lambda: not _cmdlines_with(b"sleep\x003.217"), timeout=1.0)
+        # and the process can run code again at once
+        assert _exec(conn, "sh", "echo again")["stdout"] == "again\n"
+
+
+def _killed_callers_container_dies(k):
+    pid, conn = _as_new_process(k)
+    t, res = _in_background(_exec, conn, "sh", "sleep 123.456 & sleep 59.876", 60)
+    wait_gone(lambda: _cmdlines_with(b"sleep\x0059.876"), timeout=15)
+    assert _cmdlines_with(b"sleep\x00123.456")
+    with k.client() as c:
+        start = time.monotonic()
+        c.proc.kill(pid, "SIGKILL")
+    assert wait_gone(lambda: not _cmdlines_with(b"sleep\x00123.456")
+                     and not _cmdlines_with(b"sleep\x0059.876"), timeout=2.0)
+    assert time.monotonic() - start < 2.0
+    t.join(10)
+    assert not t.is_alive()
+    conn.close()
+
+
+def test_a_killed_callers_container_dies_at_once(shared_kernel):
+    _killed_callers_container_dies(shared_kernel)
+
+
+def _forced_levels() -> list[str]:
+    from llmagentos.kernel.cgroups import LEVELS, Containment
+    auto = Containment.probe("llmagentos-testprobe")
+    auto.close()
+    out = []
+    for lv in LEVELS:
+        if lv == auto.level:
+            continue
+        if lv == "subreaper":  # always there (probing would make us a subreaper)
+            out.append(lv)
+            continue
+        try:
+            Containment.probe("llmagentos-testprobe", lv).close()
+            out.append(lv)
+        except ValueError:
+            pass
+    return out
+
+
+@pytest.mark.parametrize("level", _forced_levels())
+def test_a_killed_callers_container_dies_at_the_weaker_levels(tmp_path, level):
+    from conftest import boot_kernel
+    k = boot_kernel(tmp_path, "--containment", level)
+    try:
+        _killed_callers_container_dies(k)
+    finally:
+        k.stop()
+
+
+def test_the_runs_processes_are_in_its_group(box):
+    """The group is joined before the code starts, at every isolation level
+    (as root, before the uid drop)."""
+    from llmagentos.kernel.cgroups import Containment
+    c = Containment.probe("llmagentos-testrun")
+    try:
+        if c.level == "subreaper":
+            pytest.skip("no cgroups here: nothing to join")
+        levels = [ISO] + [Isolation(lv, ISO.python) for lv in ("uid", "rlimits")
+                          if lv != ISO.level and (lv == "rlimits" or os.geteuid() == 0)]
+        for i, iso in enumerate(levels):
+            g = c.create(f"r{i}")
+            r = run_code("sh", "cat /proc/self/cgroup; (sleep 0 &); echo done", box, FAST,
+                         isolation=iso, group=g)
+            assert r.stdout.endswith("done\n"), (iso.level, r)
+            mine = [ln for ln in r.stdout.splitlines() if ln.endswith(f"/{c.name}/r{i}")]
+            assert len(mine) == len(c.bases), (iso.level, r.stdout)
+            assert not g.pids()  # and nothing is left in it
+            g.remove()
+    finally:
+        c.close()
+
+
+def _containment(k) -> dict:
+    with k.client() as c:
+        return c.sys.uname()["containment"]
+
+
+def _sandbox_root(k, pid) -> Path:
+    return k.state_dir / "fs" / f"pid_{pid}"
+
+
+def test_exec_memory_is_capped_across_a_processs_runs(shared_kernel):
+    import llmagentos
+    if "memory" not in _containment(shared_kernel)["controllers"]:
+        pytest.skip("no cgroup memory controller here: exec has no aggregate memory cap")
+    mb = 1024 * 1024
+    pid_a, a1 = _as_new_process(shared_kernel, {"exec_memory": 300 * mb})
+    hold = ("import os, time\n"
+            f"x = b'1' * {100 * mb}\n"
+            "open('holding', 'w').close()\n"
+            "time.sleep(6)\n"
+            "print('held')\n")
+    t, res = _in_background(_exec, a1, "python", hold)
+    wait_gone(lambda: (_sandbox_root(shared_kernel, pid_a) / "holding").exists(), timeout=15)
+    grab = f"x = b'1' * {250 * mb}\nprint('fit')\n"
+    a2 = _connect(shared_kernel, a1.token)  # a second, concurrent run of the same process
+    r = _exec(a2, "python", grab)
+    # 100 MB held + 250 MB asked > 300 MB for all of pid A's runs: this run dies
+    assert r["signal"] == signal.SIGKILL and r["errno"] == "ENOMEM" and "fit" not in r["stdout"]
+    # another process's runs are not A's business: the same 250 MB fits at once
+    pid_b, b = _as_new_process(shared_kernel)
+    with b:
+        r = _exec(b, "python", grab)
+    assert r["exit_code"] == 0 and r["stdout"] == "fit\n" and r["errno"] is None, r
+    t.join(15)
+    assert res["r"]["stdout"] == "held\n", res  # the holder was not the one killed
+    a2.close()
+    a1.close()
+    # a cap too small to hold even a run's cgroup: ENOMEM, not a process that "exited"
+    pid_c, tiny = _as_new_process(shared_kernel, {"exec_memory": 4096})
+    with tiny, pytest.raises(llmagentos.KernelError) as e:
+        _exec(tiny, "sh", "true")
+    assert e.value.name == "ENOMEM", e.value
+
+
+def test_exec_run_stops_at_the_processs_disk_quota(shared_kernel):
+    pid, conn = _as_new_process(shared_kernel, {"fs_bytes": 1_000_000})
+    code = ("import time\n"
+            "for i in range(100):\n"
+            "    open('f%d' % i, 'wb').write(b'x' * 100_000)\n"
+            "    time.sleep(0.01)\n")
+    with conn:
+        r = _exec(conn, "python", code)
+        assert r["errno"] == "EDQUOT" and r["signal"] == signal.SIGKILL, r
+        assert conn.fs.usage()["bytes"] < 3_000_000
+
+
+def test_exec_runs_of_two_processes_use_their_own_uids(shared_kernel):
+    from llmagentos.drivers.execbox import exec_uid
+    if not DROPS_UID:
+        pytest.skip("not root: the code runs as our own uid")
+    pid_a, a = _as_new_process(shared_kernel)
+    pid_b, b = _as_new_process(shared_kernel)
+    with a, b:
+        assert _exec(a, "sh", "id -u")["stdout"] == f"{exec_uid(pid_a)}\n"
+        assert _exec(b, "sh", "id -u")["stdout"] == f"{exec_uid(pid_b)}\n"
+        # A uses up its RLIMIT_NPROC and holds it...
+        bomb = ("import os, time\n"
+                "n = 0\n"
+                "try:\n"
+                "    while n < 500:\n"
+                "        if os.fork() == 0:\n"
+                "            time.sleep(30)\n"
+                "            os._exit(0)\n"
+                "        n += 1\n"
+                "except OSError as e:\n"
+                "    print(n, e.errno, flush=True)\n"
+                "open('full', 'w').close()\n"
+                "time.sleep(5)\n")
+        t, res = _in_background(_exec, a, "python", bomb)
+        wait_gone(lambda: (_sandbox_root(shared_kernel, pid_a) / "full").exists(), timeout=20)
+        # ...and B can still fork: its count is its own
+        r = _exec(b, "sh", "sleep 0 & wait $!; echo forked")
+        assert r["stdout"] == "forked\n" and "fork" not in r["stderr"], r
+        t.join(20)
+        forks, err = map(int, res["r"]["stdout"].split())
+        assert err == 11 and forks < 100, res  # EAGAIN: A's own limit did bite

@@ -9,6 +9,7 @@ import pytest
 from conftest import PY, boot_kernel
 
 import llmagentos
+from llmagentos.drivers.execbox import exec_uid
 
 
 def run(c, body, *, name=None, caps=None, limits=None):
@@ -88,11 +89,13 @@ print(json.dumps(r))
 print(c.fs.read_file("/out.txt").decode())
 r = c.tool.call("exec.run", {"lang": "python", "code": "while True: pass", "timeout": 1})
 print(r["timed_out"] or r["signal"] is not None)
+print(c.proc.getpid())
 """
     with shared_kernel.client() as c:
         out = run(c, body).splitlines()
     r = json.loads(out[0])
-    assert r["exit_code"] == 0 and r["stdout"].split()[0] == "65534"
+    # the process's own uid, not one shared by every agent
+    assert r["exit_code"] == 0 and r["stdout"].split()[0] == str(exec_uid(int(out[3])))
     if r["isolation"] == "container":
         assert r["stdout"].split()[1] == "False"  # the host tree is not visible
     assert out[1] == "42" and out[2] == "True"

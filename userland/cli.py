@@ -124,6 +124,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"LLMAgentOS {s['release']}  pid {s['pid']}  up {s['uptime']:.1f}s  "
               f"policy {s['policy']}")
         print(f"socket {s['socket']}" + (f"  tcp {s['tcp']}" if s.get("tcp") else ""))
+        cont = s.get("containment")
+        if cont:
+            print(f"containment {cont['level']}  caps "
+                  f"{', '.join(cont['controllers']) or 'none'}  group {cont['group']}")
         print(f"processes {s['processes']}  " + "  ".join(
             f"{k}={v}" for k, v in sorted(s["states"].items())))
         print("counters " + "  ".join(f"{k}={v}" for k, v in sorted(s["counters"].items())))
