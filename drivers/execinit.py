@@ -255,6 +255,7 @@ def _run_child(libc: Libc, cfg: dict, status_fd: int) -> None:
 
 
 def main(argv: list[str]) -> int:
+    os.umask(0o022)  # the kernel's own umask is 077: the container's /dev must be reachable
     with open(int(argv[1]), "rb") as f:
         cfg = json.loads(f.read())
     status_fd = cfg["status_fd"]

@@ -544,7 +544,8 @@ def _containment(k) -> dict:
 
 
 def _sandbox_root(k, pid) -> Path:
-    return k.state_dir / "fs" / f"pid_{pid}"
+    from llmagentos.kernel.names import path_name
+    return k.state_dir / "fs" / path_name(f"pid:{pid}")
 
 
 def test_exec_memory_is_capped_across_a_processs_runs(shared_kernel):
@@ -559,12 +560,13 @@ def test_exec_memory_is_capped_across_a_processs_runs(shared_kernel):
             "time.sleep(6)\n"
             "print('held')\n")
     t, res = _in_background(_exec, a1, "python", hold)
-    wait_gone(lambda: (_sandbox_root(shared_kernel, pid_a) / "holding").exists(), timeout=15)
+    assert wait_gone(lambda: (_sandbox_root(shared_kernel, pid_a) / "holding").exists(),
+                     timeout=15)
     grab = f"x = b'1' * {250 * mb}\nprint('fit')\n"
     a2 = _connect(shared_kernel, a1.token)  # a second, concurrent run of the same process
     r = _exec(a2, "python", grab)
     # 100 MB held + 250 MB asked > 300 MB for all of pid A's runs: this run dies
-    assert r["signal"] == signal.SIGKILL and r["errno"] == "ENOMEM" and "fit" not in r["stdout"]
+    assert r["signal"] == signal.SIGKILL and r["errno"] == "ENOMEM" and "fit" not in r["stdout"], r
     # another process's runs are not A's business: the same 250 MB fits at once
     pid_b, b = _as_new_process(shared_kernel)
     with b:
