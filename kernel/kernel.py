@@ -47,6 +47,7 @@ from .memory import ContextStore
 from .proc import PCB, ProcessTable
 from .scheduler import Scheduler
 from .server import serve_listener
+from .threads import ThreadShares
 from .trajectories import TrajectoryStore
 
 log = logging.getLogger("llmagentos.kernel")
@@ -108,6 +109,7 @@ class Kernel:
         self.context_generation = sysctx.context_generation
         self.memory: ContextStore | None = None
         self.cluster = None  # a kernel.cluster.Cluster when booted with --ray
+        self.threads = ThreadShares()  # each process's share of the worker threads
         if dispatch.missing():
             log.warning("syscalls without a handler (ENOSYS): %s", dispatch.missing())
 
