@@ -1,6 +1,8 @@
 """Regression tests of the numbered attacks of the hardening issue: each one
 once took the kernel down, froze it, or slipped past a limit."""
 
+import os
+
 import pytest
 
 import llmagentos
@@ -196,3 +198,81 @@ def test_parked_exec_calls_of_one_process_leave_threads_for_others(shared_kernel
             for cc in conns:
                 cc.close()
     assert max(took) < 1.0, took
+
+
+# --- 1. a deep tree took the kernel down at exit ---------------------------------------------
+DEEP = 1500
+
+
+def _tree_gone(k, pid: int) -> bool:
+    trash = k.state_dir / "trash"
+    return not (k.state_dir / "fs" / f"pid_{pid}").exists() and (
+        not trash.exists() or not any(trash.iterdir()))
+
+
+def test_exit_after_exec_made_a_1500_deep_tree(shared_kernel):
+    """shutil.rmtree recursed at release and raised RecursionError, which its
+    ignore_errors does not catch: the kernel died."""
+    from conftest import wait_for
+    with shared_kernel.client(timeout=60) as c:
+        pid, cc = attached(c, shared_kernel.run_dir)
+        with cc:
+            res = cc.tool.call("exec.run", {"lang": "python", "timeout": 30, "code": (
+                f"import os\nfor _ in range({DEEP}):\n    os.mkdir('d'); os.chdir('d')\n"
+                "print(len(os.getcwd().split('/d')) - 1)")}, 60.0)
+            assert res["exit_code"] == 0, res
+            assert int(res["stdout"]) == DEEP
+            assert cc.fs.stat("/d")["type"] == "dir"
+        wait_for(lambda: _tree_gone(shared_kernel, pid), timeout=20)
+        assert c.proc.getpid() == 1  # the kernel is up
+    assert shared_kernel.proc.poll() is None
+
+
+def test_exit_after_fs_mkdir_made_a_1500_deep_tree(shared_kernel):
+    import time
+
+    from conftest import wait_for
+    with shared_kernel.client(timeout=60) as c:
+        pid, cc = attached(c, shared_kernel.run_dir, limits={"fs_files": 10_000})
+        with cc:
+            t0 = time.monotonic()
+            cc.fs.mkdir("/" + "/".join(["d"] * DEEP), True)
+            assert time.monotonic() - t0 < 5  # one walk down, not one per level
+            assert cc.fs.usage()["files"] == DEEP
+            cc.fs.mkdir("/" + "/".join(["d"] * DEEP), True)  # exists: fine, as mkdir -p
+            with pytest.raises(FileExistsError):
+                cc.fs.mkdir("/" + "/".join(["d"] * DEEP))
+            cc.fs.write_file("/d/d/f", b"x")
+            with pytest.raises(NotADirectoryError):
+                cc.fs.mkdir("/d/d/f/g", True)
+        wait_for(lambda: _tree_gone(shared_kernel, pid), timeout=20)
+        assert c.proc.getpid() == 1
+    assert shared_kernel.proc.poll() is None
+
+
+def test_trash_is_emptied_whatever_the_shape(tmp_path):
+    """The remover is iterative and shallow: depth, width, symlinks out of the
+    tree (never followed), files without write permission."""
+    from llmagentos.drivers.sandbox import discard, empty_trash
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep").write_text("k")
+    root = tmp_path / "root"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY)
+    for _ in range(3000):  # deeper than PATH_MAX: made one level at a time
+        os.mkdir("d", dir_fd=fd)
+        fd, old = os.open("d", os.O_RDONLY, dir_fd=fd), fd
+        os.close(old)
+    os.symlink(outside, "link", dir_fd=fd)
+    os.close(fd)
+    for i in range(200):
+        (root / f"f{i}").write_text("x")
+    os.symlink(outside, root / "link")
+    os.chmod(root / "f0", 0)
+    trash = tmp_path / "trash"
+    assert discard(root, trash) and not root.exists()
+    assert not discard(root, trash)  # already gone
+    assert empty_trash(trash) >= 3000 + 200
+    assert list(trash.iterdir()) == []
+    assert (outside / "keep").read_text() == "k"
