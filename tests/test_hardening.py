@@ -276,3 +276,129 @@ def test_trash_is_emptied_whatever_the_shape(tmp_path):
     assert empty_trash(trash) >= 3000 + 200
     assert list(trash.iterdir()) == []
     assert (outside / "keep").read_text() == "k"
+
+
+# --- wire and connections: size checks before work --------------------------------------------
+def _raw(path):
+    import socket
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(20)
+    s.connect(path)
+    return s
+
+
+def _until_closed(s) -> list:
+    import msgpack
+    u = msgpack.Unpacker(raw=False)
+    out = []
+    while True:
+        try:
+            data = s.recv(65536)
+        except ConnectionResetError:
+            break
+        if not data:
+            break
+        u.feed(data)
+        out.extend(u)
+    return out
+
+
+def _hello(s, token):
+    import msgpack
+    s.sendall(msgpack.packb([0, 1, "sys.hello", [token]]))
+    u = msgpack.Unpacker(raw=False)
+    while True:
+        u.feed(s.recv(65536))
+        for m in u:
+            assert m[2] is None
+            return
+
+
+@pytest.mark.parametrize("frame,why", [
+    (lambda: __import__("msgpack").packb([0, 2, "mem.put", ["k", {str(i): 0 for i in
+                                                                 range(1_000_000)}]]),
+     "exceeds max_map_len"),
+    (lambda: b"\x94\x00\x02\xa8sys.null\xdd" + (4_000_000).to_bytes(4, "big") + b"\x90" * 4_000_000,
+     "exceeds max_array_len"),
+    (lambda: __import__("msgpack").packb([0, 2, "sys.null", [[[]] * 60_000] * 3]),
+     "more than 65536"),
+])
+def test_huge_frames_are_refused_before_they_are_built(shared_kernel, frame, why):
+    import time
+    data = frame()
+    with shared_kernel.client() as c:
+        s = _raw(shared_kernel.socket)
+        _hello(s, shared_kernel.token)
+        t0 = time.monotonic()
+        try:
+            s.sendall(data)
+        except BrokenPipeError:
+            pass  # closed before all of it arrived: the reason is still there to read
+        msgs = _until_closed(s)
+        assert time.monotonic() - t0 < 5
+        assert msgs[-1][1] == "sys.close" and why in msgs[-1][2][0]
+        assert c.proc.getpid() == 1
+
+
+def test_deep_arguments_are_einval_and_the_connection_goes_on(shared_kernel):
+    import msgpack
+    s = _raw(shared_kernel.socket)
+    _hello(s, shared_kernel.token)
+    deep = b"\x91" * 1000 + b"\x90"
+    s.sendall(b"\x94\x00\x02\xa7mem.put\x92\xa1k" + deep)
+    s.sendall(msgpack.packb([0, 3, "sys.null", []]))
+    u = msgpack.Unpacker(raw=False)
+    got = {}
+    while len(got) < 2:
+        u.feed(s.recv(65536))
+        for m in u:
+            got[m[1]] = m
+    assert got[2][2]["name"] == "EINVAL" and "nested deeper" in got[2][2]["message"]
+    assert got[3][2] is None
+
+
+def test_a_big_frame_before_hello_closes_the_connection(shared_kernel):
+    import msgpack
+    s = _raw(shared_kernel.socket)
+    try:
+        s.sendall(msgpack.packb([0, 1, "sys.hello", ["x" * 200_000]]))
+    except BrokenPipeError:
+        pass
+    msgs = _until_closed(s)
+    assert msgs and msgs[-1][1] == "sys.close" and "before sys.hello" in msgs[-1][2][0]
+
+
+def test_connection_caps(tmp_path):
+    from conftest import boot_kernel
+    k = boot_kernel(tmp_path, "--max-connections", "6", "--max-unauthenticated", "3")
+    try:
+        idle = [_raw(k.socket) for _ in range(3)]  # never say hello
+        extra = _raw(k.socket)
+        msgs = _until_closed(extra)
+        assert msgs[-1][1] == "sys.close" and "have not said hello" in msgs[-1][2][0]
+        for s in idle:
+            s.close()
+        import time
+        time.sleep(0.3)
+        clients = [k.client() for _ in range(6)]
+        refused = _raw(k.socket)
+        assert "too many connections" in _until_closed(refused)[-1][2][0]
+        assert clients[0].proc.getpid() == 1
+        clients[0].close()
+        time.sleep(0.3)
+        with k.client() as c:  # a slot is free again
+            assert c.sys.stats()["counters"]["connections_refused"] == 2
+        for c in clients[1:]:
+            c.close()
+    finally:
+        k.stop()
+
+
+def test_a_15mb_prompt_is_refused_by_size(shared_kernel):
+    with shared_kernel.client() as c:
+        for call, args in (("llm.tokenize", ["a" * 15_000_000]),
+                           ("llm.generate", ["é" * 40_000]),
+                           ("llm.generate", [None, [{"role": "user", "content": "x" * 70_000}]])):
+            with pytest.raises(llmagentos.KernelError) as e:
+                c.call(call, *args)
+            assert e.value.name == "E2BIG"
