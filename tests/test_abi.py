@@ -232,7 +232,7 @@ def _benign(p) -> object:
 def fuzz(c, calls, benign: dict | None = None, values=HOSTILE, rounds: int = 10,
          seed: int = 0) -> list:
     """Call each syscall with each hostile value in each parameter position (the
-    ones before it plain, or as given in benign[name]), then random mixes. Returns
+    others plain, or as given in benign[name]), then random mixes. Returns
     the answers that were "internal error" (the dispatcher's EIO for a bug)."""
     import random
 
@@ -252,7 +252,7 @@ def fuzz(c, calls, benign: dict | None = None, values=HOSTILE, rounds: int = 10,
         plain = benign.get(sc.name) or [_benign(p) for p in sc.params]
         for i in range(len(sc.params)):
             for v in values:
-                attempt(sc.name, [*plain[:i], v])
+                attempt(sc.name, [*plain[:i], v, *plain[i + 1:]])
         for _ in range(rounds):
             attempt(sc.name, [rng.choice(values)
                               for _ in range(rng.randint(0, len(sc.params) + 1))])
@@ -292,3 +292,26 @@ def test_every_syscall_with_hostile_arguments_gets_an_errno_not_a_crash(tmp_path
         assert k.proc.poll() is None
     finally:
         k.stop()
+
+
+@pytest.mark.soak  # about half a minute of real-model calls
+def test_llm_calls_with_hostile_arguments_on_the_real_model(llm_kernel):
+    """The llm group against the real device: tokenizer, detokenizer, embedder
+    and sampler see every hostile value (generations kept to one token)."""
+    from llmagentos.syscalls.table import TABLE
+    llm = [sc for sc in TABLE if sc.group == "llm"]
+    one = {"max_tokens": 1, "temperature": 0.0}
+    # nil and {} are the default sampling (256 tokens): real work, not hostile
+    hostile = [v for v in HOSTILE if v is not None and v != {}
+               and not (isinstance(v, str) and len(v) > 1000)] + [
+        {"max_tokens": 1, "temperature": NAN}, {"max_tokens": 1, "top_p": INF},
+        {"max_tokens": 1, "seed": 2**64 - 1}, {"max_tokens": 1, "stop": [NAN]},
+        {"max_tokens": 1, "json_schema": {"type": "string", "pattern": "^(a+)+$"}},
+        {"max_tokens": 1, "grammar": "root ::= ("}, [2**31], [-1], [10**12]]
+    with llm_kernel.client(timeout=120) as c:
+        benign = {"llm.generate": ["hi", None, one, False, False],
+                  "llm.tokenize": ["hi", False], "llm.detokenize": [[1, 2]],
+                  "llm.embed": [["hi"]]}
+        internal = fuzz(c, llm, benign, values=hostile, rounds=0)
+        assert internal == []
+        assert c.llm.tokenize("hi")
