@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import errno as _errno
 import os
+import secrets
 import stat as _stat
 import threading
 from collections.abc import Callable
@@ -204,6 +205,90 @@ def tree_usage(root: Path | str) -> tuple[int, int]:
 
     walk_tree(os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC), count)
     return seen[0], seen[1]
+
+
+MAX_TRASH_PASSES = 8
+
+
+def discard(path: Path, trash: Path) -> bool:
+    """Move a tree into the trash dir: one rename, so it is gone from its place
+    at once, however large; `empty_trash` removes it later. False if absent."""
+    trash.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        os.rename(path, trash / secrets.token_hex(8))
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def empty_trash(trash: Path) -> int:
+    """Remove everything in the trash dir; returns the entries removed.
+
+    Iterative and shallow whatever the depth of a tree (shutil.rmtree recursed
+    into a 1,500-deep tree and raised RecursionError): a directory that is not
+    empty is moved up into the trash itself (one rename) and emptied in its
+    turn, so no walk goes deeper than one level and at most two fds are open.
+    Nothing is followed: entries are opened O_NOFOLLOW and removed by name.
+    Entries that appear meanwhile (code still running in the tree) are taken
+    in the next pass; after MAX_TRASH_PASSES passes that removed nothing, what
+    remains waits for the next call. Blocking: run it in a worker thread.
+    """
+    try:
+        tfd = os.open(trash, _DIR)
+    except FileNotFoundError:
+        return 0
+    removed, stuck = 0, 0
+    try:
+        while stuck < MAX_TRASH_PASSES:
+            names = os.listdir(tfd)
+            if not names:
+                break
+            before = removed
+            for name in names:
+                removed += _empty_one(tfd, name)
+            stuck = stuck + 1 if removed == before else 0
+    finally:
+        os.close(tfd)
+    return removed
+
+
+def _empty_one(tfd: int, name: str) -> int:
+    try:
+        st = os.stat(name, dir_fd=tfd, follow_symlinks=False)
+        if not _stat.S_ISDIR(st.st_mode):
+            os.unlink(name, dir_fd=tfd)
+            return 1
+        dfd = os.open(name, _DIR | os.O_NONBLOCK, dir_fd=tfd)
+    except FileNotFoundError:
+        return 0
+    removed = 0
+    try:
+        with os.scandir(dfd) as it:
+            entries = list(it)
+        for e in entries:
+            try:
+                if not e.is_dir(follow_symlinks=False):
+                    os.unlink(e.name, dir_fd=dfd)
+                    removed += 1
+                    continue
+                try:
+                    os.rmdir(e.name, dir_fd=dfd)
+                    removed += 1
+                except OSError as err:
+                    if err.errno not in (_errno.ENOTEMPTY, _errno.EEXIST):
+                        raise
+                    os.rename(e.name, secrets.token_hex(8), src_dir_fd=dfd, dst_dir_fd=tfd)
+            except FileNotFoundError:
+                continue
+    finally:
+        os.close(dfd)
+    try:
+        os.rmdir(name, dir_fd=tfd)
+        removed += 1
+    except OSError as err:
+        if err.errno not in (_errno.ENOTEMPTY, _errno.EEXIST, _errno.ENOENT):
+            raise
+    return removed
 
 
 class Sandbox:
@@ -585,23 +670,36 @@ class Sandbox:
                 finally:
                     os.close(dfd)
                 return
-            for depth in range(1, len(place.names) + 1):
-                part = _Place(place.vpath, place.mount, place.base, place.writable,
-                              place.names[:depth])
-                dfd, name = self._parent(part)
-                try:
+            # One walk down, creating what is missing: each level is opened from
+            # the one above (O_NOFOLLOW), never re-walked from the root.
+            try:
+                fd = os.open(place.base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as e:
+                raise _from_os(e, place.mount or "/") from None
+            try:
+                for depth, name in enumerate(place.names, 1):
+                    part = _Place(place.vpath, place.mount, place.base, place.writable,
+                                  place.names[:depth])
                     try:
-                        self._mkdir_at(dfd, name, part)
+                        self._mkdir_at(fd, name, part)
                     except SyscallError as e:
                         if e.name != "EEXIST":
                             raise
-                        st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
-                        if not _stat.S_ISDIR(st.st_mode):
-                            kind = "a symbolic link" if _stat.S_ISLNK(st.st_mode) else "not a dir"
-                            raise _error("ENOTDIR" if kind == "not a dir" else "ELOOP",
-                                         f"{place.vpath}: a component is {kind}") from None
-                finally:
-                    os.close(dfd)
+                    try:
+                        nfd = os.open(name, _DIR, dir_fd=fd)
+                    except OSError as e:
+                        if e.errno in (_errno.ENOTDIR, _errno.ELOOP):
+                            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                            link = _stat.S_ISLNK(st.st_mode)
+                            raise _error("ELOOP" if link else "ENOTDIR",
+                                         f"{place.vpath}: a component is "
+                                         f"{'a symbolic link' if link else 'not a dir'}") \
+                                from None
+                        raise _from_os(e, place.vpath) from None
+                    os.close(fd)
+                    fd = nfd
+            finally:
+                os.close(fd)
 
     def _mkdir_at(self, dfd: int, name: str, place: _Place) -> None:
         try:

@@ -27,6 +27,10 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
     ap.add_argument("--grace", type=float, default=3.0, help="seconds between TERM and KILL")
     ap.add_argument("--max-frame", type=int, default=16 * 1024 * 1024,
                     help="largest accepted message, bytes")
+    ap.add_argument("--max-connections", type=int, default=1024,
+                    help="open connections at once; more are refused")
+    ap.add_argument("--max-unauthenticated", type=int, default=64,
+                    help="connections that have not said sys.hello yet, at once")
     ap.add_argument("--policy", default="fair", choices=["fifo", "rr", "priority", "fair"],
                     help="run-queue policy of the compute device")
     ap.add_argument("--quantum", type=int, default=16, help="tokens per turn (rr, priority, fair)")
@@ -71,6 +75,7 @@ def parse_args(argv: list[str] | None = None) -> KernelConfig:
                        n_gpu_layers=a.gpu_layers, snapshot_ram=a.snapshot_ram,
                        embed_memory=a.embed_memory)
     cfg.ray, cfg.devices, cfg.device_restarts = a.ray, a.devices, a.device_restarts
+    cfg.max_connections, cfg.max_unauthenticated = a.max_connections, a.max_unauthenticated
     cfg.device_cpus, cfg.device_gpus = a.device_cpus, a.device_gpus
     cfg.isolation = a.isolation
     cfg.containment, cfg.exec_memory, cfg.exec_pids = a.containment, a.exec_memory, a.exec_pids

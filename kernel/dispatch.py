@@ -35,6 +35,13 @@ class Call:
         """Send a notification to the calling connection (streamed tokens...)."""
         await self.conn.notify(method, args)
 
+    async def in_thread(self, fn: Callable[..., Any], *args: Any,
+                        abandon_on_cancel: bool = False) -> Any:
+        """Run blocking work in a worker thread, within the caller's fair share
+        of them (kernel/threads.py): the event loop only routes."""
+        return await self.kernel.threads.run_sync(self.caller.pid, fn, *args,
+                                                  abandon_on_cancel=abandon_on_cancel)
+
 
 Handler = Callable[..., Awaitable[Any]]
 

@@ -51,6 +51,7 @@ from .memory import ContextStore
 from .proc import PCB, ProcessTable
 from .scheduler import Scheduler
 from .server import serve_listener
+from .threads import ThreadShares
 from .trajectories import TrajectoryStore
 
 log = logging.getLogger("llmagentos.kernel")
@@ -68,6 +69,8 @@ class KernelConfig:
     state_dir: Path = field(default_factory=paths.default_state_dir)
     tcp: str | None = None  # "127.0.0.1:PORT"
     max_frame: int = 16 * 1024 * 1024
+    max_connections: int = 1024  # open connections at once; more are refused
+    max_unauthenticated: int = 64  # of those, not yet through sys.hello
     grace: float = 3.0
     # the compute device
     model: str = "gemma3-270m"  # a registered name, a GGUF path, or "none"
@@ -121,6 +124,8 @@ class Kernel:
         self.memory: ContextStore | None = None
         self.cluster = None  # a kernel.cluster.Cluster when booted with --ray
         self.containment: Containment | None = None
+        self.threads = ThreadShares()  # each process's share of the worker threads
+        self.connections: set = set()  # open server.Connection objects
         if dispatch.missing():
             log.warning("syscalls without a handler (ENOSYS): %s", dispatch.missing())
 

@@ -42,10 +42,11 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import shutil
 import unicodedata
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from llmagentos.drivers.sandbox import discard, empty_trash
 from llmagentos.syscalls import caps as capmod
 from llmagentos.syscalls.errno import SyscallError
 
@@ -163,9 +164,11 @@ def forget_unnamed(kernel: "Kernel") -> None:
         entries = list(os.scandir(fs))
     except FileNotFoundError:
         return
+    trash = kernel.config.state_dir / "trash"
     for e in entries:
         if e.name.startswith(stale):
             if e.is_dir(follow_symlinks=False):
-                shutil.rmtree(e.path, ignore_errors=True)
+                discard(Path(e.path), trash)  # recursion-free: any depth a crash left
             else:
                 os.unlink(e.path)
+    empty_trash(trash)  # and whatever an earlier boot's releases left there

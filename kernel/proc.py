@@ -25,6 +25,7 @@ import trio
 from llmagentos.syscalls import caps as capmod
 from llmagentos.syscalls import paths
 from llmagentos.syscalls.errno import SyscallError
+from llmagentos.syscalls.table import check_limit
 
 from .isolation import Isolation, resolve_executable
 
@@ -306,8 +307,7 @@ class ProcessTable:
         for k, v in (limits or {}).items():
             if k not in LIMITS:
                 raise SyscallError("EINVAL", f"unknown limit {k!r}; known: {sorted(LIMITS)}")
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                raise SyscallError("EINVAL", f"limit {k!r} must be a non-negative number")
+            v = check_limit(k, v)
             if k in parent.limits and v > parent.limits[k] and not capmod.covers(
                     parent.caps, "proc.kill_any"):
                 raise SyscallError("EACCES", f"limit {k!r} above the parent's ({parent.limits[k]})")

@@ -28,6 +28,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmagentos.kernel")
 
 RECV_CHUNK = 65536
+# Before sys.hello a connection is nobody's: it may hold at most this much
+# (16 MiB frames from 64 unauthenticated TCP connections parked +1 GiB) and
+# must say hello within HELLO_TIMEOUT seconds.
+PRE_HELLO_BYTES = 64 * 1024
+HELLO_TIMEOUT = 10.0
 
 
 class Connection:
@@ -35,7 +40,9 @@ class Connection:
         self.kernel = kernel
         self.stream = stream
         self.peer = peer
-        self.decoder = wire.Decoder(kernel.config.max_frame)
+        self.decoder = wire.Decoder(kernel.config.max_frame, max_items=wire.MAX_ITEMS,
+                                    max_depth=wire.MAX_DEPTH)
+        self.pre_hello = 0  # bytes received while not yet authenticated
         self.pcb: "PCB | None" = None
         self._send_lock = trio.Lock()
         self.closed = False
@@ -87,14 +94,25 @@ class Connection:
                 pass
         await self.stream.aclose()
 
+    async def _hello_deadline(self) -> None:
+        await trio.sleep(HELLO_TIMEOUT)
+        if self.pcb is None:
+            await self.close_with_reason(f"no sys.hello within {HELLO_TIMEOUT:g}s")
+
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
+            nursery.start_soon(self._hello_deadline)
             try:
                 while True:
                     data = await self.stream.receive_some(RECV_CHUNK)
                     if not data:
                         break
+                    if self.pcb is None:
+                        self.pre_hello += len(data)
+                        if self.pre_hello > PRE_HELLO_BYTES:
+                            raise wire.ProtocolError(
+                                f"more than {PRE_HELLO_BYTES} bytes before sys.hello")
                     self.decoder.feed(data)
                     for msg in self.decoder.messages():
                         if isinstance(msg, wire.Invalid):
@@ -115,6 +133,7 @@ class Connection:
                 # Client gone (or closed): cancel what it still had running, and
                 # whatever it served as a driver goes with it.
                 self.closed = True
+                self.kernel.connections.discard(self)
                 self.kernel.tools.drop_conn(self)
                 pcb = self.pcb
                 if pcb is not None and pcb.attached:
@@ -180,7 +199,31 @@ async def serve_listener(kernel: "Kernel", listener: trio.SocketListener,
                 continue
             peer = _peer_name(stream)
             kernel.stats["connections"] += 1
-            nursery.start_soon(Connection(kernel, stream, peer).serve)
+            conns, cfg = kernel.connections, kernel.config
+            why = None
+            if len(conns) >= cfg.max_connections:
+                why = f"too many connections (limit {cfg.max_connections})"
+            elif sum(1 for c in conns if c.pcb is None) >= cfg.max_unauthenticated:
+                why = (f"too many connections that have not said hello "
+                       f"(limit {cfg.max_unauthenticated})")
+            if why is not None:
+                kernel.stats["connections_refused"] += 1
+                nursery.start_soon(_refuse, stream, why)
+                continue
+            conn = Connection(kernel, stream, peer)
+            conns.add(conn)
+            nursery.start_soon(conn.serve)
+
+
+async def _refuse(stream: trio.SocketStream, why: str) -> None:
+    """Say why, then close: a refused client gets a reason, not a silent reset."""
+    with trio.move_on_after(1):
+        try:
+            await stream.send_all(wire.encode_notification("sys.close", [why]))
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+    with trio.move_on_after(0.5):
+        await stream.aclose()
 
 
 def _peer_name(stream: trio.SocketStream) -> str:

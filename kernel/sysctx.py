@@ -14,8 +14,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import trio
-
 from llmagentos.drivers.sampling import SamplingParams
 from llmagentos.syscalls import caps as capmod
 from llmagentos.syscalls.errno import SyscallError
@@ -87,7 +85,7 @@ async def stats(call: Call, ctx: int | None) -> dict:
 @handler("ctx.pin")
 async def pin(call: Call, seq: int, pinned: bool, ctx: int | None) -> dict:
     mem = call.kernel.memory
-    return await trio.to_thread.run_sync(lambda: mem.pin(
+    return await call.in_thread(lambda: mem.pin(
         current(call, ctx), seq, pinned, owner=owner_arg(call.caller)))
 
 
@@ -103,7 +101,7 @@ async def fork(call: Call, pid: int | None, name: str | None, ctx: int | None) -
         if target.ppid != caller.pid:
             raise SyscallError("EPERM", f"pid {pid} is not a child of pid {caller.pid}")
         new_owner = identity(target)
-    new = await trio.to_thread.run_sync(lambda: k.memory.fork(
+    new = await call.in_thread(lambda: k.memory.fork(
         src, new_owner, name=name, owner=owner_arg(caller)))
     if target is not None:
         old = target.ctx_id
@@ -118,7 +116,7 @@ async def search(call: Call, query: str, k: int, ctx: int | None) -> list:
     if not 1 <= k <= 100:
         raise SyscallError("EINVAL", "k must be in 1..100")
     mem, cid = call.kernel.memory, current(call, ctx)
-    return await trio.to_thread.run_sync(lambda: mem.search(
+    return await call.in_thread(lambda: mem.search(
         cid, query, k, owner=owner_arg(call.caller)))
 
 
@@ -150,7 +148,7 @@ async def compact(call: Call, strategy: str, upto: int | None, ctx: int | None) 
     # a base model may ramble on: keep its first paragraph
     first = res["text"].strip().split("\n\n")[0].strip() or "(no summary)"
     summary = "[summary of earlier conversation] " + first
-    out = await trio.to_thread.run_sync(lambda: k.memory.compact(cid, summary, upto,
+    out = await call.in_thread(lambda: k.memory.compact(cid, summary, upto,
                                                                  owner=owner))
     return {**out, "summary": summary, "usage": res["usage"]}
 
@@ -160,7 +158,7 @@ async def delete(call: Call, ctx: int | None) -> None:
     pcb = call.caller
     cid = current(call, ctx)
     mem = call.kernel.memory
-    await trio.to_thread.run_sync(lambda: mem.delete(cid, owner=owner_arg(pcb)))
+    await call.in_thread(lambda: mem.delete(cid, owner=owner_arg(pcb)))
     if pcb.ctx_id == cid:
         pcb.ctx_id = None
 
@@ -277,7 +275,7 @@ async def mem_search(call: Call, query: str, k: int, tags: list | None,
     ns, mem = resolve_namespace(call, namespace), call.kernel.memory
     if not 1 <= k <= 100:
         raise SyscallError("EINVAL", "k must be in 1..100")
-    return await trio.to_thread.run_sync(lambda: mem.mem_search(ns, query, k, tags))
+    return await call.in_thread(lambda: mem.mem_search(ns, query, k, tags))
 
 
 @handler("mem.delete")

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import trio
-
 from llmagentos.drivers.gymenv import EnvTable
 
 from .dispatch import Call, handler
@@ -61,7 +59,7 @@ async def _run(call: Call, handle: int, method: str, *args: Any) -> Any:
     with table.use(call.caller.pid, handle) as rec:
         fn = getattr(rec, method)
         if rec.cost > SLOW_CALL:
-            return await trio.to_thread.run_sync(fn, *args)
+            return await call.in_thread(fn, *args)
         return fn(*args)
 
 
@@ -70,7 +68,7 @@ async def make(call: Call, env_id: str, kwargs: dict | None) -> dict:
     table = envs_of(call.kernel)
     pid = call.caller.pid
     req = table.prepare(pid, env_id, kwargs)
-    env = await trio.to_thread.run_sync(table.create, req)
+    env = await call.in_thread(table.create, req)
     holder = call.conn if pid == INIT_PID else None
     return table.add(pid, req, env, holder)
 

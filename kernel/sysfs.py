@@ -7,13 +7,22 @@ unnamed process's are removed when it is reaped, or at the next boot) and
 (drivers/sandbox.py) resolves every path inside its root with openat-style
 walking and never follows a symlink; file descriptors live in it, so they
 die with the process.
+
+No sandbox work runs on the event loop: every handler's I/O goes to a worker
+thread within the caller's share of them, and a process's release (closing
+its fds, removing an unnamed process's tree, whatever its size or depth) is a
+background task of the kernel that logs errors and never raises.
 """
 
 from __future__ import annotations
 
-import shutil
+import logging
+import threading
+from typing import Any, Callable
 
-from llmagentos.drivers.sandbox import Mount, Quota, Sandbox
+import trio
+
+from llmagentos.drivers.sandbox import Mount, Quota, Sandbox, discard, empty_trash
 from llmagentos.syscalls import caps as capmod
 from llmagentos.syscalls.errno import SyscallError
 
@@ -22,7 +31,10 @@ from .names import path_name
 from .proc import PCB
 from .sysctx import identity
 
+log = logging.getLogger("llmagentos.kernel")
+
 WRITE_MODES = ("w", "a", "x", "r+", "w+", "a+")
+_OPENING = threading.Lock()  # two threads of one process must not make two sandboxes
 
 
 def root_name(pcb: PCB) -> str:
@@ -31,30 +43,64 @@ def root_name(pcb: PCB) -> str:
 
 
 def sandbox_of(kernel, pcb: PCB) -> Sandbox:
-    if pcb.sandbox is None:
-        state = kernel.config.state_dir
-        root = state / "fs" / root_name(pcb)
-        root.mkdir(parents=True, exist_ok=True)
-        (state / "shared").mkdir(exist_ok=True)
-        quota = Quota(**{k: int(pcb.limits[lim]) for k, lim in
-                         (("max_bytes", "fs_bytes"), ("max_files", "fs_files"))
-                         if lim in pcb.limits})
-        mounts = {"/shared": Mount(state / "shared", capmod.covers(pcb.caps, "fs.shared"))}
-        pcb.sandbox = Sandbox(root, mounts, quota=quota)
-    return pcb.sandbox
+    """The process's sandbox, opened at first use. Blocking (it counts the
+    root's usage): call it from a worker thread."""
+    with _OPENING:
+        if pcb.exited:
+            raise SyscallError("ESRCH", f"pid {pcb.pid} has exited")
+        if pcb.sandbox is None:
+            state = kernel.config.state_dir
+            root = state / "fs" / root_name(pcb)
+            root.mkdir(parents=True, exist_ok=True)
+            (state / "shared").mkdir(exist_ok=True)
+            quota = Quota(**{k: int(pcb.limits[lim]) for k, lim in
+                             (("max_bytes", "fs_bytes"), ("max_files", "fs_files"))
+                             if lim in pcb.limits})
+            mounts = {"/shared": Mount(state / "shared", capmod.covers(pcb.caps, "fs.shared"))}
+            pcb.sandbox = Sandbox(root, mounts, quota=quota)
+        return pcb.sandbox
 
 
 def release(kernel, pcb: PCB) -> None:
-    """The process is gone: close its fds; an unnamed process's files go too."""
-    if pcb.sandbox is not None:
-        pcb.sandbox.close_all()
-        pcb.sandbox = None
-    if not pcb.agent:
-        shutil.rmtree(kernel.config.state_dir / "fs" / root_name(pcb), ignore_errors=True)
+    """The process is gone: close its fds; an unnamed process's files go too.
+    Called on the event loop (ProcessTable.on_exit): the work is a task."""
+    sandbox, pcb.sandbox = pcb.sandbox, None
+    root = None if pcb.agent else kernel.config.state_dir / "fs" / root_name(pcb)
+    if sandbox is None and root is None:
+        return
+    nursery = kernel.procs.nursery
+    if nursery is not None:
+        nursery.start_soon(_release, kernel, sandbox, root)
+    else:  # shutting down: what is left in the trash goes at the next release
+        _release_files(kernel, sandbox, root, empty=False)
 
 
-def _sb(call: Call) -> Sandbox:
-    return sandbox_of(call.kernel, call.caller)
+async def _release(kernel, sandbox: Sandbox | None, root) -> None:
+    lock = getattr(kernel, "fs_trash_lock", None)
+    if lock is None:
+        lock = kernel.fs_trash_lock = trio.Lock()
+    async with lock:  # one thread empties the trash at a time
+        await trio.to_thread.run_sync(_release_files, kernel, sandbox, root,
+                                      abandon_on_cancel=True)
+
+
+def _release_files(kernel, sandbox: Sandbox | None, root, empty: bool = True) -> None:
+    try:
+        if sandbox is not None:
+            sandbox.close_all()
+        trash = kernel.config.state_dir / "trash"
+        if root is not None:
+            discard(root, trash)
+        if empty:
+            empty_trash(trash)
+    except Exception:  # never into the kernel: a leftover tree is a log line
+        log.exception("releasing files of %s failed", root)
+
+
+async def _in_sandbox(call: Call, fn: Callable[..., Any], *args: Any) -> Any:
+    """fn(sandbox, *args) in a worker thread of the caller's share."""
+    k, pcb = call.kernel, call.caller
+    return await call.in_thread(lambda: fn(sandbox_of(k, pcb), *args))
 
 
 @handler("fs.open")
@@ -62,69 +108,69 @@ async def open_(call: Call, path: str, mode: str) -> int:
     if any(m in mode for m in ("w", "a", "x", "+")) and \
             not capmod.covers(call.caller.caps, "fs.write"):
         raise SyscallError("EACCES", f"opening for {mode!r} needs capability fs.write")
-    return _sb(call).open(path, mode)
+    return await _in_sandbox(call, Sandbox.open, path, mode)
 
 
 @handler("fs.read")
 async def read(call: Call, fd: int, n: int) -> bytes:
-    return _sb(call).read(fd, n)
+    return await _in_sandbox(call, Sandbox.read, fd, n)
 
 
 @handler("fs.write")
 async def write(call: Call, fd: int, data: bytes | str) -> int:
-    return _sb(call).write(fd, data)
+    return await _in_sandbox(call, Sandbox.write, fd, data)
 
 
 @handler("fs.close")
 async def close(call: Call, fd: int) -> None:
-    _sb(call).close(fd)
+    await _in_sandbox(call, Sandbox.close, fd)
 
 
 @handler("fs.seek")
 async def seek(call: Call, fd: int, offset: int, whence: int) -> int:
-    return _sb(call).seek(fd, offset, whence)
+    return await _in_sandbox(call, Sandbox.seek, fd, offset, whence)
 
 
 @handler("fs.stat")
 async def stat(call: Call, path: str) -> dict:
-    return _sb(call).stat(path)
+    return await _in_sandbox(call, Sandbox.stat, path)
 
 
 @handler("fs.listdir")
 async def listdir(call: Call, path: str) -> list:
-    return _sb(call).listdir(path)
+    return await _in_sandbox(call, Sandbox.listdir, path)
 
 
 @handler("fs.mkdir")
 async def mkdir(call: Call, path: str, parents: bool) -> None:
-    _sb(call).mkdir(path, parents)
+    await _in_sandbox(call, Sandbox.mkdir, path, parents)
 
 
 @handler("fs.unlink")
 async def unlink(call: Call, path: str) -> None:
-    _sb(call).unlink(path)
+    await _in_sandbox(call, Sandbox.unlink, path)
 
 
 @handler("fs.rmdir")
 async def rmdir(call: Call, path: str) -> None:
-    _sb(call).rmdir(path)
+    await _in_sandbox(call, Sandbox.rmdir, path)
 
 
 @handler("fs.rename")
 async def rename(call: Call, src: str, dst: str) -> None:
-    _sb(call).rename(src, dst)
+    await _in_sandbox(call, Sandbox.rename, src, dst)
 
 
 @handler("fs.read_file")
 async def read_file(call: Call, path: str) -> bytes:
-    return _sb(call).read_file(path)
+    return await _in_sandbox(call, Sandbox.read_file, path)
 
 
 @handler("fs.write_file")
 async def write_file(call: Call, path: str, data: bytes | str, append: bool) -> int:
-    return _sb(call).write_file(path, data, append=append)
+    return await _in_sandbox(call, lambda sb: sb.write_file(path, data, append=append))
 
 
 @handler("fs.usage")
 async def usage(call: Call) -> dict:
-    return _sb(call).usage()
+    return await _in_sandbox(call, Sandbox.usage)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from llmagentos.syscalls import caps as capmod
 from llmagentos.syscalls.errno import SyscallError
+from llmagentos.syscalls.table import check_limit
 
 from .dispatch import Call, handler
 from .proc import INIT_PID, LIMITS, PCB, parse_signal
@@ -75,8 +76,8 @@ async def setlimit(call: Call, pid: int, name: str, value: float | None) -> dict
     target = procs.get(pid)
     if name not in LIMITS:
         raise SyscallError("EINVAL", f"unknown limit {name!r}; known: {sorted(LIMITS)}")
-    if value is not None and value < 0:
-        raise SyscallError("EINVAL", "a limit must be >= 0 (nil removes it)")
+    if value is not None:
+        value = check_limit(name, value)
     if target.pid == INIT_PID or not procs.may_signal(call.caller, target):
         raise SyscallError("EPERM", f"pid {call.caller.pid} may not change limits of pid {pid}")
     old = target.limits.get(name)

@@ -168,19 +168,27 @@ async def tool_call(call: Call, name: str, args: dict | None, timeout: float) ->
     if not 0 < timeout <= MAX_TOOL_TIMEOUT:
         raise SyscallError("EINVAL", f"timeout must be in (0, {MAX_TOOL_TIMEOUT}]")
     args = args or {}
-    tool.check(args)
+    deadline = trio.current_time() + timeout
+    # The timeout holds from here: validating (a worker thread; an abandoned one
+    # still counts against the caller's share of them) and running.
+    with trio.move_on_at(deadline) as checking:
+        await call.in_thread(tool.check, args, abandon_on_cancel=True)
+    if checking.cancelled_caught:
+        raise SyscallError("ETIMEDOUT", f"{name}: checking its arguments took over {timeout}s")
+    if limit is not None and pcb.usage.tool_calls >= limit:  # again: others ran meanwhile
+        raise SyscallError("EDQUOT", f"tool-call limit {int(limit)} reached")
     pcb.usage.tool_calls += 1
     if tool.driver is not None:
         pcb.waiting_calls += 1
         try:
-            return await k.tools.call_driver(tool, pcb, args, timeout)
+            return await k.tools.call_driver(tool, pcb, args, deadline - trio.current_time())
         finally:
             pcb.waiting_calls -= 1
     cancel = threading.Event()
     work = functools.partial(tool.handler, pcb, args, *([cancel] if tool.cancellable else []))
     try:
-        with trio.move_on_after(timeout):
-            return await trio.to_thread.run_sync(work, abandon_on_cancel=True)
+        with trio.move_on_at(deadline):
+            return await call.in_thread(work, abandon_on_cancel=True)
     finally:
         cancel.set()  # timed out or cancelled: a cancellable handler kills its work
     raise SyscallError("ETIMEDOUT", f"{name} did not finish within {timeout}s")
@@ -188,7 +196,10 @@ async def tool_call(call: Call, name: str, args: dict | None, timeout: float) ->
 
 @handler("drv.register")
 async def drv_register(call: Call, namespace: str, tools: list) -> list:
-    return call.kernel.tools.register(call.caller.pid, call.conn, namespace, tools)
+    table = call.kernel.tools
+    table.check_namespace(namespace)
+    checked = await call.in_thread(table.check_tools, tools)  # compiles every schema
+    return table.register(call.caller.pid, call.conn, namespace, checked)
 
 
 @handler("drv.reply")

@@ -9,17 +9,30 @@ connection and the driver answers with `drv.reply`.
 Invariants: a namespace belongs to one driver (or the kernel); when a driver
 goes away (unregister, exit, or its connection closes) its tools disappear
 and every call still waiting on it fails with EIO.
+
+Schemas cannot freeze the kernel: every regular expression in a schema
+(`pattern`, `patternProperties`) is compiled with RE2 at `drv.register` and
+matched with it, in time linear in the text; Python's backtracking `re`
+took 9-12 s on `^(a+)+$` against 28 characters, doubling per character. A
+pattern RE2 cannot compile (backreferences, lookaround) is EINVAL at
+register, as is `unevaluatedProperties` beside `patternProperties` (its
+evaluation would fall back to `re`). Validation itself runs in a worker
+thread, under the call's timeout (kernel/systool.py).
 """
 
 from __future__ import annotations
 
+import functools
 import itertools
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import jsonschema
+import re2
+import referencing.exceptions
 import trio
+from jsonschema import ValidationError
 
 from llmagentos.syscalls.errno import ERRNO, SyscallError
 
@@ -29,6 +42,101 @@ if TYPE_CHECKING:
 
 NAME_RE = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 MAX_TOOLS_PER_DRIVER = 256
+MAX_PATTERN = 4096  # characters of one regular expression in a schema
+
+
+def _re2_options() -> Any:
+    o = re2.Options()
+    o.log_errors = False  # a bad pattern is the caller's EINVAL, not a kernel log line
+    o.never_capture = True
+    o.max_mem = 1 << 20
+    return o
+
+
+_RE2_OPTIONS = _re2_options()
+
+
+@functools.lru_cache(maxsize=256)
+def compile_pattern(pattern: str) -> Any:
+    """A schema's regular expression as RE2 (linear-time matching)."""
+    if len(pattern) > MAX_PATTERN:
+        raise SyscallError("EINVAL", f"pattern longer than {MAX_PATTERN} characters")
+    try:
+        return re2.compile(pattern, _RE2_OPTIONS)
+    except re2.error as e:
+        msg = e.args[0].decode(errors="replace") if e.args and isinstance(e.args[0], bytes) \
+            else str(e)
+        raise SyscallError("EINVAL", f"pattern {pattern[:80]!r} is not supported "
+                                     f"(RE2 syntax, no backreferences or lookaround): {msg}") \
+            from None
+
+
+def _pattern(validator: Any, patrn: str, instance: Any, schema: dict) -> Iterator:
+    if validator.is_type(instance, "string") and not compile_pattern(patrn).search(instance):
+        yield ValidationError(f"{instance[:80]!r} does not match {patrn!r}")
+
+
+def _pattern_properties(validator: Any, pp: dict, instance: Any, schema: dict) -> Iterator:
+    if not validator.is_type(instance, "object"):
+        return
+    for patrn, subschema in pp.items():
+        rx = compile_pattern(patrn)
+        for k, v in instance.items():
+            if rx.search(k):
+                yield from validator.descend(v, subschema, path=k, schema_path=patrn)
+
+
+def _additional_properties(validator: Any, ap: Any, instance: Any, schema: dict) -> Iterator:
+    if not validator.is_type(instance, "object"):
+        return
+    props = schema.get("properties", {})
+    patterns = [compile_pattern(p) for p in schema.get("patternProperties", {})]
+    extras = [k for k in instance
+              if k not in props and not any(rx.search(k) for rx in patterns)]
+    if validator.is_type(ap, "object"):
+        for k in extras:
+            yield from validator.descend(instance[k], ap, path=k)
+    elif not ap and extras:
+        listed = ", ".join(repr(k) for k in sorted(extras)[:10])
+        yield ValidationError(f"Additional properties are not allowed ({listed} "
+                              f"{'was' if len(extras) == 1 else 'were'} unexpected)")
+
+
+SchemaValidator = jsonschema.validators.extend(
+    jsonschema.Draft202012Validator,
+    {"pattern": _pattern, "patternProperties": _pattern_properties,
+     "additionalProperties": _additional_properties})
+
+
+def check_schema(schema: dict) -> None:
+    """A schema a driver registers: valid Draft 2020-12, and every regular
+    expression in it compiled by RE2 (EINVAL otherwise)."""
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        raise SyscallError("EINVAL", f"invalid JSON schema: {e.message[:300]}") from None
+    except RecursionError:
+        raise SyscallError("EINVAL", "JSON schema nested too deeply") from None
+    stack, has_pp, has_unevaluated = [schema], False, False
+    while stack:  # iterative: a schema is as deep as the wire allows
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+            continue
+        if not isinstance(node, dict):
+            continue
+        if isinstance(node.get("pattern"), str):
+            compile_pattern(node["pattern"])
+        pp = node.get("patternProperties")
+        if isinstance(pp, dict):
+            has_pp = True
+            for p in pp:
+                compile_pattern(p)
+        has_unevaluated = has_unevaluated or "unevaluatedProperties" in node
+        stack.extend(node.values())
+    if has_pp and has_unevaluated:
+        raise SyscallError("EINVAL", "unevaluatedProperties together with patternProperties "
+                                     "is not supported")
 
 Handler = Callable[["PCB", dict], Any]  # (caller, checked args) -> result; may raise SyscallError
 
@@ -55,14 +163,20 @@ class Tool:
     validator: Any = None
 
     def __post_init__(self) -> None:
-        self.validator = jsonschema.Draft202012Validator(self.schema)
+        self.validator = SchemaValidator(self.schema)
 
     def describe(self) -> dict:
         return {"name": self.name, "description": self.description, "schema": self.schema,
                 "driver": self.driver.pid if self.driver else None}
 
     def check(self, args: dict) -> None:
-        err = jsonschema.exceptions.best_match(self.validator.iter_errors(args))
+        """EINVAL unless args match the schema. Blocking (CPU): the kernel runs
+        it in a worker thread."""
+        try:
+            err = jsonschema.exceptions.best_match(self.validator.iter_errors(args))
+        except (referencing.exceptions.Unresolvable, RecursionError) as e:
+            raise SyscallError("EINVAL", f"{self.name}: its schema cannot be evaluated "
+                                         f"({type(e).__name__})") from None
         if err is not None:
             where = "/".join(str(p) for p in err.absolute_path) or "arguments"
             raise SyscallError("EINVAL", f"{self.name}: {where}: {err.message}")
@@ -90,33 +204,45 @@ class ToolTable:
         return {n.split(".", 1)[0] for n in self.tools}
 
     # --- userland drivers -------------------------------------------------------
-    def register(self, pid: int, conn: "Connection", namespace: str, tools: list) -> list[str]:
-        if not NAME_RE.match(namespace):
-            raise SyscallError("EINVAL", f"namespace {namespace!r} must match {NAME_RE.pattern}")
-        if namespace in self.namespaces():
-            raise SyscallError("EEXIST", f"namespace {namespace!r} is already served")
+    @staticmethod
+    def check_tools(tools: list) -> list[tuple[str, str, dict]]:
+        """A driver's tool list, checked: (name, description, schema) each.
+        Blocking (schemas are compiled): the kernel runs it in a worker thread."""
         if not tools or len(tools) > MAX_TOOLS_PER_DRIVER:
             raise SyscallError("EINVAL", f"a driver serves 1..{MAX_TOOLS_PER_DRIVER} tools")
-        drv = Driver(pid, namespace, conn)
-        new: list[Tool] = []
+        out = []
         for t in tools:
             if not isinstance(t, dict) or not isinstance(t.get("name"), str):
                 raise SyscallError("EINVAL", "each tool is a map with a string name")
             if not NAME_RE.match(t["name"]):
-                raise SyscallError("EINVAL", f"tool name {t['name']!r} must match "
+                raise SyscallError("EINVAL", f"tool name {t['name']!r:.80} must match "
                                              f"{NAME_RE.pattern}")
             schema = t.get("schema") or {"type": "object"}
             if not isinstance(schema, dict):
                 raise SyscallError("EINVAL", f"{t['name']}: schema must be a map")
             try:
-                jsonschema.Draft202012Validator.check_schema(schema)
-            except jsonschema.SchemaError as e:
-                raise SyscallError("EINVAL", f"{t['name']}: invalid JSON schema: {e.message}") \
-                    from None
-            new.append(Tool(f"{namespace}.{t['name']}", str(t.get("description", "")), schema,
-                            driver=drv))
-        if len({t.name for t in new}) != len(new):
+                check_schema(schema)
+            except SyscallError as e:
+                raise SyscallError("EINVAL", f"{t['name']}: {e.message}") from None
+            out.append((t["name"], str(t.get("description", "")), schema))
+        if len({name for name, _, _ in out}) != len(out):
             raise SyscallError("EINVAL", "duplicate tool names")
+        return out
+
+    def check_namespace(self, namespace: str) -> None:
+        if not NAME_RE.match(namespace):
+            raise SyscallError("EINVAL", f"namespace {namespace!r:.80} must match "
+                                         f"{NAME_RE.pattern}")
+        if namespace in self.namespaces():
+            raise SyscallError("EEXIST", f"namespace {namespace!r} is already served")
+
+    def register(self, pid: int, conn: "Connection", namespace: str,
+                 tools: list[tuple[str, str, dict]]) -> list[str]:
+        """Serve checked tools (see check_tools) under a namespace."""
+        self.check_namespace(namespace)
+        drv = Driver(pid, namespace, conn)
+        new = [Tool(f"{namespace}.{name}", desc, schema, driver=drv)
+               for name, desc, schema in tools]
         self.drivers[namespace] = drv
         for t in new:
             self.add(t)

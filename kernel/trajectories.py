@@ -67,7 +67,10 @@ _COLS = ("id", "kind", "task", "family", "owner", "pid", "started", "ended", "st
 
 
 def _json(value: Any, what: str) -> str:
-    text = json.dumps(value, default=str)
+    try:
+        text = json.dumps(value, default=str)
+    except (TypeError, ValueError, RecursionError) as e:  # map keys of bytes, nesting
+        raise SyscallError("EINVAL", f"{what} cannot be stored as JSON: {e}") from None
     if len(text) > MAX_TEXT:
         raise SyscallError("E2BIG", f"{what} is over {MAX_TEXT} bytes as JSON")
     return text

@@ -9,12 +9,18 @@ addition.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errno import SyscallError
 
 REQUIRED = object()  # sentinel: the parameter has no default
+
+# Every integer that crosses the ABI fits in int64 unless its parameter says
+# otherwise: ids, offsets and counts reach SQLite and the OS, which take no more.
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+LIMIT_MAX = INT64_MAX  # a process limit (proc.spawn, proc.setlimit, proc.attach)
 
 # wire type name -> accepted Python types (after msgpack decoding)
 _TYPES: dict[str, tuple[type, ...]] = {
@@ -29,12 +35,36 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
+def check_number(what: str, value: int | float, lo: float | None = None,
+                 hi: float | None = None) -> None:
+    """The one check every number of the ABI goes through: finite (NaN and
+    +-inf are EINVAL: they pass every comparison the wrong way) and in lo..hi."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SyscallError("EINVAL", f"{what} must be a finite number, got {value!r}")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f">= {lo}" if hi is None else f"<= {hi}" if lo is None else f"in {lo}..{hi}"
+        raise SyscallError("EINVAL", f"{what} must be {bounds}, got {value!r:.40}")
+
+
+def check_limit(name: str, value: Any) -> int | float:
+    """A process limit's value, wherever it comes from (proc.spawn, proc.attach,
+    proc.setlimit): a finite number >= 0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise SyscallError("EINVAL", f"limit {name!r} must be a non-negative number, "
+                                     f"got {type(value).__name__}")
+    check_number(f"limit {name!r}", value, 0, LIMIT_MAX)
+    return value
+
+
 @dataclass(frozen=True)
 class Param:
     name: str
     type: str  # "int", "str|int", "list?" (? = may be nil)
     default: Any = REQUIRED
     doc: str = ""
+    lo: int | float | None = None  # numbers: the least value (ints default to int64)
+    hi: int | float | None = None
+    choices: tuple | None = None  # the only values accepted
 
     @property
     def required(self) -> bool:
@@ -56,9 +86,25 @@ class Param:
                 continue
             if isinstance(value, accepted):
                 if t == "float":
-                    return float(value)
+                    try:
+                        value = float(value)
+                    except OverflowError:  # an int past float's range
+                        raise SyscallError("EINVAL", f"parameter {self.name!r} is out of "
+                                                     "range") from None
+                    check_number(f"parameter {self.name!r}", value, self.lo, self.hi)
+                    return value
+                if t == "int":
+                    check_number(f"parameter {self.name!r}", value,
+                                 INT64_MIN if self.lo is None else self.lo,
+                                 INT64_MAX if self.hi is None else self.hi)
+                if self.choices is not None and value not in self.choices:
+                    raise SyscallError("EINVAL", f"parameter {self.name!r} must be one of "
+                                                 f"{list(self.choices)}, got {value!r:.60}")
                 if t == "list":
                     return list(value)
+                if t == "dict" and not all(isinstance(k, str) for k in value):
+                    raise SyscallError("EINVAL", f"parameter {self.name!r} must be a map with "
+                                                 "string keys")
                 return value
         raise SyscallError(
             "EINVAL",
@@ -121,7 +167,10 @@ class Syscall:
             "name": self.name,
             "params": [
                 {"name": p.name, "type": p.type, "required": p.required,
-                 **({} if p.required else {"default": p.default})}
+                 **({} if p.required else {"default": p.default}),
+                 **({} if p.lo is None else {"min": p.lo}),
+                 **({} if p.hi is None else {"max": p.hi}),
+                 **({} if p.choices is None else {"choices": list(p.choices)})}
                 for p in self.params
             ],
             "cap": self.cap,
@@ -171,15 +220,25 @@ def markdown(table: "CallTable") -> str:
         for sc in calls:
             params = ", ".join(
                 f"{p.name}: {p.type}" + ("" if p.required else f" = {p.default!r}")
-                for p in sc.params)
+                + _bounds(p) for p in sc.params)
             lines.append(f"| {sc.number} | `{sc.name}({params})` | {sc.cap or '-'} | "
                          f"{sc.doc}{' (streams)' if sc.stream else ''} |")
         lines.append("")
     return "\n".join(lines)
 
 
-def P(name: str, type: str, default: Any = REQUIRED, doc: str = "") -> Param:
-    return Param(name, type, default, doc)
+def _bounds(p: Param) -> str:
+    if p.choices is not None:
+        return " (" + "\\|".join(repr(c) for c in p.choices) + ")"
+    if p.lo is None and p.hi is None:
+        return ""
+    return f" ({'' if p.lo is None else p.lo}..{'' if p.hi is None else p.hi})"
+
+
+def P(name: str, type: str, default: Any = REQUIRED, doc: str = "", *,
+      lo: int | float | None = None, hi: int | float | None = None,
+      choices: tuple | None = None) -> Param:
+    return Param(name, type, default, doc, lo, hi, choices)
 
 
 TABLE = CallTable()
@@ -195,19 +254,20 @@ _def(0, "sys.hello", [P("token", "str")], None,
      "authenticate this connection; returns the caller's pid")
 _def(1, "sys.uname", [], None, "kernel name, version, boot time, policy, devices")
 _def(2, "sys.stats", [], None, "kernel-wide counters: processes, syscalls, device, memory")
-_def(3, "sys.shutdown", [P("grace", "float", 3.0)], "sys.shutdown",
+_def(3, "sys.shutdown", [P("grace", "float", 3.0, lo=0, hi=3600)], "sys.shutdown",
      "shut the kernel down: TERM every process, wait grace seconds, KILL", mutates=True)
 _def(4, "sys.null", [], None, "do nothing and return nil (for measuring syscall overhead)")
 _def(5, "sys.calls", [], None, "the call table, as data")
 _def(6, "sys.audit", [P("pid", "int?", None), P("syscall", "str?", None), P("errno", "str?", None),
-                      P("since", "float?", None), P("limit", "int", 100)], "sys.audit",
+                      P("since", "float?", None), P("limit", "int", 100, lo=1, hi=10_000)],
+     "sys.audit",
      "read the audit log (syscall is a glob; errno a name, 'any' or 'ok')")
 
 # --- proc: 20-49 -------------------------------------------------------------
 _def(20, "proc.spawn", [
     P("argv", "list"), P("name", "str?", None), P("env", "dict?", None),
     P("cwd", "str?", None), P("caps", "list?", None), P("limits", "dict?", None),
-    P("nice", "int", 0), P("placement", "str", "local"),
+    P("nice", "int", 0, lo=-20, hi=19), P("placement", "str", "local", choices=("local", "ray")),
 ], "proc.spawn", "start a real OS process as a child of the caller; returns its pid "
    "(placement=\"ray\": on a node of the kernel's Ray cluster, reaching the kernel over TCP)",
      mutates=True)
@@ -215,23 +275,26 @@ _def(21, "proc.getpid", [], None, "the caller's pid")
 _def(22, "proc.ps", [], None, "the process table, one row per process")
 _def(23, "proc.stat", [P("pid", "int?", None)], None,
      "control block, CPU/RSS and usage of one process (default: the caller)")
-_def(24, "proc.wait", [P("pid", "int"), P("timeout", "float?", None)], None,
+_def(24, "proc.wait", [P("pid", "int", lo=-1), P("timeout", "float?", None, lo=0)], None,
      "wait for a child to exit and reap it; returns its exit status")
 _def(25, "proc.kill", [P("pid", "int"), P("signal", "int|str", "SIGTERM")], None,
      "send a signal (SIGSTOP, SIGCONT, SIGTERM, SIGKILL, ...) to a process", mutates=True)
-_def(26, "proc.nice", [P("pid", "int"), P("value", "int")], None,
+_def(26, "proc.nice", [P("pid", "int"), P("value", "int", lo=-20, hi=19)], None,
      "set a process's nice value (-20..19); lowering it needs proc.renice", mutates=True)
-_def(27, "proc.setlimit", [P("pid", "int"), P("name", "str"), P("value", "int|float?")], None,
+_def(27, "proc.setlimit", [P("pid", "int"), P("name", "str"),
+                           P("value", "int|float?", lo=0, hi=LIMIT_MAX)], None,
      "set one limit of a process (only lower it, unless proc.kill_any is held)",
      mutates=True)
 _def(30, "proc.attach", [P("name", "str?", None), P("caps", "list?", None),
-                        P("limits", "dict?", None), P("nice", "int", 0)], "proc.spawn",
+                        P("limits", "dict?", None), P("nice", "int", 0, lo=-20, hi=19)],
+     "proc.spawn",
      "make a child process that lives in the caller's OS process (an Agent object); "
      "returns {pid, token}: a connection that says hello with the token is that process",
      mutates=True)
-_def(29, "proc.logs", [P("pid", "int"), P("offset", "int", 0), P("limit", "int", 65536)], None,
+_def(29, "proc.logs", [P("pid", "int"), P("offset", "int", 0, lo=0),
+                       P("limit", "int", 65536, lo=1, hi=4 << 20)], None,
      "read a process's captured stdout/stderr from offset (works after it was reaped)")
-_def(28, "proc.exit", [P("status", "int", 0)], None,
+_def(28, "proc.exit", [P("status", "int", 0, lo=0, hi=255)], None,
      "record the caller's exit status; the client then exits with it", mutates=True)
 
 # --- llm: 50-59 ----------------------------------------------------------------
@@ -254,7 +317,7 @@ _def(60, "ctx.append", [P("role", "str"), P("content", "str"), P("pinned", "bool
 _def(61, "ctx.read", [P("start", "int", 0), P("end", "int?", None), P("archived", "bool", True),
                       P("ctx", "int?", None)], "ctx",
      "messages by position, archived ones included unless archived=false")
-_def(62, "ctx.window", [P("reserve", "int", 0), P("ctx", "int?", None)], "ctx",
+_def(62, "ctx.window", [P("reserve", "int", 0, lo=0), P("ctx", "int?", None)], "ctx",
      "the messages that fit the budget for the next generation (minus reserve tokens)")
 _def(63, "ctx.stats", [P("ctx", "int?", None)], "ctx",
      "budget, live/archived/pinned message and token counts")
@@ -263,9 +326,11 @@ _def(64, "ctx.pin", [P("seq", "int"), P("pinned", "bool", True), P("ctx", "int?"
 _def(65, "ctx.fork", [P("pid", "int?", None), P("name", "str?", None), P("ctx", "int?", None)],
      "ctx", "copy a context: for a child pid (it becomes the child's), or for the caller",
      mutates=True)
-_def(66, "ctx.search", [P("query", "str"), P("k", "int", 5), P("ctx", "int?", None)], "ctx",
+_def(66, "ctx.search", [P("query", "str"), P("k", "int", 5, lo=1, hi=100),
+                        P("ctx", "int?", None)], "ctx",
      "full-text search of the live window and the archive; best first")
-_def(67, "ctx.compact", [P("strategy", "str", "summarize"), P("upto", "int?", None),
+_def(67, "ctx.compact", [P("strategy", "str", "summarize", choices=("summarize",)),
+                         P("upto", "int?", None),
                          P("ctx", "int?", None)], "ctx",
      "replace old messages by a summary the device writes (accounted to the caller)",
      mutates=True)
@@ -282,7 +347,7 @@ _def(80, "mem.put", [P("key", "str"), P("value", "any"), P("tags", "list?", None
      "store a value under a key; shared:* namespaces need mem.shared", mutates=True)
 _def(81, "mem.get", [P("key", "str"), P("namespace", "str?", None)], "mem",
      "the value, tags and times stored under a key")
-_def(82, "mem.search", [P("query", "str"), P("k", "int", 5), P("tags", "list?", None),
+_def(82, "mem.search", [P("query", "str"), P("k", "int", 5, lo=1, hi=100), P("tags", "list?", None),
                         P("namespace", "str?", None)], "mem",
      "full-text search of a namespace, optionally requiring tags")
 _def(83, "mem.delete", [P("key", "str"), P("namespace", "str?", None)], "mem",
@@ -294,7 +359,7 @@ _def(84, "mem.list", [P("namespace", "str?", None), P("tags", "list?", None)], "
 _def(90, "fs.open", [P("path", "str"), P("mode", "str", "r")], "fs.read",
      "open a file ('r', 'r+', 'w', 'a', 'x'; writing needs fs.write); returns an fd",
      mutates=True)
-_def(91, "fs.read", [P("fd", "int"), P("n", "int", -1)], "fs.read",
+_def(91, "fs.read", [P("fd", "int"), P("n", "int", -1, lo=-1)], "fs.read",
      "read up to n bytes (-1: to the end) from an fd")
 _def(92, "fs.write", [P("fd", "int"), P("data", "bytes|str")], "fs.write",
      "write to an fd; returns the bytes written", mutates=True)
@@ -308,7 +373,8 @@ _def(98, "fs.rmdir", [P("path", "str")], "fs.write", "remove an empty directory"
      mutates=True)
 _def(99, "fs.rename", [P("src", "str"), P("dst", "str")], "fs.write",
      "rename within one mount", mutates=True)
-_def(100, "fs.seek", [P("fd", "int"), P("offset", "int"), P("whence", "int", 0)], "fs.read",
+_def(100, "fs.seek", [P("fd", "int"), P("offset", "int"), P("whence", "int", 0, lo=0, hi=2)],
+     "fs.read",
      "move an fd's position; returns the new one")
 _def(101, "fs.read_file", [P("path", "str")], "fs.read", "a whole file's bytes")
 _def(102, "fs.write_file", [P("path", "str"), P("data", "bytes|str"), P("append", "bool", False)],
@@ -319,7 +385,8 @@ _def(103, "fs.usage", [], "fs.read", "bytes and files used in the private root, 
 _def(110, "tool.list", [P("namespace", "str?", None)], None,
      "the tools the caller may call, with JSON schemas of their arguments")
 _def(111, "tool.describe", [P("name", "str")], None, "one tool: description and JSON schema")
-_def(112, "tool.call", [P("name", "str"), P("args", "dict?", None), P("timeout", "float", 30.0)],
+_def(112, "tool.call", [P("name", "str"), P("args", "dict?", None),
+                        P("timeout", "float", 30.0, lo=0, hi=600)],
      None, "call a tool (needs capability tool:<name>); arguments checked against its schema",
      mutates=True)
 _def(120, "drv.register", [P("namespace", "str"), P("tools", "list")], "drv.register",
@@ -334,7 +401,8 @@ _def(122, "drv.unregister", [P("namespace", "str")], "drv.register",
 _def(130, "env.make", [P("env_id", "str"), P("kwargs", "dict?", None)], "env",
      "create a Gymnasium environment by id; returns {handle, observation_space, "
      "action_space, spec}", mutates=True)
-_def(131, "env.reset", [P("handle", "int"), P("seed", "int?", None), P("options", "dict?", None)],
+_def(131, "env.reset", [P("handle", "int"), P("seed", "int?", None, lo=0),
+                        P("options", "dict?", None)],
      "env", "reset; returns {observation, info, text}")
 _def(132, "env.step", [P("handle", "int"), P("action", "any")], "env",
      "one step; returns {observation, reward, terminated, truncated, info, text}")
@@ -355,11 +423,11 @@ _def(142, "traj.end", [P("episode", "int"), P("success", "bool?", None),
                        P("meta", "dict?", None)], None,
      "finish an episode; returns its summary", mutates=True)
 _def(143, "traj.list", [P("family", "str?", None), P("kind", "str?", None),
-                        P("agent", "str?", None), P("limit", "int", 100)], None,
+                        P("agent", "str?", None), P("limit", "int", 100, lo=1, hi=10_000)], None,
      "episodes, newest last, with steps, total reward and success")
 _def(144, "traj.get", [P("episode", "int")], None, "one episode with all its steps")
 _def(145, "traj.search", [P("query", "str"), P("family", "str?", None), P("kind", "str", "demo"),
-                          P("k", "int", 3), P("success", "bool?", True)], None,
+                          P("k", "int", 3, lo=1, hi=50), P("success", "bool?", True)], None,
      "episodes whose task text best matches the query (demonstrations for few-shot)")
 _def(146, "traj.stats", [P("family", "str")], None,
      "per-family statistics: episodes, success rate, mean reward, per-choice outcomes")

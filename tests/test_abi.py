@@ -201,29 +201,119 @@ def test_syscalls_table_over_the_wire(shared_kernel):
     assert spawn["cap"] == "proc.spawn" and spawn["params"][0]["name"] == "argv"
 
 
-def test_every_syscall_with_garbage_arguments_gets_an_errno_not_a_crash(shared_kernel):
-    """Random values of every type for every call: each answer is a result or
-    a clear errno (never the dispatcher's EIO 'internal error'), and the
-    kernel keeps serving."""
+NAN, INF = float("nan"), float("inf")
+
+
+def _deep(n: int) -> list:
+    v: list = []
+    for _ in range(n):
+        v = [v]
+    return v
+
+
+# What an attacker sends for one parameter: numbers past every range, values
+# that pass every comparison the wrong way (NaN), wrong types, huge and deep values.
+HOSTILE = [None, True, False, 0, -1, 1, 2**31, 2**53 + 1, 2**63 - 1, 2**63, 2**64 - 1,
+           -(2**63), -(2**63) - 1, NAN, INF, -INF, 1e308, -1e308, -0.0, 1.5, "", "x", "\x00",
+           "../..", "a" * 200_000, "\udc80", b"", b"\xff\xfe", bytes(70_000), [], [NAN], [INF, -1],
+           _deep(400), ["a"] * 2000, [{"role": "user", "content": "hi"}], [2**64 - 1], {},
+           {"a": NAN}, {"": None}, {"role": 1}, {"x": {"y": [INF]}}, {"max_tokens": NAN},
+           {"temperature": INF}, {"wall_time": NAN}, {"max_children": -INF},
+           {"tool_calls": 2**64 - 1}, {"lang": "python", "code": NAN}, {b"k": 1}]
+
+
+def _benign(p) -> object:
+    """A plain value of a parameter's type: the arguments before the hostile one."""
+    if not p.required:
+        return p.default
+    t = p.type.rstrip("?").split("|")[0]
+    return {"int": 1, "float": 0.5, "str": "x", "bool": False, "bytes": b"x", "list": ["x"],
+            "dict": {}, "any": 1}[t]
+
+
+def fuzz(c, calls, benign: dict | None = None, values=HOSTILE, rounds: int = 10,
+         seed: int = 0) -> list:
+    """Call each syscall with each hostile value in each parameter position (the
+    others plain, or as given in benign[name]), then random mixes. Returns
+    the answers that were "internal error" (the dispatcher's EIO for a bug)."""
     import random
 
-    from llmagentos.syscalls.table import TABLE
-    rng = random.Random(0)
-    values = [None, 0, -1, 1, 2**40, 1.5, float("nan"), "", "x", "../..", "\x00", "a" * 5000,
-              b"", b"\xff", [], [1], ["a"], [[]], {}, {"a": 1}, {"role": 1}, True,
-              [{"role": "user", "content": "hi"}], 99999]
-    skip = {"sys.shutdown", "proc.exit", "proc.spawn", "proc.attach", "proc.kill", "proc.wait"}
+    rng = random.Random(seed)
     internal = []
-    with shared_kernel.client() as c:
-        for sc in TABLE:
-            if sc.name in skip:
-                continue
-            for _ in range(25):
-                args = [rng.choice(values) for _ in range(rng.randint(0, len(sc.params) + 1))]
-                try:
-                    c.call(sc.name, *args)
-                except llmagentos.KernelError as e:
-                    if "internal error" in e.message:
-                        internal.append((sc.name, args, e.message))
+    benign = benign or {}
+
+    def attempt(name, args):
+        try:
+            c.call(name, *args)
+        except llmagentos.KernelError as e:
+            if e.name == "EIO" and "internal error" in e.message \
+                    or "not serializable" in e.message:
+                internal.append((name, repr(args)[:200], e.message[:300]))
+
+    for sc in calls:
+        plain = benign.get(sc.name) or [_benign(p) for p in sc.params]
+        for i in range(len(sc.params)):
+            for v in values:
+                attempt(sc.name, [*plain[:i], v, *plain[i + 1:]])
+        for _ in range(rounds):
+            attempt(sc.name, [rng.choice(values)
+                              for _ in range(rng.randint(0, len(sc.params) + 1))])
+    return internal
+
+
+def test_every_syscall_with_hostile_arguments_gets_an_errno_not_a_crash(tmp_path):
+    """Every call of the table, every parameter, every hostile value: each
+    answer is a result or a clear errno (never the dispatcher's EIO 'internal
+    error'), and the kernel keeps serving. Init fuzzes everything but
+    sys.shutdown; an attached child (no privileged capabilities) fuzzes all."""
+    from conftest import boot_kernel
+
+    from llmagentos.syscalls.table import TABLE
+    k = boot_kernel(tmp_path)
+    try:
+        with k.client(timeout=60) as c:
+            env = c.env.make("CartPole-v1")["handle"]
+            fd = c.fs.open("/f", "w")
+            ep = c.traj.begin("task")
+            benign = {
+                "env.reset": [env, None, None], "env.step": [env, 0], "env.render": [env],
+                "env.close": [env + 1000], "fs.read": [fd, 1], "fs.write": [fd, b"x"],
+                "fs.seek": [fd, 0, 0], "fs.close": [fd + 1000], "traj.step": [ep, 1, 1, 0.0, None],
+                "traj.end": [ep, None, None],
+                "tool.call": ["calc.eval", {"expression": "1+1"}, 5.0],
+                "proc.wait": [999999, 0.1], "proc.kill": [999999, 0],
+            }
+            calls = [sc for sc in TABLE if sc.name != "sys.shutdown"]
+            internal = fuzz(c, calls, benign)
+            assert internal == []
+            child = c.proc.attach("fuzzer")
+            with llmagentos.connect(token=child["token"], run_dir=k.run_dir, timeout=60) as cc:
+                internal = fuzz(cc, list(TABLE), benign, rounds=3, seed=1)
+            assert internal == []
+            assert c.proc.getpid() == 1
+        assert k.proc.poll() is None
+    finally:
+        k.stop()
+
+
+@pytest.mark.soak  # about half a minute of real-model calls
+def test_llm_calls_with_hostile_arguments_on_the_real_model(llm_kernel):
+    """The llm group against the real device: tokenizer, detokenizer, embedder
+    and sampler see every hostile value (generations kept to one token)."""
+    from llmagentos.syscalls.table import TABLE
+    llm = [sc for sc in TABLE if sc.group == "llm"]
+    one = {"max_tokens": 1, "temperature": 0.0}
+    # nil and {} are the default sampling (256 tokens): real work, not hostile
+    hostile = [v for v in HOSTILE if v is not None and v != {}
+               and not (isinstance(v, str) and len(v) > 1000)] + [
+        {"max_tokens": 1, "temperature": NAN}, {"max_tokens": 1, "top_p": INF},
+        {"max_tokens": 1, "seed": 2**64 - 1}, {"max_tokens": 1, "stop": [NAN]},
+        {"max_tokens": 1, "json_schema": {"type": "string", "pattern": "^(a+)+$"}},
+        {"max_tokens": 1, "grammar": "root ::= ("}, [2**31], [-1], [10**12]]
+    with llm_kernel.client(timeout=120) as c:
+        benign = {"llm.generate": ["hi", None, one, False, False],
+                  "llm.tokenize": ["hi", False], "llm.detokenize": [[1, 2]],
+                  "llm.embed": [["hi"]]}
+        internal = fuzz(c, llm, benign, values=hostile, rounds=0)
         assert internal == []
-        assert c.proc.getpid() == 1
+        assert c.llm.tokenize("hi")
