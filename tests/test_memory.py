@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from llmagentos.kernel import store
 from llmagentos.kernel.memory import ContextStore
+from llmagentos.kernel.memory import schema as store
 from llmagentos.syscalls.errno import SyscallError
 
 
