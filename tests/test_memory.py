@@ -329,6 +329,43 @@ def test_errno_paths(cs: ContextStore) -> None:
     assert cs.stats(ctx)["live_messages"] == 1  # no failed call left anything behind
 
 
+def test_integers_sqlite_cannot_hold_are_einval(cs: ContextStore) -> None:
+    """The wire carries ints up to 2**64 - 1, SQLite holds 64-bit signed ones:
+    a context id, seq, bound, budget or k past that is EINVAL (it was an
+    OverflowError, an EIO to the caller); the extremes it holds still work."""
+    ctx = cs.create("pid:1", budget=100)
+    cs.append(ctx, "user", "hello there")
+    big, small = 2**63, -(2**63) - 1
+    for fn, args, kw in [
+        (cs.read, (ctx, big), {}),
+        (cs.read, (ctx, 0, big), {}),
+        (cs.read, (ctx, small), {}),
+        (cs.read, (big,), {}),
+        (cs.stats, (2**64 - 1,), {}),
+        (cs.append, (big, "user", "x"), {}),
+        (cs.pin, (ctx, big), {}),
+        (cs.set_budget, (ctx, big), {}),
+        (cs.create, ("pid:1",), {"budget": big}),
+        (cs.window, (ctx, big), {}),
+        (cs.compact, (ctx, "s", big), {}),
+        (cs.mem_search, ("pid:1", "x", big), {}),
+    ]:
+        with pytest.raises(SyscallError) as e:
+            fn(*args, **kw)
+        assert errno_of(e) == "EINVAL", (fn.__name__, args, e.value)
+    assert [m["seq"] for m in cs.read(ctx, -(2**63), 2**63 - 1)] == [1]
+    assert cs.read(ctx, 2**63 - 1) == []
+    with pytest.raises(SyscallError) as e:
+        cs.pin(ctx, 2**63 - 1)
+    assert errno_of(e) == "ENOENT"
+    with pytest.raises(SyscallError) as e:
+        cs.stats(2**63 - 1)
+    assert errno_of(e) == "ENOENT"
+    assert cs.set_budget(ctx, 2**63 - 1) == 0
+    assert cs.window(ctx, 2**63 - 1) == []  # all room reserved for the reply
+    assert cs.mem_search("pid:1", "x", 2**63 - 1) == []
+
+
 HOSTILE = [
     '"',
     '"unbalanced',

@@ -98,11 +98,16 @@ def connect(path: str | os.PathLike[str]) -> Database:
 # -- argument checks ------------------------------------------------------------
 
 
+_INT64 = range(-(2**63), 2**63)  # what SQLite stores; the wire carries up to 2**64 - 1
+
+
 def check_int(value: object, what: str, minimum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise SyscallError("EINVAL", f"{what} must be an integer, not {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise SyscallError("EINVAL", f"{what} must be >= {minimum}, got {value}")
+    if value not in _INT64:
+        raise SyscallError("EINVAL", f"{what} must be a 64-bit signed integer, got {value}")
     return value
 
 
