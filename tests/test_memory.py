@@ -329,6 +329,26 @@ def test_errno_paths(cs: ContextStore) -> None:
     assert cs.stats(ctx)["live_messages"] == 1  # no failed call left anything behind
 
 
+def test_a_role_of_any_type_is_checked(cs: ContextStore) -> None:
+    """A role that is not a string, hashable or not, is EINVAL (a list or dict
+    was a TypeError out of the role lookup), in every call that takes one."""
+    ctx = cs.create("pid:1", budget=100)
+    cs.append(ctx, "user", "hello")
+    for role in (["user"], {"user": 1}, {"user"}, None, 1, b"user", "User", "user "):
+        for fn, args in [
+            (cs.append, (ctx, role, "x")),
+            (cs.compact, (ctx, "summary", 1)),
+            (cs.import_archive, (ctx, [("user", "ok"), (role, "x")])),
+        ]:
+            with pytest.raises(SyscallError) as e:
+                fn(*args, role=role) if fn == cs.compact else fn(*args)
+            assert errno_of(e) == "EINVAL", (fn.__name__, role, e.value)
+    with pytest.raises(SyscallError) as e:
+        cs.import_archive(ctx, [("user", b"bytes")])
+    assert errno_of(e) == "EINVAL"
+    assert [m["content"] for m in cs.read(ctx)] == ["hello"]  # nothing half-stored
+
+
 def test_integers_sqlite_cannot_hold_are_einval(cs: ContextStore) -> None:
     """The wire carries ints up to 2**64 - 1, SQLite holds 64-bit signed ones:
     a context id, seq, bound, budget or k past that is EINVAL (it was an

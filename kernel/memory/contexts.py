@@ -48,6 +48,17 @@ ROLES = frozenset({"system", "user", "assistant", "tool"})
 CountTokens = Callable[[str], int]
 
 
+def _check_message(role: object, content: object) -> None:
+    _check_role(role)
+    if not isinstance(content, str):
+        raise SyscallError("EINVAL", f"content must be a string, not {type(content).__name__}")
+
+
+def _check_role(role: object) -> None:
+    if not isinstance(role, str) or role not in ROLES:
+        raise SyscallError("EINVAL", f"role must be one of {sorted(ROLES)}, got {role!r}")
+
+
 @dataclass
 class Context:
     """A row of the contexts table."""
@@ -242,10 +253,7 @@ class ContextStore:
         append: EDQUOT (nothing stored) if it does not fit beside the pinned
         messages and the note, in particular if it alone exceeds the budget.
         """
-        if role not in ROLES:
-            raise SyscallError("EINVAL", f"role must be one of {sorted(ROLES)}, got {role!r}")
-        if not isinstance(content, str):
-            raise SyscallError("EINVAL", f"content must be a string, not {type(content).__name__}")
+        _check_message(role, content)
         tokens = self._count(content)
         with self._db.tx() as db:
             c = self._ctx(db, ctx, owner)
@@ -409,8 +417,7 @@ class ContextStore:
         paged}. EINVAL if nothing is left to cover; EDQUOT if the summary
         cannot fit.
         """
-        if role not in ROLES:
-            raise SyscallError("EINVAL", f"role must be one of {sorted(ROLES)}, got {role!r}")
+        _check_role(role)
         if not isinstance(summary_text, str) or not summary_text:
             raise SyscallError("EINVAL", "summary_text must be a non-empty string")
         check_int(upto_seq, "upto_seq", 1)
@@ -457,8 +464,7 @@ class ContextStore:
         were stored."""
         rows = []
         for role, content in messages:
-            if role not in ROLES or not isinstance(content, str):
-                raise SyscallError("EINVAL", f"bad message ({role!r}, {type(content).__name__})")
+            _check_message(role, content)
             rows.append((role, content, self._count(content)))
         with self._db.tx() as db:
             c = self._ctx(db, ctx, owner)
