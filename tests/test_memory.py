@@ -461,6 +461,34 @@ def test_long_term_memory(db: Path) -> None:
         assert cs.mem_search("agent:bob", "Oslo")[0]["value"] == "Bob lives in Oslo"
 
 
+def test_long_term_memory_checks_tags_and_values_of_any_shape(cs: ContextStore) -> None:
+    """Tags that are not a list, and a value nested too deep to encode, are
+    EINVAL (they were TypeError and RecursionError); lists, tuples and sets of
+    strings still pass, and a failed put leaves the old value."""
+    cs.mem_put("pid:1", "k", "old", tags=["t"])
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    for fn, args in [
+        (cs.mem_put, ("pid:1", "k", "v", 5)),
+        (cs.mem_put, ("pid:1", "k", "v", "t")),
+        (cs.mem_put, ("pid:1", "k", "v", [None])),
+        (cs.mem_put, ("pid:1", "k", deep)),
+        (cs.mem_list, ("pid:1", 5)),
+        (cs.mem_list, ("pid:1", "t")),
+        (cs.mem_search, ("pid:1", "x", 5, 5)),
+        (cs.mem_search, ("pid:1", "x", 5, [1])),
+    ]:
+        with pytest.raises(SyscallError) as e:
+            fn(*args)
+        assert errno_of(e) == "EINVAL", (fn.__name__, args[3:], e.value)
+    assert cs.mem_get("pid:1", "k")["value"] == "old"
+    for tags in (("t",), {"t"}, ["t", "t"]):
+        assert [m["key"] for m in cs.mem_list("pid:1", tags)] == ["k"]
+        assert not cs.mem_put("pid:1", "k", "new", tags)
+        assert cs.mem_get("pid:1", "k")["tags"] == ["t"]
+
+
 # -- embeddings -------------------------------------------------------------------
 
 CONCEPTS = {"car": "vehicle", "automobile": "vehicle", "truck": "vehicle", "cat": "animal"}

@@ -43,13 +43,18 @@ def _memory(row: tuple) -> dict[str, Any]:
     }
 
 
+def _tags(tags: Iterable[str] | None) -> list[str]:
+    """``tags`` sorted and deduplicated; EINVAL unless a collection of strings."""
+    if tags is None:
+        return []
+    if isinstance(tags, (str, bytes)) or not isinstance(tags, Iterable):
+        raise SyscallError("EINVAL", f"tags must be a list of strings, not {type(tags).__name__}")
+    return sorted({check_str(t, "tag", MAX_NAME) for t in tags})
+
+
 def _tag_filter(tags: Iterable[str] | None) -> tuple[str, list]:
     """SQL (and its arguments) keeping the memories ``m`` that have all ``tags``."""
-    if tags is None:
-        return "", []
-    if isinstance(tags, str):
-        raise SyscallError("EINVAL", "tags must be a list of strings, not a string")
-    want = sorted({check_str(t, "tag", MAX_NAME) for t in tags})
+    want = _tags(tags)
     if not want:
         return "", []
     marks = ", ".join("?" * len(want))
@@ -76,13 +81,11 @@ class LongTermMemory:
         check_str(key, "key", MAX_KEY)
         try:
             text = json.dumps(value, ensure_ascii=False, allow_nan=False)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             raise SyscallError("EINVAL", f"value is not JSON-encodable: {e}") from None
         if len(text.encode()) > MAX_VALUE_BYTES:
             raise SyscallError("EDQUOT", f"value is over {MAX_VALUE_BYTES} bytes")
-        if isinstance(tags, str):
-            raise SyscallError("EINVAL", "tags must be a list of strings, not a string")
-        tag_list = sorted({check_str(t, "tag", MAX_NAME) for t in tags or ()})
+        tag_list = _tags(tags)
         if len(tag_list) > MAX_TAGS:
             raise SyscallError("EINVAL", f"at most {MAX_TAGS} tags")
         now = time.time()
