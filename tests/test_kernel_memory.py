@@ -217,6 +217,19 @@ def test_anonymous_contexts_go_with_their_process(shared_kernel):
         assert llmagentos  # the module is used above
 
 
+def test_integers_past_64_bits_are_einval_not_eio(shared_kernel):
+    """MessagePack carries ints up to 2**64 - 1; a context id, seq or read
+    bound past what SQLite holds is the caller's EINVAL, not the kernel's EIO."""
+    with shared_kernel.client() as c:
+        c.ctx.append("user", "hello")
+        for call in (lambda: c.ctx.read(2**63), lambda: c.ctx.read(0, 2**63),
+                     lambda: c.ctx.pin(2**63), lambda: c.ctx.stats(2**64 - 1)):
+            with pytest.raises(llmagentos.KernelError) as e:
+                call()
+            assert e.value.name == "EINVAL", e.value
+        assert c.ctx.read(2**63 - 1) == []
+
+
 def test_archive_is_embedded_when_configured(tmp_path):
     k = boot_kernel(tmp_path, "--embed-memory", "--slots", "2", "--n-ctx", "512",
                     model="gemma3-270m")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from llmagentos.kernel import store
 from llmagentos.kernel.memory import ContextStore
+from llmagentos.kernel.memory import schema as store
 from llmagentos.syscalls.errno import SyscallError
 
 
@@ -329,6 +329,63 @@ def test_errno_paths(cs: ContextStore) -> None:
     assert cs.stats(ctx)["live_messages"] == 1  # no failed call left anything behind
 
 
+def test_a_role_of_any_type_is_checked(cs: ContextStore) -> None:
+    """A role that is not a string, hashable or not, is EINVAL (a list or dict
+    was a TypeError out of the role lookup), in every call that takes one."""
+    ctx = cs.create("pid:1", budget=100)
+    cs.append(ctx, "user", "hello")
+    for role in (["user"], {"user": 1}, {"user"}, None, 1, b"user", "User", "user "):
+        for fn, args in [
+            (cs.append, (ctx, role, "x")),
+            (cs.compact, (ctx, "summary", 1)),
+            (cs.import_archive, (ctx, [("user", "ok"), (role, "x")])),
+        ]:
+            with pytest.raises(SyscallError) as e:
+                fn(*args, role=role) if fn == cs.compact else fn(*args)
+            assert errno_of(e) == "EINVAL", (fn.__name__, role, e.value)
+    with pytest.raises(SyscallError) as e:
+        cs.import_archive(ctx, [("user", b"bytes")])
+    assert errno_of(e) == "EINVAL"
+    assert [m["content"] for m in cs.read(ctx)] == ["hello"]  # nothing half-stored
+
+
+def test_integers_sqlite_cannot_hold_are_einval(cs: ContextStore) -> None:
+    """The wire carries ints up to 2**64 - 1, SQLite holds 64-bit signed ones:
+    a context id, seq, bound, budget or k past that is EINVAL (it was an
+    OverflowError, an EIO to the caller); the extremes it holds still work."""
+    ctx = cs.create("pid:1", budget=100)
+    cs.append(ctx, "user", "hello there")
+    big, small = 2**63, -(2**63) - 1
+    for fn, args, kw in [
+        (cs.read, (ctx, big), {}),
+        (cs.read, (ctx, 0, big), {}),
+        (cs.read, (ctx, small), {}),
+        (cs.read, (big,), {}),
+        (cs.stats, (2**64 - 1,), {}),
+        (cs.append, (big, "user", "x"), {}),
+        (cs.pin, (ctx, big), {}),
+        (cs.set_budget, (ctx, big), {}),
+        (cs.create, ("pid:1",), {"budget": big}),
+        (cs.window, (ctx, big), {}),
+        (cs.compact, (ctx, "s", big), {}),
+        (cs.mem_search, ("pid:1", "x", big), {}),
+    ]:
+        with pytest.raises(SyscallError) as e:
+            fn(*args, **kw)
+        assert errno_of(e) == "EINVAL", (fn.__name__, args, e.value)
+    assert [m["seq"] for m in cs.read(ctx, -(2**63), 2**63 - 1)] == [1]
+    assert cs.read(ctx, 2**63 - 1) == []
+    with pytest.raises(SyscallError) as e:
+        cs.pin(ctx, 2**63 - 1)
+    assert errno_of(e) == "ENOENT"
+    with pytest.raises(SyscallError) as e:
+        cs.stats(2**63 - 1)
+    assert errno_of(e) == "ENOENT"
+    assert cs.set_budget(ctx, 2**63 - 1) == 0
+    assert cs.window(ctx, 2**63 - 1) == []  # all room reserved for the reply
+    assert cs.mem_search("pid:1", "x", 2**63 - 1) == []
+
+
 HOSTILE = [
     '"',
     '"unbalanced',
@@ -402,6 +459,34 @@ def test_long_term_memory(db: Path) -> None:
         assert [m["key"] for m in cs.mem_list("agent:alice")] == ["prefs"]
         assert not cs.mem_search("agent:alice", "Porto")
         assert cs.mem_search("agent:bob", "Oslo")[0]["value"] == "Bob lives in Oslo"
+
+
+def test_long_term_memory_checks_tags_and_values_of_any_shape(cs: ContextStore) -> None:
+    """Tags that are not a list, and a value nested too deep to encode, are
+    EINVAL (they were TypeError and RecursionError); lists, tuples and sets of
+    strings still pass, and a failed put leaves the old value."""
+    cs.mem_put("pid:1", "k", "old", tags=["t"])
+    deep: list = []
+    for _ in range(5000):
+        deep = [deep]
+    for fn, args in [
+        (cs.mem_put, ("pid:1", "k", "v", 5)),
+        (cs.mem_put, ("pid:1", "k", "v", "t")),
+        (cs.mem_put, ("pid:1", "k", "v", [None])),
+        (cs.mem_put, ("pid:1", "k", deep)),
+        (cs.mem_list, ("pid:1", 5)),
+        (cs.mem_list, ("pid:1", "t")),
+        (cs.mem_search, ("pid:1", "x", 5, 5)),
+        (cs.mem_search, ("pid:1", "x", 5, [1])),
+    ]:
+        with pytest.raises(SyscallError) as e:
+            fn(*args)
+        assert errno_of(e) == "EINVAL", (fn.__name__, args[3:], e.value)
+    assert cs.mem_get("pid:1", "k")["value"] == "old"
+    for tags in (("t",), {"t"}, ["t", "t"]):
+        assert [m["key"] for m in cs.mem_list("pid:1", tags)] == ["k"]
+        assert not cs.mem_put("pid:1", "k", "new", tags)
+        assert cs.mem_get("pid:1", "k")["tags"] == ["t"]
 
 
 # -- embeddings -------------------------------------------------------------------

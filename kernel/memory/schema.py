@@ -1,4 +1,4 @@
-"""The memory manager's disk: one SQLite database and its versioned schema.
+"""The memory manager's on-disk format: the schema of its SQLite file, and migrations.
 
 The schema version lives in ``PRAGMA user_version``. ``MIGRATIONS[i]`` takes a
 database from version ``i`` to ``i + 1``; a migration and the version bump
@@ -6,10 +6,6 @@ commit together, so a crash mid-upgrade leaves the old version intact. A
 database newer than this code is refused rather than guessed at. Migrations
 change the schema only by addition: append to the list, never edit an entry
 that has shipped.
-
-Durability: WAL with ``synchronous=FULL`` fsyncs the log on every commit, so
-a call that returned after its commit survives a crash of the process or of
-the machine.
 
 Layout (version 1):
 
@@ -35,11 +31,7 @@ Version 2 adds ``agent_names``: each agent name and the identity that owns it
 
 from __future__ import annotations
 
-import os
-import re
 import sqlite3
-
-from llmagentos.syscalls.errno import SyscallError
 
 _TOKENIZE = "porter unicode61 remove_diacritics 2"
 
@@ -164,28 +156,6 @@ class SchemaTooNew(RuntimeError):
     """The database was written by a newer LLMAgentOS than this one."""
 
 
-def connect(path: str | os.PathLike[str]) -> sqlite3.Connection:
-    """Open (creating if needed) the database at ``path``, migrated to SCHEMA_VERSION.
-
-    The connection is in autocommit mode (``isolation_level=None``): callers
-    open their own ``BEGIN IMMEDIATE`` transactions, so nothing commits behind
-    their back. It may be used from any thread, one at a time.
-    """
-    db = sqlite3.connect(os.fspath(path), isolation_level=None, check_same_thread=False)
-    try:
-        db.execute("PRAGMA busy_timeout = 10000")
-        mode = db.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-        if mode.lower() != "wal" and os.fspath(path) != ":memory:":
-            raise RuntimeError(f"cannot put {os.fspath(path)!r} in WAL mode (got {mode!r})")
-        db.execute("PRAGMA synchronous = FULL")
-        db.execute("PRAGMA foreign_keys = ON")
-        migrate(db)
-    except BaseException:
-        db.close()
-        raise
-    return db
-
-
 def migrate(db: sqlite3.Connection) -> int:
     """Apply the missing migrations, each in its own transaction; return the version."""
     while True:
@@ -208,61 +178,3 @@ def migrate(db: sqlite3.Connection) -> int:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-
-
-# --- shared by the context store and long-term memory -------------------------
-MAX_NAME = 255
-MAX_KEY = 1024
-MAX_VALUE_BYTES = 1 << 20  # one long-term memory value
-MAX_TAGS = 32
-MAX_QUERY_TERMS = 16
-
-# Words that match nearly every message: dropping them keeps bm25 work bounded
-# by the rare terms that carry the query ("what is the vault code" -> vault, code).
-_STOPWORDS = frozenset(
-    """a an and are as at be been but by can could did do does for from had has have he her
-    him his how i if in into is it its me my no not of on or our she so than that the their
-    them then there these they this those to us was we were what when where which who whom
-    why will with would you your""".split()  # noqa: SIM905 (a word list reads better so)
-)
-_WORD = re.compile(r"\w+")
-
-
-
-def fts_terms(text: str) -> list[str]:
-    """The searchable words of arbitrary text: lowercased, deduplicated, stopwords
-    dropped (unless that leaves nothing), at most MAX_QUERY_TERMS."""
-    words = []
-    for w in _WORD.findall(text.lower()):
-        w = w.strip("_")
-        if w and w not in words:
-            words.append(w)
-    content = [w for w in words if w not in _STOPWORDS]
-    return (content or words)[:MAX_QUERY_TERMS]
-
-
-def fts_any(terms: list[str]) -> str:
-    """An FTS5 expression matching any of ``terms``. Each term is a quoted
-    string, so operators (AND, NEAR, *, ^, parentheses, column filters) in
-    user text are inert; ``\\w+`` words never contain a double quote."""
-    return "(" + " OR ".join(f'"{t}"' for t in terms) + ")"
-
-
-def _err(name: str, message: str) -> SyscallError:
-    return SyscallError(name, message)
-
-
-def _check_int(value: object, what: str, minimum: int | None = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise _err("EINVAL", f"{what} must be an integer, not {type(value).__name__}")
-    if minimum is not None and value < minimum:
-        raise _err("EINVAL", f"{what} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_str(value: object, what: str, max_len: int | None = None) -> str:
-    if not isinstance(value, str) or not value:
-        raise _err("EINVAL", f"{what} must be a non-empty string")
-    if max_len is not None and len(value) > max_len:
-        raise _err("EINVAL", f"{what} is longer than {max_len} characters")
-    return value
