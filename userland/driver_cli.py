@@ -1,9 +1,10 @@
 """Driver files: loading one (`load_driver_class`), starting it as a process
-of the caller (`llmos driver run FILE`: `cli_run`), and the program that
-process runs (`python -m llmagentos.driver FILE [CLASS]`: `main`)."""
+of the caller (`llmos driver run FILE`: `cmd_driver_run`, `cli_run`), and the
+program that process runs (`python -m llmagentos.driver FILE [CLASS]`: `main`)."""
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import logging
 import re
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from llmagentos.syscalls import caps as _caps
 
+from .cli_io import EXIT_OK, UsageError, client, out
 from .errors import ERRORS, KernelError
 
 if TYPE_CHECKING:
@@ -107,6 +109,16 @@ def cli_run(client: Any, path: str, name: str | None, caps: list[str] | None,
                                       f"{ns!r} within {timeout:g}s; killed it:\n"
                                       f"{_log_tail(client, pid)}")
         time.sleep(0.05)
+
+
+def cmd_driver_run(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        try:
+            pid = cli_run(c, args.file, args.cls, args.cap)
+        except (OSError, LookupError, ImportError, SyntaxError, TypeError) as e:
+            raise UsageError(f"cannot load a driver from {args.file}: {e}") from None
+    out(args, {"pid": pid}, lambda d: print(d["pid"]))
+    return EXIT_OK
 
 
 def _log_tail(client: Any, pid: int, chars: int = 2000) -> str:
