@@ -80,9 +80,9 @@ def test_command_line():
 
 # --- the bridge as a kernel process -------------------------------------------------------
 
-def _spawn_bridge(c, namespace: str) -> int:
+def _spawn_bridge(c, namespace: str, server: str = SERVER) -> int:
     pid = c.proc.spawn([PY, "-m", "llmagentos.mcp_bridge", "--namespace", namespace, "--",
-                        PY, SERVER], name=f"mcp:{namespace}")
+                        PY, server], name=f"mcp:{namespace}")
     try:
         wait_for(lambda: c.tool.list(namespace) or c.proc.stat(pid)["state"] == "ZOMBIE", 30)
     except AssertionError:
@@ -161,4 +161,42 @@ def test_sigterm_stops_the_bridge_and_its_server(shared_kernel):
     assert c.proc.wait(pid, 20)["exit_code"] == 0
     assert c.tool.list("brief") == []
     server.wait(10)  # gone too (psutil raises TimeoutExpired otherwise)
+    c.close()
+
+
+BULKY_SERVER = """
+from mcp.server.mcpserver import MCPServer
+from mcp_types import CallToolResult
+
+server = MCPServer("bulky")
+
+
+@server.tool()
+def text(n: int) -> CallToolResult:
+    \"\"\"n characters, as structured content only (half the bytes of text and structure).\"\"\"
+    return CallToolResult(content=[], structured_content={"text": "x" * n})
+
+
+@server.tool()
+def add(a: int, b: int) -> int:
+    \"\"\"Add two integers.\"\"\"
+    return a + b
+
+
+server.run()
+"""
+
+
+def test_an_oversized_result_is_emsgsize_and_the_bridge_keeps_serving(shared_kernel, tmp_path):
+    # A result over the kernel's frame limit (16 MiB) must not go out as a reply:
+    # the kernel would close the bridge's connection and unregister every tool.
+    server = tmp_path / "bulky_server.py"
+    server.write_text(BULKY_SERVER)
+    c = shared_kernel.client()
+    pid = _spawn_bridge(c, "bulky", str(server))
+    with pytest.raises(ERRORS["EMSGSIZE"], match="the limit is"):
+        c.tool.call("bulky.text", {"n": 17_000_000})
+    assert c.tool.call("bulky.add", {"a": 2, "b": 3}) == {"result": 5}
+    c.proc.kill(pid, "SIGTERM")
+    assert c.proc.wait(pid, 20)["exit_code"] == 0
     c.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import json
+import pickle
 import sys
 import textwrap
 import time
@@ -30,6 +31,7 @@ from llmagentos.driver import (
     schema_for_type,
     to_wire,
 )
+from llmagentos.errors import error_for
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -210,6 +212,39 @@ def test_exceptions_map_to_errnos():
     assert exception_to_error(PermissionError("no"))["name"] == "EACCES"
     assert exception_to_error(RuntimeError("kaboom")) == {"name": "EIO",
                                                           "message": "RuntimeError: kaboom"}
+
+
+@pytest.mark.parametrize("builtin", [
+    FileNotFoundError, FileExistsError, PermissionError, ProcessLookupError, ChildProcessError,
+    TimeoutError, ValueError, NotImplementedError, IsADirectoryError, NotADirectoryError,
+    BlockingIOError, InterruptedError, BrokenPipeError, ConnectionResetError, ConnectionError,
+    MemoryError])
+def test_the_builtin_a_tool_raises_is_the_one_its_caller_catches(builtin):
+    # One errno <-> exception table, read both ways: the errno a tool's builtin
+    # exception travels as comes back as an exception of that same builtin.
+    wire = exception_to_error(builtin("the message"))
+    assert wire["message"] == "the message"
+    caught = error_for(wire)
+    assert isinstance(caught, builtin), (builtin, wire)
+
+
+def test_the_errno_of_a_subclass_or_an_oserror():
+    assert exception_to_error(ConnectionAbortedError("x"))["name"] == "ENOTCONN"
+    assert exception_to_error(json.JSONDecodeError("bad", "{", 0))["name"] == "EINVAL"
+    assert exception_to_error(OSError(28, "No space left"))["name"] == "ENOSPC"
+    assert exception_to_error(OSError(999, "odd"))["name"] == "EIO"
+    assert exception_to_error(KeyError("k"))["name"] == "EIO"
+
+
+def test_a_wire_error_is_read_as_the_kernel_reads_it():
+    assert isinstance(error_for({"errno": 2, "message": "gone"}), FileNotFoundError)
+    assert error_for({"name": "ENOENT", "errno": 13}).name == "ENOENT"  # the name decides
+    assert error_for({"name": "EACCES"}).message == "permission denied"  # the errno's text
+    for junk in ({"name": "EBOGUS"}, {"errno": 9999}, "ENOENT", None, [2]):
+        assert error_for(junk).name == "EPROTO"
+    e = pickle.loads(pickle.dumps(ERRORS["EACCES"]("no")))
+    assert (type(e), e.message, e.errno) == (ERRORS["EACCES"], "no", 13)
+    assert ERRORS["ENOENT"]().message == "no such file, context or object"
 
 
 def test_results_become_msgpack_safe_values():

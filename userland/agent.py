@@ -36,6 +36,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .boot import private_kernel, unknown_model
 from .client import Client, connect
 from .errors import ERRORS, KernelError
 from .tasks import STRATEGIES, Task
@@ -93,7 +94,6 @@ class Agent:
         except KernelError as e:
             if e.name != "ENOTCONN" or not auto_boot:
                 raise
-            from .boot import private_kernel
             self._parent = private_kernel(model_name)
         self._check_model(model_name)
         self.model_name = model_name
@@ -115,8 +115,7 @@ class Agent:
         models = self._parent.llm.models()
         names = [m["name"] for m in models]
         if model_name not in names:
-            raise ERRORS["ENOENT"](f"unknown model {model_name!r}; known models: "
-                                   f"{', '.join(names)}")
+            raise unknown_model(model_name, names)
         loaded = [m["name"] for m in models if m["loaded"]]
         if model_name not in loaded:
             raise ERRORS["ENOENT"](f"model {model_name!r} is known but the kernel runs "

@@ -57,8 +57,12 @@ def _check_model_name(model: str) -> None:
 
     registry = ModelRegistry()
     if model not in registry:
-        raise ERRORS["ENOENT"](f"unknown model {model!r}; known models: "
-                               f"{', '.join(registry.names())}")
+        raise unknown_model(model, registry.names())
+
+
+def unknown_model(model: str, known: list[str]) -> KernelError:
+    """The one ENOENT for a model name nobody knows, with or without a kernel."""
+    return ERRORS["ENOENT"](f"unknown model {model!r}; known models: {', '.join(known)}")
 
 
 def private_kernel(model: str) -> Client:

@@ -10,7 +10,8 @@ registers them as `<namespace>.<tool>`. Each `drv.request` becomes a
 `tools/call`; the answer goes back with `drv.reply`:
 
 - success: the structured content if the server sent one, else the text
-  content joined by newlines (non-text blocks: a list of content maps);
+  content joined by newlines (non-text blocks: a list of content maps); as
+  for any driver, one over the kernel's frame limit is EMSGSIZE;
 - `isError`: the error text as EINVAL when it reads as an argument-validation
   failure, ENOENT for an unknown tool, else EIO; a text carrying an errno
   name in brackets ("[ENOENT] no such city") picks that errno;
@@ -45,8 +46,9 @@ from mcp.shared.exceptions import MCPError
 from llmagentos.syscalls.errno import ERRNO
 
 from .client import AsyncClient
-from .driver import SCHEMA_DIALECT, own_process, requests, sole_error, to_wire
-from .errors import KernelError
+from .driver import own_process, reply, requests
+from .errors import KernelError, sole_error
+from .schema import SCHEMA_DIALECT
 
 log = logging.getLogger("llmagentos.mcp_bridge")
 
@@ -129,7 +131,7 @@ def result_to_reply(result: mt.CallToolResult) -> tuple[Any, dict | None]:
             name = "EIO"
         return None, {"name": name, "message": text}
     if result.structured_content is not None:
-        return to_wire(result.structured_content), None
+        return result.structured_content, None
     if all(getattr(b, "type", "") == "text" for b in result.content):
         return _text_of(result.content), None
     return [b.model_dump(mode="json", by_alias=True, exclude_none=True)
@@ -222,7 +224,7 @@ class MCPBridge:
                 result, error = result_to_reply(res)
             except Exception as e:  # every failure is answered: the caller must not hang
                 error = exception_to_reply(e)
-        await _reply(client, req_id, result, error)
+        await reply(client, req_id, name, result, error)
 
 
 async def _relay(src: Any, dst: Any, gone: trio.Event) -> None:
@@ -247,15 +249,6 @@ async def _list_tools(session: ClientSession) -> list[mt.Tool]:
         if not cursor:
             break
     return tools
-
-
-async def _reply(client: AsyncClient, req_id: int, result: Any, error: dict | None) -> None:
-    try:
-        await client.drv.reply(req_id, result, error)
-    except KernelError as e:  # timed out on the caller's side, or the connection is gone
-        log.warning("drv.reply(%d): %s", req_id, e)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
 
 
 # --- the program ---------------------------------------------------------------------------

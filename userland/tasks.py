@@ -56,7 +56,6 @@ class Task:
     answer: str | None = None  # the expected answer, for exact-match rewards
     policy: Callable | None = None  # observation -> action: a program instead of the LLM
     grammar: str | None = None  # GBNF the direct answer is constrained to
-    expression_grammar: str | None = None  # GBNF of a calculator expression (tool strategy)
     tool: str | None = None  # the tool a "tool" strategy calls
     seed: int | None = None
     meta: dict = field(default_factory=dict)
@@ -92,7 +91,6 @@ def normalize(text: Any) -> str:
 
 
 INT_GRAMMAR = 'root ::= "-"? [0-9] [0-9]? [0-9]? [0-9]? [0-9]? [0-9]?'
-EXPR_GRAMMAR = 'root ::= [0-9] [0-9+*/() -]{0,28}'
 WORD_GRAMMAR = 'root ::= " "? [A-Z] [a-z]{1,15}'
 
 
@@ -106,8 +104,7 @@ def arithmetic(n: int = 10, seed: int = 0, ops: str = "+-*") -> list[Task]:
             b = rng.randint(2, 12)
         value = {"+": a + b, "-": a - b, "*": a * b}[op]
         out.append(Task(goal=f"What is {a} {op} {b}?", answer=str(value), family="arithmetic",
-                        grammar=INT_GRAMMAR, expression_grammar=EXPR_GRAMMAR,
-                        tool="calc.eval", max_steps=1))
+                        grammar=INT_GRAMMAR, tool="calc.eval", max_steps=1))
     return out
 
 
@@ -147,7 +144,3 @@ def files(n: int = 5, seed: int = 0) -> list[Task]:
                         answer=word, family="files", reward=_file_checker("/answer.txt", word),
                         tool="files.write", meta={"path": "/answer.txt"}, max_steps=1))
     return out
-
-
-FAMILIES: dict[str, Callable[..., list[Task]]] = {
-    "arithmetic": arithmetic, "capitals": capitals, "files": files}

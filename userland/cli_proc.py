@@ -1,0 +1,127 @@
+"""`llmos` process commands: ps, spawn, kill, wait, stat, logs and top."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from .cli_io import EXIT_OK, UsageError, client, console, out, rich_table, table
+from .client import Client
+
+PS_COLS = ["pid", "ppid", "state", "nice", "name", "uptime", "tokens_in", "tokens_out",
+           "cached_tokens", "device_time", "syscalls"]
+
+
+def cmd_ps(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        rows = c.proc.ps()
+    out(args, rows, lambda r: table(r, PS_COLS))
+    return EXIT_OK
+
+
+def _kv(items: list[str], what: str) -> dict:
+    out = {}
+    for it in items or []:
+        if "=" not in it:
+            raise UsageError(f"{what} must be KEY=VALUE, got {it!r}")
+        k, v = it.split("=", 1)
+        out[k] = v
+    return out
+
+
+def cmd_spawn(args: argparse.Namespace) -> int:
+    cmd = args.cmd[1:] if args.cmd and args.cmd[0] == "--" else args.cmd
+    if not cmd:
+        raise UsageError("spawn needs a command: llmos spawn -- CMD ARGS...")
+    limits = {k: float(v) for k, v in _kv(args.limit, "--limit").items()}
+    with client(args) as c:
+        pid = c.proc.spawn(cmd, args.name, _kv(args.env, "--env") or None, os.getcwd(),
+                           args.cap or None, limits or None, args.nice)
+    out(args, {"pid": pid}, lambda d: print(d["pid"]))
+    return EXIT_OK
+
+
+def cmd_kill(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        for pid in args.pids:
+            c.proc.kill(pid, args.signal)
+    return EXIT_OK
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        st = c.proc.wait(args.pid, args.timeout)
+    out(args, st, lambda s: print(
+        f"pid {s['pid']} exited {s['exit_code']}" if s["signal"] is None
+        else f"pid {s['pid']} killed by {s['signal_name']}"))
+    return st["exit_code"] if st["signal"] is None else 128 + st["signal"]
+
+
+def cmd_stat(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        st = c.proc.stat(args.pid)
+
+    def human(s: dict) -> None:
+        for k, v in s.items():
+            if isinstance(v, dict):
+                v = "  ".join(f"{a}={b}" for a, b in v.items()) or "-"
+            print(f"{k:>14}  {v}")
+    out(args, st, human)
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    offset = 0
+    with client(args) as c:
+        while True:
+            r = c.proc.logs(args.pid, offset)
+            sys.stdout.buffer.write(r["data"])
+            sys.stdout.flush()
+            offset = r["offset"]
+            if r["data"]:
+                continue  # drain before deciding to stop
+            if not args.follow or r["state"] in ("ZOMBIE", "REAPED"):
+                return EXIT_OK
+            time.sleep(0.2)
+
+
+def _top_frame(c: Client):
+    from rich.console import Group
+    from rich.text import Text
+    st = c.sys.stats()
+    rows = c.proc.ps()
+    dev = st.get("device")
+    head = Text(f"LLMAgentOS {st['release']}  up {st['uptime']:.0f}s  "
+                f"processes {st['processes']}  syscalls {st['counters'].get('syscalls', 0)}\n")
+    if dev:
+        snap = dev["snapshots"]
+        head.append(
+            f"device {st['model']}  util {dev['utilization'] * 100:5.1f}%  "
+            f"batch {dev['batch_size']:4.1f}  {dev['tokens_per_s']:6.1f} tok/s  "
+            f"queue {dev['queue_length']}  slots {dev['running']} running/"
+            f"{dev['parked']} parked/{dev['n_slots']}  policy {dev['policy']}\n"
+            f"kv snapshots {snap['count']}  ram {snap['ram_bytes'] / 1e6:.1f} MB  "
+            f"disk {snap['disk_bytes'] / 1e6:.1f} MB  preemptions {dev['preemptions']}  "
+            f"restores {dev['restores']}  prefix copies {dev['prefix_copies']}\n")
+    return (Group(head, rich_table(rows, PS_COLS, header_style="bold reverse")),
+            {"stats": st, "ps": rows})
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    from rich.live import Live
+    with client(args) as c:
+        if args.iterations == 1 or args.json:
+            frame, data = _top_frame(c)
+            out(args, data, lambda _: console().print(frame))
+            return EXIT_OK
+        n = 0
+        with Live(_top_frame(c)[0], console=console(), refresh_per_second=4) as live:
+            while args.iterations <= 0 or n < args.iterations:
+                time.sleep(args.interval)
+                live.update(_top_frame(c)[0])
+                n += 1
+    return EXIT_OK
+
+
