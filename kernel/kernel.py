@@ -22,7 +22,6 @@ import socket
 import stat
 import time
 from collections import Counter
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
@@ -46,6 +45,7 @@ from . import (  # noqa: F401  (handlers register on import)
 )
 from .audit import AuditLog
 from .cgroups import SWEEP_S, Containment, kernel_name
+from .config import ConfigError, KernelConfig  # noqa: F401  (KernelConfig: re-exported)
 from .isolation import Isolation, make_kernel_undumpable
 from .memory import ContextStore
 from .proc import PCB, ProcessTable
@@ -63,50 +63,13 @@ class BootError(Exception):
     """The kernel cannot boot; the message says why and what to do."""
 
 
-@dataclass
-class KernelConfig:
-    run_dir: Path = field(default_factory=paths.default_run_dir)
-    state_dir: Path = field(default_factory=paths.default_state_dir)
-    tcp: str | None = None  # "127.0.0.1:PORT"
-    max_frame: int = 16 * 1024 * 1024
-    max_connections: int = 1024  # open connections at once; more are refused
-    max_unauthenticated: int = 64  # of those, not yet through sys.hello
-    grace: float = 3.0
-    # the compute device
-    model: str = "gemma3-270m"  # a registered name, a GGUF path, or "none"
-    models_config: Path | None = None  # TOML registry of more models
-    slots: int = 8  # sequences in the llama.cpp context
-    n_ctx: int = 2048  # tokens per slot
-    threads: int | None = None
-    n_gpu_layers: int | None = None
-    policy: str = "fair"
-    quantum: int = 16  # rr/priority/fair: tokens a running request keeps its slot
-    snapshot_ram: int = 256 << 20  # bytes of saved KV state kept in RAM before spilling
-    # a Ray cluster (optional; kernel/cluster.py): devices as actors, agents as tasks
-    ray: str | None = None  # "auto" (join or start a local instance) or a cluster address
-    devices: int = 1  # device actors to place on the cluster
-    device_cpus: float = 1.0  # Ray resources each device actor asks for
-    device_gpus: float = 0.0
-    device_restarts: int = 3  # Ray restarts a dead device actor this many times
-    embed_memory: bool = False  # embed archived messages with the device; search blends them
-    isolation: str = "auto"  # auto | namespace | landlock | none (kernel/isolation.py)
-    # OS containment of processes (kernel/cgroups.py) and the caps of each process's exec runs
-    containment: str = "auto"  # "auto", or exactly one of cgroup2, cgroup1, subreaper
-    exec_memory: int = 1 << 30  # bytes all exec runs of one process hold together
-    exec_pids: int = 256  # processes all exec runs of one process have at once
-
-    @property
-    def socket_path(self) -> Path:
-        return self.run_dir / paths.SOCKET_NAME
-
-
 class Kernel:
     def __init__(self, config: KernelConfig):
         self.config = config
-        if config.policy not in ("fifo", "rr", "priority", "fair"):
-            raise BootError(f"unknown policy {config.policy!r}: fifo, rr, priority or fair")
-        if config.exec_memory <= 0 or config.exec_pids <= 0:
-            raise BootError("--exec-memory and --exec-pids must be positive")
+        try:
+            config.check()
+        except ConfigError as e:
+            raise BootError(str(e)) from None
         self.boot_time = time.time()
         self.stats: Counter[str] = Counter()
         self.procs = ProcessTable(config.state_dir / "logs")
@@ -116,7 +79,7 @@ class Kernel:
         self._lock_fd: int | None = None
         self.on_renice: list = []  # callbacks(pcb) when a nice value changes
         self.audit: AuditLog | None = None
-        self.models = ModelRegistry(config.models_config)  # EINVAL/ENOENT: a boot error
+        self.models = ModelRegistry(config.config)  # EINVAL/ENOENT: a boot error
         self.device: Device | None = None
         self.scheduler: Scheduler | None = None
         self.embed_lock = trio.Lock()

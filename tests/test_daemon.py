@@ -271,3 +271,55 @@ def test_state_and_run_dirs_are_private(tmp_path):
                     "fs/agent%3Aprivate/d/f.txt"} <= made  # the walk saw the real thing
     finally:
         k.stop()
+
+
+# --- boot options: declared once (kernel/config.py) ------------------------------------
+
+def _flags(argv: list[str]) -> set[str]:
+    import re
+    r = subprocess.run([sys.executable, *argv, "--help"], capture_output=True, text=True,
+                       timeout=30, env={**os.environ, "COLUMNS": "200"})
+    return set(re.findall(r"(--[a-z][a-z-]+)", r.stdout))
+
+
+def test_llmos_boot_takes_every_kernel_option():
+    kernel = _flags(["-m", "llmagentos.kernel"])
+    boot = _flags(["-m", "llmagentos.cli", "boot"])
+    assert kernel - {"--help"} <= boot, kernel - boot
+    # the flags the README documents, which llmos boot used to reject
+    for f in ("--embed-memory", "--max-frame", "--gpu-layers", "--snapshot-ram", "--device-cpus",
+              "--device-gpus", "--device-restarts", "--isolation", "--containment"):
+        assert f in boot, f
+
+
+def test_a_config_file_sets_any_option_and_flags_win(tmp_path):
+    from conftest import boot_kernel
+    cfg = tmp_path / "kernel.toml"
+    cfg.write_text('policy = "priority"\nquantum = 4\nmax-connections = 77\n'
+                   '[models.other]\npath = "other.gguf"\n')
+    k = boot_kernel(tmp_path, "--config", str(cfg), "--quantum", "5")
+    try:
+        with k.client() as c:
+            u = c.sys.uname()
+            assert u["policy"] == "priority"  # from the file
+            assert {m["name"] for m in c.llm.models()} >= {"gemma3-270m", "other"}
+        r = subprocess.run([sys.executable, "-m", "llmagentos.kernel", "--config", str(cfg),
+                            "--help"], capture_output=True, timeout=30)
+        assert r.returncode == 0
+    finally:
+        k.stop()
+
+
+@pytest.mark.parametrize("text, says", [
+    ("polcy = 'rr'\n", "unknown option 'polcy'"),
+    ("slots = 'many'\n", "slots must be int"),
+    ("policy = 'lottery'\n", "policy must be one of"),
+    ("slots = 0\n", "slots must be positive"),
+])
+def test_a_bad_config_file_is_a_clear_boot_error(tmp_path, text, says):
+    cfg = tmp_path / "kernel.toml"
+    cfg.write_text(text)
+    r = subprocess.run([sys.executable, "-m", "llmagentos.kernel", "--config", str(cfg),
+                        "--run-dir", str(tmp_path / "run"), "--model", "none"],
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode != 0 and says in r.stderr, r.stderr

@@ -19,6 +19,8 @@ import argparse
 import json
 import sys
 
+from llmagentos.kernel import config as kconfig
+
 from .cli_io import EXIT_ERR, EXIT_NOKERNEL, EXIT_TIMEOUT, EXIT_USAGE, UsageError
 from .cli_kernel import cmd_boot, cmd_call, cmd_shutdown, cmd_status, cmd_syscalls
 from .cli_proc import cmd_kill, cmd_logs, cmd_ps, cmd_spawn, cmd_stat, cmd_top, cmd_wait
@@ -38,20 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("boot", parents=[common], help="boot the kernel")
     b.add_argument("--detach", "-d", action="store_true", help="return once it accepts calls")
-    b.add_argument("--state-dir")
-    b.add_argument("--tcp", metavar="HOST:PORT")
-    b.add_argument("--policy", choices=["fifo", "rr", "priority", "fair"])
-    b.add_argument("--quantum", type=int)
-    b.add_argument("--model", help="model name, GGUF path, or 'none'")
-    b.add_argument("--config", help="TOML model registry")
-    b.add_argument("--slots", type=int)
-    b.add_argument("--n-ctx", type=int)
-    b.add_argument("--threads", type=int)
-    b.add_argument("--ray", metavar="auto|ADDRESS",
-                   help="devices on a Ray cluster (pip install 'llmagentos[ray]')")
-    b.add_argument("--devices", type=int, help="--ray: device actors to place")
-    b.add_argument("--grace", type=float)
-    b.add_argument("--log-level")
+    kconfig.add_arguments(b, skip=("run_dir",))  # the kernel's own options, declared once
     b.add_argument("--timeout", type=float, default=60.0, help="--detach: seconds to wait")
     b.set_defaults(fn=cmd_boot)
 

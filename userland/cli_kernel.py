@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from llmagentos.kernel import config as kconfig
 from llmagentos.syscalls import paths
 from llmagentos.syscalls.table import TABLE, markdown
 
@@ -20,14 +21,13 @@ from .errors import KernelError
 
 
 def _kernel_options(args: argparse.Namespace) -> list[str]:
-    """`llmos boot` options passed on to the kernel program."""
-    opts = []
-    for opt in ("state_dir", "tcp", "policy", "quantum", "grace", "log_level", "config", "model",
-                "slots", "n_ctx", "threads", "ray", "devices"):
-        val = getattr(args, opt, None)
-        if val is not None:
-            opts += ["--" + opt.replace("_", "-"), str(val)]
-    return opts
+    """`llmos boot` options passed on to the kernel program, as given."""
+    given = kconfig.given(args)
+    given.pop("run_dir", None)
+    for name in ("state_dir", "config"):  # the kernel program may run elsewhere
+        if name in given:
+            given[name] = Path(given[name]).resolve()
+    return kconfig.as_flags(given)
 
 
 def cmd_boot(args: argparse.Namespace) -> int:
