@@ -121,9 +121,15 @@ class Connection:
                             await self.respond(
                                 msg.msgid, SyscallError("EINVAL", msg.reason).to_wire(), None)
                             continue
+                        if isinstance(msg, wire.Notification):
+                            # MessagePack-RPC peers ignore notifications they do not
+                            # serve (pynvim announces itself with one): count, go on
+                            self.kernel.stats["client_notifications"] += 1
+                            continue
                         if not isinstance(msg, wire.Request):
                             raise wire.ProtocolError(
-                                f"clients send requests only, got {type(msg).__name__}")
+                                f"clients send requests and notifications only, got "
+                                f"{type(msg).__name__}")
                         await self._request(msg)
             except wire.ProtocolError as e:
                 await self.close_with_reason(str(e))

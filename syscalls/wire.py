@@ -109,8 +109,8 @@ def validate(obj: Any) -> Message:
         msgid = obj[1]
         if isinstance(msgid, bool) or not isinstance(msgid, int) or not 0 <= msgid <= MAX_MSGID:
             raise ProtocolError(f"request msgid must be a uint32, got {msgid!r:.50}")
-        method, args = obj[2], obj[3]
-        if not isinstance(method, str):
+        method, args = _method_name(obj[2]), obj[3]
+        if method is None:
             raise RequestError(msgid, "method must be a string")
         if not isinstance(args, (list, tuple)):
             raise RequestError(msgid, "params must be an array")
@@ -128,12 +128,26 @@ def validate(obj: Any) -> Message:
     if kind == NOTIFICATION and not isinstance(kind, bool):
         if len(obj) != 3:
             raise ProtocolError(f"notification must have 3 elements, got {len(obj)}")
-        if not isinstance(obj[1], str):
+        method = _method_name(obj[1])
+        if method is None:
             raise ProtocolError("notification method must be a string")
         if not isinstance(obj[2], (list, tuple)):
             raise ProtocolError("notification params must be an array")
-        return Notification(obj[1], list(obj[2]))
+        return Notification(method, list(obj[2]))
     raise ProtocolError(f"unknown message type {kind!r:.50}")
+
+
+def _method_name(value: Any) -> str | None:
+    """A method name: a string, or UTF-8 bytes as some stock clients send it
+    (pynvim's packs method names as bin)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, bytes) and len(value) <= 256:
+        try:
+            return value.decode()
+        except UnicodeDecodeError:
+            return None
+    return None
 
 
 class _TooMany(Exception):

@@ -317,3 +317,26 @@ def test_llm_calls_with_hostile_arguments_on_the_real_model(llm_kernel):
         internal = fuzz(c, llm, benign, values=hostile, rounds=0)
         assert internal == []
         assert c.llm.tokenize("hi")
+
+
+def test_a_stock_msgpack_rpc_client_that_announces_itself_connects(shared_kernel):
+    """pynvim's client sends a notification first (nvim_set_client_info) and
+    packs method names as bin: both used to close the connection."""
+    from pynvim.msgpack_rpc import socket_session
+    s = socket_session(shared_kernel.socket)
+    try:
+        s.request("nvim_set_client_info", "llmos-test", {}, "remote", {}, {}, async_=True)
+        assert s.request("sys.hello", shared_kernel.token)["pid"] == 1
+        assert s.request("proc.getpid") == 1
+    finally:
+        s.close()
+    with shared_kernel.client() as c:
+        assert c.sys.stats()["counters"]["client_notifications"] >= 1
+
+
+def test_client_notifications_are_ignored_and_counted(shared_kernel):
+    s = raw(shared_kernel.socket)
+    s.sendall(msgpack.packb([2, "whatever.event", [1, 2]]))  # before hello, too
+    assert rpc(s, 1, "sys.hello", [shared_kernel.token])[2] is None
+    s.sendall(msgpack.packb([2, "client.info", [{"name": "x"}]]))
+    assert rpc(s, 2, "proc.getpid", [])[3] == 1
