@@ -1,9 +1,20 @@
 """Syscall dispatch: one table from the ABI, one handler per call.
 
-Handlers are registered by name with `@handler("group.call")`; at boot every
-name in the ABI table must have exactly one. Argument checking, capability
-checks and errno conversion happen here, once (as xv6's `syscall()` and
-`argint()`), never inside a handler.
+Handlers are registered by name with `@handler("group.call", runs=...)`; at
+boot every name in the ABI table must have exactly one. Argument checking
+(types, ranges and choices from the table), capability checks, audit and
+errno conversion happen here, once (as xv6's `syscall()` and `argint()`),
+never inside a handler.
+
+Where a handler runs is declared with it, never left to chance:
+
+- ``inline``: answered in the connection's own loop, in order; it must not
+  wait on anything (no worker thread, device, disk or other process).
+  `Call.in_thread` refuses to run from such a handler.
+- ``task``: its own task in the connection's nursery, so the connection goes
+  on serving while it waits; its blocking work goes to a worker thread through
+  `Call.in_thread`, within the caller's fair share of threads
+  (kernel/threads.py).
 """
 
 from __future__ import annotations
@@ -39,6 +50,9 @@ class Call:
                         abandon_on_cancel: bool = False) -> Any:
         """Run blocking work in a worker thread, within the caller's fair share
         of them (kernel/threads.py): the event loop only routes."""
+        if HANDLERS[self.syscall.name].runs == "inline":  # it would hold its connection
+            raise RuntimeError(f"{self.syscall.name} runs inline but waits on a worker "
+                               "thread: declare it runs='task'")
         return await self.kernel.threads.run_sync(self.caller.pid, fn, *args,
                                                   abandon_on_cancel=abandon_on_cancel)
 
@@ -46,23 +60,28 @@ class Call:
 Handler = Callable[..., Awaitable[Any]]
 
 
+RUNS = ("inline", "task")
+
+
 @dataclass(frozen=True)
 class Entry:
     fn: Handler
-    blocking: bool  # may wait long: served in its own task so the connection keeps going
+    runs: str  # "inline" or "task" (see the module docstring)
 
 
 HANDLERS: dict[str, Entry] = {}
 
 
-def handler(name: str, *, blocking: bool = False) -> Callable[[Handler], Handler]:
+def handler(name: str, *, runs: str = "inline") -> Callable[[Handler], Handler]:
     if name not in TABLE:
         raise ValueError(f"handler for {name!r}, which is not in the call table")
+    if runs not in RUNS:
+        raise ValueError(f"{name}: runs must be one of {RUNS}, not {runs!r}")
 
     def register(fn: Handler) -> Handler:
         if name in HANDLERS:
             raise ValueError(f"two handlers for {name!r}")
-        HANDLERS[name] = Entry(fn, blocking)
+        HANDLERS[name] = Entry(fn, runs)
         return fn
 
     return register

@@ -1,6 +1,6 @@
 """Listeners and connections: a thin loop around the sans-I/O codec.
 
-Each connection is a task in the kernel's listener nursery; each blocking
+Each connection is a task in the kernel's listener nursery; each `runs="task"`
 call on it is a task in the connection's own nursery, so a client that
 vanishes cancels exactly its own in-flight calls and nothing else.
 """
@@ -164,7 +164,7 @@ class Connection:
             await self.respond(req.msgid, e.to_wire(), None)
             return
         call = dispatch.Call(k, self.pcb, self, sc, req.msgid)
-        if entry.blocking:
+        if entry.runs == "task":
             self.nursery.start_soon(self._run, call, entry, req)
         else:
             await self._run(call, entry, req)

@@ -82,14 +82,14 @@ async def stats(call: Call, ctx: int | None) -> dict:
     return call.kernel.memory.stats(current(call, ctx), owner=owner_arg(call.caller))
 
 
-@handler("ctx.pin")
+@handler("ctx.pin", runs="task")
 async def pin(call: Call, seq: int, pinned: bool, ctx: int | None) -> dict:
     mem = call.kernel.memory
     return await call.in_thread(lambda: mem.pin(
         current(call, ctx), seq, pinned, owner=owner_arg(call.caller)))
 
 
-@handler("ctx.fork", blocking=True)
+@handler("ctx.fork", runs="task")
 async def fork(call: Call, pid: int | None, name: str | None, ctx: int | None) -> int:
     k, caller = call.kernel, call.caller
     src = current(call, ctx)
@@ -111,7 +111,7 @@ async def fork(call: Call, pid: int | None, name: str | None, ctx: int | None) -
     return new
 
 
-@handler("ctx.search", blocking=True)
+@handler("ctx.search", runs="task")
 async def search(call: Call, query: str, k: int, ctx: int | None) -> list:
     if not 1 <= k <= 100:
         raise SyscallError("EINVAL", "k must be in 1..100")
@@ -120,7 +120,7 @@ async def search(call: Call, query: str, k: int, ctx: int | None) -> list:
         cid, query, k, owner=owner_arg(call.caller)))
 
 
-@handler("ctx.compact", blocking=True)
+@handler("ctx.compact", runs="task")
 async def compact(call: Call, strategy: str, upto: int | None, ctx: int | None) -> dict:
     if strategy != "summarize":
         raise SyscallError("EINVAL", f"unknown strategy {strategy!r}; known: summarize")
@@ -153,7 +153,7 @@ async def compact(call: Call, strategy: str, upto: int | None, ctx: int | None) 
     return {**out, "summary": summary, "usage": res["usage"]}
 
 
-@handler("ctx.delete")
+@handler("ctx.delete", runs="task")
 async def delete(call: Call, ctx: int | None) -> None:
     pcb = call.caller
     cid = current(call, ctx)
@@ -269,7 +269,7 @@ async def mem_get(call: Call, key: str, namespace: str | None) -> dict:
     return call.kernel.memory.mem_get(resolve_namespace(call, namespace), key)
 
 
-@handler("mem.search", blocking=True)
+@handler("mem.search", runs="task")
 async def mem_search(call: Call, query: str, k: int, tags: list | None,
                      namespace: str | None) -> list:
     ns, mem = resolve_namespace(call, namespace), call.kernel.memory

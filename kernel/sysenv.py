@@ -63,7 +63,7 @@ async def _run(call: Call, handle: int, method: str, *args: Any) -> Any:
         return fn(*args)
 
 
-@handler("env.make")
+@handler("env.make", runs="task")
 async def make(call: Call, env_id: str, kwargs: dict | None) -> dict:
     table = envs_of(call.kernel)
     pid = call.caller.pid
@@ -73,22 +73,22 @@ async def make(call: Call, env_id: str, kwargs: dict | None) -> dict:
     return table.add(pid, req, env, holder)
 
 
-@handler("env.reset")
+@handler("env.reset", runs="task")
 async def reset(call: Call, handle: int, seed: int | None, options: dict | None) -> dict:
     return await _run(call, handle, "reset", seed, options)
 
 
-@handler("env.step")
+@handler("env.step", runs="task")
 async def step(call: Call, handle: int, action: Any) -> dict:
     return await _run(call, handle, "step", action)
 
 
-@handler("env.render")
+@handler("env.render", runs="task")
 async def render(call: Call, handle: int) -> str:
     return await _run(call, handle, "render")
 
 
-@handler("env.close")
+@handler("env.close", runs="task")
 async def close(call: Call, handle: int) -> None:
     envs_of(call.kernel).close(call.caller.pid, handle)
 

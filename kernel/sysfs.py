@@ -103,7 +103,7 @@ async def _in_sandbox(call: Call, fn: Callable[..., Any], *args: Any) -> Any:
     return await call.in_thread(lambda: fn(sandbox_of(k, pcb), *args))
 
 
-@handler("fs.open")
+@handler("fs.open", runs="task")
 async def open_(call: Call, path: str, mode: str) -> int:
     if any(m in mode for m in ("w", "a", "x", "+")) and \
             not capmod.covers(call.caller.caps, "fs.write"):
@@ -111,66 +111,66 @@ async def open_(call: Call, path: str, mode: str) -> int:
     return await _in_sandbox(call, Sandbox.open, path, mode)
 
 
-@handler("fs.read")
+@handler("fs.read", runs="task")
 async def read(call: Call, fd: int, n: int) -> bytes:
     return await _in_sandbox(call, Sandbox.read, fd, n)
 
 
-@handler("fs.write")
+@handler("fs.write", runs="task")
 async def write(call: Call, fd: int, data: bytes | str) -> int:
     return await _in_sandbox(call, Sandbox.write, fd, data)
 
 
-@handler("fs.close")
+@handler("fs.close", runs="task")
 async def close(call: Call, fd: int) -> None:
     await _in_sandbox(call, Sandbox.close, fd)
 
 
-@handler("fs.seek")
+@handler("fs.seek", runs="task")
 async def seek(call: Call, fd: int, offset: int, whence: int) -> int:
     return await _in_sandbox(call, Sandbox.seek, fd, offset, whence)
 
 
-@handler("fs.stat")
+@handler("fs.stat", runs="task")
 async def stat(call: Call, path: str) -> dict:
     return await _in_sandbox(call, Sandbox.stat, path)
 
 
-@handler("fs.listdir")
+@handler("fs.listdir", runs="task")
 async def listdir(call: Call, path: str) -> list:
     return await _in_sandbox(call, Sandbox.listdir, path)
 
 
-@handler("fs.mkdir")
+@handler("fs.mkdir", runs="task")
 async def mkdir(call: Call, path: str, parents: bool) -> None:
     await _in_sandbox(call, Sandbox.mkdir, path, parents)
 
 
-@handler("fs.unlink")
+@handler("fs.unlink", runs="task")
 async def unlink(call: Call, path: str) -> None:
     await _in_sandbox(call, Sandbox.unlink, path)
 
 
-@handler("fs.rmdir")
+@handler("fs.rmdir", runs="task")
 async def rmdir(call: Call, path: str) -> None:
     await _in_sandbox(call, Sandbox.rmdir, path)
 
 
-@handler("fs.rename")
+@handler("fs.rename", runs="task")
 async def rename(call: Call, src: str, dst: str) -> None:
     await _in_sandbox(call, Sandbox.rename, src, dst)
 
 
-@handler("fs.read_file")
+@handler("fs.read_file", runs="task")
 async def read_file(call: Call, path: str) -> bytes:
     return await _in_sandbox(call, Sandbox.read_file, path)
 
 
-@handler("fs.write_file")
+@handler("fs.write_file", runs="task")
 async def write_file(call: Call, path: str, data: bytes | str, append: bool) -> int:
     return await _in_sandbox(call, lambda sb: sb.write_file(path, data, append=append))
 
 
-@handler("fs.usage")
+@handler("fs.usage", runs="task")
 async def usage(call: Call) -> dict:
     return await _in_sandbox(call, Sandbox.usage)

@@ -104,7 +104,7 @@ def check_messages(messages: list) -> None:
             raise SyscallError("EINVAL", f"unknown role {m['role']!r}")
 
 
-@handler("llm.generate", blocking=True)
+@handler("llm.generate", runs="task")
 async def generate(call: Call, prompt: str | None, messages: list | None, params: dict | None,
                    stream: bool, context: bool) -> dict:
     check_text_size(prompt, *(m.get("content") for m in messages or () if isinstance(m, dict)))
@@ -119,7 +119,7 @@ async def generate(call: Call, prompt: str | None, messages: list | None, params
     return await run_generation(call, tokens, sp, stream)
 
 
-@handler("llm.embed", blocking=True)
+@handler("llm.embed", runs="task")
 async def embed(call: Call, texts: list | str) -> list:
     dev = _device(call)
     if isinstance(texts, str):

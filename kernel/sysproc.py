@@ -10,7 +10,7 @@ from .dispatch import Call, handler
 from .proc import INIT_PID, LIMITS, PCB, parse_signal
 
 
-@handler("proc.spawn")
+@handler("proc.spawn", runs="task")
 async def spawn(call: Call, argv: list, name: str | None, env: dict | None, cwd: str | None,
                 caps: list | None, limits: dict | None, nice: int, placement: str) -> int:
     pcb = await call.kernel.procs.spawn(call.caller, argv, name, env, cwd, caps, limits, nice,
@@ -42,7 +42,7 @@ async def stat(call: Call, pid: int | None) -> dict:
     return procs.stat(procs.get(call.caller.pid if pid is None else pid))
 
 
-@handler("proc.wait", blocking=True)
+@handler("proc.wait", runs="task")
 async def wait(call: Call, pid: int, timeout: float | None) -> dict:
     if timeout is not None and timeout < 0:
         raise SyscallError("EINVAL", "timeout must be >= 0")

@@ -30,7 +30,7 @@ async def uname(call: Call) -> dict:
     return call.kernel.uname()
 
 
-@handler("sys.stats")
+@handler("sys.stats", runs="task")
 async def stats(call: Call) -> dict:
     k = call.kernel
     states: dict[str, int] = {}

@@ -154,7 +154,7 @@ async def tool_describe(call: Call, name: str) -> dict:
     return call.kernel.tools.get(name).describe()
 
 
-@handler("tool.call", blocking=True)
+@handler("tool.call", runs="task")
 async def tool_call(call: Call, name: str, args: dict | None, timeout: float) -> Any:
     k, pcb = call.kernel, call.caller
     tool = k.tools.get(name)
@@ -194,7 +194,7 @@ async def tool_call(call: Call, name: str, args: dict | None, timeout: float) ->
     raise SyscallError("ETIMEDOUT", f"{name} did not finish within {timeout}s")
 
 
-@handler("drv.register")
+@handler("drv.register", runs="task")
 async def drv_register(call: Call, namespace: str, tools: list) -> list:
     table = call.kernel.tools
     table.check_namespace(namespace)

@@ -205,8 +205,9 @@ DEEP = 1500
 
 
 def _tree_gone(k, pid: int) -> bool:
+    from llmagentos.kernel.names import path_name
     trash = k.state_dir / "trash"
-    return not (k.state_dir / "fs" / f"pid_{pid}").exists() and (
+    return not (k.state_dir / "fs" / path_name(f"pid:{pid}")).exists() and (
         not trash.exists() or not any(trash.iterdir()))
 
 

@@ -51,7 +51,8 @@ def _attached(c, run_dir, limits=None):
 
 def _gone(k, pid):
     trash = k.state_dir / "trash"
-    return not (k.state_dir / "fs" / f"pid_{pid}").exists() and (
+    from llmagentos.kernel.names import path_name
+    return not (k.state_dir / "fs" / path_name(f"pid:{pid}")).exists() and (
         not trash.exists() or not any(trash.iterdir()))
 
 
@@ -88,7 +89,7 @@ def million_key_map(k, c):
 
 
 def exit_with_100k_files(k, c):
-    pid, cc = _attached(c, k.run_dir)
+    pid, cc = _attached(c, k.run_dir, {"fs_files": 200_000})  # over the default quota
     with cc:
         res = cc.tool.call("exec.run", {"lang": "python", "timeout": 60, "code": (
             "import os\nos.mkdir('many')\nfor i in range(100_000):\n"

@@ -72,3 +72,54 @@ def test_every_call_has_a_kernel_handler():
     from llmagentos.kernel import kernel  # noqa: F401  (registers every handler)
     from llmagentos.kernel.dispatch import missing
     assert missing() == []
+
+
+def _handlers():
+    from llmagentos.kernel import kernel  # noqa: F401  (registers every handler)
+    from llmagentos.kernel.dispatch import HANDLERS
+    return HANDLERS
+
+
+def test_every_handler_signature_matches_its_table_row():
+    import inspect
+    for name, entry in _handlers().items():
+        params = list(inspect.signature(entry.fn).parameters)
+        assert params[0] == "call", name
+        assert params[1:] == [p.name for p in TABLE[name].params], name
+
+
+def test_where_a_handler_runs_is_declared_and_inline_ones_never_wait():
+    """An inline handler is answered in its connection's own loop: it must not
+    await anything (a worker thread, the device, another process)."""
+    import inspect
+    for name, entry in _handlers().items():
+        assert entry.runs in ("inline", "task"), name
+        if entry.runs == "inline":
+            body = inspect.getsource(entry.fn).split(":\n", 1)[1]
+            assert "await " not in body, f"{name} waits but runs inline"
+    # the calls that held up their own connection while a worker thread ran
+    for name in ("ctx.pin", "ctx.delete", "env.make", "proc.spawn", "drv.register"):
+        assert _handlers()[name].runs == "task", name
+
+
+async def test_a_slow_call_does_not_hold_its_connection(shared_kernel):
+    """env.make (like ctx.pin and ctx.delete) ran its worker thread inline: a
+    sys.null pipelined behind it on the same connection waited for it."""
+    import trio
+
+    import llmagentos
+    async with llmagentos.aconnect(run_dir=shared_kernel.run_dir) as c:
+        order = []
+
+        async def make():
+            await c.env.make("CartPole-v1")
+            order.append("env.make")
+
+        async def null():
+            await trio.sleep(0.001)
+            await c.sys.null()
+            order.append("sys.null")
+        async with trio.open_nursery() as n:
+            n.start_soon(make)
+            n.start_soon(null)
+    assert order == ["sys.null", "env.make"], order
