@@ -42,20 +42,19 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import unicodedata
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmagentos.drivers.sandbox import discard, empty_trash
 from llmagentos.syscalls import caps as capmod
 from llmagentos.syscalls.errno import SyscallError
+from llmagentos.syscalls.table import check_name  # noqa: F401  (the ABI's rule)
 
 from .proc import INIT_PID, PCB
 
 if TYPE_CHECKING:
     from .kernel import Kernel
 
-MAX_AGENT_NAME = 128
 UNNAMED = "pid:"  # the prefix of every unnamed identity
 ADOPT = "agent.adopt"
 
@@ -65,18 +64,6 @@ def identity(pcb: PCB) -> str:
     return f"agent:{pcb.agent}" if pcb.agent else f"{UNNAMED}{pcb.pid}"
 
 
-def check_name(name: object) -> str:
-    """The one rule for agent names; EINVAL says what is wrong."""
-    if not isinstance(name, str) or not name:
-        raise SyscallError("EINVAL", "an agent name must be a non-empty string")
-    if len(name) > MAX_AGENT_NAME:
-        raise SyscallError("EINVAL", f"an agent name has at most {MAX_AGENT_NAME} characters, "
-                                     f"not {len(name)}")
-    for ch in name:
-        if unicodedata.category(ch)[0] == "C":
-            raise SyscallError("EINVAL", f"agent name {name!r} contains the control or "
-                                         f"non-printing character U+{ord(ch):04X}")
-    return name
 
 
 _PLAIN = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_-")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from llmagentos.syscalls import caps as capmod
 from llmagentos.syscalls.errno import SyscallError
-from llmagentos.syscalls.table import check_limit
+from llmagentos.syscalls.table import check_limit, check_limit_name
 
 from .dispatch import Call, handler
-from .proc import INIT_PID, LIMITS, PCB, parse_signal
+from .proc import INIT_PID, PCB, parse_signal
 
 
 @handler("proc.spawn", runs="task")
@@ -74,8 +74,7 @@ async def nice(call: Call, pid: int, value: int) -> int:
 async def setlimit(call: Call, pid: int, name: str, value: float | None) -> dict:
     procs = call.kernel.procs
     target = procs.get(pid)
-    if name not in LIMITS:
-        raise SyscallError("EINVAL", f"unknown limit {name!r}; known: {sorted(LIMITS)}")
+    check_limit_name(name)
     if value is not None:
         value = check_limit(name, value)
     if target.pid == INIT_PID or not procs.may_signal(call.caller, target):

@@ -10,6 +10,7 @@ addition.
 from __future__ import annotations
 
 import math
+import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,9 +47,47 @@ def check_number(what: str, value: int | float, lo: float | None = None,
         raise SyscallError("EINVAL", f"{what} must be {bounds}, got {value!r:.40}")
 
 
+# A process's limits: name -> what it bounds. Absent means unlimited.
+LIMITS: dict[str, str] = {
+    "wall_time": "seconds the process may live; then SIGKILL",
+    "max_children": "live children at once; proc.spawn beyond it is EAGAIN",
+    "tokens": "LLM tokens in+out over the process's life; beyond it is EDQUOT",
+    "ctx_tokens": "token budget of the process's context",
+    "tool_calls": "tool calls over the process's life; beyond it is EDQUOT",
+    "fs_bytes": "bytes in the process's private file root; beyond it is EDQUOT",
+    "fs_files": "files and directories in the private file root; beyond it is EDQUOT",
+    "exec_memory": "bytes all the process's exec runs may hold together; beyond it the "
+                   "memory cap kills (ENOMEM in the run's result)",
+}
+
+
+MAX_AGENT_NAME = 128
+
+
+def check_name(name: object) -> str:
+    """The one rule for agent names; EINVAL says what is wrong."""
+    if not isinstance(name, str) or not name:
+        raise SyscallError("EINVAL", "an agent name must be a non-empty string")
+    if len(name) > MAX_AGENT_NAME:
+        raise SyscallError("EINVAL", f"an agent name has at most {MAX_AGENT_NAME} characters, "
+                                     f"not {len(name)}")
+    for ch in name:
+        if unicodedata.category(ch)[0] == "C":
+            raise SyscallError("EINVAL", f"agent name {name!r} contains the control or "
+                                         f"non-printing character U+{ord(ch):04X}")
+    return name
+
+
+def check_limit_name(name: str) -> str:
+    if name not in LIMITS:
+        raise SyscallError("EINVAL", f"unknown limit {name!r}; known: {sorted(LIMITS)}")
+    return name
+
+
 def check_limit(name: str, value: Any) -> int | float:
-    """A process limit's value, wherever it comes from (proc.spawn, proc.attach,
-    proc.setlimit): a finite number >= 0."""
+    """A process limit, wherever it comes from (proc.spawn, proc.attach,
+    proc.setlimit): a known name, a finite number >= 0."""
+    check_limit_name(name)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise SyscallError("EINVAL", f"limit {name!r} must be a non-negative number, "
                                      f"got {type(value).__name__}")

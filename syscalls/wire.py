@@ -60,6 +60,17 @@ class Notification:
 Message = Request | Response | Notification
 
 
+# Every notification the kernel sends: method -> params. Streamed results name
+# the request they belong to first; the others belong to the process.
+NOTIFICATIONS = {
+    "sys.close": "[reason]: the kernel closes this connection (a protocol error)",
+    "llm.token": "[msgid, text]: a streamed piece of llm.generate's answer",
+    "drv.request": "[req_id, tool, args, caller_pid]: a tool call for this driver",
+    "drv.unregistered": "[namespace, reason]: this driver's tools are gone (killed, exited)",
+}
+PROCESS_NOTIFICATIONS = frozenset({"drv.request", "drv.unregistered"})
+
+
 def _pack(obj: Any) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 

@@ -123,3 +123,27 @@ async def test_a_slow_call_does_not_hold_its_connection(shared_kernel):
             n.start_soon(make)
             n.start_soon(null)
     assert order == ["sys.null", "env.make"], order
+
+
+def test_every_notification_the_kernel_sends_is_in_the_abi():
+    import re
+    from pathlib import Path
+
+    from llmagentos.syscalls import wire
+    root = Path(__file__).resolve().parent.parent / "kernel"
+    sent = set()
+    for f in root.rglob("*.py"):
+        sent |= set(re.findall(r'notify\("([a-z_.]+)"', f.read_text()))
+    assert sent and sent <= set(wire.NOTIFICATIONS), sent - set(wire.NOTIFICATIONS)
+
+
+def test_abi_facts_live_in_syscalls():
+    """Limit names and the agent-name rule are the ABI's, checked in one place."""
+    from llmagentos.syscalls.table import LIMITS, check_limit, check_name
+    assert "tokens" in LIMITS and "exec_memory" in LIMITS
+    with pytest.raises(SyscallError, match="unknown limit"):
+        check_limit("bogus", 1)
+    with pytest.raises(SyscallError, match="finite"):
+        check_limit("tokens", float("nan"))
+    with pytest.raises(SyscallError, match="control"):
+        check_name("a\x00b")

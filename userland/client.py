@@ -30,7 +30,7 @@ from .errors import ERRORS, KernelError, error_for
 Notify = Callable[[str, list], Any]
 
 # Notifications that belong to the process, not to one of its calls.
-UNSOLICITED = frozenset({"drv.request", "drv.unregistered"})
+UNSOLICITED = wire.PROCESS_NOTIFICATIONS
 
 
 @dataclass(frozen=True)
