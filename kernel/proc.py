@@ -22,11 +22,10 @@ from typing import Any
 import psutil
 import trio
 
-from llmagentos.syscalls import caps as capmod
 from llmagentos.syscalls import paths
 from llmagentos.syscalls.errno import SyscallError
-from llmagentos.syscalls.table import check_limit
 
+from . import perms
 from .isolation import Isolation, resolve_executable
 
 INIT_PID = 1
@@ -280,35 +279,8 @@ class ProcessTable:
     # --- spawn --------------------------------------------------------------
     def _child_rights(self, parent: PCB, caps: list | None, limits: dict | None,
                       nice: int) -> tuple[list[str], dict]:
-        """What a new child may hold: caps within the parent's bounding set,
-        limits no higher than the parent's, nice no lower; EAGAIN past
-        max_children."""
-        if caps is None:
-            caps = capmod.default_child(parent.caps)
-        if not all(isinstance(c, str) for c in caps):
-            raise SyscallError("EINVAL", "caps must be a list of strings")
-        excess = capmod.bounded(parent.caps, caps)
-        if excess:
-            raise SyscallError("EACCES", f"capabilities not held by the parent: {excess}")
-        lim = dict(parent.limits)
-        lim.pop("wall_time", None)  # a deadline is the parent's own, not inherited
-        for k, v in (limits or {}).items():
-            v = check_limit(k, v)
-            if k in parent.limits and v > parent.limits[k] and not capmod.covers(
-                    parent.caps, "proc.kill_any"):
-                raise SyscallError("EACCES", f"limit {k!r} above the parent's ({parent.limits[k]})")
-            lim[k] = v
-        if not -20 <= nice <= 19:
-            raise SyscallError("EINVAL", "nice must be in -20..19")
-        if nice < parent.nice and not capmod.covers(parent.caps, "proc.renice"):
-            raise SyscallError("EACCES", "a lower nice than the parent's needs proc.renice")
-        maxc = parent.limits.get("max_children")
-        if maxc is not None:
-            live = sum(1 for c in self.children(parent.pid) if not c.exited)
-            if live >= maxc:
-                raise SyscallError("EAGAIN", f"pid {parent.pid} has {live} live children "
-                                             f"(limit max_children={int(maxc)})")
-        return list(caps), lim
+        live = sum(1 for c in self.children(parent.pid) if not c.exited)
+        return perms.child_rights(parent, caps, limits, nice, live)
 
     async def spawn(self, parent: PCB, argv: list, name: str | None, env: dict | None,
                     cwd: str | None, caps: list | None, limits: dict | None,
@@ -568,16 +540,11 @@ class ProcessTable:
 
     # --- signals and waiting ------------------------------------------------
     def may_signal(self, caller: PCB, target: PCB) -> bool:
-        return (capmod.covers(caller.caps, "proc.kill_any")
-                or self.is_descendant(target.pid, caller.pid))
+        return perms.may_signal(self, caller, target)
 
     def kill(self, caller: PCB, pid: int, sig: int) -> None:
         target = self.get(pid)
-        if target.pid == INIT_PID:
-            raise SyscallError("EPERM", "init cannot be signalled")
-        if not self.may_signal(caller, target):
-            raise SyscallError("EPERM", f"pid {caller.pid} may not signal pid {pid} "
-                                        "(not a descendant; needs proc.kill_any)")
+        perms.check_signal(self, caller, target)
         if sig == 0 or target.exited:
             return
         if target.attached:  # no OS process of its own: the kernel side is all there is

@@ -15,9 +15,9 @@ from __future__ import annotations
 from typing import Any
 
 from llmagentos.drivers.sampling import SamplingParams
-from llmagentos.syscalls import caps as capmod
 from llmagentos.syscalls.errno import SyscallError
 
+from . import perms
 from .dispatch import Call, handler
 from .names import identity
 from .proc import INIT_PID, PCB
@@ -245,16 +245,7 @@ async def context_generation(call: Call, prompt: str | None, messages: list | No
 
 # --- long-term memory ---------------------------------------------------------------
 def resolve_namespace(call: Call, ns: str | None) -> str:
-    pcb = call.caller
-    if ns is None or ns == identity(pcb):
-        return identity(pcb)
-    if ns.startswith("shared:"):
-        if not capmod.covers(pcb.caps, "mem.shared"):
-            raise SyscallError("EACCES", f"namespace {ns!r} needs capability mem.shared")
-        return ns
-    if pcb.pid == INIT_PID:
-        return ns
-    raise SyscallError("EACCES", f"namespace {ns!r} is private to another process or agent")
+    return perms.mem_namespace(call.caller, identity(call.caller), ns)
 
 
 @handler("mem.put")

@@ -23,9 +23,9 @@ from typing import Any, Callable
 import trio
 
 from llmagentos.drivers.sandbox import Mount, Quota, Sandbox, discard, empty_trash
-from llmagentos.syscalls import caps as capmod
 from llmagentos.syscalls.errno import SyscallError
 
+from . import perms
 from .dispatch import Call, handler
 from .names import path_name
 from .proc import PCB
@@ -33,7 +33,6 @@ from .sysctx import identity
 
 log = logging.getLogger("llmagentos.kernel")
 
-WRITE_MODES = ("w", "a", "x", "r+", "w+", "a+")
 _OPENING = threading.Lock()  # two threads of one process must not make two sandboxes
 
 
@@ -56,7 +55,7 @@ def sandbox_of(kernel, pcb: PCB) -> Sandbox:
             quota = Quota(**{k: int(pcb.limits[lim]) for k, lim in
                              (("max_bytes", "fs_bytes"), ("max_files", "fs_files"))
                              if lim in pcb.limits})
-            mounts = {"/shared": Mount(state / "shared", capmod.covers(pcb.caps, "fs.shared"))}
+            mounts = {"/shared": Mount(state / "shared", perms.shared_writable(pcb))}
             pcb.sandbox = Sandbox(root, mounts, quota=quota)
         return pcb.sandbox
 
@@ -105,9 +104,7 @@ async def _in_sandbox(call: Call, fn: Callable[..., Any], *args: Any) -> Any:
 
 @handler("fs.open", runs="task")
 async def open_(call: Call, path: str, mode: str) -> int:
-    if any(m in mode for m in ("w", "a", "x", "+")) and \
-            not capmod.covers(call.caller.caps, "fs.write"):
-        raise SyscallError("EACCES", f"opening for {mode!r} needs capability fs.write")
+    perms.check_open(call.caller, mode)
     return await _in_sandbox(call, Sandbox.open, path, mode)
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from llmagentos.syscalls import caps as capmod
 from llmagentos.syscalls.errno import SyscallError
 from llmagentos.syscalls.table import check_limit, check_limit_name
 
+from . import perms
 from .dispatch import Call, handler
 from .proc import INIT_PID, PCB, parse_signal
 
@@ -60,10 +60,7 @@ async def nice(call: Call, pid: int, value: int) -> int:
     target = procs.get(pid)
     if not -20 <= value <= 19:
         raise SyscallError("EINVAL", "nice must be in -20..19")
-    if target.pid == INIT_PID or not procs.may_signal(call.caller, target):
-        raise SyscallError("EPERM", f"pid {call.caller.pid} may not renice pid {pid}")
-    if value < target.nice and not capmod.covers(call.caller.caps, "proc.renice"):
-        raise SyscallError("EACCES", "lowering nice needs proc.renice")
+    perms.check_renice(procs, call.caller, target, value)
     target.nice = value
     for fn in call.kernel.on_renice:
         fn(target)
@@ -77,12 +74,7 @@ async def setlimit(call: Call, pid: int, name: str, value: float | None) -> dict
     check_limit_name(name)
     if value is not None:
         value = check_limit(name, value)
-    if target.pid == INIT_PID or not procs.may_signal(call.caller, target):
-        raise SyscallError("EPERM", f"pid {call.caller.pid} may not change limits of pid {pid}")
-    old = target.limits.get(name)
-    raising = old is not None and (value is None or value > old)
-    if raising and not capmod.covers(call.caller.caps, "proc.kill_any"):
-        raise SyscallError("EACCES", "raising a limit needs proc.kill_any")
+    perms.check_setlimit(procs, call.caller, target, name, value)
     if value is None:
         target.limits.pop(name, None)
     else:
@@ -109,16 +101,6 @@ def note_log_readers(kernel, pcb: PCB) -> None:
     kernel.log_readers[pcb.pid] = frozenset(readers)
 
 
-def may_read_logs(kernel, caller: PCB, pid: int) -> bool:
-    """As for signals: the process itself, its ancestors, or proc.kill_any (init)."""
-    if capmod.covers(caller.caps, "proc.kill_any"):
-        return True
-    target = kernel.procs.procs.get(pid)
-    if target is not None:
-        return kernel.procs.may_signal(caller, target)
-    return caller.pid in kernel.log_readers.get(pid, ())
-
-
 @handler("proc.logs")
 async def logs(call: Call, pid: int, offset: int, limit: int) -> dict:
     procs = call.kernel.procs
@@ -127,9 +109,7 @@ async def logs(call: Call, pid: int, offset: int, limit: int) -> dict:
         raise SyscallError("ESRCH", f"no process with pid {pid} in this boot")
     if offset < 0 or not 0 < limit <= 4 * 1024 * 1024:
         raise SyscallError("EINVAL", "offset must be >= 0 and limit in 1..4 MiB")
-    if not may_read_logs(call.kernel, call.caller, pid):
-        raise SyscallError("EPERM", f"pid {call.caller.pid} may not read the output of pid "
-                                    f"{pid} (not itself or a descendant; needs proc.kill_any)")
+    perms.check_logs(procs, call.caller, pid, call.kernel.log_readers.get(pid, frozenset()))
     target = procs.procs.get(pid)
     try:
         with open(path, "rb") as f:

@@ -29,9 +29,9 @@ import trio
 
 from llmagentos.drivers import builtin_tools
 from llmagentos.drivers.execbox import DiskQuota, ExecLimits, exec_uid, run_code
-from llmagentos.syscalls import caps as capmod
 from llmagentos.syscalls.errno import SyscallError
 
+from . import perms
 from .dispatch import Call, handler
 from .proc import PCB
 from .sysctx import identity
@@ -137,8 +137,7 @@ def kernel_tools(kernel: Any, state_dir: Path) -> ToolTable:
 
 
 def _visible(pcb: PCB, tool: Tool) -> bool:
-    return capmod.covers(pcb.caps, f"tool:{tool.name}") and (
-        tool.cap is None or capmod.covers(pcb.caps, tool.cap))
+    return perms.may_use_tool(pcb, tool.name, tool.cap)
 
 
 @handler("tool.list")
@@ -158,10 +157,7 @@ async def tool_describe(call: Call, name: str) -> dict:
 async def tool_call(call: Call, name: str, args: dict | None, timeout: float) -> Any:
     k, pcb = call.kernel, call.caller
     tool = k.tools.get(name)
-    if not capmod.covers(pcb.caps, f"tool:{name}"):
-        raise SyscallError("EACCES", f"calling {name} needs capability tool:{name}")
-    if tool.cap is not None and not capmod.covers(pcb.caps, tool.cap):
-        raise SyscallError("EACCES", f"{name} needs capability {tool.cap!r}")
+    perms.check_tool(pcb, name, tool.cap)
     limit = pcb.limits.get("tool_calls")
     if limit is not None and pcb.usage.tool_calls >= limit:
         raise SyscallError("EDQUOT", f"tool-call limit {int(limit)} reached")
@@ -212,6 +208,5 @@ async def drv_unregister(call: Call, namespace: str) -> None:
     drv = call.kernel.tools.drivers.get(namespace)
     if drv is None:
         raise SyscallError("ENOENT", f"no driver serves {namespace!r}")
-    if drv.pid != call.caller.pid and call.caller.pid != 1:
-        raise SyscallError("EPERM", f"namespace {namespace!r} is served by pid {drv.pid}")
+    perms.check_unregister(call.caller, namespace, drv.pid)
     call.kernel.tools.unregister(namespace, "unregistered")
