@@ -1,21 +1,12 @@
-"""The process table: control blocks, real OS processes, signals, zombies.
-
-Invariants:
-- pid 1 is init: the kernel itself and the shell user. It never exits,
-  holds every capability, and adopts orphans.
-- A PCB is ZOMBIE from the moment its OS process is gone until its parent
-  waits for it; an orphan (adopted by init) is reaped at once.
-- A pid is never reused within one boot.
-"""
+"""The process table: every process of this boot by pid, spawn and attach,
+signals, exit, zombies and waiting."""
 
 from __future__ import annotations
 
 import os
 import secrets
 import signal as _signal
-import subprocess
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,156 +16,18 @@ import trio
 from llmagentos.syscalls import paths
 from llmagentos.syscalls.errno import SyscallError
 
-from . import perms
-from .isolation import Isolation, resolve_executable
-
-INIT_PID = 1
-SHELL_ZOMBIE_AFTER_WAIT = 30.0  # seconds a shell child's zombie stays once waited for
-SHELL_ZOMBIE_LINGER = 600.0  # ... and when nobody waits for it
-
-
-
-@dataclass
-class Usage:
-    syscalls: int = 0
-    tokens_in: int = 0
-    tokens_out: int = 0
-    cached_tokens: int = 0
-    device_time: float = 0.0
-    queue_wait: float = 0.0
-    tool_calls: int = 0
-
-
-@dataclass
-class PCB:
-    """Process control block."""
-
-    pid: int
-    ppid: int
-    name: str
-    argv: list[str]
-    caps: list[str]
-    token: str
-    nice: int = 0
-    limits: dict[str, float] = field(default_factory=dict)
-    usage: Usage = field(default_factory=Usage)
-    cwd: str = ""
-    log_path: str = ""
-    start_time: float = field(default_factory=time.time)
-    os_pid: int | None = None
-    os_proc: Any = None  # trio.Process
-    stopped: bool = False
-    signalled_at: float = 0.0  # when the kernel last sent STOP/CONT (monotonic)
-    exited: bool = False
-    exit_code: int | None = None  # >= 0: exit status
-    term_signal: int | None = None  # set when killed by a signal
-    exit_reason: str = ""  # e.g. "wall time limit"
-    orphan: bool = False  # adopted by init: reaped at exit, nobody waits
-    waited: bool = False  # a shell child whose status was read (init reaps it soon)
-    running_calls: int = 0  # syscalls being served right now
-    waiting_calls: int = 0  # syscalls blocked (wait, device queue)
-    exit_event: trio.Event = field(default_factory=trio.Event)
-    ctx_id: int | None = None
-    agent: str | None = None  # named agent: its context and memory outlive the process
-    sandbox: Any = None  # its file system view, opened at first use (kernel/sysfs.py)
-    attached: bool = False  # lives in another process's OS process (proc.attach)
-    conns: int = 0  # open connections that said hello as this pid
-    fds: dict[int, Any] = field(default_factory=dict)
-    node: str | None = None  # the cluster node it runs on (placement="ray"); None: here
-    remote: Any = None  # its kernel.cluster.RemoteProcess: signals and exit go through it
-    group: Any = None  # its kernel.cgroups.Group: every OS process that dies with it
-    exec_group: Any = None  # the Group of its exec runs (caps over all of them)
-
-    @property
-    def state(self) -> str:
-        if self.exited:
-            return "ZOMBIE"
-        if self.stopped:
-            return "STOPPED"
-        if self.pid != INIT_PID and self.os_pid is None:
-            return "NEW"
-        if self.waiting_calls:
-            return "WAITING"
-        if self.running_calls or self.pid == INIT_PID:
-            return "RUNNING"
-        return "READY"
-
-    def status(self) -> dict:
-        return {
-            "pid": self.pid,
-            "exit_code": self.exit_code,
-            "signal": self.term_signal,
-            "signal_name": _signal.Signals(self.term_signal).name if self.term_signal else None,
-            "reason": self.exit_reason,
-        }
-
-    def row(self) -> dict:
-        return {
-            "pid": self.pid, "ppid": self.ppid, "name": self.name, "state": self.state,
-            "nice": self.nice, "os_pid": self.os_pid, "attached": self.attached,
-            "node": self.node,
-            "uptime": round(time.time() - self.start_time, 3),
-            "tokens_in": self.usage.tokens_in, "tokens_out": self.usage.tokens_out,
-            "cached_tokens": self.usage.cached_tokens,
-            "device_time": round(self.usage.device_time, 4),
-            "syscalls": self.usage.syscalls,
-        }
-
+from .. import perms
+from ..isolation import Isolation, resolve_executable
+from .osproc import launch, parent_pid, signal_tree
+from .pcb import (
+    INIT_PID,
+    PCB,
+    SHELL_ZOMBIE_AFTER_WAIT,
+    SHELL_ZOMBIE_LINGER,
+)
+from .remote import spawn_remote
 
 _KERNEL_TREE = object()  # _os_owner: started by the kernel, but by no live process
-
-
-def _ppid(os_pid: int) -> int:
-    try:
-        with open(f"/proc/{os_pid}/stat", "rb") as f:
-            stat = f.read()
-        return int(stat[stat.rindex(b")") + 2:].split()[1])  # comm may hold spaces and ')'
-    except (OSError, ValueError, IndexError):
-        return 0
-
-
-def parse_signal(sig: int | str) -> int:
-    """Accept 9, "9", "KILL", "SIGKILL"; reject anything else with EINVAL."""
-    if isinstance(sig, str):
-        s = sig.strip().upper()
-        if s.isdigit():
-            sig = int(s)
-        else:
-            if not s.startswith("SIG"):
-                s = "SIG" + s
-            try:
-                return int(_signal.Signals[s])
-            except KeyError:
-                raise SyscallError("EINVAL", f"unknown signal {sig!r}") from None
-    if sig == 0:
-        return 0
-    try:
-        return int(_signal.Signals(sig))
-    except ValueError:
-        raise SyscallError("EINVAL", f"unknown signal number {sig}") from None
-
-
-def _os_tree(os_pid: int) -> list[psutil.Process]:
-    try:
-        root = psutil.Process(os_pid)
-        return [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return []
-
-
-def signal_tree(os_pid: int, sig: int) -> None:
-    """Send sig to the OS process group (every child was started in its own
-    session) and to descendants that left the group."""
-    tree = _os_tree(os_pid)
-    try:
-        os.killpg(os_pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-    for p in tree[1:]:
-        try:
-            p.send_signal(sig)
-        except psutil.Error:
-            pass
 
 
 class ProcessTable:
@@ -252,7 +105,7 @@ class ProcessTable:
                 return by_os[pid]
             if pid == kernel_pid:
                 return _KERNEL_TREE
-            pid = _ppid(pid)
+            pid = parent_pid(pid)
             if pid <= 1:
                 return None
         return None
@@ -315,7 +168,7 @@ class ProcessTable:
         pcb.log_path = str(self.log_dir / f"{pcb.pid}.log")
         self.log_paths[pcb.pid] = pcb.log_path
         if placement == "ray":
-            return await self._spawn_remote(pcb, argv, env)
+            return await spawn_remote(self, pcb, argv, env)
         child_env = {**self.base_env, **env,
                      paths.ENV_SOCKET: self.socket_address,
                      paths.ENV_PID: str(pcb.pid)}
@@ -330,74 +183,19 @@ class ProcessTable:
         except PermissionError:
             self._unspawn(pcb)
             raise SyscallError("EACCES", f"cannot execute {argv[0]!r}") from None
-        ready_r, ready_w = os.pipe()
-        # The launcher joins the group before anything can fork.
-        cfg = self.isolation.config(exe, list(argv), child_env, pcb.token,
-                                    list(pcb.group.procs_files) if pcb.group else [])
-        cfg["ready_fd"] = ready_w
-        cfg_fd = self.isolation.config_fd(cfg)
         try:
-            with open(pcb.log_path, "wb") as log:
-                proc = await trio.lowlevel.open_process(
-                    self.isolation.command(cfg_fd), stdin=subprocess.DEVNULL, stdout=log,
-                    stderr=subprocess.STDOUT, cwd=pcb.cwd, start_new_session=True,
-                    pass_fds=[cfg_fd, ready_w])
-        except OSError as e:
-            os.close(ready_r)
+            # the launcher joins the group before anything can fork
+            proc = await launch(self.isolation, exe, list(argv), child_env, pcb,
+                                list(pcb.group.procs_files) if pcb.group else [])
+        except SyscallError:
             self._unspawn(pcb)
-            raise SyscallError("EIO", f"spawn failed: {e}") from None
-        finally:
-            os.close(cfg_fd)
-            os.close(ready_w)
-        failure = await _exec_outcome(ready_r)
-        if failure is not None:  # the launcher could not confine or exec: nothing runs
-            with trio.move_on_after(5):
-                await proc.wait()
-            self._unspawn(pcb)
-            raise SyscallError("EIO", f"spawn failed: {failure}")
+            raise
         pcb.os_proc = proc
         pcb.os_pid = proc.pid
         if pcb.group is not None:  # until the launcher joins it itself before exec
             pcb.group.add(proc.pid)
         self.nursery.start_soon(self._watch, pcb)
         return pcb
-
-    async def _spawn_remote(self, pcb: PCB, argv: list, env: dict) -> PCB:
-        """Start the program on a cluster node; it calls back over the TCP listener."""
-        remote_env = {**env, "LLMAGENTOS_SOCKET": self.tcp_address,
-                      "LLMAGENTOS_TOKEN": pcb.token, "LLMAGENTOS_PID": str(pcb.pid)}
-        try:
-            remote = await self.cluster.spawn(list(argv), remote_env, None)
-        except SyscallError:
-            self._forget(pcb)
-            raise
-        pcb.remote = remote
-        pcb.node = remote.node
-        pcb.os_pid = remote.pid  # a pid on that node, not here
-        self.nursery.start_soon(self._watch_remote, pcb)
-        return pcb
-
-    async def _watch_remote(self, pcb: PCB) -> None:
-        """The remote twin of _watch: exit status and output come back from the node."""
-        with trio.CancelScope() as scope:
-            if "wall_time" in pcb.limits:
-                scope.deadline = trio.current_time() + pcb.limits["wall_time"]
-            rc, output = await pcb.remote.wait()
-        if scope.cancelled_caught:  # the wall-time deadline
-            pcb.exit_reason = f"wall time limit of {pcb.limits['wall_time']}s"
-            pcb.remote.signal(_signal.SIGKILL)
-            pcb.remote.close()
-            rc, output = -int(_signal.SIGKILL), b""
-        try:
-            with open(pcb.log_path, "ab") as f:
-                f.write(output)
-        except OSError:
-            pass
-        if rc < 0:
-            pcb.term_signal = -rc
-        else:
-            pcb.exit_code = rc
-        self._exited(pcb)
 
     def _unspawn(self, pcb: PCB) -> None:
         """A spawn that failed after its PCB and group were made: nothing of it stays."""
@@ -643,22 +441,6 @@ class ProcessTable:
             except psutil.Error:
                 pass
         return out
-
-
-async def _exec_outcome(ready_fd: int, timeout: float = 30.0) -> str | None:
-    """None once the launcher has exec'd the program (its end of the pipe
-    closed on exec), else what it reported."""
-    stream = trio.lowlevel.FdStream(ready_fd)
-    data = b""
-    try:
-        with trio.move_on_after(timeout) as scope:
-            while chunk := await stream.receive_some(4096):
-                data += chunk
-        if scope.cancelled_caught:
-            return f"the launcher did not exec within {timeout}s"
-    finally:
-        await stream.aclose()
-    return data.decode(errors="replace") or None
 
 
 async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
