@@ -1,0 +1,134 @@
+"""The device contract: what the scheduler drives, and the operations it sends.
+
+A compute device holds `n_seq_max` slots (sequences of one KV cache). The
+scheduler plans a tick on the event loop, then hands the device a list of
+typed operations and a plan (the slots to decode) in one call, on the
+device's compute thread: the operations move state between slots (save,
+restore, copy a shared prefix, prepare a prompt, attach a request's
+generation), then `step(plan)` decodes one batch.
+
+Implementations: the llama.cpp device (drivers/llama_device.py), the Ray
+device actor's local proxy (drivers/ray_device.py, which runs a whole tick
+in one round trip: `tick(ops, plan)`), and the deterministic fake of the
+scheduler tests (tests/test_scheduler.py). tests/test_device_contract.py runs
+one conformance suite against the fake and the real device.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+
+# --- operations of a tick, in the order the scheduler planned them -----------------------
+@dataclass(frozen=True)
+class Save:
+    """Save a slot's KV state (a preemption, or a resident owner's state
+    before its slot is reused); the result is (tokens, bytes)."""
+    slot: int
+    key: Any
+    evict: bool = False
+
+
+@dataclass(frozen=True)
+class Restore:
+    """Load a saved state into a slot; the result is the bytes loaded (0: it
+    did not fit, prefill instead)."""
+    slot: int
+    snapshot: Any  # kernel.kvstore snapshot: .load() -> bytes, .tokens
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Share the first n tokens of src with dst (a common system prompt)."""
+    src: int
+    dst: int
+    n: int
+
+
+@dataclass(frozen=True)
+class Prepare:
+    """Make a slot hold a prompt: keep the longest cached prefix, queue the
+    rest; the result is the number of tokens reused."""
+    slot: int
+    tokens: Sequence[int]
+    request: Any = None  # the scheduler's own bookkeeping, opaque to the device
+
+
+@dataclass(frozen=True)
+class Attach:
+    slot: int
+    generation: Any
+
+
+@dataclass(frozen=True)
+class Detach:
+    slot: int
+
+
+@dataclass(frozen=True)
+class Release:
+    slot: int
+
+
+Op = Save | Restore | Copy | Prepare | Attach | Detach | Release
+
+
+@runtime_checkable
+class ComputeDevice(Protocol):
+    """What every device gives the scheduler. Called on the compute thread
+    only (llama.cpp state is not thread-safe), except the attributes."""
+
+    n_seq_max: int  # slots
+    n_ctx: int  # tokens per slot
+    n_batch: int  # tokens one step may decode
+
+    def generation(self, prompt_tokens: Sequence[int], params: Any) -> Any:
+        """A request's decoding state (sampler, output); EINVAL for an empty or
+        out-of-vocabulary prompt, E2BIG past n_ctx."""
+
+    def slot_tokens(self, slot: int) -> list[int]:
+        """The tokens a slot's KV cache holds now."""
+
+    def prepare(self, slot: int, prompt_tokens: Sequence[int]) -> int: ...
+
+    def copy_prefix(self, src: int, dst: int, n: int) -> int: ...
+
+    def save(self, slot: int) -> bytes | bytearray: ...
+
+    def restore(self, slot: int, data: bytes | bytearray, tokens: Sequence[int]) -> int: ...
+
+    def release(self, slot: int) -> None: ...
+
+    def attach(self, slot: int, gen: Any) -> None: ...
+
+    def detach(self, slot: int) -> Any: ...
+
+    def step(self, plan: Sequence[int]) -> Any:
+        """Decode one batch for the planned slots; a StepResult with the
+        sampled token events and what each slot was fed."""
+
+
+def apply(device: ComputeDevice, op: Op) -> Any:
+    """Run one operation on a device; its result (see each op)."""
+    match op:
+        case Save(slot=slot):
+            return device.slot_tokens(slot), device.save(slot)
+        case Restore(slot=slot, snapshot=snap):
+            try:
+                return device.restore(slot, snap.load(), snap.tokens)
+            except OSError:  # a spilled snapshot that cannot be read: prefill instead
+                return 0
+        case Copy(src=src, dst=dst, n=n):
+            return device.copy_prefix(src, dst, n)
+        case Prepare(slot=slot, tokens=tokens):
+            return device.prepare(slot, tokens)
+        case Attach(slot=slot, generation=gen):
+            device.attach(slot, gen)
+        case Detach(slot=slot):
+            device.detach(slot)
+        case Release(slot=slot):
+            device.release(slot)
+        case _:
+            raise TypeError(f"not a device operation: {op!r}")
+    return None
