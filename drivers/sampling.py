@@ -22,12 +22,12 @@ grammar's parse stacks, and a rule with N alternatives starts N stacks, so
 one pass over the vocabulary costs candidates x stacks (measured here: 3.6 s
 for 2,000 alternatives, 34 s for 20,000, while a decode takes ~20 ms). That
 runs inside the device's tick, where every other sequence waits for it. So a
-grammar is bounded before it is compiled (GRAMMAR_MAX_BYTES, _RULES,
-_ALTERNATIVES: they bound the compile too), and after compiling its cost per
-candidate is measured on a probe of the vocabulary: one that would spend more
-than GRAMMAR_MAX_PASS_SECONDS on a full pass is refused (E2BIG). What a
-grammar costs within those bounds is charged to its request as device time
-(see StepResult.sample_seconds and the scheduler).
+grammar is bounded before it is compiled (size and fan-out: drivers/gbnf.py),
+and after compiling, its cost per candidate is timed on a probe of the
+vocabulary: one whose full pass would take more than GRAMMAR_MAX_PASS_SECONDS
+is refused (E2BIG), a net for what the estimate misses. What a grammar costs
+within those bounds is charged to its request as device time (see
+StepResult.sample_seconds and the scheduler).
 
 ``TextStream`` turns token pieces into text: incremental UTF-8 (a piece may
 end inside a multi-byte character; the bytes are held until complete) and
@@ -48,16 +48,14 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from llmagentos.drivers.gbnf import check_grammar, check_size
 from llmagentos.syscalls.errno import SyscallError
 
 _TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
 GRAMMAR_TOP_M = 256
 GRAMMAR_WIDEN = 16              # the second set of candidates is this many times the first
-GRAMMAR_MAX_BYTES = 64 << 10    # GBNF text (a json_schema: its JSON text, then its GBNF)
-GRAMMAR_MAX_RULES = 1024
-GRAMMAR_MAX_ALTERNATIVES = 2048  # '|' outside literals, over all rules
 GRAMMAR_PROBE = 512             # candidates the cost probe checks
-GRAMMAR_MAX_PASS_SECONDS = 2.0  # the most one pass over the vocabulary may cost
+GRAMMAR_MAX_PASS_SECONDS = 5.0  # the most one pass over the vocabulary may cost
 
 
 @dataclass
@@ -145,7 +143,7 @@ def json_schema_to_gbnf(schema: dict | str | bool) -> str:
     if schema is True:
         schema = {}
     if isinstance(schema, str):
-        _check_size("json_schema", schema)
+        check_size("json_schema", schema)
         text = schema
         try:
             json.loads(text)
@@ -156,54 +154,13 @@ def json_schema_to_gbnf(schema: dict | str | bool) -> str:
             text = json.dumps(schema)
         except (ValueError, TypeError, RecursionError) as exc:
             raise SyscallError("EINVAL", f"json_schema cannot be JSON: {exc}") from exc
-        _check_size("json_schema", text)
+        check_size("json_schema", text)
     else:
         raise SyscallError("EINVAL", "json_schema must be a map, JSON text or true")
     try:
         return convert(text)
     except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise SyscallError("EINVAL", f"unsupported json_schema: {exc}") from exc
-
-
-def _check_size(what: str, text: str) -> None:
-    n = len(text) if len(text) > GRAMMAR_MAX_BYTES else len(text.encode("utf-8"))
-    if n > GRAMMAR_MAX_BYTES:
-        raise SyscallError("E2BIG", f"{what} of {n} bytes is over the bound of "
-                                    f"{GRAMMAR_MAX_BYTES} bytes (GRAMMAR_MAX_BYTES)")
-
-
-def check_grammar(text: str) -> None:
-    """Bound a GBNF text before it is compiled: bytes, rules, alternatives (E2BIG).
-
-    A small scanner, not a parser: it skips literals, character classes and
-    comments, and counts rule definitions and '|' operators; llama.cpp's parser
-    judges the rest.
-    """
-    _check_size("grammar", text)
-    rules = alternatives = 0
-    i, n = 0, len(text)
-    while i < n:
-        c = text[i]
-        if c == '"' or c == "[":
-            close = '"' if c == '"' else "]"
-            i += 1
-            while i < n and text[i] != close:
-                i += 2 if text[i] == "\\" else 1
-        elif c == "#":
-            while i < n and text[i] not in "\r\n":
-                i += 1
-        elif c == "|":
-            alternatives += 1
-        elif text.startswith("::=", i):
-            rules += 1
-            i += 2
-        i += 1
-    if rules > GRAMMAR_MAX_RULES:
-        raise SyscallError("E2BIG", f"grammar has {rules} rules; the bound is "
-                                    f"{GRAMMAR_MAX_RULES} (GRAMMAR_MAX_RULES)")
-    if alternatives > GRAMMAR_MAX_ALTERNATIVES:
-        raise SyscallError("E2BIG", f"grammar has {alternatives} alternatives ('|'); the bound "
-                                    f"is {GRAMMAR_MAX_ALTERNATIVES} (GRAMMAR_MAX_ALTERNATIVES)")
 
 
 class Sampler:
@@ -274,11 +231,14 @@ class Sampler:
         """Refuse a grammar whose full pass over the vocabulary would hold the device
         longer than GRAMMAR_MAX_PASS_SECONDS (timed on a spread of GRAMMAR_PROBE ids)."""
         ids = np.linspace(0, self.n_vocab - 1, min(GRAMMAR_PROBE, self.n_vocab)).astype(np.intc)
-        cand = np.zeros(len(ids), dtype=_TOKEN_DATA)
-        cand["id"] = ids
-        t0 = time.perf_counter()
-        self._apply(self.grammar, cand)
-        per_pass = (time.perf_counter() - t0) * self.n_vocab / len(ids)
+        best = math.inf
+        for _ in range(3):  # this thread's CPU time, the least of three: not the machine's load
+            cand = np.zeros(len(ids), dtype=_TOKEN_DATA)
+            cand["id"] = ids
+            t0 = time.thread_time()
+            self._apply(self.grammar, cand)
+            best = min(best, time.thread_time() - t0)
+        per_pass = best * self.n_vocab / len(ids)
         self.grammar_pass_seconds = per_pass
         if per_pass > GRAMMAR_MAX_PASS_SECONDS:
             raise SyscallError(

@@ -36,8 +36,10 @@ turn (and a stopped one at once, whatever the policy):
 * ``fair``: least device time first (unweighted).
 
 For ``priority`` and ``fair`` a process that becomes runnable again starts at
-no less than the least virtual time among runnable processes, so a long nap
-does not buy a long monopoly. With no contention (a free slot for everyone)
+no less than the least virtual time among runnable processes (with none, the
+least there was when some last ran: a newcomer to an idle device starts level
+with whoever used it, as under CFS's min_vruntime), so a long nap does not buy
+a long monopoly. With no contention (a free slot for everyone)
 every running request advances every tick whatever the policy: batching a
 sequence more is nearly free, so holding one back would only waste the device.
 
@@ -198,6 +200,7 @@ class Scheduler:
         self._queue: list[_Request] = []
         self._embeds: list[_EmbedRequest] = []
         self._decode_cost = 0.0  # seconds of a step's shared decode (average)
+        self._floor = (0.0, 0.0)  # least (fair, prio) virtual time when some last ran
         self._slot_req: list[_Request | None] = [None] * self.n_slots
         self._slot_owner: list[int | None] = [None] * self.n_slots
         self._slot_used: list[float] = [0.0] * self.n_slots
@@ -531,6 +534,7 @@ class Scheduler:
 
     def _plan(self) -> tuple[list[tuple], list[tuple[int, _Request]], _EmbedRequest | None]:
         self._round += 1
+        self._note_floor()
         for gen in self._to_close:
             gen.close()
         self._to_close.clear()
@@ -892,15 +896,23 @@ class Scheduler:
             acct = self._owners[pid] = _Owner(pid)
         return acct
 
+    def _runnable_owners(self) -> set[_Owner]:
+        owners = {r.owner for r in self._queue} | {
+            r.owner for r in self._slot_req if r is not None} | {e.owner for e in self._embeds}
+        return {o for o in owners if not o.stopped}
+
+    def _note_floor(self) -> None:
+        """Remember the least virtual times among runnable owners (they only grow)."""
+        owners = self._runnable_owners()
+        if owners:
+            self._floor = (max(self._floor[0], min(o.vtime_fair for o in owners)),
+                           max(self._floor[1], min(o.vtime_prio for o in owners)))
+
     def _activate(self, acct: _Owner) -> None:
         """Coming back to the run queue: start no earlier than the runnable minimum."""
-        others = {r.owner for r in self._queue if r.owner is not acct} | {
-            r.owner for r in self._slot_req if r is not None and r.owner is not acct} | {
-            e.owner for e in self._embeds if e.owner is not acct}
-        others = {o for o in others if not o.stopped}
-        if others:
-            acct.vtime_fair = max(acct.vtime_fair, min(o.vtime_fair for o in others))
-            acct.vtime_prio = max(acct.vtime_prio, min(o.vtime_prio for o in others))
+        self._note_floor()
+        acct.vtime_fair = max(acct.vtime_fair, self._floor[0])
+        acct.vtime_prio = max(acct.vtime_prio, self._floor[1])
 
     def _kick(self) -> None:
         self._wake.set()
