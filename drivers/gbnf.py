@@ -12,6 +12,11 @@ it can open at once, estimated from its rules (a terminal opens one; a
 reference opens what its rule does; a sequence opens what its first element
 does, plus what follows while the elements it passes may be empty).
 
+Two more inputs took the whole process down: ``x{5,3}`` (llama.cpp writes out
+max - min optional copies, unsigned: four billion) and 30,000 nested
+parentheses (its parser recurses on them). Repetitions are checked and their
+expansion counted (MAX_EXPANDED); nesting is bounded (MAX_DEPTH).
+
 The scanner here only estimates. It is lenient: a text it cannot read goes on
 to llama.cpp's parser, which refuses bad grammars (EINVAL) itself.
 """
@@ -27,6 +32,7 @@ MAX_RULES = 1024
 MAX_ALTERNATIVES = 4096   # '|' over all rules
 MAX_FANOUT = 1024         # parse stacks one point of the grammar may open
 MAX_DEPTH = 64            # nested parentheses (llama.cpp's parser recurses on them)
+MAX_EXPANDED = 1 << 16    # elements once llama.cpp has written out every x{m,n}
 _CAP = 10 ** 12           # fan-outs past this are all "too many"
 
 _TOKENS = re.compile(r"""
@@ -71,6 +77,11 @@ def check_grammar(text: str) -> None:
     if alternatives > MAX_ALTERNATIVES:
         raise SyscallError("E2BIG", f"grammar has {alternatives} alternatives; the bound is "
                                     f"{MAX_ALTERNATIVES} (GRAMMAR_MAX_ALTERNATIVES)")
+    size = sum(_expanded(alts) for alts in rules.values())
+    if size > MAX_EXPANDED:
+        raise SyscallError("E2BIG", f"grammar expands to {min(size, _CAP)} elements once its "
+                                    f"repetitions are written out; the bound is {MAX_EXPANDED} "
+                                    "(GRAMMAR_MAX_EXPANDED)")
     if n > MAX_FANOUT:
         shown = f"{n}" if n < _CAP else f"more than {_CAP}"
         raise SyscallError("E2BIG", f"grammar can branch {shown} ways at one point; the bound "
@@ -79,8 +90,9 @@ def check_grammar(text: str) -> None:
 
 
 # A rule is a list of alternatives; an alternative a list of elements; an element
-# [kind, payload, optional] with kind "t" (terminal; payload: may it match nothing),
-# "r" (reference; payload: rule name) or "g" (group; payload: its alternatives).
+# [kind, payload, optional, copies] with kind "t" (terminal; payload: may it match
+# nothing), "r" (reference; payload: rule name) or "g" (group; payload: its
+# alternatives), and copies: how many times llama.cpp writes it out (x{m,n}: n).
 
 def _parse(text: str) -> dict[str, list]:
     toks: list[tuple[str, str]] = []
@@ -133,20 +145,50 @@ def _alternatives(toks: list[tuple[str, str]], i: int, end: int) -> tuple[list, 
             group, i = _alternatives(toks, i + 1, end)
             if i >= end or toks[i][1] != ")":
                 raise _Unreadable
-            alts[-1].append(["g", group, False])
+            alts[-1].append(["g", group, False, 1])
         elif kind == "rep":
             if not alts[-1]:
                 raise _Unreadable
-            alts[-1][-1][2] = alts[-1][-1][2] or value in ("*", "?") or bool(
-                re.match(r"\{\s*0\s*[,}]", value))
+            elem = alts[-1][-1]
+            least, copies = _repetition(value)
+            elem[2] = elem[2] or least == 0
+            elem[3] = min(_CAP, elem[3] * copies)
         elif kind == "name":
-            alts[-1].append(["r", value, False])
+            alts[-1].append(["r", value, False, 1])
         elif kind in ("lit", "cls", "tok") or value == ".":
-            alts[-1].append(["t", value == '""', False])
+            alts[-1].append(["t", value == '""', False, 1])
         else:
             raise _Unreadable
         i += 1
     return alts, i
+
+
+def _repetition(op: str) -> tuple[int, int]:
+    """(least times, copies written out) of a repetition operator."""
+    if op in ("*", "?"):
+        return 0, 1
+    if op == "+":
+        return 1, 1
+    m = re.fullmatch(r"\{\s*(\d+)\s*(?:(,)\s*(\d*)\s*)?\}", op)
+    if m is None:
+        raise _Unreadable
+    least = _count(m.group(1))
+    most = least if m.group(2) is None else (_count(m.group(3)) if m.group(3) else None)
+    if most is not None and most < least:
+        raise SyscallError("EINVAL", f"grammar repetition {op}: the most is less than the least")
+    return least, max(1, most if most is not None else least + 1)
+
+
+def _count(digits: str) -> int:
+    return int(digits) if len(digits) <= 12 else _CAP  # (int() refuses 4,300+ digits)
+
+
+def _expanded(alts: list) -> int:
+    total = 0
+    for seq in alts:
+        for e in seq:
+            total = min(_CAP, total + e[3] * (_expanded(e[1]) if e[0] == "g" else 1))
+    return total
 
 
 def _count_alternatives(alts: list) -> int:

@@ -48,6 +48,7 @@ from typing import Any
 import llama_cpp
 import numpy as np
 
+from llmagentos.drivers.gbnf import MAX_EXPANDED as GRAMMAR_MAX_EXPANDED
 from llmagentos.drivers.gbnf import check_grammar, check_size
 from llmagentos.syscalls.errno import SyscallError
 
@@ -146,7 +147,7 @@ def json_schema_to_gbnf(schema: dict | str | bool) -> str:
         check_size("json_schema", schema)
         text = schema
         try:
-            json.loads(text)
+            schema = json.loads(text)
         except (ValueError, RecursionError) as exc:
             raise SyscallError("EINVAL", f"json_schema is not valid JSON: {exc}") from exc
     elif isinstance(schema, dict):
@@ -157,10 +158,34 @@ def json_schema_to_gbnf(schema: dict | str | bool) -> str:
         check_size("json_schema", text)
     else:
         raise SyscallError("EINVAL", "json_schema must be a map, JSON text or true")
+    _check_schema_repetitions(schema)
     try:
         return convert(text)
     except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise SyscallError("EINVAL", f"unsupported json_schema: {exc}") from exc
+
+
+_REPEAT_KEYS = ("minItems", "maxItems", "minLength", "maxLength")
+
+
+def _check_schema_repetitions(schema: Any) -> None:
+    """The converter writes an item out once per count (minItems 10**8: 10**8 copies, in
+    memory, before any GBNF bound could look): bound their sum first."""
+    total, todo = 0, [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in _REPEAT_KEYS and isinstance(value, int) and not isinstance(value, bool):
+                    total += max(0, value)
+                elif isinstance(value, (dict, list)):
+                    todo.append(value)
+        elif isinstance(node, list):
+            todo.extend(v for v in node if isinstance(v, (dict, list)))
+    if total > GRAMMAR_MAX_EXPANDED:
+        raise SyscallError("E2BIG", f"json_schema repeats items {total} times in all "
+                                    f"(minItems, maxLength, ...); the bound is "
+                                    f"{GRAMMAR_MAX_EXPANDED} (GRAMMAR_MAX_EXPANDED)")
 
 
 class Sampler:

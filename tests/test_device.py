@@ -127,6 +127,12 @@ def test_grammars_are_bounded_before_compiling():
     # llama.cpp's parser recurses on parentheses: 30,000 of them crashed the process.
     deep = "root ::= " + "(" * 30_000 + '"a"' + ")" * 30_000
     assert "GRAMMAR_MAX_DEPTH" in _e2big(check_grammar, deep)
+    # llama.cpp writes x{m,n} out as copies: {5,3} meant four billion of them (OOM).
+    with pytest.raises(SyscallError) as exc:
+        check_grammar('root ::= "a"{5,3}')
+    assert exc.value.name == "EINVAL"
+    assert "GRAMMAR_MAX_EXPANDED" in _e2big(check_grammar, 'root ::= ("a"{300}){300}')
+    assert "GRAMMAR_MAX_EXPANDED" in _e2big(check_grammar, 'root ::= "a"{' + "9" * 5000 + "}")
     chain = "\n".join(f'r{i} ::= r{i + 1} | "x"' for i in range(1000)) + '\nr1000 ::= "y"'
     assert "too deeply" in _e2big(check_grammar, chain)
     assert "GRAMMAR_MAX_ALTERNATIVES" in _e2big(
@@ -135,7 +141,13 @@ def test_grammars_are_bounded_before_compiling():
     assert "1201" in _e2big(check_grammar, f'root ::= x? x? x? "."\nx ::= {alts(400)}')
     assert "GRAMMAR_MAX_BYTES" in _e2big(json_schema_to_gbnf,
                                          {"enum": [f"value {i}" for i in range(9000)]})
+    # The converter writes minItems copies out itself: 10**8 of them, before any bound.
+    big_array = {"type": "array", "items": {"type": "number"}, "minItems": 10**8}
+    assert "GRAMMAR_MAX_EXPANDED" in _e2big(json_schema_to_gbnf, big_array)
+    assert "GRAMMAR_MAX_EXPANDED" in _e2big(json_schema_to_gbnf, json.dumps(
+        {"type": "object", "properties": {"s": {"type": "string", "maxLength": 10**9}}}))
     for fine in ('root ::= " yes" | " no"', 'root ::= [a-z]+ ("," [a-z]+)*  # words',
+                 'root ::= [0-9]{1,3} ("." [0-9]{1,3}){3}', 'root ::= "a"{3,}',
                  f"root ::= {alts(1000)}", 'root ::= "\\"|" x ::= ("',
                  json_schema_to_gbnf(True), json_schema_to_gbnf(
                      {"type": "object", "properties": {"a": {"type": "array", "items": {

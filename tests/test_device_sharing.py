@@ -177,12 +177,15 @@ def test_oversized_grammars_are_refused_before_compiling(llm_kernel):
         assert err.name == "E2BIG"
 
 
-def test_a_deeply_nested_grammar_does_not_crash_the_kernel(llm_kernel):
-    """30,000 nested parentheses overflowed llama.cpp's recursive parser: SIGSEGV."""
+def test_grammars_that_took_the_kernel_down_are_refused(llm_kernel):
+    """30,000 nested parentheses overflowed llama.cpp's recursive parser (SIGSEGV);
+    "a"{5,3} had it write out four billion copies (killed for memory)."""
     deep = "root ::= " + "(" * 30_000 + '"a"' + ")" * 30_000
     with llm_kernel.client() as c:
         err = _error(c.llm.generate, "x", None, {"grammar": deep, "max_tokens": 1})
         assert err.name == "E2BIG" and "GRAMMAR_MAX_DEPTH" in str(err)
+        err = _error(c.llm.generate, "x", None, {"grammar": 'root ::= "a"{5,3}'})
+        assert err.name == "EINVAL" and "{5,3}" in str(err)
         assert c.sys.null() is None
 
 
