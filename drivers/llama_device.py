@@ -31,7 +31,20 @@ otherwise start the slot over, as llama.cpp's server does.
 Threads: the device is synchronous and owned by one thread at a time (the
 scheduler's worker). ``tokenize``, ``detokenize``, ``render_chat`` and
 ``generation`` touch only the read-only model and may be called from any
-thread. ``embed`` uses its own context; do not run two ``embed`` at once.
+thread (a grammar is compiled in ``generation``: call it off the event loop).
+
+Embeddings come from a second, small context on the same model, in bounded
+chunks (``embed_step``: at most EMBED_CHUNK tokens per decode), so that the
+scheduler can interleave them with generation steps and charge them to their
+owner. The context does not pool: llama.cpp pools per decode, so a text split
+over several decodes would be pooled wrongly; we sum the per-token vectors
+ourselves while the text's KV cells carry the causal context from one chunk
+to the next. Every decode of this context computes the full-vocabulary logits
+of every token too (an embeddings context outputs them all): at llama.cpp's
+usual batch of 2,048 that buffer alone was 2 GiB (262,144 x 2,048 floats), the
+RSS growth an unbounded embed used to cost, hence the small chunk. Each chunk
+runs whole on the compute thread, so embed jobs from several threads never
+interleave inside a decode.
 
 This build of llama.cpp crashes (SIGSEGV in ggml_backend_amx_mul_mat) when
 it repacks weights for the CPU's AMX units on this machine, so the device
@@ -134,6 +147,9 @@ class StepResult:
     n_prefill: int             # prompt tokens decoded
     seconds: float             # wall time of the step (decode + sampling)
     retries: int = 0           # decode retries with a smaller batch (KV cache full)
+    # slot -> seconds its own sampling took (grammar, penalties): a cost of that request
+    # alone, where the decode's is shared by every slot in the batch.
+    sample_seconds: dict[int, float] = field(default_factory=dict)
 
 
 class Generation:
@@ -210,6 +226,8 @@ class Device:
         self.ctx = None
         self._batch = None
         self._emb_ctx = None
+        self._emb_batch = None
+        self._emb_free: list[int] = list(range(self.EMBED_SEQS))  # embedding sequences unused
         mparams = llama_cpp.llama_model_default_params()
         mparams.n_gpu_layers = n_gpu_layers
         mparams.use_extra_bufts = extra_buffers
@@ -229,6 +247,7 @@ class Device:
         eos = llama_cpp.llama_vocab_eos(self.vocab)
         self.eos = eos if eos >= 0 else llama_cpp.llama_vocab_eot(self.vocab)
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
+        self.max_token_bytes = _max_token_bytes(self.vocab, self.n_vocab)
 
         cparams = llama_cpp.llama_context_default_params()
         cparams.n_ctx = self.kv_size
@@ -268,6 +287,9 @@ class Device:
         for slot in getattr(self, "_slots", []):
             if slot.gen is not None:
                 slot.gen = None
+        if self._emb_batch is not None:
+            llama_cpp.llama_batch_free(self._emb_batch)
+            self._emb_batch = None
         if self._emb_ctx is not None:
             llama_cpp.llama_free(self._emb_ctx)
             self._emb_ctx = None
@@ -290,7 +312,11 @@ class Device:
     # -- text ------------------------------------------------------------------------------
 
     def tokenize(self, text: str, *, add_bos: bool = True, special: bool = False) -> list[int]:
-        """Text -> tokens. ``special`` parses control tokens such as ``<end_of_turn>``."""
+        """Text -> tokens. ``special`` parses control tokens such as ``<end_of_turn>``.
+
+        Its cost grows with the text (about 1 s per MB here): bound the text first
+        (``check_text_size``, ``text_bytes_for``) and call it off the event loop.
+        """
         data = text.encode("utf-8")
         cap = len(data) + 8
         buf = (llama_cpp.llama_token * cap)()
@@ -302,6 +328,11 @@ class Device:
             if n < 0:
                 raise SyscallError("EINVAL", "text could not be tokenized")
         return list(buf[:n])
+
+    def text_bytes_for(self, n_tokens: int) -> int:
+        """The most UTF-8 bytes a text of ``n_tokens`` tokens can have: a longer text
+        cannot fit, whatever it says, so it can be refused before tokenizing."""
+        return n_tokens * self.max_token_bytes
 
     def token_piece(self, token: int) -> bytes:
         """The bytes of one token (not special tokens); cached, since every step needs it."""
@@ -535,6 +566,7 @@ class Device:
 
         events: list[TokenEvent] = []
         fed: dict[int, int] = {}
+        sampled: dict[int, float] = {}
         n_decode = n_prefill = 0
         for slot, take, first_row, wants_logits in rows:
             s = self._slots[slot]
@@ -545,7 +577,9 @@ class Device:
                 n_decode += 1
                 if take > 1:
                     n_prefill += take - 1
+                ts = time.perf_counter()
                 events.append(self._sample(slot, first_row + take - 1))
+                sampled[slot] = time.perf_counter() - ts
             else:
                 n_prefill += take
         dt = time.perf_counter() - t0
@@ -553,7 +587,7 @@ class Device:
         self.busy_seconds += dt
         self.tokens_decoded += n_decode
         self.tokens_prefilled += n_prefill
-        return StepResult(events, fed, n_decode, n_prefill, dt, retries)
+        return StepResult(events, fed, n_decode, n_prefill, dt, retries, sampled)
 
     def _fill_batch(
         self, decode: list[int], prefill: list[int], budget: int
@@ -618,73 +652,183 @@ class Device:
 
     # -- embeddings -----------------------------------------------------------------------
 
-    EMBED_CTX = 2048
-    EMBED_SEQS = 8
+    EMBED_CTX = 1024   # tokens of a text that count (longer texts are truncated)
+    EMBED_CHUNK = 32   # tokens per embedding decode: bounds its time and its logits buffer
+    EMBED_SEQS = 16    # sequences of the embedding context (texts in flight in one chunk)
+    EMBED_PARTIAL = 2  # texts left half-done between chunks (each holds up to EMBED_CTX cells)
+
+    def embedding(self, texts: Sequence[str] | Sequence[Sequence[int]],
+                  *, normalize: bool = True) -> Embedding:
+        """An embed request's state: texts (or token lists) cut to EMBED_CTX tokens.
+
+        Tokenizes (so call it off the event loop); the work is done by embed_step.
+        """
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise SyscallError("EINVAL", "embed takes a list of strings")
+        toks: list[list[int]] = []
+        cap = self.text_bytes_for(self.EMBED_CTX + 8)  # more of a text cannot count
+        for t in texts:
+            if isinstance(t, str):
+                tk = self.tokenize(t[:cap])
+            elif isinstance(t, (list, tuple)):
+                tk = list(t)
+                if any(not isinstance(x, int) or isinstance(x, bool)
+                       or not 0 <= x < self.n_vocab for x in tk):
+                    raise SyscallError("EINVAL", f"token ids must be in 0..{self.n_vocab - 1}")
+            else:
+                raise SyscallError("EINVAL", "embed takes strings (or lists of token ids)")
+            toks.append(tk[: self.EMBED_CTX] or [self.bos])
+        return Embedding(toks, normalize, llama_cpp.llama_model_n_embd(self.model))
+
+    def embed_runnable(self, job: Embedding) -> bool:
+        """Can ``job`` make progress now? A job that starts a text may have to leave it
+        half-done, and only EMBED_PARTIAL texts may be (their cells are reserved)."""
+        if job.done:
+            return False
+        return job.seq is not None or (
+            len(self._emb_free) > self.EMBED_SEQS - self.EMBED_PARTIAL)
+
+    def embed_step(self, job: Embedding, budget: int | None = None) -> int:
+        """Decode the next chunk of ``job`` (at most EMBED_CHUNK tokens); returns the
+        number of tokens decoded (0: nothing runnable now, see embed_runnable)."""
+        return compute_thread.call(self._embed_step, job, budget or self.EMBED_CHUNK)
+
+    def embed_release(self, job: Embedding) -> None:
+        """Forget ``job``'s half-done text, if any; it restarts that text when stepped
+        again (how a parked embedder gives its cells back). Idempotent."""
+        compute_thread.call(self._embed_rewind, job)
 
     def embed(self, texts: Sequence[str], *, normalize: bool = True) -> list[list[float]]:
-        """Mean-pooled embeddings from a separate context on the same model (made on first use).
-
-        Texts longer than EMBED_CTX tokens are truncated.
-        """
-        if isinstance(texts, str):
-            raise SyscallError("EINVAL", "embed takes a list of strings")
-        ctx = self._embedding_context()
-        n_embd = llama_cpp.llama_model_n_embd(self.model)
-        mem = llama_cpp.llama_get_memory(ctx)
-        batch = llama_cpp.llama_batch_init(self.EMBED_CTX, 0, self.EMBED_SEQS)
-        out: list[list[float]] = []
+        """Mean-pooled embeddings, all at once (synchronous; the scheduler steps jobs
+        itself). Texts longer than EMBED_CTX tokens are truncated."""
+        job = self.embedding(texts, normalize=normalize)
         try:
-            toks = [self.tokenize(t)[: self.EMBED_CTX] or [self.bos] for t in texts]
-            i = 0
-            while i < len(toks):
-                group: list[list[int]] = []
-                total = 0
-                while (i < len(toks) and len(group) < self.EMBED_SEQS
-                       and total + len(toks[i]) <= self.EMBED_CTX):
-                    group.append(toks[i])
-                    total += len(toks[i])
-                    i += 1
-                row = 0
-                for seq, tk in enumerate(group):
-                    for pos, t in enumerate(tk):
-                        batch.token[row] = t
-                        batch.pos[row] = pos
-                        batch.n_seq_id[row] = 1
-                        batch.seq_id[row][0] = seq
-                        batch.logits[row] = 1
-                        row += 1
-                batch.n_tokens = row
-                llama_cpp.llama_memory_clear(mem, True)
-                rc = compute_thread.call(llama_cpp.llama_decode, ctx, batch)
-                if rc != 0:
-                    raise SyscallError("EIO", f"embedding decode failed with code {rc}")
-                for seq in range(len(group)):
-                    ptr = llama_cpp.llama_get_embeddings_seq(ctx, seq)
-                    vec = np.ctypeslib.as_array(ptr, shape=(n_embd,)).astype(np.float64)
-                    if normalize:
-                        norm = float(np.linalg.norm(vec))
-                        vec = vec / norm if norm > 0 else vec
-                    out.append(vec.tolist())
+            while not job.done:
+                if not self.embed_step(job):
+                    raise SyscallError("EBUSY", "every embedding sequence is in use")
         finally:
-            llama_cpp.llama_batch_free(batch)
-        return out
+            self.embed_release(job)
+        return job.vectors
+
+    def _embed_rewind(self, job: Embedding) -> None:
+        if job.seq is not None and self._emb_ctx is not None:
+            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._emb_ctx),
+                                          job.seq, -1, -1)
+            self._emb_free.append(job.seq)
+        job.seq = None
+        job.pos = 0
+        job.acc[:] = 0.0
+
+    def _embed_step(self, job: Embedding, budget: int) -> int:
+        """On the compute thread: one decode of up to ``budget`` tokens of ``job``."""
+        if not self.embed_runnable(job):
+            return 0
+        ctx = self._embedding_context()
+        mem = llama_cpp.llama_get_memory(ctx)
+        b = self._emb_batch
+        budget = max(1, min(budget, self.EMBED_CHUNK))
+        spans: list[tuple[int, int, int, int]] = []  # (text, seq, first row, n)
+        taken: list[int] = []
+        i, pos, row = job.i, job.pos, 0
+        while row < budget and i < len(job.tokens):
+            if pos == 0:  # a new text needs a sequence of its own
+                if not self._emb_free:
+                    break
+                seq = self._emb_free.pop()
+                taken.append(seq)
+                llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
+            else:
+                seq = job.seq
+            toks = job.tokens[i]
+            n = min(len(toks) - pos, budget - row)
+            for j in range(n):
+                b.token[row + j] = toks[pos + j]
+                b.pos[row + j] = pos + j
+                b.n_seq_id[row + j] = 1
+                b.seq_id[row + j][0] = seq
+                b.logits[row + j] = 1
+            spans.append((i, seq, row, n))
+            row += n
+            pos += n
+            if pos == len(toks):
+                i, pos = i + 1, 0
+        if row == 0:
+            return 0
+        b.n_tokens = row
+        rc = llama_cpp.llama_decode(ctx, b)
+        if rc != 0:  # give back what this chunk took; the text in hand starts over
+            for seq in taken:
+                llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
+                self._emb_free.append(seq)
+            self._embed_rewind(job)
+            raise SyscallError("EIO", f"embedding decode failed with code {rc}")
+        out = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings(ctx), shape=(row, job.n_embd))
+        for text, seq, first, n in spans:
+            job.acc += out[first:first + n].sum(axis=0, dtype=np.float64)
+            if text < i:  # the text is complete
+                job.finish_text()
+                llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
+                self._emb_free.append(seq)
+                job.seq = None
+            else:
+                job.seq = seq
+        job.i, job.pos = i, pos
+        job.decoded += row
+        return row
 
     def _embedding_context(self) -> llama_cpp.llama_context_p:
         if self._emb_ctx is None:
             p = llama_cpp.llama_context_default_params()
-            p.n_ctx = self.EMBED_CTX
-            p.n_batch = p.n_ubatch = self.EMBED_CTX
+            p.n_ctx = self.EMBED_CTX * self.EMBED_PARTIAL + self.EMBED_CHUNK
+            p.n_batch = p.n_ubatch = self.EMBED_CHUNK
             p.n_seq_max = self.EMBED_SEQS
             p.kv_unified = True
             p.embeddings = True
-            p.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+            p.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE  # we pool: see the module doc
             p.n_threads = p.n_threads_batch = self.n_threads
             p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
             ctx = llama_cpp.llama_init_from_model(self.model, p)
             if not ctx:
                 raise SyscallError("ENOMEM", "could not create the embedding context")
             self._emb_ctx = ctx
+            self._emb_batch = llama_cpp.llama_batch_init(self.EMBED_CHUNK, 0, 1)
         return self._emb_ctx
+
+
+class Embedding:
+    """One embed request's progress: texts as tokens, the running sum of the text in
+    hand, the vectors done. Stepped by Device.embed_step; not thread-safe."""
+
+    def __init__(self, tokens: list[list[int]], normalize: bool, n_embd: int) -> None:
+        self.tokens = tokens
+        self.normalize = normalize
+        self.n_embd = n_embd
+        self.n_tokens = sum(map(len, tokens))
+        self.vectors: list[list[float]] = []
+        self.i = 0              # the text in hand
+        self.pos = 0            # its tokens decoded so far
+        self.seq: int | None = None  # its sequence while it is half-done
+        self.acc = np.zeros(n_embd, dtype=np.float64)
+        self.decoded = 0        # tokens decoded, rewinds included
+
+    @property
+    def done(self) -> bool:
+        return self.i >= len(self.tokens)
+
+    def finish_text(self) -> None:
+        vec = self.acc / len(self.tokens[len(self.vectors)])
+        if self.normalize:
+            norm = float(np.linalg.norm(vec))
+            vec = vec / norm if norm > 0 else vec
+        self.vectors.append(vec.tolist())
+        self.acc = np.zeros(self.n_embd, dtype=np.float64)
+
+
+def _max_token_bytes(vocab: llama_cpp.llama_vocab_p, n_vocab: int) -> int:
+    """An upper bound on the input bytes one token stands for: the longest vocabulary
+    text (escaped forms such as "▁" or "<0x0A>" are no shorter than what they match)."""
+    get = llama_cpp.llama_vocab_get_text
+    return max(1, max(len(get(vocab, t) or b"") for t in range(n_vocab)))
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:

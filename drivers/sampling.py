@@ -11,10 +11,23 @@ every candidate against the grammar stacks, and Gemma 3's vocabulary has
 token. We sample the way llama.cpp's own ``common_sampler`` does: sample
 without the grammar, check only the chosen token (one candidate); when the
 grammar rejects it, apply the grammar to the top-M candidates by logit
-(M >= 256, and >= 4*top_k), and only if too few of those survive, to the
-whole vocabulary. This is exact for greedy decoding (the best valid token is
-among the top M whenever any of them is valid) and for top-k sampling when at
-least top_k of the M survive; otherwise the full pass keeps it exact.
+(M >= 256, and >= 4*top_k), then to the top 16*M, and only if too few of
+those survive, to the whole vocabulary. This is exact for greedy decoding
+(the best valid token is in the first set with any valid token) and for
+top-k sampling when at least top_k of a set survive; otherwise the full pass
+keeps it exact.
+
+What a grammar costs: llama.cpp checks each candidate against each of the
+grammar's parse stacks, and a rule with N alternatives starts N stacks, so
+one pass over the vocabulary costs candidates x stacks (measured here: 3.6 s
+for 2,000 alternatives, 34 s for 20,000, while a decode takes ~20 ms). That
+runs inside the device's tick, where every other sequence waits for it. So a
+grammar is bounded before it is compiled (size and fan-out: drivers/gbnf.py),
+and after compiling, its cost per candidate is timed on a probe of the
+vocabulary: one whose full pass would take more than GRAMMAR_MAX_PASS_SECONDS
+is refused (E2BIG), a net for what the estimate misses. What a grammar costs
+within those bounds is charged to its request as device time (see
+StepResult.sample_seconds and the scheduler).
 
 ``TextStream`` turns token pieces into text: incremental UTF-8 (a piece may
 end inside a multi-byte character; the bytes are held until complete) and
@@ -28,16 +41,22 @@ import codecs
 import ctypes
 import json
 import math
+import time
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 import llama_cpp
 import numpy as np
 
+from llmagentos.drivers.gbnf import MAX_EXPANDED as GRAMMAR_MAX_EXPANDED
+from llmagentos.drivers.gbnf import check_grammar, check_size
 from llmagentos.syscalls.errno import SyscallError
 
 _TOKEN_DATA = np.dtype([("id", np.intc), ("logit", np.single), ("p", np.single)], align=True)
 GRAMMAR_TOP_M = 256
+GRAMMAR_WIDEN = 16              # the second set of candidates is this many times the first
+GRAMMAR_PROBE = 512             # candidates the cost probe checks
+GRAMMAR_MAX_PASS_SECONDS = 5.0  # the most one pass over the vocabulary may cost
 
 
 @dataclass
@@ -124,20 +143,49 @@ def json_schema_to_gbnf(schema: dict | str | bool) -> str:
 
     if schema is True:
         schema = {}
-    if isinstance(schema, dict):
-        text = json.dumps(schema)
-    elif isinstance(schema, str):
+    if isinstance(schema, str):
+        check_size("json_schema", schema)
         text = schema
         try:
-            json.loads(text)
-        except ValueError as exc:
+            schema = json.loads(text)
+        except (ValueError, RecursionError) as exc:
             raise SyscallError("EINVAL", f"json_schema is not valid JSON: {exc}") from exc
+    elif isinstance(schema, dict):
+        try:
+            text = json.dumps(schema)
+        except (ValueError, TypeError, RecursionError) as exc:
+            raise SyscallError("EINVAL", f"json_schema cannot be JSON: {exc}") from exc
+        check_size("json_schema", text)
     else:
         raise SyscallError("EINVAL", "json_schema must be a map, JSON text or true")
+    _check_schema_repetitions(schema)
     try:
         return convert(text)
     except (AssertionError, ValueError, KeyError, TypeError, RecursionError) as exc:
         raise SyscallError("EINVAL", f"unsupported json_schema: {exc}") from exc
+
+
+_REPEAT_KEYS = ("minItems", "maxItems", "minLength", "maxLength")
+
+
+def _check_schema_repetitions(schema: Any) -> None:
+    """The converter writes an item out once per count (minItems 10**8: 10**8 copies, in
+    memory, before any GBNF bound could look): bound their sum first."""
+    total, todo = 0, [schema]
+    while todo:
+        node = todo.pop()
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in _REPEAT_KEYS and isinstance(value, int) and not isinstance(value, bool):
+                    total += max(0, value)
+                elif isinstance(value, (dict, list)):
+                    todo.append(value)
+        elif isinstance(node, list):
+            todo.extend(v for v in node if isinstance(v, (dict, list)))
+    if total > GRAMMAR_MAX_EXPANDED:
+        raise SyscallError("E2BIG", f"json_schema repeats items {total} times in all "
+                                    f"(minItems, maxLength, ...); the bound is "
+                                    f"{GRAMMAR_MAX_EXPANDED} (GRAMMAR_MAX_EXPANDED)")
 
 
 class Sampler:
@@ -163,8 +211,11 @@ class Sampler:
         self.chain = chain
         p = params
         if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            # This llama.cpp takes n_vocab first (see its llama.h); without it the call is a
+            # TypeError, and a 4-argument call through a stale binding would shift every value.
             pen = llama_cpp.llama_sampler_init_penalties(
-                p.repeat_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty
+                n_vocab, p.repeat_last_n, p.repeat_penalty, p.frequency_penalty,
+                p.presence_penalty,
             )
             # The penalty window covers the prompt's tail too, as llama.cpp's server does.
             for tok in list(prompt_tail)[-p.repeat_last_n:] if p.repeat_last_n else []:
@@ -183,17 +234,42 @@ class Sampler:
             ]
             for stage in stages:
                 llama_cpp.llama_sampler_chain_add(chain, stage)
-        text = p.grammar_text()
-        if text is not None:
-            grammar = llama_cpp.llama_sampler_init_grammar(vocab, text.encode("utf-8"), b"root")
-            if not grammar:
-                self.close()
-                raise SyscallError(
-                    "EINVAL", "grammar does not parse as GBNF (or has no 'root' rule)"
-                )
-            self.grammar = grammar
-            self._ids = np.arange(n_vocab, dtype=np.intc)
         self.grammar_fallbacks = 0  # how often the single-token check failed (for tuning)
+        self.grammar_pass_seconds = 0.0  # the measured cost of one pass over the vocabulary
+        try:
+            text = p.grammar_text()
+            if text is not None:
+                check_grammar(text)
+                grammar = llama_cpp.llama_sampler_init_grammar(
+                    vocab, text.encode("utf-8"), b"root")
+                if not grammar:
+                    raise SyscallError(
+                        "EINVAL", "grammar does not parse as GBNF (or has no 'root' rule)")
+                self.grammar = grammar
+                self._ids = np.arange(n_vocab, dtype=np.intc)
+                self._probe_cost()
+        except BaseException:
+            self.close()
+            raise
+
+    def _probe_cost(self) -> None:
+        """Refuse a grammar whose full pass over the vocabulary would hold the device
+        longer than GRAMMAR_MAX_PASS_SECONDS (timed on a spread of GRAMMAR_PROBE ids)."""
+        ids = np.linspace(0, self.n_vocab - 1, min(GRAMMAR_PROBE, self.n_vocab)).astype(np.intc)
+        best = math.inf
+        for _ in range(3):  # this thread's CPU time, the least of three: not the machine's load
+            cand = np.zeros(len(ids), dtype=_TOKEN_DATA)
+            cand["id"] = ids
+            t0 = time.thread_time()
+            self._apply(self.grammar, cand)
+            best = min(best, time.thread_time() - t0)
+        per_pass = best * self.n_vocab / len(ids)
+        self.grammar_pass_seconds = per_pass
+        if per_pass > GRAMMAR_MAX_PASS_SECONDS:
+            raise SyscallError(
+                "E2BIG", f"grammar too costly: one pass over the vocabulary would take "
+                         f"~{per_pass:.1f} s, over the bound of {GRAMMAR_MAX_PASS_SECONDS} s "
+                         "(GRAMMAR_MAX_PASS_SECONDS); use fewer alternatives at each point")
 
     def sample(self, ctx: llama_cpp.llama_context_p, idx: int) -> int:
         """Sample from output row ``idx`` of the last decode and accept the token."""
@@ -234,9 +310,10 @@ class Sampler:
     def _constrained(self, logits: np.ndarray) -> int:
         p = self.params
         need = 1 if p.temperature <= 0 or p.top_k <= 0 else p.top_k
-        m = min(self.n_vocab, max(GRAMMAR_TOP_M, 4 * p.top_k))
-        top = np.argpartition(-logits, m - 1)[:m] if m < self.n_vocab else self._ids
-        for ids in (top, self._ids):
+        m = max(GRAMMAR_TOP_M, 4 * p.top_k)
+        sets = [np.argpartition(-logits, k - 1)[:k] for k in (m, m * GRAMMAR_WIDEN)
+                if k < self.n_vocab] + [self._ids]
+        for ids in sets:
             cand = np.empty(len(ids), dtype=_TOKEN_DATA)
             cand["id"] = ids
             cand["logit"] = logits[ids]

@@ -211,7 +211,9 @@ class Kernel:
     def _open_memory(self) -> None:
         embed = None
         if self.config.embed_memory and self.config.model != "none":
-            embed = lambda texts: self.device.embed(texts)  # noqa: E731  (device loads later)
+            # From memory's worker threads, through the run queue (owner 0: the kernel).
+            def embed(texts: list[str]) -> list[list[float]]:
+                return trio.from_thread.run(sysllm.embed_texts, self, 0, texts)
         self.memory = ContextStore(self.config.state_dir / "memory.db", self.count_tokens,
                                    embed=embed)
         self.procs.names = names.NameTable(self.procs, self.memory)

@@ -36,10 +36,28 @@ turn (and a stopped one at once, whatever the policy):
 * ``fair``: least device time first (unweighted).
 
 For ``priority`` and ``fair`` a process that becomes runnable again starts at
-no less than the least virtual time among runnable processes, so a long nap
-does not buy a long monopoly. With no contention (a free slot for everyone)
+no less than the least virtual time among runnable processes (with none, the
+least there was when some last ran: a newcomer to an idle device starts level
+with whoever used it, as under CFS's min_vruntime), so a long nap does not buy
+a long monopoly. With no contention (a free slot for everyone)
 every running request advances every tick whatever the policy: batching a
 sequence more is nearly free, so holding one back would only waste the device.
+
+What is not nearly free is a request's own sampling (a grammar checks
+candidates against its parse stacks; penalties scan the vocabulary): it runs
+inside the tick, so everyone in the batch waits for it. A step's decode time is
+shared among its slots by tokens fed, and each slot's sampling time is its
+own. Under ``fair`` and ``priority`` a *costly sampler* (one whose sampling
+takes longer than the shared decode) sits out a tick while its owner's virtual
+time is ahead of another running owner's: it gets its share of the device, and
+the others keep theirs.
+
+Embeddings are requests too (``embed``): each tick may add one chunk of the
+embed request first in policy order (``Device.embed_step``, a bounded decode
+on the embedding context), when its owner's virtual time is no more than the
+least of the generating owners'; the chunk's time is charged to that owner.
+So a long embed time-shares the device with generation instead of stalling
+it, and is withdrawn like a generation (cancel, STOP, release).
 """
 
 from __future__ import annotations
@@ -72,6 +90,7 @@ MIN_COPY = 8        # shortest shared prefix worth a copy_prefix
 MIN_RESTORE = 16    # shortest snapshot prefix worth a restore
 MIN_IDLE_SAVE = 32  # shortest idle conversation worth saving on eviction
 STATS_WINDOW = 10.0
+COST_EWMA = 0.2     # weight of the newest sample in the per-token cost averages
 
 
 def nice_weight(nice: int) -> float:
@@ -94,6 +113,12 @@ class OwnerUsage:
     device_time: float = 0.0  # seconds of device steps attributed (by tokens in the batch)
     queue_wait: float = 0.0   # seconds runnable but without a slot
     requests: int = 0
+
+
+@dataclass
+class EmbedResult:
+    vectors: list[list[float]]
+    usage: dict[str, Any]
 
 
 @dataclass(eq=False)
@@ -123,6 +148,24 @@ class _Request:
     queue_wait: float = 0.0
     wait_since: float | None = None  # runnable and waiting since
     no_admit_round: int = -1         # preempted in this planning round: not re-admitted in it
+    sample_cost: float = 0.0         # seconds of its own sampling per token (average)
+
+    @property
+    def done(self) -> bool:
+        return self.state == "done"
+
+
+@dataclass(eq=False)
+class _EmbedRequest:
+    id: int
+    owner: _Owner
+    job: Any                         # the device's Embedding
+    send: trio.MemorySendChannel
+    seq: int
+    submitted: float
+    state: str = "queued"            # queued | done
+    device_time: float = 0.0
+    started: float | None = None     # its first chunk
 
     @property
     def done(self) -> bool:
@@ -155,6 +198,9 @@ class Scheduler:
         self.snapshots = SnapshotStore(snapshot_ram_bytes, spill_dir)
         self._owners: dict[int, _Owner] = {}
         self._queue: list[_Request] = []
+        self._embeds: list[_EmbedRequest] = []
+        self._decode_cost = 0.0  # seconds of a step's shared decode (average)
+        self._floor = (0.0, 0.0)  # least (fair, prio) virtual time when some last ran
         self._slot_req: list[_Request | None] = [None] * self.n_slots
         self._slot_owner: list[int | None] = [None] * self.n_slots
         self._slot_used: list[float] = [0.0] * self.n_slots
@@ -178,6 +224,9 @@ class Scheduler:
         self.copies = 0
         self.copied_tokens = 0
         self.idle_saves = 0
+        self.embed_chunks = 0
+        self.embed_tokens = 0
+        self.throttled = 0
         self._window: deque[tuple[float, int, float, int]] = deque()  # (t, tokens, busy, rows)
 
     # -- the API the kernel uses ---------------------------------------------------------
@@ -196,7 +245,14 @@ class Scheduler:
         Cancelling the awaiting task withdraws the request and frees its slot.
         ``on_token`` receives each new piece of text as it becomes safe to show.
         """
-        gen = self.device.generation(list(prompt_tokens), params)  # EINVAL/E2BIG here
+        # EINVAL/E2BIG here. A grammar (or JSON schema) is converted, compiled and
+        # probed in the request's constructor: a worker thread's time, not the loop's.
+        params = SamplingParams.from_dict(params)
+        if params.grammar is not None or params.json_schema not in (None, False):
+            gen = await trio.to_thread.run_sync(
+                self.device.generation, list(prompt_tokens), params)
+        else:
+            gen = self.device.generation(list(prompt_tokens), params)
         acct = self._owner(owner)
         if nice is not None:
             self.set_nice(owner, nice)
@@ -221,6 +277,31 @@ class Scheduler:
         finally:
             if not req.done:  # cancelled, or on_token failed: withdraw the request
                 self._cancel(req)
+            recv.close()
+
+    async def embed(self, owner: int, job: Any, *, nice: int | None = None) -> EmbedResult:
+        """Run an embed request (a ``Device.embedding``) for ``owner``, a chunk per tick
+        under the policy. Cancelling the awaiting task withdraws it."""
+        if not hasattr(self.device, "embed_step"):
+            raise SyscallError("ENOSYS", "this device does not compute embeddings")
+        acct = self._owner(owner)
+        if nice is not None:
+            self.set_nice(owner, nice)
+        send, recv = trio.open_memory_channel(math.inf)
+        req = _EmbedRequest(next(self._ids), acct, job, send, next(self._seqs), self.clock())
+        acct.usage.requests += 1
+        self._activate(acct)
+        self._embeds.append(req)
+        self._kick()
+        try:
+            async for kind, value in recv:
+                if kind == "done":
+                    return value
+                raise value
+            raise SyscallError("ESHUTDOWN", "the device loop stopped")
+        finally:
+            if not req.done:
+                self._cancel_embed(req)
             recv.close()
 
     def stop(self, owner: int) -> None:
@@ -257,6 +338,8 @@ class Scheduler:
                 self._cancel(req, SyscallError("ECANCELED", f"process {owner} released"))
             for req in [r for r in self._slot_req if r is not None and r.owner is acct]:
                 self._cancel(req, SyscallError("ECANCELED", f"process {owner} released"))
+            for ereq in [e for e in self._embeds if e.owner is acct]:
+                self._cancel_embed(ereq, SyscallError("ECANCELED", f"process {owner} released"))
         for slot in range(self.n_slots):
             if self._slot_owner[slot] == owner:
                 self._slot_owner[slot] = None
@@ -278,13 +361,15 @@ class Scheduler:
 
     def load(self) -> int:
         """Requests queued or running: what a DeviceSet balances new processes by."""
-        return len(self._queue) + sum(1 for r in self._slot_req if r is not None)
+        return (len(self._queue) + len(self._embeds)
+                + sum(1 for r in self._slot_req if r is not None))
 
     def holds(self, owner: int) -> bool:
         """Has ``owner`` anything here: a request, a resident slot or saved state?"""
         acct = self._owners.get(owner)
         if acct is not None and (any(r.owner is acct for r in self._queue) or any(
-                r is not None and r.owner is acct for r in self._slot_req)):
+                r is not None and r.owner is acct for r in self._slot_req)
+                or any(e.owner is acct for e in self._embeds)):
             return True
         return owner in self._slot_owner or ("owner", owner) in self.snapshots
 
@@ -324,6 +409,10 @@ class Scheduler:
             "prefix_copies": self.copies,
             "copied_tokens": self.copied_tokens,
             "idle_saves": self.idle_saves,
+            "embed_queue": len(self._embeds),
+            "embed_chunks": self.embed_chunks,
+            "embed_tokens": self.embed_tokens,
+            "throttled": self.throttled,
             "snapshots": {"count": len(self.snapshots), "ram_bytes": self.snapshots.ram_bytes,
                           "disk_bytes": self.snapshots.disk_bytes,
                           "ram_budget": self.snapshots.ram_budget,
@@ -343,26 +432,33 @@ class Scheduler:
             await trio.to_thread.run_sync(self._reset_device, abandon_on_cancel=False)
             task_status.started()
             while True:
-                ops, plan = self._plan()
-                if not ops and not plan:
+                ops, plan, ereq = self._plan()
+                if not ops and not plan and ereq is None:
                     await self._wake.wait()
                     self._wake = trio.Event()
                     continue
-                results, step, error = await trio.to_thread.run_sync(
-                    self._tick, ops, [s for s, _ in plan], abandon_on_cancel=False
-                )
-                self._apply(ops, results, plan, step)
-                if isinstance(error, DeviceFullError):
-                    self._on_device_full(plan, error)
-                elif error is not None:  # a device fault must not take the kernel down
-                    log.error("device tick failed: %r", error)
-                    self._fail_plan(plan, SyscallError("EIO", f"device error: {error}"))
+                if ops or plan:
+                    results, step, error = await trio.to_thread.run_sync(
+                        self._tick, ops, [s for s, _ in plan], abandon_on_cancel=False
+                    )
+                    self._apply(ops, results, plan, step)
+                    if isinstance(error, DeviceFullError):
+                        self._on_device_full(plan, error)
+                    elif error is not None:  # a device fault must not take the kernel down
+                        log.error("device tick failed: %r", error)
+                        self._fail_plan(plan, SyscallError("EIO", f"device error: {error}"))
+                if ereq is not None and not ereq.done:
+                    n, seconds, error = await trio.to_thread.run_sync(
+                        self._embed_chunk, ereq.job, abandon_on_cancel=False)
+                    self._apply_embed(ereq, n, seconds, error)
                 await trio.lowlevel.checkpoint()
         finally:
             self._running = False
             err = SyscallError("ESHUTDOWN", "the device loop stopped")
             for req in list(self._queue) + [r for r in self._slot_req if r is not None]:
                 self._cancel(req, err)
+            for ereq in list(self._embeds):
+                self._cancel_embed(ereq, err)
             for gen in self._to_close:
                 gen.close()
             self._to_close.clear()
@@ -419,13 +515,26 @@ class Scheduler:
             elif kind == "release":
                 d.release(op[1])
                 results.append(None)
+            elif kind == "embed_release":
+                d.embed_release(op[1])
+                results.append(None)
             else:
                 raise AssertionError(f"unknown device op {kind}")
 
+    def _embed_chunk(self, job: Any) -> tuple[int, float, Exception | None]:
+        """Worker thread: one chunk of an embed request. Never raises."""
+        t0 = time.perf_counter()
+        try:
+            n = self.device.embed_step(job)
+        except Exception as exc:
+            return 0, time.perf_counter() - t0, exc
+        return n, time.perf_counter() - t0, None
+
     # -- planning (trio thread, device idle) ---------------------------------------------
 
-    def _plan(self) -> tuple[list[tuple], list[tuple[int, _Request]]]:
+    def _plan(self) -> tuple[list[tuple], list[tuple[int, _Request]], _EmbedRequest | None]:
         self._round += 1
+        self._note_floor()
         for gen in self._to_close:
             gen.close()
         self._to_close.clear()
@@ -441,13 +550,41 @@ class Scheduler:
         plan = [(s, r) for s, r in enumerate(self._slot_req)
                 if r is not None and not r.owner.stopped]
         plan.sort(key=lambda sr: self._key(sr[1]))
-        return ops, plan
+        if self.policy in ("fair", "priority") and len(plan) > 1:
+            plan = self._throttle(plan)
+        return ops, plan, self._pick_embed(plan, ops)
 
-    def _vtime(self, req: _Request) -> float:
+    def _throttle(self, plan: list[tuple[int, _Request]]) -> list[tuple[int, _Request]]:
+        """Costly samplers whose owner is ahead of another running owner sit this tick out."""
+        costly = max(self._decode_cost, 0.001)
+        least = min(self._vtime(r) for _, r in plan)
+        keep = [(s, r) for s, r in plan if r.sample_cost <= costly or self._vtime(r) <= least]
+        self.throttled += len(plan) - len(keep)
+        return keep
+
+    def _pick_embed(self, plan: list[tuple[int, _Request]],
+                    ops: list[tuple]) -> _EmbedRequest | None:
+        """The embed request that gets a chunk this tick, if any (see the module doc)."""
+        if not self._embeds:
+            return None
+        waiting = sorted((e for e in self._embeds if not e.owner.stopped), key=self._key)
+        ready = [e for e in waiting if self.device.embed_runnable(e.job)]
+        if not ready:
+            # Half-done texts of parked embedders hold the cells: they start over later.
+            for e in self._embeds:
+                if waiting and e.owner.stopped and e.job.seq is not None:
+                    ops.append(("embed_release", e.job))
+            return None
+        ereq = ready[0]
+        if plan and self._vtime(ereq) > min(self._vtime(r) for _, r in plan):
+            return None
+        return ereq
+
+    def _vtime(self, req: _Request | _EmbedRequest) -> float:
         acct = req.owner
         return acct.vtime_prio if self.policy == "priority" else acct.vtime_fair
 
-    def _key(self, req: _Request) -> tuple:
+    def _key(self, req: _Request | _EmbedRequest) -> tuple:
         if self.policy == "priority":
             return (req.owner.vtime_prio, req.owner.nice, req.seq)
         if self.policy == "fair":
@@ -610,11 +747,18 @@ class Scheduler:
                     self.tokens_in += n_prompt - reused
         total_fed = sum(step.fed.values())
         by_slot = dict(plan)
+        sampled = step.sample_seconds
+        shared = max(0.0, step.seconds - sum(sampled.values()))
+        if step.fed:
+            self._decode_cost += COST_EWMA * (shared - self._decode_cost)
         for slot, fed in step.fed.items():
             req = by_slot.get(slot)
             if req is None or total_fed == 0:
                 continue
-            share = step.seconds * fed / total_fed
+            own = sampled.get(slot)
+            if own is not None:
+                req.sample_cost += COST_EWMA * (own - req.sample_cost)
+            share = shared * fed / total_fed + (own or 0.0)
             req.device_time += share
             acct = req.owner
             acct.usage.device_time += share
@@ -676,6 +820,49 @@ class Scheduler:
             _send(req, ("error", error))
         req.send.close()
 
+    def _apply_embed(self, ereq: _EmbedRequest, n: int, seconds: float,
+                     error: Exception | None) -> None:
+        now = self.clock()
+        acct = ereq.owner
+        if ereq.started is None:
+            ereq.started = now - seconds
+            acct.usage.queue_wait += ereq.started - ereq.submitted
+        ereq.device_time += seconds
+        acct.usage.device_time += seconds
+        acct.usage.tokens_in += n
+        acct.vtime_fair += seconds
+        acct.vtime_prio += seconds * 1024.0 / nice_weight(acct.nice)
+        self.busy += seconds
+        self.tokens_in += n
+        self.embed_tokens += n
+        self.embed_chunks += 1
+        self._window.append((now, 0, seconds, 0))
+        if ereq.done:
+            return  # withdrawn while its chunk ran: its release op is already deferred
+        if error is not None:
+            log.error("embedding chunk failed: %r", error)
+            msg = error.message if isinstance(error, SyscallError) else repr(error)
+            self._cancel_embed(ereq, SyscallError("EIO", f"device error: {msg}"))
+        elif ereq.job.done:
+            usage = {"prompt_tokens": ereq.job.n_tokens, "cached_tokens": 0,
+                     "completion_tokens": 0, "device_time": ereq.device_time,
+                     "queue_wait": ereq.started - ereq.submitted}
+            ereq.state = "done"
+            self._embeds.remove(ereq)
+            _send(ereq, ("done", EmbedResult(ereq.job.vectors, usage)))
+            ereq.send.close()
+
+    def _cancel_embed(self, ereq: _EmbedRequest, error: SyscallError | None = None) -> None:
+        if ereq.done:
+            return
+        ereq.state = "done"
+        self._embeds.remove(ereq)
+        self._deferred.append(("embed_release", ereq.job))
+        self._kick()
+        if error is not None:
+            _send(ereq, ("error", error))
+        ereq.send.close()
+
     def _request_alive(self, req_id: int) -> bool:
         return any(r.id == req_id for r in self._queue)
 
@@ -709,14 +896,23 @@ class Scheduler:
             acct = self._owners[pid] = _Owner(pid)
         return acct
 
+    def _runnable_owners(self) -> set[_Owner]:
+        owners = {r.owner for r in self._queue} | {
+            r.owner for r in self._slot_req if r is not None} | {e.owner for e in self._embeds}
+        return {o for o in owners if not o.stopped}
+
+    def _note_floor(self) -> None:
+        """Remember the least virtual times among runnable owners (they only grow)."""
+        owners = self._runnable_owners()
+        if owners:
+            self._floor = (max(self._floor[0], min(o.vtime_fair for o in owners)),
+                           max(self._floor[1], min(o.vtime_prio for o in owners)))
+
     def _activate(self, acct: _Owner) -> None:
         """Coming back to the run queue: start no earlier than the runnable minimum."""
-        others = {r.owner for r in self._queue if r.owner is not acct} | {
-            r.owner for r in self._slot_req if r is not None and r.owner is not acct}
-        others = {o for o in others if not o.stopped}
-        if others:
-            acct.vtime_fair = max(acct.vtime_fair, min(o.vtime_fair for o in others))
-            acct.vtime_prio = max(acct.vtime_prio, min(o.vtime_prio for o in others))
+        self._note_floor()
+        acct.vtime_fair = max(acct.vtime_fair, self._floor[0])
+        acct.vtime_prio = max(acct.vtime_prio, self._floor[1])
 
     def _kick(self) -> None:
         self._wake.set()

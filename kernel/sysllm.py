@@ -2,10 +2,16 @@
 
 The device loop (kernel/scheduler.py) owns the llama.cpp context; handlers
 only submit requests to it and account what each process used.
+
+Sizes are checked before work, on the event loop, where the check costs
+O(1) or one encode: a text longer than ``Device.text_bytes_for(n)`` bytes
+cannot be fewer than ``n`` tokens. Tokenizing and chat rendering then run in
+a worker thread (about 1 s per MB here).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import trio
@@ -15,20 +21,9 @@ from llmagentos.syscalls.errno import SyscallError
 
 from .dispatch import Call, handler
 
-MAX_EMBED_TEXTS = 256
-MAX_TEXT_BYTES = 64 * 1024  # tokenized on the event loop, about 0.5 us a byte
-
-
-def check_text_size(*texts: Any) -> None:
-    """E2BIG before any tokenizing: a 15 MB prompt held the loop 7.7 s."""
-    total = 0
-    for t in texts:
-        if isinstance(t, str):  # isascii() is O(1); encode only what is short anyway
-            total += len(t) if len(t) > MAX_TEXT_BYTES or t.isascii() \
-                else len(t.encode("utf-8", "surrogatepass"))
-    if total > MAX_TEXT_BYTES:
-        raise SyscallError("E2BIG", f"text of {total} bytes; at most {MAX_TEXT_BYTES} are "
-                                    "tokenized in one call")
+MAX_EMBED_TEXTS = 256      # texts per llm.embed
+MAX_EMBED_TOKENS = 8192    # tokens per llm.embed, after each text is cut to EMBED_CTX
+MAX_TOKENIZE_BYTES = 1 << 20  # text per llm.tokenize
 
 
 def _device(call: Call) -> Any:
@@ -37,6 +32,16 @@ def _device(call: Call) -> Any:
         raise SyscallError("ENOSYS", "this kernel was booted without a compute device "
                                      "(--model none)")
     return dev
+
+
+def check_text_size(text: str, limit: int, what: str) -> None:
+    """E2BIG when ``text`` is over ``limit`` UTF-8 bytes (O(1) for most long texts)."""
+    n = len(text)
+    if n <= limit:  # characters <= bytes <= 4 * characters
+        n = len(text.encode("utf-8", "surrogatepass")) if 4 * n > limit else 0
+    if n > limit:
+        raise SyscallError("E2BIG", f"{what} of {n} bytes or more is over the bound of "
+                                    f"{limit} bytes")
 
 
 def check_token_quota(pcb: Any, params: SamplingParams, prompt_tokens: int) -> None:
@@ -81,15 +86,24 @@ async def run_generation(call: Call, tokens: list[int], params: SamplingParams,
             "model": k.device.model_name}
 
 
-def prompt_tokens(dev: Any, prompt: str | None, messages: list | None,
-                  params: SamplingParams) -> list[int]:
+async def prompt_tokens(dev: Any, prompt: str | None, messages: list | None,
+                        params: SamplingParams) -> list[int]:
+    """The prompt as tokens: sized on the loop, tokenized (and rendered) off it."""
     if (prompt is None) == (messages is None):
         raise SyscallError("EINVAL", "give exactly one of prompt or messages")
+    limit = dev.text_bytes_for(dev.n_ctx - 1)  # more bytes than this cannot fit a slot
+    what = f"prompt (a slot holds {dev.n_ctx} tokens)"
     if prompt is not None:
-        return dev.tokenize(prompt)
+        check_text_size(prompt, limit, what)
+        return await trio.to_thread.run_sync(dev.tokenize, prompt)
     check_messages(messages)
+    chars = sum(len(m["content"]) for m in messages)
+    if chars > limit:  # not joined: that alone would be O(size) on the loop
+        raise SyscallError("E2BIG", f"{what} of {chars} bytes or more is over the bound of "
+                                    f"{limit} bytes")
+    check_text_size("".join(m["content"] for m in messages), limit, what)
     params.stop = list(params.stop) + [s for s in dev.chat_stop if s not in params.stop]
-    return dev.tokenize_chat(messages)
+    return await trio.to_thread.run_sync(dev.tokenize_chat, messages)
 
 
 def check_messages(messages: list) -> None:
@@ -107,7 +121,8 @@ def check_messages(messages: list) -> None:
 @handler("llm.generate", runs="task")
 async def generate(call: Call, prompt: str | None, messages: list | None, params: dict | None,
                    stream: bool, context: bool) -> dict:
-    check_text_size(prompt, *(m.get("content") for m in messages or () if isinstance(m, dict)))
+    if prompt is not None:  # before anything tokenizes it (the context path too)
+        check_text_size(prompt, MAX_TOKENIZE_BYTES, "prompt")
     dev = _device(call)
     sp = SamplingParams.from_dict(params)
     if context:
@@ -115,25 +130,75 @@ async def generate(call: Call, prompt: str | None, messages: list | None, params
         if gen_ctx is None:
             raise SyscallError("ENOSYS", "context memory is not available in this kernel")
         return await gen_ctx(call, prompt, messages, sp, stream)
-    tokens = prompt_tokens(dev, prompt, messages, sp)
+    tokens = await prompt_tokens(dev, prompt, messages, sp)
     return await run_generation(call, tokens, sp, stream)
 
 
 @handler("llm.embed", runs="task")
 async def embed(call: Call, texts: list | str) -> list:
-    dev = _device(call)
+    dev, pcb = _device(call), call.caller
     if isinstance(texts, str):
         texts = [texts]
     if not texts or len(texts) > MAX_EMBED_TEXTS or not all(isinstance(t, str) for t in texts):
         raise SyscallError("EINVAL", f"texts must be 1..{MAX_EMBED_TEXTS} strings")
-    async with call.kernel.embed_lock:  # one embedding context: one user at a time
-        return await trio.to_thread.run_sync(dev.embed, texts, abandon_on_cancel=False)
+    # Each text counts up to EMBED_CTX tokens, and has at least len/max_token_bytes.
+    least = sum(min(-(-len(t) // dev.max_token_bytes), dev.EMBED_CTX) for t in texts)
+    if least > MAX_EMBED_TOKENS:
+        raise SyscallError("E2BIG", f"texts of at least {least} tokens; llm.embed takes at "
+                                    f"most {MAX_EMBED_TOKENS} tokens per call")
+    job = await trio.to_thread.run_sync(dev.embedding, texts)
+    if job.n_tokens > MAX_EMBED_TOKENS:
+        raise SyscallError("E2BIG", f"texts of {job.n_tokens} tokens; llm.embed takes at "
+                                    f"most {MAX_EMBED_TOKENS} tokens per call")
+    limit = pcb.limits.get("tokens")
+    if limit is not None:
+        used = pcb.usage.tokens_in + pcb.usage.tokens_out
+        if used + job.n_tokens > limit:
+            raise SyscallError("EDQUOT", f"token limit {int(limit)} reached (used {used}, "
+                                         f"these texts {job.n_tokens})")
+    pcb.waiting_calls += 1
+    try:
+        res = await run_embedding(call.kernel, pcb.pid, job, nice=pcb.nice)
+    finally:
+        pcb.waiting_calls -= 1
+    account(pcb, res.usage)
+    return res.vectors
 
 
-@handler("llm.tokenize")
+async def run_embedding(k: Any, owner: int, job: Any, *, nice: int | None = None) -> Any:
+    """Run an embed job for ``owner`` on the kernel's device: through its run queue, or,
+    where the run queue drives other devices (a cluster), chunk by chunk here."""
+    sched = k.scheduler
+    if getattr(sched, "device", None) is k.device:
+        return await sched.embed(owner, job, nice=nice)
+    from .scheduler import EmbedResult
+
+    dev, spent = k.device, 0.0
+    try:
+        while not job.done:
+            t0 = time.perf_counter()
+            if not await trio.to_thread.run_sync(dev.embed_step, job, abandon_on_cancel=False):
+                await trio.sleep(0.01)  # the embedding sequences are all taken: wait a turn
+            spent += time.perf_counter() - t0
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(dev.embed_release, job)
+    return EmbedResult(job.vectors, {"prompt_tokens": job.n_tokens, "cached_tokens": 0,
+                                     "completion_tokens": 0, "device_time": spent,
+                                     "queue_wait": 0.0})
+
+
+async def embed_texts(k: Any, owner: int, texts: list[str]) -> list[list[float]]:
+    """The kernel's own embeddings (context memory), under the same run queue."""
+    job = await trio.to_thread.run_sync(k.device.embedding, texts)
+    return (await run_embedding(k, owner, job)).vectors
+
+
+@handler("llm.tokenize", runs="task")
 async def tokenize(call: Call, text: str, special: bool) -> list:
-    check_text_size(text)
-    return _device(call).tokenize(text, special=special)
+    dev = _device(call)
+    check_text_size(text, MAX_TOKENIZE_BYTES, "text")
+    return await call.in_thread(lambda: dev.tokenize(text, special=special))
 
 
 @handler("llm.detokenize")

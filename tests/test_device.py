@@ -8,6 +8,8 @@ import math
 
 import pytest
 
+from llmagentos.drivers import sampling
+from llmagentos.drivers.gbnf import check_grammar
 from llmagentos.drivers.llama_device import (
     FINISH_EOG,
     FINISH_LENGTH,
@@ -106,6 +108,51 @@ def test_json_schema_converts_or_is_einval():
     for bad in ({"type": "frob"}, "{not json", 42):
         with pytest.raises(SyscallError):
             json_schema_to_gbnf(bad)
+
+
+def _e2big(fn, *args) -> str:
+    with pytest.raises(SyscallError) as exc:
+        fn(*args)
+    assert exc.value.name == "E2BIG"
+    return exc.value.message
+
+
+def test_grammars_are_bounded_before_compiling():
+    alts = lambda n, w="": " | ".join(f'{w}"{i}"' for i in range(n))  # noqa: E731
+    assert "GRAMMAR_MAX_BYTES" in _e2big(check_grammar, "root ::= " + alts(20_000))
+    # Three rules of 40 alternatives, each starting with the next: 64,000 parse stacks
+    # from 1 KB of text (it took 21 s to compile).
+    branchy = f"root ::= x1\nx1 ::= {alts(40, 'x2 ')}\nx2 ::= {alts(40, 'x3 ')}\nx3 ::= {alts(40)}"
+    assert "64000" in _e2big(check_grammar, branchy)
+    # llama.cpp's parser recurses on parentheses: 30,000 of them crashed the process.
+    deep = "root ::= " + "(" * 30_000 + '"a"' + ")" * 30_000
+    assert "GRAMMAR_MAX_DEPTH" in _e2big(check_grammar, deep)
+    # llama.cpp writes x{m,n} out as copies: {5,3} meant four billion of them (OOM).
+    with pytest.raises(SyscallError) as exc:
+        check_grammar('root ::= "a"{5,3}')
+    assert exc.value.name == "EINVAL"
+    assert "GRAMMAR_MAX_EXPANDED" in _e2big(check_grammar, 'root ::= ("a"{300}){300}')
+    assert "GRAMMAR_MAX_EXPANDED" in _e2big(check_grammar, 'root ::= "a"{' + "9" * 5000 + "}")
+    chain = "\n".join(f'r{i} ::= r{i + 1} | "x"' for i in range(1000)) + '\nr1000 ::= "y"'
+    assert "too deeply" in _e2big(check_grammar, chain)
+    assert "GRAMMAR_MAX_ALTERNATIVES" in _e2big(
+        check_grammar, "\n".join(f"r{i} ::= {alts(10)}" for i in range(500)))
+    # An optional element lets a point open what follows it too: 400 + 400 + 400 + 1.
+    assert "1201" in _e2big(check_grammar, f'root ::= x? x? x? "."\nx ::= {alts(400)}')
+    assert "GRAMMAR_MAX_BYTES" in _e2big(json_schema_to_gbnf,
+                                         {"enum": [f"value {i}" for i in range(9000)]})
+    # The converter writes minItems copies out itself: 10**8 of them, before any bound.
+    big_array = {"type": "array", "items": {"type": "number"}, "minItems": 10**8}
+    assert "GRAMMAR_MAX_EXPANDED" in _e2big(json_schema_to_gbnf, big_array)
+    assert "GRAMMAR_MAX_EXPANDED" in _e2big(json_schema_to_gbnf, json.dumps(
+        {"type": "object", "properties": {"s": {"type": "string", "maxLength": 10**9}}}))
+    for fine in ('root ::= " yes" | " no"', 'root ::= [a-z]+ ("," [a-z]+)*  # words',
+                 'root ::= [0-9]{1,3} ("." [0-9]{1,3}){3}', 'root ::= "a"{3,}',
+                 f"root ::= {alts(1000)}", 'root ::= "\\"|" x ::= ("',
+                 json_schema_to_gbnf(True), json_schema_to_gbnf(
+                     {"type": "object", "properties": {"a": {"type": "array", "items": {
+                         "type": "object", "properties": {"b": {"type": "number"}}}}}})):
+        check_grammar(fine)
 
 
 def test_text_stream_holds_partial_utf8():
@@ -313,6 +360,80 @@ def test_chat_messages_use_the_plain_format_for_this_base_model(device):
     assert toks.count(device.bos) == 1 and toks[0] == device.bos
     assert device.detokenize(toks[1:]) == "User: Hi\nAssistant:"
     assert device.chat_stop == ["\nUser:"]
+
+
+@pytest.mark.parametrize("penalty", [{"repeat_penalty": 1.5}, {"frequency_penalty": 3.0},
+                                     {"presence_penalty": 3.0}])
+def test_penalty_samplers_are_built_and_used(device, penalty):
+    """They failed with a TypeError: this llama.cpp's penalties sampler takes n_vocab."""
+    p = device.tokenize("one one one one one one")
+    gen, _ = run_slot(device, 0, p, greedy(8, **penalty))
+    plain, _ = run_slot(device, 0, p, greedy(8))
+    assert gen.tokens != plain.tokens
+
+
+def test_a_grammar_over_the_cost_probe_is_refused(device, monkeypatch):
+    monkeypatch.setattr(sampling, "GRAMMAR_MAX_PASS_SECONDS", 0.0)
+    with pytest.raises(SyscallError) as exc:
+        device.generation(device.tokenize("x"), greedy(1, grammar='root ::= "a" | "b"'))
+    assert exc.value.name == "E2BIG" and "GRAMMAR_MAX_PASS_SECONDS" in exc.value.message
+
+
+def test_embeddings_pool_like_llama_cpp_whatever_the_chunks(device):
+    """Chunked decodes summed here give llama.cpp's own mean pooling of one decode."""
+    import llama_cpp
+    import numpy as np
+
+    text = "The tide comes in and the tide goes out, twice a day, " * 6
+    toks = device.tokenize(text)
+    assert 60 < len(toks) < 128
+    vectors = []
+    for budget in (7, device.EMBED_CHUNK):
+        job = device.embedding([text])
+        while not job.done:
+            assert device.embed_step(job, budget) > 0
+        vectors.append(np.array(job.vectors[0]))
+    p = llama_cpp.llama_context_default_params()
+    p.n_ctx = p.n_batch = p.n_ubatch = 128
+    p.embeddings = True
+    p.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_MEAN
+    p.n_threads = p.n_threads_batch = device.n_threads
+    p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED  # as the device's
+    ctx = compute_thread.call(llama_cpp.llama_init_from_model, device.model, p)
+    batch = llama_cpp.llama_batch_init(128, 0, 1)
+    try:
+        for i, t in enumerate(toks):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i] = t, i, 1
+            batch.seq_id[i][0], batch.logits[i] = 0, 1
+        batch.n_tokens = len(toks)
+        assert compute_thread.call(llama_cpp.llama_decode, ctx, batch) == 0
+        ref = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings_seq(ctx, 0),
+                                    shape=(len(vectors[0]),)).astype(np.float64)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        compute_thread.call(llama_cpp.llama_free, ctx)
+    ref /= np.linalg.norm(ref)
+    small, whole = (float(v @ ref) for v in vectors)
+    assert whole > 0.999999  # chunks of EMBED_CHUNK: the same numbers
+    assert small > 0.9995    # chunks of 7 take other matmul kernels: a rounding apart
+
+
+def test_an_embed_job_gives_its_cells_back(device):
+    """A half-done text holds a sequence of the embedding context until it is done or
+    released; only EMBED_PARTIAL may be half-done at once."""
+    long_text = "word " * 200
+    jobs = [device.embedding([long_text]) for _ in range(device.EMBED_PARTIAL + 1)]
+    for job in jobs[:-1]:
+        assert device.embed_step(job) == device.EMBED_CHUNK and job.seq is not None
+    assert not device.embed_runnable(jobs[-1]) and device.embed_step(jobs[-1]) == 0
+    device.embed_release(jobs[0])  # e.g. its process was killed
+    assert jobs[0].seq is None and device.embed_runnable(jobs[-1])
+    for job in jobs:
+        while not job.done:
+            assert device.embed_step(job) > 0
+    assert jobs[0].vectors == jobs[1].vectors or max(
+        abs(x - y) for x, y in zip(jobs[0].vectors[0], jobs[1].vectors[0])) < 1e-3
+    assert all(device.embed_runnable(device.embedding(["x"])) for _ in range(2))
 
 
 def test_embeddings_are_normalised_and_deterministic(device):

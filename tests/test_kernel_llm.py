@@ -362,3 +362,87 @@ def test_policies_on_the_real_device(tmp_path, policy):
             assert st["preemptions"] >= 1  # they took turns on the one slot
     finally:
         k.stop()
+
+
+# -- every sampling parameter, through llm.generate ----------------------------------------
+
+DAYS = "The list of the days of the week: Monday, Tuesday,"
+
+
+def _gen(c, prompt=DAYS, **params):
+    return c.llm.generate(prompt, None, {"max_tokens": 32, **params})
+
+
+def _repeats(text: str) -> int:
+    words = text.split()
+    return len(words) - len(set(words))
+
+
+@pytest.fixture(scope="module")
+def days(llm_kernel):
+    """Greedy and seeded hot continuations of DAYS, without any other parameter."""
+    with llm_kernel.client() as c:
+        return {"greedy": _gen(c, temperature=0),
+                "hot": {s: _gen(c, temperature=1.5, seed=s)["text"] for s in (1, 2)}}
+
+
+def test_temperature_and_seed(llm_kernel, days):
+    greedy, hot = days["greedy"]["text"], days["hot"]
+    assert _repeats(greedy) >= 8  # the greedy continuation loops over the week
+    with llm_kernel.client() as c:
+        assert _gen(c, temperature=0, seed=7)["text"] == greedy  # no randomness at 0
+        assert _gen(c, temperature=1.5, seed=1)["text"] == hot[1]  # a seed reproduces
+    assert hot[1] != hot[2] and greedy not in hot.values()
+
+
+@pytest.mark.parametrize("cut", [{"top_k": 1}, {"top_p": 0.0}, {"min_p": 1.0}],
+                         ids=["top_k", "top_p", "min_p"])
+def test_truncation_to_the_top_token_is_greedy(llm_kernel, days, cut):
+    """top_k=1, top_p=0 and min_p=1 each keep only the most likely token: hot sampling
+    then equals greedy decoding, which the same seed without the cut does not."""
+    with llm_kernel.client() as c:
+        text = _gen(c, temperature=1.5, seed=1, **cut)["text"]
+    assert text == days["greedy"]["text"] != days["hot"][1]
+
+
+@pytest.mark.parametrize("penalty", [{"repeat_penalty": 1.5}, {"frequency_penalty": 3.0},
+                                     {"presence_penalty": 3.0}],
+                         ids=["repeat_penalty", "frequency_penalty", "presence_penalty"])
+def test_penalties_work_and_reduce_repetition(llm_kernel, days, penalty):
+    """These used to fail with EIO (a TypeError: the sampler call lacked n_vocab)."""
+    with llm_kernel.client() as c:
+        penalized = _gen(c, temperature=0, **penalty)
+    assert penalized["usage"]["completion_tokens"] > 10
+    assert _repeats(penalized["text"]) < _repeats(days["greedy"]["text"]) / 2
+
+
+def test_repeat_last_n_is_the_penalty_window(llm_kernel, days):
+    plain = days["greedy"]["text"]
+    with llm_kernel.client() as c:
+        off = _gen(c, temperature=0, repeat_penalty=1.5, repeat_last_n=0)["text"]
+        wide = _gen(c, temperature=0, repeat_penalty=1.5, repeat_last_n=64)["text"]
+    assert off == plain  # an empty window penalizes nothing
+    assert _repeats(wide) < _repeats(plain) / 2
+
+
+def test_stop_truncates_and_max_tokens_bounds(llm_kernel, days):
+    full = days["greedy"]["text"]
+    assert "\n" in full
+    with llm_kernel.client() as c:
+        cut = _gen(c, temperature=0, stop=["\n"])
+        short = _gen(c, temperature=0, max_tokens=5)
+    assert cut["finish_reason"] == "stop" and "\n" not in cut["text"]
+    assert full.startswith(cut["text"]) and len(cut["text"]) < len(full)
+    assert short["finish_reason"] == "length" and short["usage"]["completion_tokens"] == 5
+    assert full.startswith(short["text"])
+
+
+def test_grammar_and_json_schema_constrain_sampled_output(llm_kernel):
+    with llm_kernel.client() as c:
+        r = _gen(c, "Pick a day:", temperature=1.0, seed=3,
+                 grammar='root ::= " " ("Monday" | "Friday") "."')
+        assert r["text"] in (" Monday.", " Friday.")
+        schema = {"type": "object", "properties": {"day": {"enum": ["Mon", "Tue"]}},
+                  "required": ["day"]}
+        r = _gen(c, "A day as JSON:", temperature=1.0, seed=3, json_schema=schema)
+    assert json.loads(r["text"])["day"] in ("Mon", "Tue")

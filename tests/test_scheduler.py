@@ -326,6 +326,56 @@ async def test_rr_is_round_robin_where_fair_is_not(nursery):
     assert run.done_order == [1, 2, 3]
 
 
+class CostlySamplerDevice(FakeDevice):
+    """A fake device on which sampling for one prompt (a grammar's, say) costs 50 ms,
+    while a step's decode costs 1 ms per token fed."""
+
+    def __init__(self, costly_prompt: list[int], **kw) -> None:
+        super().__init__(**kw)
+        self.costly = list(costly_prompt)
+
+    def step(self, plan):
+        res = super().step(plan)
+        for ev in res.events:
+            slow = self._gen[ev.slot].prompt_tokens == self.costly
+            res.sample_seconds[ev.slot] = 0.05 if slow else 0.0001
+            res.seconds += res.sample_seconds[ev.slot]
+        return res
+
+
+async def test_fair_holds_back_a_costly_sampler_to_its_share(nursery):
+    """A request whose own sampling takes 50 ms used to hold every other sequence of the
+    batch up for as long, each token; now it sits out ticks while its owner is ahead."""
+    sched = Scheduler(CostlySamplerDevice(PA, n_seq_max=2), policy="fair")
+    run = Run(sched, nursery)
+    await run.submit(1, PA, greedy(30))
+    await run.submit(2, PB, greedy(300))
+    await run.start()
+    while 1 not in run.results:
+        await trio.sleep(0.01)
+    while 2 not in run.results:
+        await trio.sleep(0.01)
+    order = pattern(run.order)
+    # While both run, B gets about 50 ms of device per A token: ~25 tokens each.
+    both = order[:order.rindex("B") + 1]
+    assert both.count("B") > 10 * both.count("A") > 0
+    assert sched.stats()["throttled"] > 0
+    owners = sched.stats()["owners"]
+    assert owners[1]["device_time"] > 30 * 0.05  # its sampling is charged to it
+    assert owners[2]["device_time"] < owners[1]["device_time"] * 1.5
+
+
+async def test_cheap_requests_are_never_held_back(nursery):
+    sched = Scheduler(FakeDevice(2), policy="fair")
+    run = Run(sched, nursery)
+    await run.submit(1, [2] + list(range(200, 300)), greedy(20))  # ahead by its prefill
+    await run.submit(2, PB, greedy(20))
+    await run.start()
+    while len(run.results) < 2:
+        await trio.sleep(0.01)
+    assert sched.stats()["throttled"] == 0  # batching one more sequence is nearly free
+
+
 # --------------------------------------------------------------------------------------
 # Signals, cancellation, release on the fake device
 
