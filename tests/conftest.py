@@ -122,6 +122,16 @@ def shared_kernel(tmp_path_factory):
     k.stop()
 
 
+def token_of(c, pid: int) -> str:
+    """A spawned process's token, read as the shell user may: from the memfd
+    it inherited (LLMAGENTOS_TOKEN_FD)."""
+    import psutil
+    os_pid = c.proc.stat(pid)["os_pid"]
+    fd = psutil.Process(os_pid).environ()["LLMAGENTOS_TOKEN_FD"]
+    with open(f"/proc/{os_pid}/fd/{fd}") as f:
+        return f.read()
+
+
 def wait_for(pred, timeout: float = 10, interval: float = 0.05):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

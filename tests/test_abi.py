@@ -100,11 +100,8 @@ def test_token_is_that_pid_and_never_another(shared_kernel):
 def test_hello_twice_with_other_valid_token_is_eperm(shared_kernel):
     with shared_kernel.client() as c:
         child = c.proc.spawn(["sleep", "30"])
-        # the shell user may read the child's token from the memfd it inherited
-        import psutil
-        os_pid = c.proc.stat(child)["os_pid"]
-        fd = psutil.Process(os_pid).environ()["LLMAGENTOS_TOKEN_FD"]
-        token = open(f"/proc/{os_pid}/fd/{fd}").read()
+        from conftest import token_of
+        token = token_of(c, child)  # the shell user may read it from the child's memfd
         with llmagentos.connect(token=token, run_dir=shared_kernel.run_dir) as cc:
             assert cc.proc.getpid() == child
             with pytest.raises(PermissionError):

@@ -14,7 +14,7 @@ import textwrap
 
 import psutil
 import pytest
-from conftest import PY, boot_kernel
+from conftest import PY, boot_kernel, token_of
 
 ATTACK = textwrap.dedent("""
     import json, os, signal, socket, sys
@@ -147,9 +147,7 @@ def test_the_shell_user_still_presents_any_token(iso_kernel):
     they may speak as any process, as `llmos` does."""
     with iso_kernel.client() as c:
         child = c.proc.spawn(["sleep", "30"])
-        os_pid = c.proc.stat(child)["os_pid"]
-        fd = psutil.Process(os_pid).environ()["LLMAGENTOS_TOKEN_FD"]
-        token = open(f"/proc/{os_pid}/fd/{fd}").read()
+        token = token_of(c, child)
         import llmagentos
         with llmagentos.connect(token=token, run_dir=iso_kernel.run_dir) as cc:
             assert cc.proc.getpid() == child
