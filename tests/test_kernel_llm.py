@@ -370,7 +370,7 @@ DAYS = "The list of the days of the week: Monday, Tuesday,"
 
 
 def _gen(c, prompt=DAYS, **params):
-    return c.llm.generate(prompt, None, {"max_tokens": 32, **params})
+    return c.llm.generate(prompt, None, {"max_tokens": 48, **params})
 
 
 def _repeats(text: str) -> int:
