@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test bench learn lint clean
+.PHONY: setup demo test soak bench learn lint clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest -q tests
+
+soak: setup
+	$(BIN)/python -m pytest -q -m soak tests
 
 bench: setup
 	$(BIN)/python bench/run_all.py
