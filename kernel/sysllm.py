@@ -121,8 +121,15 @@ def check_messages(messages: list) -> None:
 @handler("llm.generate", runs="task")
 async def generate(call: Call, prompt: str | None, messages: list | None, params: dict | None,
                    stream: bool, context: bool) -> dict:
-    if prompt is not None:  # before anything tokenizes it (the context path too)
+    # A ceiling before anything looks at the text (the context path too); the
+    # device's own bound (what a slot can hold) follows in prompt_tokens.
+    if prompt is not None:
         check_text_size(prompt, MAX_TOKENIZE_BYTES, "prompt")
+    if messages is not None and sum(len(m.get("content") or "") for m in messages
+                                    if isinstance(m, dict) and isinstance(m.get("content"),
+                                                                          str)) \
+            > MAX_TOKENIZE_BYTES:
+        raise SyscallError("E2BIG", f"messages of over {MAX_TOKENIZE_BYTES} characters")
     dev = _device(call)
     sp = SamplingParams.from_dict(params)
     if context:
@@ -196,8 +203,8 @@ async def embed_texts(k: Any, owner: int, texts: list[str]) -> list[list[float]]
 
 @handler("llm.tokenize", runs="task")
 async def tokenize(call: Call, text: str, special: bool) -> list:
+    check_text_size(text, MAX_TOKENIZE_BYTES, "text")  # before anything else looks at it
     dev = _device(call)
-    check_text_size(text, MAX_TOKENIZE_BYTES, "text")
     return await call.in_thread(lambda: dev.tokenize(text, special=special))
 
 

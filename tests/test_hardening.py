@@ -398,8 +398,9 @@ def test_connection_caps(tmp_path):
 def test_a_15mb_prompt_is_refused_by_size(shared_kernel):
     with shared_kernel.client() as c:
         for call, args in (("llm.tokenize", ["a" * 15_000_000]),
-                           ("llm.generate", ["é" * 40_000]),
-                           ("llm.generate", [None, [{"role": "user", "content": "x" * 70_000}]])):
+                           ("llm.generate", ["é" * 600_000]),
+                           ("llm.generate", [None, [{"role": "user",
+                                                     "content": "x" * 1_100_000}]])):
             with pytest.raises(llmagentos.KernelError) as e:
                 c.call(call, *args)
             assert e.value.name == "E2BIG"
