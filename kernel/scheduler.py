@@ -49,8 +49,8 @@ inside the tick, so everyone in the batch waits for it. A step's decode time is
 shared among its slots by tokens fed, and each slot's sampling time is its
 own. Under ``fair`` and ``priority`` a *costly sampler* (one whose sampling
 takes longer than the shared decode) sits out a tick while its owner's virtual
-time is ahead of another running owner's: it gets its share of the device, and
-the others keep theirs.
+time is ahead of another running owner's, and may lose its slot before its
+quantum: it gets its share of the device, and the others keep theirs.
 
 Embeddings are requests too (``embed``): each tick may add one chunk of the
 embed request first in policy order (``Device.embed_step``, a bounded decode
