@@ -331,7 +331,9 @@ class Device:
 
     def text_bytes_for(self, n_tokens: int) -> int:
         """The most UTF-8 bytes a text of ``n_tokens`` tokens can have: a longer text
-        cannot fit, whatever it says, so it can be refused before tokenizing."""
+        cannot fit, whatever it says, so it can be refused before tokenizing. (This
+        holds for tokenizers that match text as it is, as SPM and BPE vocabularies do;
+        a normalizing one, such as UGM's, could take more bytes per token.)"""
         return n_tokens * self.max_token_bytes
 
     def token_piece(self, token: int) -> bytes:

@@ -49,8 +49,8 @@ inside the tick, so everyone in the batch waits for it. A step's decode time is
 shared among its slots by tokens fed, and each slot's sampling time is its
 own. Under ``fair`` and ``priority`` a *costly sampler* (one whose sampling
 takes longer than the shared decode) sits out a tick while its owner's virtual
-time is ahead of another running owner's: it gets its share of the device, and
-the others keep theirs.
+time is ahead of another running owner's, and may lose its slot before its
+quantum: it gets its share of the device, and the others keep theirs.
 
 Embeddings are requests too (``embed``): each tick may add one chunk of the
 embed request first in policy order (``Device.embed_step``, a bounded decode
@@ -554,11 +554,14 @@ class Scheduler:
             plan = self._throttle(plan)
         return ops, plan, self._pick_embed(plan, ops)
 
+    def _costly(self, req: _Request) -> bool:
+        """Does its own sampling cost more than the decode everyone shares?"""
+        return req.sample_cost > max(self._decode_cost, 0.001)
+
     def _throttle(self, plan: list[tuple[int, _Request]]) -> list[tuple[int, _Request]]:
         """Costly samplers whose owner is ahead of another running owner sit this tick out."""
-        costly = max(self._decode_cost, 0.001)
         least = min(self._vtime(r) for _, r in plan)
-        keep = [(s, r) for s, r in plan if r.sample_cost <= costly or self._vtime(r) <= least]
+        keep = [(s, r) for s, r in plan if not self._costly(r) or self._vtime(r) <= least]
         self.throttled += len(plan) - len(keep)
         return keep
 
@@ -625,7 +628,8 @@ class Scheduler:
             return min(parked, key=lambda sr: self._slot_used[sr[0]])[0]
         if self.policy == "fifo":
             return None
-        spent = [(s, r) for s, r in held if r.turn_tokens >= self.quantum]
+        spent = [(s, r) for s, r in held if r.turn_tokens >= self.quantum or (
+            self.policy in ("fair", "priority") and self._costly(r))]  # (it may sit out long)
         if self.policy == "rr":
             if not spent:
                 return None

@@ -365,6 +365,22 @@ async def test_fair_holds_back_a_costly_sampler_to_its_share(nursery):
     assert owners[2]["device_time"] < owners[1]["device_time"] * 1.5
 
 
+async def test_a_costly_sampler_yields_its_slot_without_waiting_for_its_quantum(nursery):
+    sched = Scheduler(CostlySamplerDevice(PA, n_seq_max=1), policy="fair", quantum=16)
+    run = Run(sched, nursery)
+    await run.submit(1, PA, greedy(30))
+    await run.submit(2, PB, greedy(40))
+    await run.start()
+    while len(run.results) < 2:
+        await trio.sleep(0.01)
+    # A's first token shows its cost (50 ms); B, behind it, takes the slot at once and
+    # keeps it while it has used less device time (~25 tokens' worth per A token).
+    order = pattern(run.order)
+    assert order.startswith("A" + "B" * 20)
+    assert order[:order.rindex("B") + 1].count("A") <= 3
+    assert run.done_order == [2, 1]
+
+
 async def test_cheap_requests_are_never_held_back(nursery):
     sched = Scheduler(FakeDevice(2), policy="fair")
     run = Run(sched, nursery)
