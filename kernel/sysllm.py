@@ -125,11 +125,12 @@ async def generate(call: Call, prompt: str | None, messages: list | None, params
     # device's own bound (what a slot can hold) follows in prompt_tokens.
     if prompt is not None:
         check_text_size(prompt, MAX_TOKENIZE_BYTES, "prompt")
-    if messages is not None and sum(len(m.get("content") or "") for m in messages
-                                    if isinstance(m, dict) and isinstance(m.get("content"),
-                                                                          str)) \
-            > MAX_TOKENIZE_BYTES:
-        raise SyscallError("E2BIG", f"messages of over {MAX_TOKENIZE_BYTES} characters")
+    if messages is not None:
+        chars = sum(len(m["content"]) for m in messages
+                    if isinstance(m, dict) and isinstance(m.get("content"), str))
+        if chars > MAX_TOKENIZE_BYTES:
+            raise SyscallError("E2BIG", f"messages of {chars} characters are over the bound "
+                                        f"of {MAX_TOKENIZE_BYTES} bytes")
     dev = _device(call)
     sp = SamplingParams.from_dict(params)
     if context:
