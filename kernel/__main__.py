@@ -12,17 +12,17 @@ import sys
 
 import trio
 
+from llmagentos.syscalls import bootopts as config
+from llmagentos.syscalls.bootopts import KernelConfig
 from llmagentos.syscalls.errno import SyscallError
 
-from . import config
-from .config import KernelConfig
 from .kernel import BootError, Kernel
 
 
 def parse_args(argv: list[str] | None = None) -> KernelConfig:
     ap = argparse.ArgumentParser(prog="python -m llmagentos.kernel",
                                  description="Boot the LLMAgentOS kernel (foreground).")
-    config.add_arguments(ap)  # every option, declared once in kernel/config.py
+    config.add_arguments(ap)  # every option, declared once in syscalls/bootopts.py
     a = ap.parse_args(argv)
     try:
         cfg = config.load(config.given(a))

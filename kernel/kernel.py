@@ -29,6 +29,7 @@ import trio
 from llmagentos.drivers.llama_device import Device
 from llmagentos.drivers.models import ModelRegistry
 from llmagentos.syscalls import paths
+from llmagentos.syscalls.bootopts import ConfigError, KernelConfig  # noqa: F401  (re-exported)
 from llmagentos.syscalls.errno import SyscallError
 
 from . import (  # noqa: F401  (handlers register on import)
@@ -45,7 +46,6 @@ from . import (  # noqa: F401  (handlers register on import)
 )
 from .audit import AuditLog
 from .cgroups import SWEEP_S, Containment, kernel_name
-from .config import ConfigError, KernelConfig  # noqa: F401  (KernelConfig: re-exported)
 from .isolation import Isolation, make_kernel_undumpable
 from .memory import ContextStore
 from .proc import PCB, ProcessTable

@@ -273,7 +273,7 @@ def test_state_and_run_dirs_are_private(tmp_path):
         k.stop()
 
 
-# --- boot options: declared once (kernel/config.py) ------------------------------------
+# --- boot options: declared once (syscalls/bootopts.py) ------------------------------------
 
 def _flags(argv: list[str]) -> set[str]:
     import re

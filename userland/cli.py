@@ -19,7 +19,7 @@ import argparse
 import json
 import sys
 
-from llmagentos.kernel import config as kconfig
+from llmagentos.syscalls import bootopts as kconfig
 
 from .cli_io import EXIT_ERR, EXIT_NOKERNEL, EXIT_TIMEOUT, EXIT_USAGE, UsageError
 from .cli_kernel import cmd_boot, cmd_call, cmd_shutdown, cmd_status, cmd_syscalls

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from llmagentos.kernel import config as kconfig
+from llmagentos.syscalls import bootopts as kconfig
 from llmagentos.syscalls import paths
 from llmagentos.syscalls.table import TABLE, markdown
 

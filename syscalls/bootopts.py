@@ -1,4 +1,5 @@
-"""The kernel's boot options, declared once.
+"""The kernel's boot options, declared once: the interface between `llmos boot`
+(userland) and the kernel program, so it lives with the ABI.
 
 Every option is a field of `KernelConfig` with its help text. From this one
 declaration come the kernel program's flags (`python -m llmagentos.kernel`),
