@@ -16,11 +16,49 @@ one conformance suite against the fake and the real device.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
+
+from llmagentos.syscalls.errno import SyscallError
+
+FINISH_STOP = "stop"      # a stop string appeared
+FINISH_LENGTH = "length"  # max_tokens, or the slot's context is full
+FINISH_EOG = "eog"        # the model emitted an end-of-generation token
+
+
+class DeviceFullError(SyscallError):
+    """llama_decode found no room in the KV cache even for one token per slot."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("ENOSPC", message)
+
+
+@dataclass
+class TokenEvent:
+    """What one step did for one slot whose logits were sampled."""
+
+    slot: int
+    token: int | None          # the sampled token; None when the step only finished the slot
+    piece: str                 # text now safe to show (may be "" while UTF-8 or a stop is held)
+    finished: bool = False
+    reason: str | None = None  # FINISH_STOP | FINISH_LENGTH | FINISH_EOG when finished
+
+
+@dataclass
+class StepResult:
+    events: list[TokenEvent]
+    fed: dict[int, int]        # slot -> tokens decoded for it this step (prefill + 1 per decode)
+    n_decode: int              # slots that got logits (one new token each)
+    n_prefill: int             # prompt tokens decoded
+    seconds: float             # wall time of the step (decode + sampling)
+    retries: int = 0           # decode retries with a smaller batch (KV cache full)
+    # slot -> seconds its own sampling took (grammar, penalties): a cost of that request
+    # alone, where the decode's is shared by every slot in the batch.
+    sample_seconds: dict[int, float] = field(default_factory=dict)
 
 
 # --- operations of a tick, in the order the scheduler planned them -----------------------
+
 @dataclass(frozen=True)
 class Save:
     """Save a slot's KV state (a preemption, or a resident owner's state

@@ -38,7 +38,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from llmagentos.drivers.llama_device import DeviceFullError, StepResult
+from llmagentos.drivers.device import DeviceFullError, StepResult
 from llmagentos.drivers.sampling import SamplingParams
 from llmagentos.syscalls.errno import SyscallError
 

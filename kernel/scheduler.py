@@ -73,11 +73,8 @@ from typing import Any
 
 import trio
 
-from llmagentos.drivers.llama_device import (
-    DeviceFullError,
-    Generation,
-    StepResult,
-)
+from llmagentos.drivers.device import DeviceFullError, StepResult
+from llmagentos.drivers.llama_device import Generation
 from llmagentos.drivers.sampling import SamplingParams
 from llmagentos.kernel.kvstore import SnapshotStore
 from llmagentos.syscalls.errno import SyscallError
