@@ -27,16 +27,17 @@ from llmagentos.syscalls.errno import SyscallError
 from llmagentos.syscalls.table import TABLE, Syscall
 
 if TYPE_CHECKING:
-    from .kernel import Kernel
     from .proc import PCB
     from .server import Connection
+    from .services import Services
 
 
 @dataclass
 class Call:
-    """What a handler gets besides its checked arguments."""
+    """What a handler gets besides its checked arguments: the kernel's
+    services (``sys``), never the Kernel itself."""
 
-    kernel: "Kernel"
+    sys: "Services"
     caller: "PCB | None"  # None only for sys.hello
     conn: "Connection"
     syscall: Syscall
@@ -53,7 +54,7 @@ class Call:
         if HANDLERS[self.syscall.name].runs == "inline":  # it would hold its connection
             raise RuntimeError(f"{self.syscall.name} runs inline but waits on a worker "
                                "thread: declare it runs='task'")
-        return await self.kernel.threads.run_sync(self.caller.pid, fn, *args,
+        return await self.sys.threads.run_sync(self.caller.pid, fn, *args,
                                                   abandon_on_cancel=abandon_on_cancel)
 
 
@@ -135,10 +136,10 @@ async def invoke(call: Call, entry: Entry, args: list, kwargs: dict) -> Any:
         raise
     finally:
         detail = bound.get("name") if isinstance(bound, dict) else None
-        batch = call.kernel.audit.record(caller.pid, sc.name, bound, errno,
+        batch = call.sys.audit.record(caller.pid, sc.name, bound, errno,
                                          detail if isinstance(detail, str) else "")
         if answered:
-            await call.kernel.audit.committed(batch)
+            await call.sys.audit.committed(batch)
 
 
 def _bind(sc: Syscall, args: list, kwargs: dict) -> dict[str, Any]:

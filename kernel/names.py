@@ -53,7 +53,7 @@ from llmagentos.syscalls.table import check_name  # noqa: F401  (the ABI's rule)
 from .proc import INIT_PID, PCB
 
 if TYPE_CHECKING:
-    from .kernel import Kernel
+    from .services import Services
 
 UNNAMED = "pid:"  # the prefix of every unnamed identity
 ADOPT = "agent.adopt"
@@ -122,21 +122,21 @@ class NameTable:
             raise SyscallError("EBUSY", f"agent name {name!r} is held by pid {holder.pid}")
 
 
-def forget(kernel: "Kernel", pcb: PCB) -> None:
+def forget(services: "Services", pcb: PCB) -> None:
     """An unnamed process has exited: its contexts, memories and kv keys go
     with it (its files: sysfs.release)."""
     if pcb.agent or pcb.pid == INIT_PID:
         return
     me = identity(pcb)
-    kernel.memory.delete_owned(me)
-    kernel.memory.mem_drop(me)
-    kernel.tools.kv.drop(me)
+    services.memory.delete_owned(me)
+    services.memory.mem_drop(me)
+    services.tools.kv.drop(me)
 
 
-def forget_unnamed(kernel: "Kernel") -> None:
+def forget_unnamed(services: "Services") -> None:
     """At boot, before the first pid: delete what unnamed processes of earlier
     boots left (a crash or a kill skips `forget`)."""
-    mem, kv = kernel.memory, kernel.tools.kv
+    mem, kv = services.memory, services.tools.kv
     for owner in mem.owners():
         if owner.startswith(UNNAMED):
             mem.delete_owned(owner)
@@ -144,14 +144,14 @@ def forget_unnamed(kernel: "Kernel") -> None:
     for owner in kv.owners():
         if owner.startswith(UNNAMED):
             kv.drop(owner)
-    kernel.trajectories.end_unfinished(UNNAMED)
-    fs = kernel.config.state_dir / "fs"
+    services.trajectories.end_unfinished(UNNAMED)
+    fs = services.config.state_dir / "fs"
     stale = (path_name(UNNAMED), "pid_")  # and the older encoding's
     try:
         entries = list(os.scandir(fs))
     except FileNotFoundError:
         return
-    trash = kernel.config.state_dir / "trash"
+    trash = services.config.state_dir / "trash"
     for e in entries:
         if e.name.startswith(stale):
             if e.is_dir(follow_symlinks=False):

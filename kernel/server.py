@@ -22,8 +22,8 @@ from llmagentos.syscalls.errno import SyscallError
 from . import dispatch
 
 if TYPE_CHECKING:
-    from .kernel import Kernel
     from .proc import PCB
+    from .services import Services
 
 log = logging.getLogger("llmagentos.kernel")
 
@@ -36,11 +36,11 @@ HELLO_TIMEOUT = 10.0
 
 
 class Connection:
-    def __init__(self, kernel: "Kernel", stream: trio.abc.Stream, peer: str):
-        self.kernel = kernel
+    def __init__(self, services: "Services", stream: trio.abc.Stream, peer: str):
+        self.sys = services
         self.stream = stream
         self.peer = peer
-        self.decoder = wire.Decoder(kernel.config.max_frame, max_items=wire.MAX_ITEMS,
+        self.decoder = wire.Decoder(services.config.max_frame, max_items=wire.MAX_ITEMS,
                                     max_depth=wire.MAX_DEPTH)
         self.pre_hello = 0  # bytes received while not yet authenticated
         self.pcb: "PCB | None" = None
@@ -85,7 +85,7 @@ class Connection:
             pass  # the client went away; its call is over either way
 
     async def close_with_reason(self, reason: str) -> None:
-        self.kernel.stats["protocol_errors"] += 1
+        self.sys.stats["protocol_errors"] += 1
         log.info("closing connection %s: %s", self.peer, reason)
         with trio.move_on_after(1):
             try:
@@ -116,15 +116,14 @@ class Connection:
                     self.decoder.feed(data)
                     for msg in self.decoder.messages():
                         if isinstance(msg, wire.Invalid):
-                            k = self.kernel
-                            k.stats["errors"] += 1
+                            self.sys.stats["errors"] += 1
                             await self.respond(
                                 msg.msgid, SyscallError("EINVAL", msg.reason).to_wire(), None)
                             continue
                         if isinstance(msg, wire.Notification):
                             # MessagePack-RPC peers ignore notifications they do not
                             # serve (pynvim announces itself with one): count, go on
-                            self.kernel.stats["client_notifications"] += 1
+                            self.sys.stats["client_notifications"] += 1
                             continue
                         if not isinstance(msg, wire.Request):
                             raise wire.ProtocolError(
@@ -139,20 +138,20 @@ class Connection:
                 # Client gone (or closed): cancel what it still had running, and
                 # whatever it served as a driver goes with it.
                 self.closed = True
-                self.kernel.connections.discard(self)
-                self.kernel.tools.drop_conn(self)
+                self.sys.connections.discard(self)
+                self.sys.tools.drop_conn(self)
                 pcb = self.pcb
                 if pcb is not None and pcb.attached:
                     pcb.conns -= 1
                     if pcb.conns == 0:
-                        self.kernel.procs.end_attached(pcb, 0)
+                        self.sys.procs.end_attached(pcb, 0)
                 nursery.cancel_scope.cancel()
         with trio.move_on_after(0.5):
             await self.stream.aclose()
 
     async def _request(self, req: wire.Request) -> None:
-        k = self.kernel
-        k.stats["syscalls"] += 1
+        sv = self.sys
+        sv.stats["syscalls"] += 1
         try:
             if self.pcb is None and req.method != "sys.hello":
                 raise SyscallError("EPERM", "say sys.hello(token) first")
@@ -160,10 +159,10 @@ class Connection:
                 raise SyscallError("ESRCH", f"pid {self.pcb.pid} has exited")
             sc, entry = dispatch.lookup(req.method)
         except SyscallError as e:
-            k.stats["errors"] += 1
+            sv.stats["errors"] += 1
             await self.respond(req.msgid, e.to_wire(), None)
             return
-        call = dispatch.Call(k, self.pcb, self, sc, req.msgid)
+        call = dispatch.Call(sv, self.pcb, self, sc, req.msgid)
         if entry.runs == "task":
             self.nursery.start_soon(self._run, call, entry, req)
         else:
@@ -174,10 +173,10 @@ class Connection:
             data = _response(req.msgid, None,
                              await dispatch.invoke(call, entry, req.args, req.kwargs))
         except SyscallError as e:
-            self.kernel.stats["errors"] += 1
+            self.sys.stats["errors"] += 1
             data = _response(req.msgid, e.to_wire(), None)
         except Exception as e:  # a handler bug must never take the kernel down
-            self.kernel.stats["errors"] += 1
+            self.sys.stats["errors"] += 1
             log.error("handler %s failed:\n%s", req.method, traceback.format_exc())
             data = _response(req.msgid, SyscallError(
                 "EIO", f"internal error in {req.method}: {type(e).__name__}: {e}").to_wire(), None)
@@ -192,7 +191,7 @@ def _response(msgid: int, error: dict | None, result: Any) -> bytes:
         return wire.encode_response(msgid, err.to_wire(), None)
 
 
-async def serve_listener(kernel: "Kernel", listener: trio.SocketListener,
+async def serve_listener(services: "Services", listener: trio.SocketListener,
                          task_status=trio.TASK_STATUS_IGNORED) -> None:
     async with trio.open_nursery() as nursery:
         task_status.started()
@@ -204,8 +203,8 @@ async def serve_listener(kernel: "Kernel", listener: trio.SocketListener,
                 await trio.sleep(0.1)
                 continue
             peer = _peer_name(stream)
-            kernel.stats["connections"] += 1
-            conns, cfg = kernel.connections, kernel.config
+            services.stats["connections"] += 1
+            conns, cfg = services.connections, services.config
             why = None
             if len(conns) >= cfg.max_connections:
                 why = f"too many connections (limit {cfg.max_connections})"
@@ -213,10 +212,10 @@ async def serve_listener(kernel: "Kernel", listener: trio.SocketListener,
                 why = (f"too many connections that have not said hello "
                        f"(limit {cfg.max_unauthenticated})")
             if why is not None:
-                kernel.stats["connections_refused"] += 1
+                services.stats["connections_refused"] += 1
                 nursery.start_soon(_refuse, stream, why)
                 continue
-            conn = Connection(kernel, stream, peer)
+            conn = Connection(services, stream, peer)
             conns.add(conn)
             nursery.start_soon(conn.serve)
 

@@ -33,8 +33,8 @@ def owner_arg(pcb: PCB) -> str | None:
 
 
 def default_budget(call: Call, pcb: PCB) -> int:
-    k = call.kernel
-    budget = (k.device.n_ctx if k.device else 2048) - GEN_RESERVE
+    dev = call.sys.device
+    budget = (dev.n_ctx if dev else 2048) - GEN_RESERVE
     if "ctx_tokens" in pcb.limits:
         budget = min(budget, int(pcb.limits["ctx_tokens"]))
     return max(budget, 1)
@@ -46,7 +46,7 @@ def current(call: Call, ctx: int | None = None) -> int:
         return ctx
     pcb = call.caller
     if pcb.ctx_id is None:
-        mem = call.kernel.memory
+        mem = call.sys.memory
         if pcb.agent:  # a named agent continues its context across processes and boots
             try:
                 pcb.ctx_id = mem.open(pcb.agent, identity(pcb))
@@ -62,52 +62,52 @@ def current(call: Call, ctx: int | None = None) -> int:
 
 @handler("ctx.append")
 async def append(call: Call, role: str, content: str, pinned: bool, ctx: int | None) -> dict:
-    return call.kernel.memory.append(current(call, ctx), role, content, pinned,
+    return call.sys.memory.append(current(call, ctx), role, content, pinned,
                                      owner=owner_arg(call.caller))
 
 
 @handler("ctx.read")
 async def read(call: Call, start: int, end: int | None, archived: bool, ctx: int | None) -> list:
-    return call.kernel.memory.read(current(call, ctx), start, end, archived,
+    return call.sys.memory.read(current(call, ctx), start, end, archived,
                                    owner=owner_arg(call.caller))
 
 
 @handler("ctx.window")
 async def window(call: Call, reserve: int, ctx: int | None) -> list:
-    return call.kernel.memory.window(current(call, ctx), reserve, owner=owner_arg(call.caller))
+    return call.sys.memory.window(current(call, ctx), reserve, owner=owner_arg(call.caller))
 
 
 @handler("ctx.stats")
 async def stats(call: Call, ctx: int | None) -> dict:
-    return call.kernel.memory.stats(current(call, ctx), owner=owner_arg(call.caller))
+    return call.sys.memory.stats(current(call, ctx), owner=owner_arg(call.caller))
 
 
 @handler("ctx.pin", runs="task")
 async def pin(call: Call, seq: int, pinned: bool, ctx: int | None) -> dict:
-    mem = call.kernel.memory
+    mem = call.sys.memory
     return await call.in_thread(lambda: mem.pin(
         current(call, ctx), seq, pinned, owner=owner_arg(call.caller)))
 
 
 @handler("ctx.fork", runs="task")
 async def fork(call: Call, pid: int | None, name: str | None, ctx: int | None) -> int:
-    k, caller = call.kernel, call.caller
+    sv, caller = call.sys, call.caller
     src = current(call, ctx)
     if pid is None:
         new_owner = identity(caller)
         target = None
     else:
-        target = k.procs.get(pid)
+        target = sv.procs.get(pid)
         if target.ppid != caller.pid:
             raise SyscallError("EPERM", f"pid {pid} is not a child of pid {caller.pid}")
         new_owner = identity(target)
-    new = await call.in_thread(lambda: k.memory.fork(
+    new = await call.in_thread(lambda: sv.memory.fork(
         src, new_owner, name=name, owner=owner_arg(caller)))
     if target is not None:
         old = target.ctx_id
         target.ctx_id = new  # the child continues from the parent's conversation
         if old is not None and not target.agent:
-            k.memory.delete(old)
+            sv.memory.delete(old)
     return new
 
 
@@ -115,7 +115,7 @@ async def fork(call: Call, pid: int | None, name: str | None, ctx: int | None) -
 async def search(call: Call, query: str, k: int, ctx: int | None) -> list:
     if not 1 <= k <= 100:
         raise SyscallError("EINVAL", "k must be in 1..100")
-    mem, cid = call.kernel.memory, current(call, ctx)
+    mem, cid = call.sys.memory, current(call, ctx)
     return await call.in_thread(lambda: mem.search(
         cid, query, k, owner=owner_arg(call.caller)))
 
@@ -124,11 +124,11 @@ async def search(call: Call, query: str, k: int, ctx: int | None) -> list:
 async def compact(call: Call, strategy: str, upto: int | None, ctx: int | None) -> dict:
     if strategy != "summarize":
         raise SyscallError("EINVAL", f"unknown strategy {strategy!r}; known: summarize")
-    k, owner = call.kernel, owner_arg(call.caller)
-    if k.device is None:
+    sv, owner = call.sys, owner_arg(call.caller)
+    if sv.device is None:
         raise SyscallError("ENOSYS", "summarizing needs the compute device")
     cid = current(call, ctx)
-    msgs = [m for m in k.memory.read(cid, 0, None, True, owner=owner) if m["kind"] != "note"]
+    msgs = [m for m in sv.memory.read(cid, 0, None, True, owner=owner) if m["kind"] != "note"]
     if upto is None:  # default: what has been paged out, else the older half of the window
         archived = [m["seq"] for m in msgs if m["state"] == "archived"]
         upto = max(archived) if archived else (msgs[len(msgs) // 2]["seq"] if msgs else 0)
@@ -144,12 +144,11 @@ async def compact(call: Call, strategy: str, upto: int | None, ctx: int | None) 
     prompt = ("Summarize the following conversation in two or three sentences, keeping "
               "names, numbers and decisions.\n\n" + "\n".join(reversed(text)) + "\n\nSummary:")
     params = SamplingParams(max_tokens=96, temperature=0.0)
-    res = await run_generation(call, k.device.tokenize(prompt), params, False)
+    res = await run_generation(call, sv.device.tokenize(prompt), params, False)
     # a base model may ramble on: keep its first paragraph
     first = res["text"].strip().split("\n\n")[0].strip() or "(no summary)"
     summary = "[summary of earlier conversation] " + first
-    out = await call.in_thread(lambda: k.memory.compact(cid, summary, upto,
-                                                                 owner=owner))
+    out = await call.in_thread(lambda: sv.memory.compact(cid, summary, upto, owner=owner))
     return {**out, "summary": summary, "usage": res["usage"]}
 
 
@@ -157,7 +156,7 @@ async def compact(call: Call, strategy: str, upto: int | None, ctx: int | None) 
 async def delete(call: Call, ctx: int | None) -> None:
     pcb = call.caller
     cid = current(call, ctx)
-    mem = call.kernel.memory
+    mem = call.sys.memory
     await call.in_thread(lambda: mem.delete(cid, owner=owner_arg(pcb)))
     if pcb.ctx_id == cid:
         pcb.ctx_id = None
@@ -165,7 +164,7 @@ async def delete(call: Call, ctx: int | None) -> None:
 
 @handler("ctx.open")
 async def open_(call: Call, name: str, create: bool) -> int:
-    pcb, mem = call.caller, call.kernel.memory
+    pcb, mem = call.caller, call.sys.memory
     owner = identity(pcb)
     try:
         cid = mem.open(name, owner) if pcb.pid != INIT_PID else _open_any(mem, name)
@@ -186,7 +185,7 @@ def _open_any(mem: Any, name: str) -> int:
 
 @handler("ctx.list")
 async def list_(call: Call) -> list:
-    return call.kernel.memory.list_contexts(owner_arg(call.caller))
+    return call.sys.memory.list_contexts(owner_arg(call.caller))
 
 
 # --- generation from context (llm.generate(context=true)) ----------------------------
@@ -219,8 +218,8 @@ async def context_generation(call: Call, prompt: str | None, messages: list | No
     """Append the new turn, build the prompt from the window through the chat
     template, generate, append the reply. The process's device sequence holds
     the same tokens as its window, so only the new turn is prefilled."""
-    k, pcb = call.kernel, call.caller
-    mem, owner = k.memory, owner_arg(pcb)
+    sv, pcb = call.sys, call.caller
+    mem, owner = sv.memory, owner_arg(pcb)
     cid = current(call)
     new = []
     if prompt is not None:
@@ -234,7 +233,7 @@ async def context_generation(call: Call, prompt: str | None, messages: list | No
     msgs = chat_messages(win)
     if not msgs or msgs[-1]["role"] == "assistant":
         raise SyscallError("EINVAL", "the context has no new user turn to answer")
-    dev = k.device
+    dev = sv.device
     params.stop = list(params.stop) + [s for s in dev.chat_stop if s not in params.stop]
     tokens = dev.tokenize_chat(msgs)
     res = await run_generation(call, tokens, params, stream)
@@ -252,18 +251,18 @@ def resolve_namespace(call: Call, ns: str | None) -> str:
 async def mem_put(call: Call, key: str, value: Any, tags: list | None,
                   namespace: str | None) -> bool:
     ns = resolve_namespace(call, namespace)
-    return call.kernel.memory.mem_put(ns, key, value, tags)
+    return call.sys.memory.mem_put(ns, key, value, tags)
 
 
 @handler("mem.get")
 async def mem_get(call: Call, key: str, namespace: str | None) -> dict:
-    return call.kernel.memory.mem_get(resolve_namespace(call, namespace), key)
+    return call.sys.memory.mem_get(resolve_namespace(call, namespace), key)
 
 
 @handler("mem.search", runs="task")
 async def mem_search(call: Call, query: str, k: int, tags: list | None,
                      namespace: str | None) -> list:
-    ns, mem = resolve_namespace(call, namespace), call.kernel.memory
+    ns, mem = resolve_namespace(call, namespace), call.sys.memory
     if not 1 <= k <= 100:
         raise SyscallError("EINVAL", "k must be in 1..100")
     return await call.in_thread(lambda: mem.mem_search(ns, query, k, tags))
@@ -271,10 +270,10 @@ async def mem_search(call: Call, query: str, k: int, tags: list | None,
 
 @handler("mem.delete")
 async def mem_delete(call: Call, key: str, namespace: str | None) -> None:
-    call.kernel.memory.mem_delete(resolve_namespace(call, namespace), key)
+    call.sys.memory.mem_delete(resolve_namespace(call, namespace), key)
 
 
 @handler("mem.list")
 async def mem_list(call: Call, namespace: str | None, tags: list | None) -> list:
-    return call.kernel.memory.mem_list(resolve_namespace(call, namespace), tags)
+    return call.sys.memory.mem_list(resolve_namespace(call, namespace), tags)
 

@@ -1,8 +1,8 @@
 """Handlers of the `env` group: Gymnasium environments served by the kernel.
 
-The environments live in one `EnvTable` (drivers/gymenv.py) on the kernel
-object, made at the first env call; each belongs to the process that made it
-and is closed when that process exits (`release`, an `on_exit` hook). The
+The environments live in one `EnvTable` (drivers/gymenv.py), a kernel
+service (``call.sys.envs``); each belongs to the process that made it and is
+closed when that process exits (an `on_exit` hook, kernel/services.py). The
 shell user is init, which never exits: its environments die instead with the
 connection that made them (swept at the next env.make).
 
@@ -35,28 +35,13 @@ from typing import Any
 from llmagentos.drivers.gymenv import EnvTable
 
 from .dispatch import Call, handler
-from .proc import INIT_PID, PCB
+from .proc import INIT_PID
 
 SLOW_CALL = 0.002  # seconds per reset/step, on average, above which calls leave the loop
 
 
-def envs_of(kernel: Any) -> EnvTable:
-    table = getattr(kernel, "envs", None)
-    if table is None:
-        table = kernel.envs = EnvTable(stats=kernel.stats)
-    return table
-
-
-def release(kernel: Any, pcb: PCB) -> None:
-    """The process is gone: close its environments."""
-    table = getattr(kernel, "envs", None)
-    if table is not None:
-        table.close_owner(pcb.pid)
-
-
 async def _run(call: Call, handle: int, method: str, *args: Any) -> Any:
-    table = envs_of(call.kernel)
-    with table.use(call.caller.pid, handle) as rec:
+    with call.sys.envs.use(call.caller.pid, handle) as rec:
         fn = getattr(rec, method)
         if rec.cost > SLOW_CALL:
             return await call.in_thread(fn, *args)
@@ -65,7 +50,7 @@ async def _run(call: Call, handle: int, method: str, *args: Any) -> Any:
 
 @handler("env.make", runs="task")
 async def make(call: Call, env_id: str, kwargs: dict | None) -> dict:
-    table = envs_of(call.kernel)
+    table = call.sys.envs
     pid = call.caller.pid
     req = table.prepare(pid, env_id, kwargs)
     env = await call.in_thread(table.create, req)
@@ -90,7 +75,7 @@ async def render(call: Call, handle: int) -> str:
 
 @handler("env.close", runs="task")
 async def close(call: Call, handle: int) -> None:
-    envs_of(call.kernel).close(call.caller.pid, handle)
+    call.sys.envs.close(call.caller.pid, handle)
 
 
 @handler("env.list")

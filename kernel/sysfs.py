@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
@@ -31,6 +32,9 @@ from .names import path_name
 from .proc import PCB
 from .sysctx import identity
 
+if TYPE_CHECKING:
+    from .services import Services
+
 log = logging.getLogger("llmagentos.kernel")
 
 _OPENING = threading.Lock()  # two threads of one process must not make two sandboxes
@@ -41,14 +45,14 @@ def root_name(pcb: PCB) -> str:
     return path_name(identity(pcb))
 
 
-def sandbox_of(kernel, pcb: PCB) -> Sandbox:
+def sandbox_of(services: "Services", pcb: PCB) -> Sandbox:
     """The process's sandbox, opened at first use. Blocking (it counts the
     root's usage): call it from a worker thread."""
     with _OPENING:
         if pcb.exited:
             raise SyscallError("ESRCH", f"pid {pcb.pid} has exited")
         if pcb.sandbox is None:
-            state = kernel.config.state_dir
+            state = services.config.state_dir
             root = state / "fs" / root_name(pcb)
             root.mkdir(parents=True, exist_ok=True)
             (state / "shared").mkdir(exist_ok=True)
@@ -60,34 +64,32 @@ def sandbox_of(kernel, pcb: PCB) -> Sandbox:
         return pcb.sandbox
 
 
-def release(kernel, pcb: PCB) -> None:
+def release(services: "Services", pcb: PCB) -> None:
     """The process is gone: close its fds; an unnamed process's files go too.
     Called on the event loop (ProcessTable.on_exit): the work is a task."""
     sandbox, pcb.sandbox = pcb.sandbox, None
-    root = None if pcb.agent else kernel.config.state_dir / "fs" / root_name(pcb)
+    state = services.config.state_dir
+    root = None if pcb.agent else state / "fs" / root_name(pcb)
     if sandbox is None and root is None:
         return
-    nursery = kernel.procs.nursery
+    nursery = services.procs.nursery
     if nursery is not None:
-        nursery.start_soon(_release, kernel, sandbox, root)
+        nursery.start_soon(_release, services.fs_trash_lock, state, sandbox, root)
     else:  # shutting down: what is left in the trash goes at the next release
-        _release_files(kernel, sandbox, root, empty=False)
+        _release_files(state, sandbox, root, empty=False)
 
 
-async def _release(kernel, sandbox: Sandbox | None, root) -> None:
-    lock = getattr(kernel, "fs_trash_lock", None)
-    if lock is None:
-        lock = kernel.fs_trash_lock = trio.Lock()
+async def _release(lock: trio.Lock, state: Path, sandbox: Sandbox | None, root) -> None:
     async with lock:  # one thread empties the trash at a time
-        await trio.to_thread.run_sync(_release_files, kernel, sandbox, root,
+        await trio.to_thread.run_sync(_release_files, state, sandbox, root,
                                       abandon_on_cancel=True)
 
 
-def _release_files(kernel, sandbox: Sandbox | None, root, empty: bool = True) -> None:
+def _release_files(state: Path, sandbox: Sandbox | None, root, empty: bool = True) -> None:
     try:
         if sandbox is not None:
             sandbox.close_all()
-        trash = kernel.config.state_dir / "trash"
+        trash = state / "trash"
         if root is not None:
             discard(root, trash)
         if empty:
@@ -98,8 +100,8 @@ def _release_files(kernel, sandbox: Sandbox | None, root, empty: bool = True) ->
 
 async def _in_sandbox(call: Call, fn: Callable[..., Any], *args: Any) -> Any:
     """fn(sandbox, *args) in a worker thread of the caller's share."""
-    k, pcb = call.kernel, call.caller
-    return await call.in_thread(lambda: fn(sandbox_of(k, pcb), *args))
+    sv, pcb = call.sys, call.caller
+    return await call.in_thread(lambda: fn(sandbox_of(sv, pcb), *args))
 
 
 @handler("fs.open", runs="task")

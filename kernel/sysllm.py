@@ -12,7 +12,7 @@ a worker thread (about 1 s per MB here).
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -21,13 +21,16 @@ from llmagentos.syscalls.errno import SyscallError
 
 from .dispatch import Call, handler
 
+if TYPE_CHECKING:
+    from .services import Services
+
 MAX_EMBED_TEXTS = 256      # texts per llm.embed
 MAX_EMBED_TOKENS = 8192    # tokens per llm.embed, after each text is cut to EMBED_CTX
 MAX_TOKENIZE_BYTES = 1 << 20  # text per llm.tokenize
 
 
 def _device(call: Call) -> Any:
-    dev = call.kernel.device
+    dev = call.sys.device
     if dev is None:
         raise SyscallError("ENOSYS", "this kernel was booted without a compute device "
                                      "(--model none)")
@@ -69,7 +72,7 @@ def account(pcb: Any, usage: dict) -> None:
 async def run_generation(call: Call, tokens: list[int], params: SamplingParams,
                          stream: bool) -> dict:
     """Submit one request for the caller and wait for it; streams if asked."""
-    k, pcb = call.kernel, call.caller
+    sv, pcb = call.sys, call.caller
     check_token_quota(pcb, params, len(tokens))
 
     async def on_token(piece: str) -> None:
@@ -77,13 +80,13 @@ async def run_generation(call: Call, tokens: list[int], params: SamplingParams,
 
     pcb.waiting_calls += 1  # in the run queue or on the device: WAITING, as for I/O
     try:
-        res = await k.scheduler.generate(pcb.pid, tokens, params, nice=pcb.nice,
+        res = await sv.scheduler.generate(pcb.pid, tokens, params, nice=pcb.nice,
                                          on_token=on_token if stream else None)
     finally:
         pcb.waiting_calls -= 1
     account(pcb, res.usage)
     return {"text": res.text, "finish_reason": res.finish_reason, "usage": res.usage,
-            "model": k.device.model_name}
+            "model": sv.device.model_name}
 
 
 async def prompt_tokens(dev: Any, prompt: str | None, messages: list | None,
@@ -134,7 +137,7 @@ async def generate(call: Call, prompt: str | None, messages: list | None, params
     dev = _device(call)
     sp = SamplingParams.from_dict(params)
     if context:
-        gen_ctx = call.kernel.context_generation
+        gen_ctx = call.sys.context_generation
         if gen_ctx is None:
             raise SyscallError("ENOSYS", "context memory is not available in this kernel")
         return await gen_ctx(call, prompt, messages, sp, stream)
@@ -166,22 +169,23 @@ async def embed(call: Call, texts: list | str) -> list:
                                          f"these texts {job.n_tokens})")
     pcb.waiting_calls += 1
     try:
-        res = await run_embedding(call.kernel, pcb.pid, job, nice=pcb.nice)
+        res = await run_embedding(call.sys, pcb.pid, job, nice=pcb.nice)
     finally:
         pcb.waiting_calls -= 1
     account(pcb, res.usage)
     return res.vectors
 
 
-async def run_embedding(k: Any, owner: int, job: Any, *, nice: int | None = None) -> Any:
+async def run_embedding(services: "Services", owner: int, job: Any, *,
+                        nice: int | None = None) -> Any:
     """Run an embed job for ``owner`` on the kernel's device: through its run queue, or,
     where the run queue drives other devices (a cluster), chunk by chunk here."""
-    sched = k.scheduler
-    if getattr(sched, "device", None) is k.device:
+    sched = services.scheduler
+    if getattr(sched, "device", None) is services.device:
         return await sched.embed(owner, job, nice=nice)
     from .scheduler import EmbedResult
 
-    dev, spent = k.device, 0.0
+    dev, spent = services.device, 0.0
     try:
         while not job.done:
             t0 = time.perf_counter()
@@ -196,10 +200,10 @@ async def run_embedding(k: Any, owner: int, job: Any, *, nice: int | None = None
                                      "queue_wait": 0.0})
 
 
-async def embed_texts(k: Any, owner: int, texts: list[str]) -> list[list[float]]:
+async def embed_texts(services: "Services", owner: int, texts: list[str]) -> list[list[float]]:
     """The kernel's own embeddings (context memory), under the same run queue."""
-    job = await trio.to_thread.run_sync(k.device.embedding, texts)
-    return (await run_embedding(k, owner, job)).vectors
+    job = await trio.to_thread.run_sync(services.device.embedding, texts)
+    return (await run_embedding(services, owner, job)).vectors
 
 
 @handler("llm.tokenize", runs="task")
@@ -218,6 +222,6 @@ async def detokenize(call: Call, tokens: list) -> str:
 
 @handler("llm.models")
 async def models(call: Call) -> list:
-    k = call.kernel
-    loaded = k.device.model_name if k.device is not None else None
-    return [{**m, "loaded": m["name"] == loaded} for m in k.models.describe()]
+    sv = call.sys
+    loaded = sv.device.model_name if sv.device is not None else None
+    return [{**m, "loaded": m["name"] == loaded} for m in sv.models.describe()]

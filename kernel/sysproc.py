@@ -7,13 +7,13 @@ from llmagentos.syscalls.table import check_limit, check_limit_name
 
 from . import perms
 from .dispatch import Call, handler
-from .proc import INIT_PID, PCB, parse_signal
+from .proc import INIT_PID, parse_signal
 
 
 @handler("proc.spawn", runs="task")
 async def spawn(call: Call, argv: list, name: str | None, env: dict | None, cwd: str | None,
                 caps: list | None, limits: dict | None, nice: int, placement: str) -> int:
-    pcb = await call.kernel.procs.spawn(call.caller, argv, name, env, cwd, caps, limits, nice,
+    pcb = await call.sys.procs.spawn(call.caller, argv, name, env, cwd, caps, limits, nice,
                                         placement)
     return pcb.pid
 
@@ -22,7 +22,7 @@ async def spawn(call: Call, argv: list, name: str | None, env: dict | None, cwd:
 async def attach(call: Call, name: str | None, caps: list | None, limits: dict | None,
                  nice: int) -> dict:
     os_pid = call.conn.peer_pid() or call.caller.os_pid
-    pcb = call.kernel.procs.attach(call.caller, name, caps, limits, nice, os_pid)
+    pcb = call.sys.procs.attach(call.caller, name, caps, limits, nice, os_pid)
     return {"pid": pcb.pid, "token": pcb.token}
 
 
@@ -33,12 +33,12 @@ async def getpid(call: Call) -> int:
 
 @handler("proc.ps")
 async def ps(call: Call) -> list:
-    return [p.row() for p in sorted(call.kernel.procs.procs.values(), key=lambda p: p.pid)]
+    return [p.row() for p in sorted(call.sys.procs.procs.values(), key=lambda p: p.pid)]
 
 
 @handler("proc.stat")
 async def stat(call: Call, pid: int | None) -> dict:
-    procs = call.kernel.procs
+    procs = call.sys.procs
     return procs.stat(procs.get(call.caller.pid if pid is None else pid))
 
 
@@ -46,30 +46,22 @@ async def stat(call: Call, pid: int | None) -> dict:
 async def wait(call: Call, pid: int, timeout: float | None) -> dict:
     if timeout is not None and timeout < 0:
         raise SyscallError("EINVAL", "timeout must be >= 0")
-    return await call.kernel.procs.wait(call.caller, pid, timeout)
+    return await call.sys.procs.wait(call.caller, pid, timeout)
 
 
 @handler("proc.kill")
 async def kill(call: Call, pid: int, signal: int | str) -> None:
-    call.kernel.procs.kill(call.caller, pid, parse_signal(signal))
+    call.sys.procs.kill(call.caller, pid, parse_signal(signal))
 
 
 @handler("proc.nice")
 async def nice(call: Call, pid: int, value: int) -> int:
-    procs = call.kernel.procs
-    target = procs.get(pid)
-    if not -20 <= value <= 19:
-        raise SyscallError("EINVAL", "nice must be in -20..19")
-    perms.check_renice(procs, call.caller, target, value)
-    target.nice = value
-    for fn in call.kernel.on_renice:
-        fn(target)
-    return value
+    return call.sys.procs.renice(call.caller, pid, value)
 
 
 @handler("proc.setlimit")
 async def setlimit(call: Call, pid: int, name: str, value: float | None) -> dict:
-    procs = call.kernel.procs
+    procs = call.sys.procs
     target = procs.get(pid)
     check_limit_name(name)
     if value is not None:
@@ -91,25 +83,15 @@ async def exit_(call: Call, status: int) -> None:
     call.caller.exit_reason = f"proc.exit({status})"
 
 
-def note_log_readers(kernel, pcb: PCB) -> None:
-    """At exit: who may still read the log once the process is reaped (its
-    ancestors now; pids are never reused within a boot)."""
-    procs, readers, p = kernel.procs, set(), pcb.ppid
-    while p in procs.procs and p not in readers:
-        readers.add(p)
-        p = procs.procs[p].ppid
-    kernel.log_readers[pcb.pid] = frozenset(readers)
-
-
 @handler("proc.logs")
 async def logs(call: Call, pid: int, offset: int, limit: int) -> dict:
-    procs = call.kernel.procs
+    procs = call.sys.procs
     path = procs.log_paths.get(pid)
     if path is None:
         raise SyscallError("ESRCH", f"no process with pid {pid} in this boot")
     if offset < 0 or not 0 < limit <= 4 * 1024 * 1024:
         raise SyscallError("EINVAL", "offset must be >= 0 and limit in 1..4 MiB")
-    perms.check_logs(procs, call.caller, pid, call.kernel.log_readers.get(pid, frozenset()))
+    perms.check_logs(procs, call.caller, pid, procs.log_readers.get(pid, frozenset()))
     target = procs.procs.get(pid)
     try:
         with open(path, "rb") as f:

@@ -13,7 +13,7 @@ from .dispatch import Call, handler
 @handler("sys.hello")
 async def hello(call: Call, token: str) -> dict:
     conn = call.conn
-    procs = call.kernel.procs
+    procs = call.sys.procs
     pcb = procs.authenticate(token)
     if not procs.may_present(pcb, conn.peer_pid()):
         raise SyscallError("EACCES", "bad or expired token")  # the same answer: no oracle
@@ -22,28 +22,28 @@ async def hello(call: Call, token: str) -> dict:
     if conn.pcb is None and pcb.attached:
         pcb.conns += 1  # an attached process lives as long as a connection of it does
     conn.pcb = pcb
-    return {"pid": pcb.pid, "name": pcb.name, "kernel": call.kernel.uname()["release"]}
+    return {"pid": pcb.pid, "name": pcb.name, "kernel": call.sys.uname()["release"]}
 
 
 @handler("sys.uname")
 async def uname(call: Call) -> dict:
-    return call.kernel.uname()
+    return call.sys.uname()
 
 
 @handler("sys.stats", runs="task")
 async def stats(call: Call) -> dict:
-    k = call.kernel
+    sv = call.sys
     states: dict[str, int] = {}
-    for p in k.procs.procs.values():
+    for p in sv.procs.procs.values():
         states[p.state] = states.get(p.state, 0) + 1
-    out = {**k.uname(), "counters": dict(k.stats), "processes": len(k.procs.procs),
+    out = {**sv.uname(), "counters": dict(sv.stats), "processes": len(sv.procs.procs),
            "states": states, "device": None}
-    if k.scheduler is not None:
-        dev = k.scheduler.stats()
+    if sv.scheduler is not None:
+        dev = sv.scheduler.stats()
         dev.pop("owners", None)  # per-process rows are in proc.ps
         out["device"] = dev
-    if k.cluster is not None:  # nodes alive and dead, device actors (asks Ray's GCS)
-        out["cluster"] = await trio.to_thread.run_sync(k.cluster.status, abandon_on_cancel=True)
+    if sv.cluster is not None:  # nodes alive and dead, device actors (asks Ray's GCS)
+        out["cluster"] = await trio.to_thread.run_sync(sv.cluster.status, abandon_on_cancel=True)
     return out
 
 
@@ -51,7 +51,7 @@ async def stats(call: Call) -> dict:
 async def shutdown(call: Call, grace: float) -> None:
     if grace < 0:
         raise SyscallError("EINVAL", "grace must be >= 0")
-    call.kernel.shutdown(grace)
+    call.sys.request_shutdown(grace)
 
 
 @handler("sys.null")
@@ -69,4 +69,4 @@ async def audit(call: Call, pid: int | None, syscall: str | None, errno: str | N
                 since: float | None, limit: int) -> list:
     if not 1 <= limit <= 10_000:
         raise SyscallError("EINVAL", "limit must be in 1..10000")
-    return call.kernel.audit.query(pid, syscall, errno, since, limit)
+    return call.sys.audit.query(pid, syscall, errno, since, limit)

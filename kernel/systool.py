@@ -23,7 +23,7 @@ import itertools
 import math
 import threading
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -38,10 +38,13 @@ from .sysctx import identity
 from .sysfs import sandbox_of
 from .tools import Tool, ToolTable
 
+if TYPE_CHECKING:
+    from .services import Services
+
 MAX_TOOL_TIMEOUT = 600.0
 
 
-def kernel_tools(kernel: Any, state_dir: Path) -> ToolTable:
+def kernel_tools(services: "Services", state_dir: Path) -> ToolTable:
     """calc, clock and kv from drivers/builtin_tools.py, plus files.* and exec.run
     over the caller's sandbox."""
     table = ToolTable()
@@ -54,11 +57,11 @@ def kernel_tools(kernel: Any, state_dir: Path) -> ToolTable:
     path = {"type": "string", "minLength": 1, "maxLength": 4096}
 
     def files_read(pcb: PCB, args: dict) -> dict:
-        data = sandbox_of(kernel, pcb).read_file(args["path"])
+        data = sandbox_of(services, pcb).read_file(args["path"])
         return {"text": data.decode("utf-8", "replace"), "bytes": len(data)}
 
     def files_write(pcb: PCB, args: dict) -> dict:
-        sb = sandbox_of(kernel, pcb)
+        sb = sandbox_of(services, pcb)
         parent = args["path"].rstrip("/").rpartition("/")[0]
         if parent:  # a model should not have to mkdir first
             sb.mkdir(parent, parents=True)
@@ -66,22 +69,22 @@ def kernel_tools(kernel: Any, state_dir: Path) -> ToolTable:
                                        append=args.get("append", False))}
 
     def files_list(pcb: PCB, args: dict) -> dict:
-        return {"entries": sandbox_of(kernel, pcb).listdir(args.get("path", "/"))}
+        return {"entries": sandbox_of(services, pcb).listdir(args.get("path", "/"))}
 
     run_ids = itertools.count(1)
     first_run = threading.Lock()
 
     def exec_group(pcb: PCB) -> Any:
         """The group of all the process's exec runs, made at its first run."""
-        c = kernel.containment
+        c = services.containment
         if c is None:
             return None
         with first_run:
             if pcb.exec_group is None:
-                mem = min(kernel.config.exec_memory, pcb.limits.get("exec_memory", math.inf))
+                mem = min(services.config.exec_memory, pcb.limits.get("exec_memory", math.inf))
                 try:
                     pcb.exec_group = c.create(f"x{pcb.pid}", memory_bytes=int(mem),
-                                              pids_max=kernel.config.exec_pids)
+                                              pids_max=services.config.exec_pids)
                 except OSError as e:
                     raise SyscallError("EAGAIN", f"no exec group: {e.strerror}") from None
         if pcb.exited:  # it exited meanwhile: its runs die with it
@@ -90,7 +93,7 @@ def kernel_tools(kernel: Any, state_dir: Path) -> ToolTable:
         return pcb.exec_group
 
     def exec_run(pcb: PCB, args: dict, cancel: threading.Event) -> dict:
-        sb = sandbox_of(kernel, pcb)
+        sb = sandbox_of(services, pcb)
         limits = ExecLimits(wall_s=float(args.get("timeout", 10)),
                             cpu_s=float(args.get("timeout", 10)))
         box = exec_group(pcb)
@@ -142,7 +145,7 @@ def _visible(pcb: PCB, tool: Tool) -> bool:
 
 @handler("tool.list")
 async def tool_list(call: Call, namespace: str | None) -> list:
-    tools = call.kernel.tools.tools.values()
+    tools = call.sys.tools.tools.values()
     return [t.describe() for t in sorted(tools, key=lambda t: t.name)
             if _visible(call.caller, t)
             and (namespace is None or t.name.startswith(namespace + "."))]
@@ -150,13 +153,13 @@ async def tool_list(call: Call, namespace: str | None) -> list:
 
 @handler("tool.describe")
 async def tool_describe(call: Call, name: str) -> dict:
-    return call.kernel.tools.get(name).describe()
+    return call.sys.tools.get(name).describe()
 
 
 @handler("tool.call", runs="task")
 async def tool_call(call: Call, name: str, args: dict | None, timeout: float) -> Any:
-    k, pcb = call.kernel, call.caller
-    tool = k.tools.get(name)
+    table, pcb = call.sys.tools, call.caller
+    tool = table.get(name)
     perms.check_tool(pcb, name, tool.cap)
     limit = pcb.limits.get("tool_calls")
     if limit is not None and pcb.usage.tool_calls >= limit:
@@ -177,7 +180,7 @@ async def tool_call(call: Call, name: str, args: dict | None, timeout: float) ->
     if tool.driver is not None:
         pcb.waiting_calls += 1
         try:
-            return await k.tools.call_driver(tool, pcb, args, deadline - trio.current_time())
+            return await table.call_driver(tool, pcb, args, deadline - trio.current_time())
         finally:
             pcb.waiting_calls -= 1
     cancel = threading.Event()
@@ -192,7 +195,7 @@ async def tool_call(call: Call, name: str, args: dict | None, timeout: float) ->
 
 @handler("drv.register", runs="task")
 async def drv_register(call: Call, namespace: str, tools: list) -> list:
-    table = call.kernel.tools
+    table = call.sys.tools
     table.check_namespace(namespace)
     checked = await call.in_thread(table.check_tools, tools)  # compiles every schema
     return table.register(call.caller.pid, call.conn, namespace, checked)
@@ -200,13 +203,13 @@ async def drv_register(call: Call, namespace: str, tools: list) -> list:
 
 @handler("drv.reply")
 async def drv_reply(call: Call, req_id: int, result: Any, error: dict | None) -> None:
-    call.kernel.tools.reply(call.caller.pid, req_id, result, error)
+    call.sys.tools.reply(call.caller.pid, req_id, result, error)
 
 
 @handler("drv.unregister")
 async def drv_unregister(call: Call, namespace: str) -> None:
-    drv = call.kernel.tools.drivers.get(namespace)
+    drv = call.sys.tools.drivers.get(namespace)
     if drv is None:
         raise SyscallError("ENOENT", f"no driver serves {namespace!r}")
     perms.check_unregister(call.caller, namespace, drv.pid)
-    call.kernel.tools.unregister(namespace, "unregistered")
+    call.sys.tools.unregister(namespace, "unregistered")

@@ -179,6 +179,30 @@ def test_process_may_signal_itself_and_descendants_only(shared_kernel):
         c.proc.wait(other)
 
 
+def test_nice_raises_freely_and_lowers_only_with_proc_renice(shared_kernel):
+    with shared_kernel.client() as c:
+        other = c.proc.spawn(["sleep", "30"])
+        agent = c.proc.attach()  # inherits no privileged capability: not proc.renice
+        try:
+            with shared_kernel.client(token=agent["token"]) as a:
+                me = agent["pid"]
+                assert a.proc.nice(me, 7) == 7 and c.proc.stat(me)["nice"] == 7
+                for pid, value, errno in [(me, 6, "EACCES"),  # lower: needs proc.renice
+                                          (other, 10, "EPERM"),  # not a descendant
+                                          (1, 19, "EPERM"),  # never init
+                                          (10**9, 1, "ESRCH")]:
+                    with pytest.raises(llmagentos.KernelError) as e:
+                        a.proc.nice(pid, value)
+                    assert e.value.name == errno, (pid, value)
+                assert c.proc.stat(me)["nice"] == 7 and c.proc.stat(other)["nice"] == 0
+            assert c.proc.nice(other, -5) == -5 and c.proc.stat(other)["nice"] == -5
+            with pytest.raises(llmagentos.KernelError, match="EPERM|may not renice"):
+                c.proc.nice(1, 0)
+        finally:
+            c.proc.kill(other, "KILL")
+            c.proc.wait(other)
+
+
 def test_child_cannot_get_more_caps_than_parent(shared_kernel):
     with shared_kernel.client() as c:
         prog = c.proc.spawn(script("""

@@ -48,6 +48,8 @@ class ProcessTable:
         self.containment: Any = None  # kernel.cgroups.Containment; set by the kernel
         self.on_exit: list = []  # callbacks(pcb) run when a process exits (free resources)
         self.log_paths: dict[int, str] = {}  # every pid of this boot -> its log file
+        self.log_readers: dict[int, frozenset[int]] = {}  # exited pid -> who may read its log
+        self.on_renice: list = []  # callbacks(pcb) after a nice value changed
         self.on_signal: list = []  # callbacks(pcb, sig) after the kernel sent a signal
         self.names: Any = None  # kernel.names.NameTable: who may take up an agent name
         self.init = self._new_pcb(ppid=0, name="init", argv=[], caps=["*"])
@@ -307,6 +309,7 @@ class ProcessTable:
         pcb.stopped = False
         self.by_token.pop(pcb.token, None)  # a dead process's token is dead too
         self._release_groups(pcb)
+        self._note_log_readers(pcb)
         for fn in self.on_exit:
             fn(pcb)
         for child in self.children(pcb.pid):
@@ -320,6 +323,15 @@ class ProcessTable:
             self.reap(pcb)
         elif pcb.ppid == INIT_PID:
             self._reap_later(pcb, SHELL_ZOMBIE_LINGER)
+
+    def _note_log_readers(self, pcb: PCB) -> None:
+        """At exit: who may still read the log once the process is reaped (its
+        ancestors now; pids are never reused within a boot)."""
+        readers, p = set(), pcb.ppid
+        while p in self.procs and p not in readers:
+            readers.add(p)
+            p = self.procs[p].ppid
+        self.log_readers[pcb.pid] = frozenset(readers)
 
     def _reap_later(self, pcb: PCB, delay: float) -> None:
         """The shell user's children: each `llmos` command is a new connection,
@@ -371,6 +383,16 @@ class ProcessTable:
                 p.stopped = False
             for fn in self.on_signal:
                 fn(p, sig)
+
+    def renice(self, caller: PCB, pid: int, value: int) -> int:
+        target = self.get(pid)
+        if not -20 <= value <= 19:
+            raise SyscallError("EINVAL", "nice must be in -20..19")
+        perms.check_renice(self, caller, target, value)
+        target.nice = value
+        for fn in self.on_renice:
+            fn(target)
+        return value
 
     async def wait(self, caller: PCB, pid: int, timeout: float | None) -> dict:
         if pid == -1:
