@@ -55,7 +55,7 @@ class Call:
             raise RuntimeError(f"{self.syscall.name} runs inline but waits on a worker "
                                "thread: declare it runs='task'")
         return await self.sys.threads.run_sync(self.caller.pid, fn, *args,
-                                                  abandon_on_cancel=abandon_on_cancel)
+                                               abandon_on_cancel=abandon_on_cancel)
 
 
 Handler = Callable[..., Awaitable[Any]]
@@ -137,7 +137,7 @@ async def invoke(call: Call, entry: Entry, args: list, kwargs: dict) -> Any:
     finally:
         detail = bound.get("name") if isinstance(bound, dict) else None
         batch = call.sys.audit.record(caller.pid, sc.name, bound, errno,
-                                         detail if isinstance(detail, str) else "")
+                                      detail if isinstance(detail, str) else "")
         if answered:
             await call.sys.audit.committed(batch)
 

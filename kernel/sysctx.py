@@ -63,13 +63,13 @@ def current(call: Call, ctx: int | None = None) -> int:
 @handler("ctx.append")
 async def append(call: Call, role: str, content: str, pinned: bool, ctx: int | None) -> dict:
     return call.sys.memory.append(current(call, ctx), role, content, pinned,
-                                     owner=owner_arg(call.caller))
+                                  owner=owner_arg(call.caller))
 
 
 @handler("ctx.read")
 async def read(call: Call, start: int, end: int | None, archived: bool, ctx: int | None) -> list:
     return call.sys.memory.read(current(call, ctx), start, end, archived,
-                                   owner=owner_arg(call.caller))
+                                owner=owner_arg(call.caller))
 
 
 @handler("ctx.window")

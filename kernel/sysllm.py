@@ -81,7 +81,7 @@ async def run_generation(call: Call, tokens: list[int], params: SamplingParams,
     pcb.waiting_calls += 1  # in the run queue or on the device: WAITING, as for I/O
     try:
         res = await sv.scheduler.generate(pcb.pid, tokens, params, nice=pcb.nice,
-                                         on_token=on_token if stream else None)
+                                          on_token=on_token if stream else None)
     finally:
         pcb.waiting_calls -= 1
     account(pcb, res.usage)

@@ -14,7 +14,7 @@ from .proc import INIT_PID, parse_signal
 async def spawn(call: Call, argv: list, name: str | None, env: dict | None, cwd: str | None,
                 caps: list | None, limits: dict | None, nice: int, placement: str) -> int:
     pcb = await call.sys.procs.spawn(call.caller, argv, name, env, cwd, caps, limits, nice,
-                                        placement)
+                                     placement)
     return pcb.pid
 
 

@@ -20,7 +20,7 @@ async def begin(call: Call, task: str, family: str | None, kind: str, meta: dict
 async def step(call: Call, episode: int, observation: Any, action: Any, reward: float,
                info: dict | None) -> int:
     return call.sys.trajectories.step(owner_arg(call.caller), episode, observation, action,
-                                         reward, info)
+                                      reward, info)
 
 
 @handler("traj.end")
