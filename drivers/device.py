@@ -5,11 +5,14 @@ scheduler plans a tick on the event loop, then hands the device a list of
 typed operations and a plan (the slots to decode) in one call, on the
 device's compute thread: the operations move state between slots (save,
 restore, copy a shared prefix, prepare a prompt, attach a request's
-generation), then `step(plan)` decodes one batch.
+generation) or give cells back, then `step(plan)` decodes one batch.
+`apply` runs one operation and `run_tick` a whole tick: every device runs
+its operations through them.
 
 Implementations: the llama.cpp device (drivers/llama_device.py), the Ray
 device actor's local proxy (drivers/ray_device.py, which runs a whole tick
-in one round trip: `tick(ops, plan)`), and the deterministic fake of the
+in one round trip: `tick(ops, plan)`; its actor runs the same ops with
+`run_tick`), and the deterministic fake of the
 scheduler tests (tests/test_scheduler.py). tests/test_device_contract.py runs
 one conformance suite against the fake and the real device.
 """
@@ -17,7 +20,7 @@ one conformance suite against the fake and the real device.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 from llmagentos.syscalls.errno import SyscallError
 
@@ -64,8 +67,8 @@ class Save:
     """Save a slot's KV state (a preemption, or a resident owner's state
     before its slot is reused); the result is (tokens, bytes)."""
     slot: int
-    key: Any
-    evict: bool = False
+    key: Any             # the scheduler's: where the state goes in its snapshot store
+    pinned: bool = False  # the scheduler's: a preempted request's own state, kept longest
 
 
 @dataclass(frozen=True)
@@ -109,7 +112,14 @@ class Release:
     slot: int
 
 
-Op = Save | Restore | Copy | Prepare | Attach | Detach | Release
+@dataclass(frozen=True)
+class EmbedRelease:
+    """Give back the embedding cells an embed job's half-done text holds (it was
+    withdrawn, or its owner is parked); the text starts over when stepped again."""
+    job: Any
+
+
+Op = Save | Restore | Copy | Prepare | Attach | Detach | Release | EmbedRelease
 
 
 @runtime_checkable
@@ -146,6 +156,9 @@ class ComputeDevice(Protocol):
         """Decode one batch for the planned slots; a StepResult with the
         sampled token events and what each slot was fed."""
 
+    # A device that computes embeddings also has embedding(texts),
+    # embed_runnable(job), embed_step(job) and embed_release(job).
+
 
 def apply(device: ComputeDevice, op: Op) -> Any:
     """Run one operation on a device; its result (see each op)."""
@@ -167,6 +180,23 @@ def apply(device: ComputeDevice, op: Op) -> Any:
             device.detach(slot)
         case Release(slot=slot):
             device.release(slot)
+        case EmbedRelease(job=job):
+            device.embed_release(job)
         case _:
             raise TypeError(f"not a device operation: {op!r}")
     return None
+
+
+def run_tick(device: ComputeDevice, ops: Iterable[Op],
+             plan: Sequence[int]) -> tuple[list[Any], StepResult, Exception | None]:
+    """One tick on the compute thread: the operations in order, then one step of
+    ``plan`` (none when it is empty). Never raises: the results of the operations
+    that ran before a failure come back with it, so bookkeeping stays true."""
+    results: list[Any] = []
+    try:
+        for op in ops:
+            results.append(apply(device, op))
+        step = device.step(plan) if plan else StepResult([], {}, 0, 0, 0.0)
+    except Exception as exc:
+        return results, StepResult([], {}, 0, 0, 0.0), exc
+    return results, step, None

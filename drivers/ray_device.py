@@ -11,12 +11,13 @@ request id; the kernel holds a ``RemoteGeneration`` mirror (prompt, output
 tokens, text, finish reason) that the events of each tick keep true.
 
 One round trip per tick: ``RemoteDevice.tick(ops, plan)`` ships the whole list
-of planned operations (save, restore, copy, prepare, attach, detach, release)
-plus the step to the actor and gets back their results, the step's events and
-what changed in each slot's resident tokens. The kernel keeps those tokens
-mirrored so that planning (``slot_tokens``, on the trio thread) never waits on
-the network. Saved KV state travels to the kernel's snapshot store: a
-preempted sequence moves only by its saved state.
+of planned operations (drivers/device.py's typed ops, as plain data: see
+``op_to_wire``) plus the step to the actor, which turns them back into typed
+ops and runs them with ``run_tick`` like any device. It gets back their
+results, the step's events and what changed in each slot's resident tokens.
+The kernel keeps those tokens mirrored so that planning (``slot_tokens``, on
+the trio thread) never waits on the network. Saved KV state travels to the
+kernel's snapshot store: a preempted sequence moves only by its saved state.
 
 Faults: a call that finds the actor dead (``RayError``) marks the device dead,
 forgets the mirror and the actor-side requests, and reports EIO for the tick
@@ -38,7 +39,19 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from llmagentos.drivers.device import DeviceFullError, StepResult
+from llmagentos.drivers.device import (
+    Attach,
+    Copy,
+    Detach,
+    DeviceFullError,
+    Op,
+    Prepare,
+    Release,
+    Restore,
+    Save,
+    StepResult,
+    run_tick,
+)
 from llmagentos.drivers.sampling import SamplingParams
 from llmagentos.syscalls.errno import SyscallError
 
@@ -89,63 +102,31 @@ class DeviceActor:
     def ping(self) -> int:
         return os.getpid()
 
-    def tick(self, closed: list[int], new: dict[int, tuple], ops: list[tuple],
+    def tick(self, closed: list[int], new: dict[int, tuple], wire: list[tuple],
              plan: list[int]) -> tuple[list[Any], StepResult, dict, list[tuple], tuple | None]:
-        """Run ops then one step; never raises (what ran before a failure is reported)."""
+        """Run the ops (in wire form) then one step; never raises (what ran before a
+        failure is reported with it)."""
         with self._lock:
             d = self.device
             for gid in closed:
                 gen = self.gens.pop(gid, None)
                 if gen is not None:
                     gen.close()
-            results: list[Any] = []
-            step = _EMPTY_STEP
-            error = None
             try:
                 for gid, (prompt, params) in new.items():
                     gen = d.generation(prompt, params)
                     gen.rid = gid
                     self.gens[gid] = gen
-                for op in ops:
-                    results.append(self._op(op))
-                if plan:
-                    step = d.step(plan)
-            except DeviceFullError as exc:
-                error = ("DeviceFullError", exc.name, exc.message)
-            except SyscallError as exc:
-                error = ("SyscallError", exc.name, exc.message)
-            except Exception as exc:  # reported as EIO by the kernel, never raised through Ray
-                error = ("Exception", "EIO", repr(exc))
+            except Exception as exc:
+                return [], _EMPTY_STEP, {}, self._diff(), _error_to_wire(exc)
+            results, step, exc = run_tick(d, (op_from_wire(w, self.gens) for w in wire), plan)
             finished = {}
             for ev in step.events:
                 gen = d.attached(ev.slot)
                 if ev.finished and gen is not None:
                     finished[ev.slot] = (gen.text, gen.reason)
+            error = None if exc is None else _error_to_wire(exc)
             return results, step, finished, self._diff(), error
-
-    def _op(self, op: tuple) -> Any:
-        d = self.device
-        kind = op[0]
-        if kind == "save":
-            return d.slot_tokens(op[1]), bytes(d.save(op[1]))
-        if kind == "restore":
-            return d.restore(op[1], bytearray(op[2]), op[3])
-        if kind == "copy":
-            return d.copy_prefix(op[1], op[2], op[3])
-        if kind == "prepare":
-            return d.prepare(op[1], op[2])
-        if kind == "attach":
-            d.attach(op[1], self.gens[op[2]])
-            return None
-        if kind == "detach":
-            d.detach(op[1])
-            return None
-        if kind == "release":
-            d.release(op[1])
-            return None
-        if kind == "noop":
-            return op[1]
-        raise AssertionError(f"unknown device op {kind}")
 
     def _diff(self) -> list[tuple[int, int, list[int]]]:
         """(slot, kept, appended) for every slot whose resident tokens changed."""
@@ -246,35 +227,15 @@ class RemoteDevice:
 
     # -- one round trip ----------------------------------------------------------------------
 
-    def tick(self, ops: list[tuple], plan: list[int]) -> tuple[list[Any], StepResult,
+    def tick(self, ops: Sequence[Op], plan: list[int]) -> tuple[list[Any], StepResult,
                                                                  Exception | None]:
         """The Scheduler's whole tick (its ops, then one step) in one actor call."""
         ray = require_ray()
-        wire: list[tuple] = []
         new: dict[int, tuple] = {}
         for op in ops:
-            kind = op[0]
-            if kind == "save":
-                wire.append(("save", op[1]))
-            elif kind == "restore":
-                snap = op[2]
-                try:
-                    wire.append(("restore", op[1], snap.load(), list(snap.tokens)))
-                except OSError:
-                    wire.append(("noop", 0))
-            elif kind == "copy":
-                wire.append(op)
-            elif kind == "prepare":
-                wire.append(("prepare", op[1], list(op[2])))
-            elif kind == "attach":
-                gen = op[2]
-                if gen.id not in self._known:
-                    new[gen.id] = self._rebuild(gen)
-                wire.append(("attach", op[1], gen.id))
-            elif kind in ("detach", "release"):
-                wire.append((kind, op[1]))
-            else:
-                raise AssertionError(f"unknown device op {kind}")
+            if isinstance(op, Attach) and op.generation.id not in self._known:
+                new[op.generation.id] = self._rebuild(op.generation)
+        wire = [op_to_wire(op) for op in ops]
         closed, self._closed = self._closed, []
         for gid in closed:
             self._gens.pop(gid, None)
@@ -289,12 +250,7 @@ class RemoteDevice:
         self._known.difference_update(closed)
         self._known.update(new)
         self._mirror(ops[:len(results)], step, finished, diff)
-        if error is not None:
-            kind, name, message = error
-            exc = DeviceFullError(message) if kind == "DeviceFullError" else \
-                SyscallError(name, message)
-            return results, step, exc
-        return results, step, None
+        return results, step, None if error is None else _error_from_wire(error)
 
     def _rebuild(self, gen: RemoteGeneration) -> tuple:
         """What the actor needs to make the request's decoding state: on a restarted
@@ -304,12 +260,13 @@ class RemoteDevice:
         left = max(0, gen.params.max_tokens - len(gen.tokens))
         return gen.context, replace(gen.params, max_tokens=left)
 
-    def _mirror(self, ops: list[tuple], step: StepResult, finished: dict, diff: list) -> None:
+    def _mirror(self, ops: Sequence[Op], step: StepResult, finished: dict, diff: list) -> None:
         for op in ops:
-            if op[0] == "attach":
-                self._attached[op[1]] = op[2]
-            elif op[0] in ("detach", "release"):
-                self._attached[op[1]] = None
+            match op:
+                case Attach(slot=slot, generation=gen):
+                    self._attached[slot] = gen
+                case Detach(slot=slot) | Release(slot=slot):
+                    self._attached[slot] = None
         for slot, keep, tail in diff:
             self._slots[slot] = self._slots[slot][:keep] + list(tail)
         for ev in step.events:
@@ -352,29 +309,29 @@ class RemoteDevice:
 
     # -- the rest of the Device API, one op per call ------------------------------------------
 
-    def _one(self, op: tuple) -> Any:
+    def _one(self, op: Op) -> Any:
         results, _, error = self.tick([op], [])
         if error is not None:
             raise error
         return results[0]
 
     def release(self, slot: int) -> None:
-        self._one(("release", slot))
+        self._one(Release(slot))
 
-    def save(self, slot: int) -> bytes:
-        return self._one(("save", slot))[1]
+    def save(self, slot: int) -> bytearray:
+        return self._one(Save(slot, None))[1]
 
     def copy_prefix(self, src: int, dst: int, n: int) -> int:
-        return self._one(("copy", src, dst, n))
+        return self._one(Copy(src, dst, n))
 
     def prepare(self, slot: int, prompt_tokens: Sequence[int]) -> int:
-        return self._one(("prepare", slot, list(prompt_tokens), None))
+        return self._one(Prepare(slot, list(prompt_tokens)))
 
     def attach(self, slot: int, gen: RemoteGeneration) -> None:
-        self._one(("attach", slot, gen))
+        self._one(Attach(slot, gen))
 
     def detach(self, slot: int) -> None:
-        self._one(("detach", slot))
+        self._one(Detach(slot))
 
     def step(self, plan: Sequence[int]) -> StepResult:
         _, step, error = self.tick([], list(plan))
@@ -417,6 +374,80 @@ def start_device_actors(n: int, model: str, kwargs: dict[str, Any], *,
             ray.kill(a, no_restart=True)
         raise
     return list(zip(actors, infos))
+
+
+# -- the wire: typed ops as plain data, and back --------------------------------------------
+
+class _ShippedSnapshot:
+    """A saved state that crossed the wire; ``data`` None: the kernel could not read it."""
+
+    def __init__(self, tokens: list[int], data: bytes | bytearray | None) -> None:
+        self.tokens = tokens
+        self.data = data
+
+    def load(self) -> bytes | bytearray:
+        if self.data is None:  # apply() then reports 0: the request prefills instead
+            raise OSError("the saved state could not be read in the kernel")
+        return self.data
+
+
+def op_to_wire(op: Op) -> tuple:
+    """A tick operation as plain data for the actor: a saved state travels loaded
+    (the kernel's spill files are not on the actor's node), a request by its id."""
+    match op:
+        case Save(slot=slot):
+            return ("save", slot)
+        case Restore(slot=slot, snapshot=snap):
+            try:
+                data = snap.load()
+            except OSError:
+                data = None
+            return ("restore", slot, data, list(snap.tokens))
+        case Copy(src=src, dst=dst, n=n):
+            return ("copy", src, dst, n)
+        case Prepare(slot=slot, tokens=tokens):
+            return ("prepare", slot, list(tokens))
+        case Attach(slot=slot, generation=gen):
+            return ("attach", slot, gen.id)
+        case Detach(slot=slot):
+            return ("detach", slot)
+        case Release(slot=slot):
+            return ("release", slot)
+    raise TypeError(f"not an operation a remote device runs: {op!r}")
+
+
+def op_from_wire(item: tuple, gens: dict[int, Any]) -> Op:
+    """The typed operation again, in the actor; ``gens``: its requests by id."""
+    match item:
+        case ("save", slot):
+            return Save(slot, None)
+        case ("restore", slot, data, tokens):
+            return Restore(slot, _ShippedSnapshot(tokens, data))
+        case ("copy", src, dst, n):
+            return Copy(src, dst, n)
+        case ("prepare", slot, tokens):
+            return Prepare(slot, tokens)
+        case ("attach", slot, gid):
+            return Attach(slot, gens[gid])
+        case ("detach", slot):
+            return Detach(slot)
+        case ("release", slot):
+            return Release(slot)
+    raise TypeError(f"not a device operation on the wire: {item!r}")
+
+
+def _error_to_wire(exc: Exception) -> tuple:
+    """A tick's failure as plain data (never raised through Ray)."""
+    if isinstance(exc, DeviceFullError):
+        return ("DeviceFullError", exc.name, exc.message)
+    if isinstance(exc, SyscallError):
+        return ("SyscallError", exc.name, exc.message)
+    return ("Exception", "EIO", repr(exc))  # reported as EIO by the kernel
+
+
+def _error_from_wire(error: tuple) -> SyscallError:
+    kind, name, message = error
+    return DeviceFullError(message) if kind == "DeviceFullError" else SyscallError(name, message)
 
 
 def _lcp(a: Sequence[int], b: Sequence[int]) -> int:

@@ -1,6 +1,6 @@
 """Handlers of the `llm` group: the compute device as syscalls.
 
-The device loop (kernel/scheduler.py) owns the llama.cpp context; handlers
+The device loop (kernel/scheduler/) owns the llama.cpp context; handlers
 only submit requests to it and account what each process used.
 
 Sizes are checked before work, on the event loop, where the check costs

@@ -4,6 +4,7 @@ deterministic fake of the scheduler tests and the real llama.cpp device
 
 from __future__ import annotations
 
+import msgpack
 import pytest
 from test_scheduler import FakeDevice
 
@@ -12,11 +13,15 @@ from llmagentos.drivers.device import (
     ComputeDevice,
     Copy,
     Detach,
+    EmbedRelease,
     Prepare,
     Release,
+    Restore,
     Save,
     apply,
+    run_tick,
 )
+from llmagentos.drivers.ray_device import op_from_wire, op_to_wire
 from llmagentos.syscalls.errno import SyscallError
 
 PROMPT = [2] + list(range(1000, 1023))  # token ids every vocabulary here has
@@ -33,6 +38,16 @@ def dev(request):
     yield d
     for s in range(d.n_seq_max):
         d.release(s)
+
+
+class Snap:  # what kernel/kvstore hands the device
+    def __init__(self, tokens, data):
+        self.tokens, self._data = tokens, data
+
+    def load(self):
+        if self._data is None:  # a spill file that cannot be read
+            raise OSError("gone")
+        return self._data
 
 
 def _run(dev, slot, prompt, params=GREEDY, limit=40):
@@ -90,13 +105,6 @@ def test_save_release_restore_round_trip(dev):
     apply(dev, Release(0))
     assert dev.slot_tokens(0) == []
 
-    class Snap:  # what kernel/kvstore hands the device
-        def __init__(self, tokens, data):
-            self.tokens, self._data = tokens, data
-
-        def load(self):
-            return self._data
-    from llmagentos.drivers.device import Restore
     assert apply(dev, Restore(1, Snap(tokens, data))) > 0  # bytes loaded; 0: did not fit
     assert dev.slot_tokens(1) == tokens
     # and it decodes on from there exactly as before
@@ -124,3 +132,69 @@ def test_detach_gives_the_generation_back_and_release_empties(dev):
 def test_not_an_operation_is_a_type_error(dev):
     with pytest.raises(TypeError):
         apply(dev, ("save", 0))
+
+
+def test_a_tick_runs_its_ops_then_steps(dev):
+    gen = dev.generation(PROMPT, GREEDY)
+    results, step, error = run_tick(dev, [Prepare(0, PROMPT), Attach(0, gen)], [0])
+    assert error is None and results == [0, None]
+    assert step.fed == {0: len(PROMPT)} and [e.slot for e in step.events] == [0]
+    apply(dev, Detach(0))
+
+
+def test_a_failed_tick_reports_what_ran_before_it(dev):
+    gen = dev.generation(PROMPT, GREEDY)
+    ops = [Prepare(1, PROMPT), Attach(1, gen), ("release", 1), Release(1)]
+    results, step, error = run_tick(dev, ops, [1])
+    assert results == [0, None] and isinstance(error, TypeError)
+    assert step.events == [] and step.fed == {}  # nothing decoded
+    assert dev.detach(1) is gen  # the Release after the failure did not run
+
+
+def test_every_op_crosses_the_ray_wire_as_plain_data_and_runs_the_same(dev):
+    """The Ray device ships a tick's typed ops to its actor as plain data; the actor
+    turns them back into typed ops and runs them with apply, as any device does."""
+    gen = dev.generation(PROMPT, GREEDY)
+
+    class Mirror:  # the kernel's side of a request that lives in the actor
+        id = 7
+
+    gens = {Mirror.id: gen}
+
+    def over_wire(op):
+        item = op_to_wire(op)
+        msgpack.packb(item)  # nothing but plain data
+        back = op_from_wire(item, gens)
+        assert type(back) is type(op)
+        return apply(dev, back)
+
+    assert over_wire(Prepare(0, PROMPT)) == 0
+    over_wire(Attach(0, Mirror()))
+    assert any(e.slot == 0 and e.token is not None for e in dev.step([0]).events)
+    over_wire(Detach(0))
+    tokens, data = over_wire(Save(0, ("req", 1), pinned=True))
+    assert tokens == dev.slot_tokens(0) and len(data) > 0
+    over_wire(Release(0))
+    assert dev.slot_tokens(0) == []
+    assert over_wire(Restore(1, Snap(tokens, data))) > 0 and dev.slot_tokens(1) == tokens
+    assert over_wire(Copy(1, 2, 5)) == 5 and dev.slot_tokens(2) == tokens[:5]
+    # A saved state the kernel cannot read: 0 (prefill instead), the slot untouched,
+    # exactly as apply() does with the snapshot itself.
+    gone = Snap(tokens, None)
+    assert over_wire(Restore(2, gone)) == 0 == apply(dev, Restore(2, gone))
+    assert dev.slot_tokens(2) == tokens[:5]
+    with pytest.raises(TypeError):
+        op_to_wire(EmbedRelease(object()))  # a remote device computes no embeddings
+    for bad in (("save",), ("save", 0, 1), ("format", 0), ("attach", 0, 8), ()):
+        with pytest.raises((TypeError, KeyError)):
+            op_from_wire(bad, gens)
+
+
+def test_embed_release_gives_a_half_done_text_back(device):
+    job = device.embedding(["word " * 200])
+    assert device.embed_step(job) > 0 and job.seq is not None  # half done: holds cells
+    results, _, error = run_tick(device, [EmbedRelease(job)], [])
+    assert error is None and results == [None] and job.seq is None
+    while not job.done:  # it starts over, and finishes
+        assert device.embed_step(job) > 0
+    assert job.vectors and len(job.vectors[0]) > 0

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 import trio
@@ -25,7 +27,8 @@ from llmagentos.drivers.llama_device import (
     compute_thread,
 )
 from llmagentos.drivers.sampling import SamplingParams, TextStream
-from llmagentos.kernel.scheduler import Scheduler
+from llmagentos.kernel.scheduler import POLICIES, Scheduler
+from llmagentos.syscalls import bootopts
 from llmagentos.syscalls.errno import SyscallError
 
 # --------------------------------------------------------------------------------------
@@ -544,6 +547,27 @@ async def test_bad_params_are_einval_before_queueing(nursery):
         Scheduler(FakeDevice(1), policy="lottery")
 
 
+def test_policies_are_named_by_their_objects():
+    assert POLICIES == ("fifo", "rr", "priority", "fair") == bootopts.POLICIES
+    for name in POLICIES:
+        assert Scheduler(FakeDevice(1), policy=name).policy == name
+    for bad in ("FIFO", "fair ", "", None, 3, ["fair"], "Policy"):
+        with pytest.raises(SyscallError) as exc:
+            Scheduler(FakeDevice(1), policy=bad)
+        assert exc.value.name == "EINVAL" and "one of fifo, rr, priority, fair" in str(exc.value)
+
+
+def test_the_scheduler_drives_the_device_contract_not_the_llama_device():
+    """It plans typed operations (drivers/device.py); which device runs them is not its
+    business, so importing it must not load the llama.cpp device."""
+    code = ("import sys, llmagentos.kernel.scheduler\n"
+            "print('llmagentos.drivers.llama_device' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
 # --------------------------------------------------------------------------------------
 # The real device
 
@@ -713,8 +737,9 @@ async def test_real_release_frees_the_slot(device, nursery):
     st = sched.stats()
     assert st["running"] == 0 and st["snapshots"]["count"] == 0
     assert all(s["state"] == "empty" for s in st["slots"])
-    await trio.sleep(0.05)  # the loop has run the deferred release
-    assert all(len(device.slot_tokens(s)) == 0 for s in range(2))
+    with trio.fail_after(30):  # the loop runs the deferred release once its tick is over
+        while any(device.slot_tokens(s) for s in range(2)):
+            await trio.sleep(0.01)
 
 
 async def test_real_prefix_reuse_shows_in_cached_tokens(sched, device):
@@ -762,3 +787,27 @@ async def test_real_stats_report_the_device(sched, device):
     own = st["owners"][1]
     assert own["tokens_out"] == 4 and own["tokens_in"] >= 2 and own["device_time"] > 0
     assert not math.isnan(st["utilization"])
+
+
+async def test_real_withdrawn_embed_gives_its_cells_back(device, nursery):
+    """Cancelling an embed request mid-text has the loop run an EmbedRelease op:
+    the half-done text's sequence of the embedding context is free again."""
+    sched = Scheduler(device, policy="fair")
+    await nursery.start(sched.run)
+    job = device.embedding(["word " * 1000])  # ~30 chunks
+    cancel = trio.CancelScope()
+
+    async def embedder():
+        with cancel:
+            await sched.embed(1, job)
+
+    nursery.start_soon(embedder)
+    with trio.fail_after(30):
+        while job.seq is None:  # a chunk ran: the text holds its cells
+            await trio.sleep(0.005)
+    cancel.cancel()
+    with trio.fail_after(30):
+        while job.seq is not None:
+            await trio.sleep(0.005)
+    assert not job.done and sched.stats()["embed_queue"] == 0
+    assert (await sched.embed(2, device.embedding(["a cat"]))).vectors

@@ -1,0 +1,607 @@
+"""The device loop: the Scheduler's API, its ticks, and the accounting of device time.
+
+The loop runs in ticks. Between ticks, on the trio thread, it admits waiting
+requests to slots (placement.py) and writes down the device operations that
+admission needs (drivers/device.py). Then one worker-thread call runs those
+operations and one ``step`` (continuous batching: a token for every running
+request, plus prompt chunks). Back on the trio thread it hands out the
+tokens. The worker is never abandoned on cancel: it owns the llama context.
+
+Only the loop touches the device, and only in its worker call or between
+ticks. Code running while a tick is in flight (``generate`` being cancelled,
+``release``, ``stop``) changes bookkeeping only and leaves device work in
+``_deferred`` for the next tick.
+
+A step's decode time is shared among its slots by tokens fed, and each
+slot's sampling time is its own; the policy turns an owner's device seconds
+into its virtual time (policy.py).
+
+Embeddings are requests too (``embed``): each tick may add one chunk of the
+embed request first in policy order (``embed_step``, a bounded decode on the
+embedding context), when its owner's virtual time is no more than the least
+of the generating owners'; the chunk's time is charged to that owner. So a
+long embed time-shares the device with generation instead of stalling it, and
+is withdrawn like a generation (cancel, STOP, release).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import trio
+
+from llmagentos.drivers.device import (
+    Copy,
+    DeviceFullError,
+    EmbedRelease,
+    Op,
+    Prepare,
+    Release,
+    Restore,
+    Save,
+    StepResult,
+    run_tick,
+)
+from llmagentos.drivers.sampling import SamplingParams
+from llmagentos.kernel.kvstore import SnapshotStore
+from llmagentos.syscalls.errno import SyscallError
+
+from .placement import Placement
+from .policy import NICE_MAX, NICE_MIN, policy_named
+from .requests import (
+    EmbedRequest,
+    EmbedResult,
+    Owner,
+    Request,
+    Result,
+    StatsWindow,
+    deliver,
+)
+
+log = logging.getLogger(__name__)
+
+STATS_WINDOW = 10.0
+COST_EWMA = 0.2     # weight of the newest sample in the per-token cost averages
+
+Plan = list[tuple[int, Request]]  # (slot, request) to step this tick, in policy order
+
+
+class Scheduler:
+    """Continuous-batching scheduler over one compute device. See the package doc."""
+
+    def __init__(
+        self,
+        device: Any,
+        policy: str = "fair",
+        quantum: int = 16,
+        snapshot_ram_bytes: int = 256 << 20,
+        spill_dir: str | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        *,
+        slots: int | None = None,
+    ) -> None:
+        self._policy = policy_named(policy)
+        if quantum < 1:
+            raise SyscallError("EINVAL", "quantum must be >= 1 token")
+        self.device = device
+        self.policy = policy
+        self.quantum = quantum
+        self.clock = clock
+        self.n_slots = min(slots or device.n_seq_max, device.n_seq_max)
+        self.snapshots = SnapshotStore(snapshot_ram_bytes, spill_dir)
+        self._owners: dict[int, Owner] = {}
+        self.placement = Placement(self.n_slots, self._policy, quantum, self.snapshots,
+                                   self._owners, clock, self._costly)
+        self._embeds: list[EmbedRequest] = []
+        self._decode_cost = 0.0  # seconds of a step's shared decode (average)
+        self._floor = 0.0        # least virtual time among runnable owners when some last ran
+        self._deferred: list[Op] = []   # device ops left by code that ran during a tick
+        self._to_close: list[Any] = []  # generations to close between ticks
+        self._remote_tick = getattr(device, "tick", None)  # a whole tick in one round trip
+        self._ids = itertools.count(1)
+        self._embed_seqs = itertools.count()
+        self._wake = trio.Event()
+        self._running = False
+        self._started = clock()
+        # Counters for stats().
+        self.steps = 0
+        self.busy = 0.0
+        self.tokens_out = 0
+        self.tokens_in = 0
+        self.batch_rows = 0
+        self.restores = 0
+        self.restore_failures = 0
+        self.copies = 0
+        self.copied_tokens = 0
+        self.idle_saves = 0
+        self.embed_chunks = 0
+        self.embed_tokens = 0
+        self.throttled = 0
+        self._window = StatsWindow(STATS_WINDOW)
+
+    # -- the API the kernel uses ---------------------------------------------------------
+
+    async def generate(
+        self,
+        owner: int,
+        prompt_tokens: Sequence[int],
+        params: SamplingParams | dict | None = None,
+        *,
+        nice: int | None = None,
+        on_token: Callable[[str], Awaitable[Any]] | None = None,
+    ) -> Result:
+        """Run one completion for process ``owner``; returns when it finishes.
+
+        Cancelling the awaiting task withdraws the request and frees its slot.
+        ``on_token`` receives each new piece of text as it becomes safe to show.
+        """
+        # EINVAL/E2BIG here. A grammar (or JSON schema) is converted, compiled and
+        # probed in the request's constructor: a worker thread's time, not the loop's.
+        params = SamplingParams.from_dict(params)
+        if params.grammar is not None or params.json_schema not in (None, False):
+            gen = await trio.to_thread.run_sync(
+                self.device.generation, list(prompt_tokens), params)
+        else:
+            gen = self.device.generation(list(prompt_tokens), params)
+        acct = self._owner(owner)
+        if nice is not None:
+            self.set_nice(owner, nice)
+        send, recv = trio.open_memory_channel(math.inf)
+        now = self.clock()
+        req = Request(next(self._ids), acct, gen, send, now)
+        req.wait_since = None if acct.stopped else now
+        acct.usage.requests += 1
+        self._activate(acct)
+        self.placement.enqueue(req)
+        self._kick()
+        try:
+            async for kind, value in recv:
+                if kind == "piece":
+                    if on_token is not None:
+                        await on_token(value)
+                elif kind == "done":
+                    return value
+                else:
+                    raise value
+            raise SyscallError("ESHUTDOWN", "the device loop stopped")
+        finally:
+            if not req.done:  # cancelled, or on_token failed: withdraw the request
+                self._cancel(req)
+            recv.close()
+
+    async def embed(self, owner: int, job: Any, *, nice: int | None = None) -> EmbedResult:
+        """Run an embed request (a ``Device.embedding``) for ``owner``, a chunk per tick
+        under the policy. Cancelling the awaiting task withdraws it."""
+        if not hasattr(self.device, "embed_step"):
+            raise SyscallError("ENOSYS", "this device does not compute embeddings")
+        acct = self._owner(owner)
+        if nice is not None:
+            self.set_nice(owner, nice)
+        send, recv = trio.open_memory_channel(math.inf)
+        req = EmbedRequest(next(self._ids), acct, job, send, next(self._embed_seqs),
+                           self.clock())
+        acct.usage.requests += 1
+        self._activate(acct)
+        self._embeds.append(req)
+        self._kick()
+        try:
+            async for kind, value in recv:
+                if kind == "done":
+                    return value
+                raise value
+            raise SyscallError("ESHUTDOWN", "the device loop stopped")
+        finally:
+            if not req.done:
+                self._cancel_embed(req)
+            recv.close()
+
+    def stop(self, owner: int) -> None:
+        """SIGSTOP: park the owner's requests. Their slots may be given away (state saved)."""
+        acct = self._owner(owner)
+        if acct.stopped:
+            return
+        acct.stopped = True
+        now = self.clock()
+        for req in self.placement.queue:
+            if req.owner is acct and req.wait_since is not None:
+                req.queue_wait += now - req.wait_since
+                req.wait_since = None
+        self._kick()
+
+    def cont(self, owner: int) -> None:
+        """SIGCONT: resume where the requests left off."""
+        acct = self._owner(owner)
+        if not acct.stopped:
+            return
+        acct.stopped = False
+        now = self.clock()
+        for req in self.placement.queue:
+            if req.owner is acct:
+                req.wait_since = now
+        self._activate(acct)
+        self._kick()
+
+    async def release(self, owner: int) -> None:
+        """The process is gone: cancel its requests, free its slots and snapshots."""
+        acct = self._owners.pop(owner, None)
+        if acct is not None:
+            err = SyscallError("ECANCELED", f"process {owner} released")
+            for req in [r for r in self.placement.queue if r.owner is acct]:
+                self._cancel(req, err)
+            for _, req in [sr for sr in self.placement.running() if sr[1].owner is acct]:
+                self._cancel(req, err)
+            for ereq in [e for e in self._embeds if e.owner is acct]:
+                self._cancel_embed(ereq, err)
+        self.placement.forget(owner, self._deferred)
+        self._kick()
+        await trio.lowlevel.checkpoint()
+
+    def set_nice(self, owner: int, nice: int) -> None:
+        if not isinstance(nice, int) or isinstance(nice, bool) or not NICE_MIN <= nice <= NICE_MAX:
+            raise SyscallError("EINVAL", f"nice must be an integer in {NICE_MIN}..{NICE_MAX}")
+        self._owner(owner).nice = nice
+
+    def usage(self, owner: int) -> dict[str, Any]:
+        acct = self._owners.get(owner)
+        if acct is None:
+            raise SyscallError("ESRCH", f"no usage recorded for process {owner}")
+        return dict(vars(acct.usage))
+
+    def load(self) -> int:
+        """Requests queued or running: what a DeviceSet balances new processes by."""
+        return len(self.placement.queue) + len(self._embeds) + len(self.placement.running())
+
+    def holds(self, owner: int) -> bool:
+        """Has ``owner`` anything here: a request, a resident slot or saved state?"""
+        return self.placement.holds(owner) or any(e.owner.pid == owner for e in self._embeds)
+
+    def stats(self) -> dict[str, Any]:
+        now = self.clock()
+        span = min(STATS_WINDOW, max(now - self._started, 1e-9))
+        w_tokens, w_busy, w_rows, w_n = self._window.totals(now)
+        place = self.placement
+        slots = [{"slot": s, "state": place.slot_state(s), "owner": place.slot_owner[s],
+                  "tokens": len(self.device.slot_tokens(s)) if self._running else None}
+                 for s in range(self.n_slots)]
+        return {
+            "policy": self.policy,
+            "quantum": self.quantum,
+            "slots": slots,
+            "n_slots": self.n_slots,
+            "running": sum(1 for x in slots if x["state"] == "running"),
+            "parked": sum(1 for x in slots if x["state"] == "parked"),
+            "queue_length": len(place.queue),
+            "utilization": min(1.0, w_busy / span),
+            "batch_size": (w_rows / w_n) if w_n else 0.0,
+            "tokens_per_s": w_tokens / span,
+            "steps": self.steps,
+            "tokens_out": self.tokens_out,
+            "tokens_in": self.tokens_in,
+            "device_time": self.busy,
+            "preemptions": place.preemptions,
+            "restores": self.restores,
+            "restore_failures": self.restore_failures,
+            "prefix_copies": self.copies,
+            "copied_tokens": self.copied_tokens,
+            "idle_saves": self.idle_saves,
+            "embed_queue": len(self._embeds),
+            "embed_chunks": self.embed_chunks,
+            "embed_tokens": self.embed_tokens,
+            "throttled": self.throttled,
+            "snapshots": {"count": len(self.snapshots), "ram_bytes": self.snapshots.ram_bytes,
+                          "disk_bytes": self.snapshots.disk_bytes,
+                          "ram_budget": self.snapshots.ram_budget,
+                          "spills": self.snapshots.spills, "drops": self.snapshots.drops},
+            "owners": {pid: dict(vars(o.usage), nice=o.nice, stopped=o.stopped)
+                       for pid, o in self._owners.items()},
+        }
+
+    # -- the device loop -----------------------------------------------------------------
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """The device loop task. Start it in the kernel's nursery (``nursery.start``)."""
+        if self._running:
+            raise RuntimeError("Scheduler.run() is already running")
+        self._running = True
+        try:
+            await trio.to_thread.run_sync(self._reset_device, abandon_on_cancel=False)
+            task_status.started()
+            while True:
+                ops, plan, ereq = self._plan()
+                if not ops and not plan and ereq is None:
+                    await self._wake.wait()
+                    self._wake = trio.Event()
+                    continue
+                if ops or plan:
+                    results, step, error = await trio.to_thread.run_sync(
+                        self._tick, ops, [s for s, _ in plan], abandon_on_cancel=False
+                    )
+                    self._apply_ops(ops, results)
+                    self._apply_step(plan, step)
+                    if isinstance(error, DeviceFullError):
+                        self._on_device_full(plan, error)
+                    elif error is not None:  # a device fault must not take the kernel down
+                        log.error("device tick failed: %r", error)
+                        self._fail_plan(plan, SyscallError("EIO", f"device error: {error}"))
+                if ereq is not None and not ereq.done:
+                    n, seconds, error = await trio.to_thread.run_sync(
+                        self._embed_chunk, ereq.job, abandon_on_cancel=False)
+                    self._apply_embed(ereq, n, seconds, error)
+                await trio.lowlevel.checkpoint()
+        finally:
+            self._running = False
+            err = SyscallError("ESHUTDOWN", "the device loop stopped")
+            for req in list(self.placement.queue) + [r for _, r in self.placement.running()]:
+                self._cancel(req, err)
+            for ereq in list(self._embeds):
+                self._cancel_embed(ereq, err)
+            for gen in self._to_close:
+                gen.close()
+            self._to_close.clear()
+
+    def _reset_device(self) -> None:
+        for s in range(self.n_slots):
+            self.device.release(s)
+
+    def _tick(self, ops: list[Op], plan: list[int]) -> tuple[list[Any], StepResult,
+                                                            Exception | None]:
+        """Worker thread: the planned operations, then one step (never raises)."""
+        if self._remote_tick is not None:
+            return self._remote_tick(ops, plan)
+        return run_tick(self.device, ops, plan)
+
+    def _embed_chunk(self, job: Any) -> tuple[int, float, Exception | None]:
+        """Worker thread: one chunk of an embed request. Never raises."""
+        t0 = time.perf_counter()
+        try:
+            n = self.device.embed_step(job)
+        except Exception as exc:
+            return 0, time.perf_counter() - t0, exc
+        return n, time.perf_counter() - t0, None
+
+    # -- planning (trio thread, device idle) ---------------------------------------------
+
+    def _plan(self) -> tuple[list[Op], Plan, EmbedRequest | None]:
+        self._note_floor()
+        for gen in self._to_close:
+            gen.close()
+        self._to_close.clear()
+        ops, self._deferred = self._deferred, []
+        place = self.placement
+        waiting = [r for r in place.queue if not r.owner.stopped]
+        if waiting:
+            view = [self.device.slot_tokens(s) for s in range(self.n_slots)]
+            for op in ops:
+                if isinstance(op, Release):
+                    view[op.slot] = []
+            place.admit_waiting(sorted(waiting, key=self._policy.key), ops, view)
+        plan = [(s, r) for s, r in place.running() if not r.owner.stopped]
+        plan.sort(key=lambda sr: self._policy.key(sr[1]))
+        if self._policy.throttles and len(plan) > 1:
+            plan = self._throttle(plan)
+        return ops, plan, self._pick_embed(plan, ops)
+
+    def _costly(self, req: Request) -> bool:
+        """Does its own sampling cost more than the decode everyone shares?"""
+        return req.sample_cost > max(self._decode_cost, 0.001)
+
+    def _throttle(self, plan: Plan) -> Plan:
+        """Costly samplers whose owner is ahead of another running owner sit this tick out."""
+        least = min(r.owner.vtime for _, r in plan)
+        keep = [(s, r) for s, r in plan if not self._costly(r) or r.owner.vtime <= least]
+        self.throttled += len(plan) - len(keep)
+        return keep
+
+    def _pick_embed(self, plan: Plan, ops: list[Op]) -> EmbedRequest | None:
+        """The embed request that gets a chunk this tick, if any (see the module doc)."""
+        if not self._embeds:
+            return None
+        waiting = sorted((e for e in self._embeds if not e.owner.stopped), key=self._policy.key)
+        ready = [e for e in waiting if self.device.embed_runnable(e.job)]
+        if not ready:
+            # Half-done texts of parked embedders hold the cells: they start over later.
+            for e in self._embeds:
+                if waiting and e.owner.stopped and e.job.seq is not None:
+                    ops.append(EmbedRelease(e.job))
+            return None
+        ereq = ready[0]
+        if plan and ereq.owner.vtime > min(r.owner.vtime for _, r in plan):
+            return None
+        return ereq
+
+    # -- results (trio thread, device idle) ----------------------------------------------
+
+    def _apply_ops(self, ops: list[Op], results: list[Any]) -> None:
+        """What the tick's operations did; ``results`` stops where a failure did."""
+        for op in ops[len(results):]:  # not run: a snapshot taken for it goes back
+            if isinstance(op, Restore) and op.snapshot.key not in self.snapshots:
+                snap = op.snapshot
+                if snap.data is not None or snap.path is not None:
+                    self.snapshots.put(snap.key, snap.tokens, snap.load(), pinned=snap.pinned)
+                    SnapshotStore.finish(snap)
+        for op, res in zip(ops, results):
+            match op:
+                case Save(key=key, pinned=pinned):
+                    tokens, data = res
+                    alive = (key[0] == "req" and self.placement.has_request(key[1])) or (
+                        key[0] == "owner" and key[1] in self._owners)
+                    if alive and tokens:
+                        self.snapshots.put(key, tokens, data, pinned=pinned)
+                        if key[0] == "owner":
+                            self.idle_saves += 1
+                case Restore(snapshot=snap):
+                    SnapshotStore.finish(snap)
+                    if res:
+                        self.restores += 1
+                    else:
+                        self.restore_failures += 1
+                case Copy():
+                    self.copies += 1
+                    self.copied_tokens += res
+                case Prepare(request=req) if not req.admitted_once:
+                    req.admitted_once = True
+                    n_prompt = len(req.gen.prompt_tokens)
+                    reused = min(res, n_prompt)
+                    req.cached_tokens = reused
+                    req.owner.usage.cached_tokens += reused
+                    req.owner.usage.tokens_in += n_prompt - reused
+                    self.tokens_in += n_prompt - reused
+
+    def _apply_step(self, plan: Plan, step: StepResult) -> None:
+        """Charge the step's device time and hand out its tokens."""
+        now = self.clock()
+        total_fed = sum(step.fed.values())
+        by_slot = dict(plan)
+        sampled = step.sample_seconds
+        shared = max(0.0, step.seconds - sum(sampled.values()))
+        if step.fed:
+            self._decode_cost += COST_EWMA * (shared - self._decode_cost)
+        for slot, fed in step.fed.items():
+            req = by_slot.get(slot)
+            if req is None or total_fed == 0:
+                continue
+            own = sampled.get(slot)
+            if own is not None:
+                req.sample_cost += COST_EWMA * (own - req.sample_cost)
+            share = shared * fed / total_fed + (own or 0.0)
+            req.device_time += share
+            self._charge(req.owner, share)
+            self.placement.slot_used[slot] = now
+        n_out = 0
+        for ev in step.events:
+            req = by_slot.get(ev.slot)
+            if req is None or req.state != "running" or req.slot != ev.slot:
+                continue  # cancelled or moved while the tick was in flight
+            if ev.token is not None and not (ev.finished and ev.reason == "eog"):
+                n_out += 1
+                req.turn_tokens += 1
+                req.owner.usage.tokens_out += 1
+            if ev.piece:
+                deliver(req, ("piece", ev.piece))
+            if ev.finished:
+                self._finish(req)
+        self.tokens_out += n_out
+        self.steps += 1 if step.fed else 0
+        self.busy += step.seconds
+        self.batch_rows += len(step.fed)
+        if step.fed:
+            self._window.add(now, n_out, step.seconds, len(step.fed))
+
+    def _charge(self, acct: Owner, seconds: float) -> None:
+        acct.usage.device_time += seconds
+        self._policy.charge(acct, seconds)
+
+    def _finish(self, req: Request) -> None:
+        gen = req.gen
+        usage = {
+            "prompt_tokens": len(gen.prompt_tokens),
+            "cached_tokens": req.cached_tokens,
+            "completion_tokens": len(gen.tokens),
+            "queue_wait": req.queue_wait,
+            "device_time": req.device_time,
+        }
+        result = Result(gen.text, list(gen.tokens), gen.reason or "stop", usage)
+        self._vacate(req)
+        deliver(req, ("done", result))
+        req.send.close()
+
+    def _vacate(self, req: Request) -> None:
+        self.placement.vacate(req, self._deferred)
+        self._to_close.append(req.gen)
+        self._kick()
+
+    def _cancel(self, req: Request, error: SyscallError | None = None) -> None:
+        if req.done:
+            return
+        self._vacate(req)
+        if error is not None:
+            deliver(req, ("error", error))
+        req.send.close()
+
+    def _apply_embed(self, ereq: EmbedRequest, n: int, seconds: float,
+                     error: Exception | None) -> None:
+        now = self.clock()
+        acct = ereq.owner
+        if ereq.started is None:
+            ereq.started = now - seconds
+            acct.usage.queue_wait += ereq.started - ereq.submitted
+        ereq.device_time += seconds
+        acct.usage.tokens_in += n
+        self._charge(acct, seconds)
+        self.busy += seconds
+        self.tokens_in += n
+        self.embed_tokens += n
+        self.embed_chunks += 1
+        self._window.add(now, 0, seconds, 0)
+        if ereq.done:
+            return  # withdrawn while its chunk ran: its release op is already deferred
+        if error is not None:
+            log.error("embedding chunk failed: %r", error)
+            msg = error.message if isinstance(error, SyscallError) else repr(error)
+            self._cancel_embed(ereq, SyscallError("EIO", f"device error: {msg}"))
+        elif ereq.job.done:
+            usage = {"prompt_tokens": ereq.job.n_tokens, "cached_tokens": 0,
+                     "completion_tokens": 0, "device_time": ereq.device_time,
+                     "queue_wait": ereq.started - ereq.submitted}
+            ereq.state = "done"
+            self._embeds.remove(ereq)
+            deliver(ereq, ("done", EmbedResult(ereq.job.vectors, usage)))
+            ereq.send.close()
+
+    def _cancel_embed(self, ereq: EmbedRequest, error: SyscallError | None = None) -> None:
+        if ereq.done:
+            return
+        ereq.state = "done"
+        self._embeds.remove(ereq)
+        self._deferred.append(EmbedRelease(ereq.job))
+        self._kick()
+        if error is not None:
+            deliver(ereq, ("error", error))
+        ereq.send.close()
+
+    def _on_device_full(self, plan: Plan, exc: DeviceFullError) -> None:
+        """No KV room: drop idle conversations first; else fail the longest request."""
+        if self.placement.evict_idle(self._deferred):
+            return
+        victim = max(plan, key=lambda sr: len(sr[1].gen.context))[1]
+        slot = victim.slot
+        self._cancel(victim, exc)
+        if slot is not None:
+            self.placement.evict(slot, self._deferred)
+
+    def _fail_plan(self, plan: Plan, error: SyscallError) -> None:
+        for slot, req in plan:
+            self._cancel(req, error)
+            self.placement.evict(slot, self._deferred)
+
+    # -- owners ----------------------------------------------------------------------------
+
+    def _owner(self, pid: int) -> Owner:
+        acct = self._owners.get(pid)
+        if acct is None:
+            acct = self._owners[pid] = Owner(pid)
+        return acct
+
+    def _runnable_owners(self) -> set[Owner]:
+        owners = {r.owner for r in self.placement.queue} | {
+            r.owner for _, r in self.placement.running()} | {e.owner for e in self._embeds}
+        return {o for o in owners if not o.stopped}
+
+    def _note_floor(self) -> None:
+        """Remember the least virtual time among runnable owners (it only grows)."""
+        owners = self._runnable_owners()
+        if owners:
+            self._floor = max(self._floor, min(o.vtime for o in owners))
+
+    def _activate(self, acct: Owner) -> None:
+        """Coming back to the run queue: start no earlier than the runnable minimum."""
+        self._note_floor()
+        acct.vtime = max(acct.vtime, self._floor)
+
+    def _kick(self) -> None:
+        self._wake.set()

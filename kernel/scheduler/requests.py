@@ -1,0 +1,113 @@
+"""The scheduler's records: requests, their owners, what a caller gets back, and
+the window of recent steps behind the rates in ``stats()``."""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+
+@dataclass
+class Result:
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    usage: dict[str, Any]
+
+
+@dataclass
+class EmbedResult:
+    vectors: list[list[float]]
+    usage: dict[str, Any]
+
+
+@dataclass
+class OwnerUsage:
+    tokens_in: int = 0        # prompt tokens actually decoded
+    tokens_out: int = 0       # output tokens
+    cached_tokens: int = 0    # prompt tokens reused (resident, copied or restored)
+    device_time: float = 0.0  # seconds of device steps attributed (by tokens in the batch)
+    queue_wait: float = 0.0   # seconds runnable but without a slot
+    requests: int = 0
+
+
+@dataclass(eq=False)
+class Owner:
+    """A process, as the scheduler sees it."""
+    pid: int
+    nice: int = 0
+    stopped: bool = False
+    vtime: float = 0.0        # virtual time: device seconds as the policy counts them
+    usage: OwnerUsage = field(default_factory=OwnerUsage)
+
+
+@dataclass(eq=False)
+class Request:
+    id: int
+    owner: Owner
+    gen: Any                         # the device's decoding state of the request
+    send: trio.MemorySendChannel
+    submitted: float
+    seq: int = 0                     # queue position key (fifo/rr), set when queued
+    state: str = "queued"            # queued | running | done
+    slot: int | None = None
+    admitted_once: bool = False
+    turn_tokens: int = 0
+    cached_tokens: int = 0
+    device_time: float = 0.0
+    queue_wait: float = 0.0
+    wait_since: float | None = None  # runnable and waiting since
+    no_admit_round: int = -1         # preempted in this planning round: not re-admitted in it
+    sample_cost: float = 0.0         # seconds of its own sampling per token (average)
+
+    @property
+    def done(self) -> bool:
+        return self.state == "done"
+
+
+@dataclass(eq=False)
+class EmbedRequest:
+    id: int
+    owner: Owner
+    job: Any                         # the device's Embedding
+    send: trio.MemorySendChannel
+    seq: int
+    submitted: float
+    state: str = "queued"            # queued | done
+    device_time: float = 0.0
+    started: float | None = None     # its first chunk
+
+    @property
+    def done(self) -> bool:
+        return self.state == "done"
+
+
+def deliver(req: Request | EmbedRequest, item: tuple) -> None:
+    """Hand an item to the waiting caller; it may already be gone (cancelled)."""
+    try:
+        req.send.send_nowait(item)
+    except (trio.ClosedResourceError, trio.BrokenResourceError):
+        pass
+
+
+class StatsWindow:
+    """The device's recent work, for the rates in ``stats()``: (time, tokens out,
+    busy seconds, batch rows) of each step or embed chunk in the last ``span`` s."""
+
+    def __init__(self, span: float) -> None:
+        self.span = span
+        self._items: deque[tuple[float, int, float, int]] = deque()
+
+    def add(self, t: float, tokens: int, busy: float, rows: int) -> None:
+        self._items.append((t, tokens, busy, rows))
+
+    def totals(self, now: float) -> tuple[int, float, int, int]:
+        """(tokens, busy seconds, rows, entries) within the window ending ``now``."""
+        items = self._items
+        while items and items[0][0] < now - self.span:
+            items.popleft()
+        return (sum(x[1] for x in items), sum(x[2] for x in items),
+                sum(x[3] for x in items), len(items))
