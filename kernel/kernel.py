@@ -23,11 +23,11 @@ import stat
 import time
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import trio
 
-from llmagentos.drivers.llama_device import Device
-from llmagentos.drivers.models import ModelRegistry
+from llmagentos.drivers.models import ModelRegistry, open_device
 from llmagentos.syscalls import paths
 from llmagentos.syscalls.bootopts import ConfigError, KernelConfig  # noqa: F401  (re-exported)
 from llmagentos.syscalls.errno import SyscallError
@@ -80,7 +80,7 @@ class Kernel:
         self.on_renice: list = []  # callbacks(pcb) when a nice value changes
         self.audit: AuditLog | None = None
         self.models = ModelRegistry(config.config)  # EINVAL/ENOENT: a boot error
-        self.device: Device | None = None
+        self.device: Any = None  # a compute device (drivers/device.py), None without one
         self.scheduler: Scheduler | None = None
         self.embed_lock = trio.Lock()
         self.context_generation = sysctx.context_generation
@@ -193,7 +193,7 @@ class Kernel:
             return
         log.info("loading model %s", cfg.model)
         try:
-            self.device = await trio.to_thread.run_sync(lambda: Device(
+            self.device = await trio.to_thread.run_sync(lambda: open_device(
                 cfg.model, registry=self.models, n_seq_max=cfg.slots, n_ctx=cfg.n_ctx,
                 n_threads=cfg.threads, n_gpu_layers=cfg.n_gpu_layers))
         except SyscallError as e:
