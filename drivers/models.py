@@ -248,11 +248,11 @@ def open_device(model: str | Path | ModelSpec = DEFAULT_MODEL, *,
                 registry: ModelRegistry | None = None, **kwargs: Any) -> Any:
     """The one place a compute device is made (the kernel, the cluster's vocabulary
     device, a device actor): the model's kind picks the driver. ``kwargs`` are the
-    llama.cpp device's sizes; the simulated device takes n_seq_max and n_ctx and has
-    no threads or layers to place."""
+    llama.cpp device's sizes; the simulated device takes n_seq_max, n_ctx and n_batch
+    and has no threads or layers to place."""
     spec = resolve_model(model, registry)
     if spec.kind == "sim":
-        from .simdevice import SimDevice
+        from llmagentos.drivers.simdevice import SimDevice
 
         kw = {k: v for k, v in kwargs.items() if k in ("n_seq_max", "n_ctx", "n_batch")
               and v is not None}
@@ -260,6 +260,6 @@ def open_device(model: str | Path | ModelSpec = DEFAULT_MODEL, *,
                             "n_batch": spec.n_batch or 512, **kw},
                          decode_s=spec.options.get("decode_ms", 0.0) / 1000,
                          model_name=spec.name, chat_template=spec.chat_template)
-    from .llama_device import Device
+    from llmagentos.drivers.llama_device import Device
 
     return Device(spec, **kwargs)
