@@ -12,9 +12,9 @@ its operations through them.
 Implementations: the llama.cpp device (drivers/llama_device.py), the Ray
 device actor's local proxy (drivers/ray_device.py, which runs a whole tick
 in one round trip: `tick(ops, plan)`; its actor runs the same ops with
-`run_tick`), and the deterministic fake of the
-scheduler tests (tests/test_scheduler.py). tests/test_device_contract.py runs
-one conformance suite against the fake and the real device.
+`run_tick`), and the simulated device (drivers/simdevice.py: deterministic
+tokens, a fixed decode time). tests/test_device_contract.py runs one
+conformance suite against the simulated and the real device.
 """
 
 from __future__ import annotations

@@ -74,7 +74,7 @@ from llmagentos.drivers.device import (  # noqa: F401  (re-exported)
     StepResult,
     TokenEvent,
 )
-from llmagentos.drivers.models import DEFAULT_MODEL, ModelRegistry, ModelSpec, check_gguf
+from llmagentos.drivers.models import DEFAULT_MODEL, ModelRegistry, ModelSpec, resolve_model
 from llmagentos.drivers.sampling import Sampler, SamplingParams, TextStream
 from llmagentos.syscalls.errno import SyscallError
 
@@ -165,7 +165,7 @@ class Device:
 
     def __init__(
         self,
-        model: str | Path = DEFAULT_MODEL,
+        model: str | Path | ModelSpec = DEFAULT_MODEL,
         *,
         registry: ModelRegistry | None = None,
         n_seq_max: int | None = None,
@@ -179,7 +179,10 @@ class Device:
         kv_unified: bool = True,
         verbose: bool = False,
     ) -> None:
-        spec = _resolve_spec(model, registry)
+        spec = resolve_model(model, registry)
+        if spec.kind != "gguf":
+            raise SyscallError("EINVAL", f"model {spec.name!r} is of kind {spec.kind!r}, not a "
+                                         "GGUF for llama.cpp (drivers.models.open_device)")
         self.spec = spec
         self.model_name = spec.name
         self.n_seq_max = n_seq_max or spec.n_seq_max or 8
@@ -812,14 +815,6 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     while i < n and a[i] == b[i]:
         i += 1
     return i
-
-
-def _resolve_spec(model: str | Path, registry: ModelRegistry | None) -> ModelSpec:
-    if isinstance(model, Path) or str(model).endswith(".gguf"):
-        path = Path(model)
-        check_gguf(path)
-        return ModelSpec(path.stem, path=str(path))
-    return (registry or ModelRegistry()).resolve(str(model))
 
 
 PLAIN_CHAT_DOC = """The plain chat format (used when the model has no chat template):

@@ -14,6 +14,14 @@ come from a TOML file::
     chat_template = "..."             # optional Jinja2 template; else the GGUF's
     description = "instruction-tuned, small"
 
+A model of ``kind = "sim"`` is the simulated device (drivers/simdevice.py):
+no file, deterministic tokens, and ``decode_ms`` milliseconds per step
+whatever the batch (default 0). The built-in name ``sim`` is one::
+
+    [models.sim-2ms]
+    kind = "sim"
+    decode_ms = 2.0
+
 Unknown keys are an error (a typo should not silently do nothing).
 """
 
@@ -28,12 +36,16 @@ from typing import Any
 from llmagentos.syscalls.errno import SyscallError
 
 DEFAULT_MODEL = "gemma3-270m"
+SIM_MODEL = "sim"
 GGUF_MAGIC = b"GGUF"
+KINDS = ("gguf", "sim")
 
 _SPEC_KEYS = {
-    "path", "n_ctx", "n_seq_max", "n_gpu_layers", "n_batch", "n_threads",
-    "chat_template", "description",
+    "kind", "path", "n_ctx", "n_seq_max", "n_gpu_layers", "n_batch", "n_threads",
+    "chat_template", "description", "decode_ms",
 }
+_GGUF_ONLY = ("path", "n_gpu_layers", "n_threads")
+_SIM_ONLY = ("decode_ms",)
 
 
 class UnknownModelError(SyscallError, KeyError):
@@ -45,9 +57,11 @@ class UnknownModelError(SyscallError, KeyError):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """One registered model. ``path`` None means "assemble the packaged GGUF"."""
+    """One registered model. ``path`` None means "assemble the packaged GGUF";
+    ``kind`` picks the driver (see open_device), ``options`` are the kind's own."""
 
     name: str
+    kind: str = "gguf"
     path: str | None = None
     n_ctx: int | None = None
     n_seq_max: int | None = None
@@ -103,7 +117,11 @@ class ModelRegistry:
         self._specs: dict[str, ModelSpec] = {
             DEFAULT_MODEL: ModelSpec(
                 DEFAULT_MODEL, description="Gemma-3-270M Q4_K_M (base model), packaged"
-            )
+            ),
+            SIM_MODEL: ModelSpec(
+                SIM_MODEL, kind="sim", options={"decode_ms": 0.0},
+                description="simulated device: deterministic tokens, no model (benchmarks)"
+            ),
         }
         self.default = DEFAULT_MODEL
         if config is not None:
@@ -156,6 +174,7 @@ class ModelRegistry:
             spec = self._specs[name]
             out.append({
                 "name": name,
+                "kind": spec.kind,
                 "default": name == self.default,
                 "path": spec.path,
                 "n_ctx": spec.n_ctx,
@@ -176,8 +195,21 @@ def _spec_from_toml(path: Path, name: str, entry: Any) -> ModelSpec:
         raise SyscallError(
             "EINVAL", f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}"
         )
-    spec = ModelSpec(name)
-    if "path" in entry:
+    kind = entry.get("kind", "gguf")
+    if kind not in KINDS:
+        raise SyscallError("EINVAL", f"{where}: kind must be one of {', '.join(KINDS)}, "
+                                     f"not {kind!r}")
+    wrong = [k for k in (_SIM_ONLY if kind == "gguf" else _GGUF_ONLY) if k in entry]
+    if wrong:
+        raise SyscallError("EINVAL", f"{where}: {', '.join(wrong)} do not apply to a model "
+                                     f"of kind {kind!r}")
+    spec = ModelSpec(name, kind=kind)
+    if kind == "sim":
+        ms = entry.get("decode_ms", 0.0)
+        if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not 0 <= ms <= 60_000:
+            raise SyscallError("EINVAL", f"{where}: decode_ms must be a number in 0..60000")
+        spec = replace(spec, options={"decode_ms": float(ms)})
+    elif "path" in entry:
         if not isinstance(entry["path"], str):
             raise SyscallError("EINVAL", f"{where}: path must be a string")
         p = Path(entry["path"]).expanduser()
@@ -198,3 +230,36 @@ def _spec_from_toml(path: Path, name: str, entry: Any) -> ModelSpec:
                 raise SyscallError("EINVAL", f"{where}: {key} must be a string")
             spec = replace(spec, **{key: entry[key]})
     return spec
+
+
+def resolve_model(model: str | Path | ModelSpec, registry: ModelRegistry | None = None
+                  ) -> ModelSpec:
+    """A registered name (None or "": the default), a GGUF path, or a spec as it is."""
+    if isinstance(model, ModelSpec):
+        return model
+    if isinstance(model, Path) or str(model).endswith(".gguf"):
+        path = Path(model)
+        check_gguf(path)
+        return ModelSpec(path.stem, path=str(path))
+    return (registry or ModelRegistry()).resolve(str(model))
+
+
+def open_device(model: str | Path | ModelSpec = DEFAULT_MODEL, *,
+                registry: ModelRegistry | None = None, **kwargs: Any) -> Any:
+    """The one place a compute device is made (the kernel, the cluster's vocabulary
+    device, a device actor): the model's kind picks the driver. ``kwargs`` are the
+    llama.cpp device's sizes; the simulated device takes n_seq_max, n_ctx and n_batch
+    and has no threads or layers to place."""
+    spec = resolve_model(model, registry)
+    if spec.kind == "sim":
+        from llmagentos.drivers.simdevice import SimDevice
+
+        kw = {k: v for k, v in kwargs.items() if k in ("n_seq_max", "n_ctx", "n_batch")
+              and v is not None}
+        return SimDevice(**{"n_seq_max": spec.n_seq_max or 8, "n_ctx": spec.n_ctx or 1024,
+                            "n_batch": spec.n_batch or 512, **kw},
+                         decode_s=spec.options.get("decode_ms", 0.0) / 1000,
+                         model_name=spec.name, chat_template=spec.chat_template)
+    from llmagentos.drivers.llama_device import Device
+
+    return Device(spec, **kwargs)

@@ -77,15 +77,14 @@ class DeviceActor:
 
     def __init__(self, model: str, kwargs: dict[str, Any],
                  models_config: str | None = None) -> None:
-        from llmagentos.drivers.llama_device import Device
-        from llmagentos.drivers.models import ModelRegistry
+        from llmagentos.drivers.models import ModelRegistry, open_device
 
         try:  # Ray starts workers niced; the device is the node's main work, not a chore
             os.setpriority(os.PRIO_PROCESS, 0, 0)
         except OSError:  # not permitted: keep Ray's niceness
             pass
         registry = ModelRegistry(models_config) if models_config else None
-        self.device = Device(model, registry=registry, **kwargs)
+        self.device = open_device(model, registry=registry, **kwargs)
         self.gens: dict[int, Any] = {}
         self._reported: list[list[int]] = [[] for _ in range(self.device.n_seq_max)]
         self._lock = threading.Lock()

@@ -27,7 +27,7 @@ from typing import Any
 import ray
 import trio
 
-from llmagentos.drivers.llama_device import Device
+from llmagentos.drivers.models import open_device
 from llmagentos.drivers.ray_device import RemoteDevice, start_device_actors
 from llmagentos.syscalls.errno import SyscallError
 
@@ -48,7 +48,7 @@ class Cluster:
         self.devices: list[RemoteDevice] = []
         self.agents: list[Any] = []
 
-    async def start(self, models: Any) -> tuple[Device | None, DeviceSet | None]:
+    async def start(self, models: Any) -> tuple[Any, DeviceSet | None]:
         """Join the cluster; with a model, place the device actors and build the DeviceSet."""
         cfg = self.cfg
         await trio.to_thread.run_sync(self._init_ray)
@@ -58,7 +58,7 @@ class Cluster:
             raise SyscallError("EINVAL", "--devices must be >= 1")
         log.info("loading model %s locally (vocabulary) and in %d device actors",
                  cfg.model, cfg.devices)
-        local = await trio.to_thread.run_sync(lambda: Device(
+        local = await trio.to_thread.run_sync(lambda: open_device(
             cfg.model, registry=models, n_seq_max=1, n_ctx=cfg.n_ctx, n_threads=cfg.threads))
         kwargs = {"n_seq_max": cfg.slots, "n_ctx": cfg.n_ctx, "n_threads": cfg.threads,
                   "n_gpu_layers": cfg.n_gpu_layers}

@@ -31,8 +31,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import trio
 
 from llmagentos.drivers.gymenv import EnvTable
-from llmagentos.drivers.llama_device import Device
-from llmagentos.drivers.models import ModelRegistry
+from llmagentos.drivers.models import ModelRegistry, open_device
 from llmagentos.syscalls import paths
 from llmagentos.syscalls.bootopts import KernelConfig
 from llmagentos.syscalls.errno import SyscallError
@@ -85,7 +84,8 @@ class Services:
     tools: ToolTable | None = None
     trajectories: TrajectoryStore | None = None
     containment: Containment | None = None
-    device: Device | None = None  # with --ray, the local one (vocabulary, embeddings)
+    # a compute device (drivers/device.py); with --ray, the local one (vocabulary, embeddings)
+    device: Any = None
     scheduler: Scheduler | None = None  # the run queue (with --ray, a DeviceSet of them)
     cluster: Cluster | None = None  # booted with --ray
 
@@ -167,7 +167,7 @@ class Services:
             return
         log.info("loading model %s", cfg.model)
         try:
-            self.device = await trio.to_thread.run_sync(lambda: Device(
+            self.device = await trio.to_thread.run_sync(lambda: open_device(
                 cfg.model, registry=self.models, n_seq_max=cfg.slots, n_ctx=cfg.n_ctx,
                 n_threads=cfg.threads, n_gpu_layers=cfg.n_gpu_layers))
         except SyscallError as e:

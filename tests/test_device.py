@@ -56,7 +56,7 @@ def test_registry_reads_toml_with_relative_paths(tmp_path):
     spec = reg.resolve(None)
     assert spec.name == "tiny" and spec.n_ctx == 512
     assert spec.gguf_path() == tmp_path / "m" / "tiny.gguf"
-    assert reg.names() == ["gemma3-270m", "tiny"]
+    assert reg.names() == ["gemma3-270m", "sim", "tiny"]
 
 
 @pytest.mark.parametrize("text, needle", [

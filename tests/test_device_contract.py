@@ -1,12 +1,11 @@
 """One conformance suite for every device the scheduler drives: the
-deterministic fake of the scheduler tests and the real llama.cpp device
+simulated device (drivers/simdevice.py) and the real llama.cpp device
 (drivers/device.py is the contract)."""
 
 from __future__ import annotations
 
 import msgpack
 import pytest
-from test_scheduler import FakeDevice
 
 from llmagentos.drivers.device import (
     Attach,
@@ -22,16 +21,17 @@ from llmagentos.drivers.device import (
     run_tick,
 )
 from llmagentos.drivers.ray_device import op_from_wire, op_to_wire
+from llmagentos.drivers.simdevice import SimDevice
 from llmagentos.syscalls.errno import SyscallError
 
 PROMPT = [2] + list(range(1000, 1023))  # token ids every vocabulary here has
 GREEDY = {"temperature": 0.0, "max_tokens": 4}
 
 
-@pytest.fixture(params=["fake", "real"])
+@pytest.fixture(params=["sim", "real"])
 def dev(request):
-    if request.param == "fake":
-        d = FakeDevice(n_seq_max=4, n_batch=64, n_ctx=1024)
+    if request.param == "sim":
+        d = SimDevice(n_seq_max=4, n_batch=64, n_ctx=1024)
         yield d
         return
     d = request.getfixturevalue("device")  # conftest: the real device, 4 slots

@@ -1,8 +1,8 @@
 """The scheduler: policies, context switches, prefix reuse, signals.
 
-Exact orderings are specified on a deterministic fake device (same interface
-as drivers.llama_device.Device, no llama); every feature is then checked again
-on the real Gemma-3-270M device.
+Exact orderings are specified on the simulated device (drivers/simdevice.py: the
+same contract as drivers.llama_device.Device, no model); every feature is then
+checked again on the real Gemma-3-270M device.
 """
 
 from __future__ import annotations
@@ -17,164 +17,19 @@ import pytest
 import trio
 import trio.testing
 
-from llmagentos.drivers.llama_device import (
-    FINISH_EOG,
-    FINISH_LENGTH,
-    FINISH_STOP,
-    DeviceFullError,
-    StepResult,
-    TokenEvent,
-    compute_thread,
-)
-from llmagentos.drivers.sampling import SamplingParams, TextStream
+from llmagentos.drivers.llama_device import compute_thread
+from llmagentos.drivers.simdevice import SimDevice
 from llmagentos.kernel.scheduler import POLICIES, Scheduler
 from llmagentos.syscalls import bootopts
 from llmagentos.syscalls.errno import SyscallError
 
 # --------------------------------------------------------------------------------------
-# A deterministic fake device
+# The deterministic device (drivers/simdevice.py), on a simulated clock: a step costs
+# 1 ms per token fed (plus 1 ms), so orderings that follow device time are exact.
 
 
-class FakeGen:
-    def __init__(self, prompt: list[int], params: SamplingParams) -> None:
-        self.prompt_tokens = list(prompt)
-        self.params = params
-        self.tokens: list[int] = []
-        self.stream = TextStream(params.stop)
-        self.finished = False
-        self.reason: str | None = None
-        self.closed = False
-
-    @property
-    def context(self) -> list[int]:
-        return self.prompt_tokens + self.tokens
-
-    @property
-    def text(self) -> str:
-        return self.stream.text
-
-    def close(self) -> None:
-        self.closed = True
-
-
-class FakeDevice:
-    """Next token = a function of the last three tokens; a step costs 1 ms per token fed."""
-
-    EOG = 1
-
-    def __init__(self, n_seq_max: int = 2, n_batch: int = 64, n_ctx: int = 4096,
-                 kv_cap: int | None = None) -> None:
-        self.n_seq_max = n_seq_max
-        self.kv_cap = kv_cap  # total resident tokens the "KV cache" holds
-        self.n_batch = n_batch
-        self.n_ctx = n_ctx
-        self._tokens: list[list[int]] = [[] for _ in range(n_seq_max)]
-        self._pending: list[list[int]] = [[] for _ in range(n_seq_max)]
-        self._gen: list[FakeGen | None] = [None] * n_seq_max
-        self.saves = self.restores = self.copies = 0
-        self.steps: list[dict[int, int]] = []
-        self.emitted: list[FakeGen] = []  # the request of every sampled token, in order
-
-    @staticmethod
-    def next_token(context: list[int]) -> int:
-        return (sum(context[-3:]) * 7 + len(context)) % 26 + 100
-
-    def generation(self, prompt, params):
-        if not prompt:
-            raise SyscallError("EINVAL", "empty prompt")
-        return FakeGen(prompt, SamplingParams.from_dict(params))
-
-    def slot_tokens(self, slot):
-        return list(self._tokens[slot])
-
-    def prepare(self, slot, prompt):
-        toks = self._tokens[slot]
-        n = 0
-        while n < min(len(toks), len(prompt)) and toks[n] == prompt[n]:
-            n += 1
-        if n == len(prompt):
-            n -= 1
-        del toks[n:]
-        self._pending[slot] = list(prompt[n:])
-        return n
-
-    def copy_prefix(self, src, dst, n):
-        self.release(dst)
-        self._tokens[dst] = self._tokens[src][:n]
-        self.copies += 1
-        return len(self._tokens[dst])
-
-    def save(self, slot):
-        self.saves += 1
-        return bytearray(json.dumps(self._tokens[slot]).encode())
-
-    def restore(self, slot, data, tokens):
-        self.release(slot)
-        if json.loads(bytes(data)) != list(tokens):
-            return 0
-        self.restores += 1
-        self._tokens[slot] = list(tokens)
-        return len(data)
-
-    def release(self, slot):
-        self._tokens[slot] = []
-        self._pending[slot] = []
-        self._gen[slot] = None
-
-    def attach(self, slot, gen):
-        self._gen[slot] = gen
-
-    def detach(self, slot):
-        gen, self._gen[slot] = self._gen[slot], None
-        return gen
-
-    def step(self, plan):
-        runnable = [s for s in dict.fromkeys(plan)
-                    if self._gen[s] is not None and self._pending[s] and not self._gen[s].finished]
-        order = ([s for s in runnable if len(self._pending[s]) == 1]
-                 + [s for s in runnable if len(self._pending[s]) > 1])
-        if self.kv_cap is not None:
-            want = sum(min(len(self._pending[s]), self.n_batch) for s in order)
-            if sum(map(len, self._tokens)) + want > self.kv_cap:
-                raise DeviceFullError("fake KV cache full")
-        fed: dict[int, int] = {}
-        events = []
-        budget = self.n_batch
-        for s in order:
-            if budget <= 0:
-                break
-            take = min(budget, len(self._pending[s]))
-            budget -= take
-            self._tokens[s] += self._pending[s][:take]
-            del self._pending[s][:take]
-            fed[s] = take
-            if not self._pending[s]:
-                events.append(self._sample(s))
-        self.steps.append(fed)
-        seconds = 0.001 * (1 + sum(fed.values()))
-        return StepResult(events, fed, len(events), sum(fed.values()) - len(events), seconds)
-
-    def _sample(self, s):
-        gen = self._gen[s]
-        tok = self.next_token(self._tokens[s])
-        if tok == self.EOG:
-            return self._finish(s, tok, "", FINISH_EOG)
-        gen.tokens.append(tok)
-        self.emitted.append(gen)
-        piece = gen.stream.feed(chr(ord("a") + tok - 100).encode())
-        if gen.stream.stopped:
-            return self._finish(s, tok, piece, FINISH_STOP)
-        if len(gen.tokens) >= gen.params.max_tokens:
-            return self._finish(s, tok, piece, FINISH_LENGTH)
-        self._pending[s] = [tok]
-        return TokenEvent(s, tok, piece)
-
-    def _finish(self, s, tok, piece, reason):
-        gen = self._gen[s]
-        piece += gen.stream.flush()
-        gen.finished, gen.reason = True, reason
-        self._pending[s] = []
-        return TokenEvent(s, tok, piece, True, reason)
+def sim_device(n_seq_max: int = 2, **kw) -> SimDevice:
+    return SimDevice(n_seq_max, token_cost_s=0.001, record=True, **kw)
 
 
 def greedy(max_tokens: int, **kw) -> dict:
@@ -185,7 +40,7 @@ class Run:
     """Submit requests one at a time (so queue order is exact) and record what ran.
 
     ``order`` is the owner of every token in the order the device produced them
-    (exact on the fake device; on the real one, the order pieces were streamed).
+    (exact on the simulated device; on the real one, the order pieces were streamed).
     """
 
     def __init__(self, sched: Scheduler, nursery: trio.Nursery) -> None:
@@ -231,8 +86,8 @@ def pattern(order: list[int]) -> str:
 
 
 async def solo(prompt: list[int], n: int) -> list[int]:
-    """What a request produces alone on a fresh fake device."""
-    sched = Scheduler(FakeDevice(1), policy="fifo")
+    """What a request produces alone on a fresh simulated device."""
+    sched = Scheduler(sim_device(1), policy="fifo")
     async with trio.open_nursery() as nursery:
         await nursery.start(sched.run)
         res = await sched.generate(99, prompt, greedy(n))
@@ -243,11 +98,11 @@ async def solo(prompt: list[int], n: int) -> list[int]:
 PA, PB, PC = [2, 10, 11, 12], [2, 20, 21, 22], [2, 30, 31, 32]
 
 # --------------------------------------------------------------------------------------
-# Policies on the fake device: exact orderings
+# Policies on the simulated device: exact orderings
 
 
 async def test_fifo_runs_requests_to_completion_in_arrival_order(nursery):
-    sched = Scheduler(FakeDevice(1), policy="fifo", quantum=2)
+    sched = Scheduler(sim_device(1), policy="fifo", quantum=2)
     run = Run(sched, nursery)
     for owner, prompt in ((1, PA), (2, PB), (3, PC)):
         await run.submit(owner, prompt, greedy(5))
@@ -260,7 +115,7 @@ async def test_fifo_runs_requests_to_completion_in_arrival_order(nursery):
 
 
 async def test_rr_yields_the_slot_after_a_quantum(nursery):
-    sched = Scheduler(FakeDevice(1), policy="rr", quantum=4)
+    sched = Scheduler(sim_device(1), policy="rr", quantum=4)
     run = Run(sched, nursery)
     await run.submit(1, PA, greedy(12))
     await run.submit(2, PB, greedy(12))
@@ -276,7 +131,7 @@ async def test_rr_yields_the_slot_after_a_quantum(nursery):
 
 
 async def test_rr_does_not_preempt_without_contention(nursery):
-    sched = Scheduler(FakeDevice(2), policy="rr", quantum=2)
+    sched = Scheduler(sim_device(2), policy="rr", quantum=2)
     run = Run(sched, nursery)
     await run.submit(1, PA, greedy(8))
     await run.submit(2, PB, greedy(8))
@@ -288,7 +143,7 @@ async def test_rr_does_not_preempt_without_contention(nursery):
 
 
 async def test_priority_lower_nice_gets_the_device(nursery):
-    sched = Scheduler(FakeDevice(1), policy="priority", quantum=4)
+    sched = Scheduler(sim_device(1), policy="priority", quantum=4)
     run = Run(sched, nursery)
     await run.submit(1, PA, greedy(40), nice=10)
     await run.submit(2, PB, greedy(40), nice=-10)
@@ -301,7 +156,7 @@ async def test_priority_lower_nice_gets_the_device(nursery):
 
 
 async def test_fair_serves_least_device_time_first(nursery):
-    sched = Scheduler(FakeDevice(1), policy="fair", quantum=4)
+    sched = Scheduler(sim_device(1), policy="fair", quantum=4)
     run = Run(sched, nursery)
     await run.submit(1, [2] + list(range(200, 400)), greedy(12))  # costly prompt
     await run.submit(2, PB, greedy(12))
@@ -317,7 +172,7 @@ async def test_fair_serves_least_device_time_first(nursery):
 
 
 async def test_rr_is_round_robin_where_fair_is_not(nursery):
-    sched = Scheduler(FakeDevice(1), policy="rr", quantum=4)
+    sched = Scheduler(sim_device(1), policy="rr", quantum=4)
     run = Run(sched, nursery)
     await run.submit(1, [2] + list(range(200, 400)), greedy(12))
     await run.submit(2, PB, greedy(12))
@@ -329,18 +184,18 @@ async def test_rr_is_round_robin_where_fair_is_not(nursery):
     assert run.done_order == [1, 2, 3]
 
 
-class CostlySamplerDevice(FakeDevice):
-    """A fake device on which sampling for one prompt (a grammar's, say) costs 50 ms,
+class CostlySamplerDevice(SimDevice):
+    """A device on which sampling for one prompt (a grammar's, say) costs 50 ms,
     while a step's decode costs 1 ms per token fed."""
 
     def __init__(self, costly_prompt: list[int], **kw) -> None:
-        super().__init__(**kw)
+        super().__init__(token_cost_s=0.001, record=True, **kw)
         self.costly = list(costly_prompt)
 
     def step(self, plan):
         res = super().step(plan)
         for ev in res.events:
-            slow = self._gen[ev.slot].prompt_tokens == self.costly
+            slow = self.attached(ev.slot).prompt_tokens == self.costly
             res.sample_seconds[ev.slot] = 0.05 if slow else 0.0001
             res.seconds += res.sample_seconds[ev.slot]
         return res
@@ -385,7 +240,7 @@ async def test_a_costly_sampler_yields_its_slot_without_waiting_for_its_quantum(
 
 
 async def test_cheap_requests_are_never_held_back(nursery):
-    sched = Scheduler(FakeDevice(2), policy="fair")
+    sched = Scheduler(sim_device(2), policy="fair")
     run = Run(sched, nursery)
     await run.submit(1, [2] + list(range(200, 300)), greedy(20))  # ahead by its prefill
     await run.submit(2, PB, greedy(20))
@@ -396,11 +251,11 @@ async def test_cheap_requests_are_never_held_back(nursery):
 
 
 # --------------------------------------------------------------------------------------
-# Signals, cancellation, release on the fake device
+# Signals, cancellation, release on the simulated device
 
 
 async def test_stop_parks_and_cont_resumes_without_loss(nursery):
-    sched = Scheduler(FakeDevice(1), policy="fifo")
+    sched = Scheduler(sim_device(1), policy="fifo")
     run = Run(sched, nursery)
     stopped_at = []
 
@@ -433,7 +288,7 @@ async def test_stop_parks_and_cont_resumes_without_loss(nursery):
 
 
 async def test_cancelled_request_frees_its_slot(nursery):
-    sched = Scheduler(FakeDevice(1), policy="fifo")
+    sched = Scheduler(sim_device(1), policy="fifo")
     await nursery.start(sched.run)
     with trio.move_on_after(0.05):
         await sched.generate(1, PA, greedy(10_000))
@@ -445,7 +300,7 @@ async def test_cancelled_request_frees_its_slot(nursery):
 
 
 async def test_release_cancels_requests_and_frees_slots_and_snapshots(nursery):
-    sched = Scheduler(FakeDevice(1), policy="rr", quantum=2)
+    sched = Scheduler(sim_device(1), policy="rr", quantum=2)
     run = Run(sched, nursery)
     await run.submit(1, PA, greedy(10_000))
     await run.submit(2, PB, greedy(10_000))
@@ -465,7 +320,7 @@ async def test_release_cancels_requests_and_frees_slots_and_snapshots(nursery):
 
 
 async def test_a_full_kv_cache_drops_idle_conversations_then_fails_the_longest(nursery):
-    sched = Scheduler(FakeDevice(2, kv_cap=60), policy="fair")
+    sched = Scheduler(sim_device(2, kv_cap=60), policy="fair")
     await nursery.start(sched.run)
     long_a = [2] + list(range(500, 540))
     await sched.generate(1, long_a, greedy(4))  # 44 tokens stay resident in slot 0
@@ -482,11 +337,11 @@ async def test_a_full_kv_cache_drops_idle_conversations_then_fails_the_longest(n
 
 
 # --------------------------------------------------------------------------------------
-# Prefix reuse, prefix copies, idle snapshots, spilling on the fake device
+# Prefix reuse, prefix copies, idle snapshots, spilling on the simulated device
 
 
 async def test_multi_turn_reuses_the_resident_prefix(nursery):
-    sched = Scheduler(FakeDevice(2), policy="fair")
+    sched = Scheduler(sim_device(2), policy="fair")
     await nursery.start(sched.run)
     r1 = await sched.generate(1, PA, greedy(5))
     assert r1.usage["cached_tokens"] == 0
@@ -496,7 +351,7 @@ async def test_multi_turn_reuses_the_resident_prefix(nursery):
 
 
 async def test_shared_prefix_is_copied_not_decoded(nursery):
-    device = FakeDevice(2)
+    device = sim_device(2)
     sched = Scheduler(device, policy="fair")
     await nursery.start(sched.run)
     system = [2] + list(range(300, 340))
@@ -508,7 +363,7 @@ async def test_shared_prefix_is_copied_not_decoded(nursery):
 
 
 async def test_evicted_idle_conversation_is_restored_from_snapshot(nursery):
-    device = FakeDevice(1)
+    device = sim_device(1)
     sched = Scheduler(device, policy="fair")
     await nursery.start(sched.run)
     long_a = [2] + list(range(400, 460))
@@ -521,7 +376,7 @@ async def test_evicted_idle_conversation_is_restored_from_snapshot(nursery):
 
 
 async def test_snapshots_spill_to_disk_over_the_ram_budget(nursery, tmp_path):
-    sched = Scheduler(FakeDevice(1), policy="rr", quantum=3, snapshot_ram_bytes=1,
+    sched = Scheduler(sim_device(1), policy="rr", quantum=3, snapshot_ram_bytes=1,
                       spill_dir=str(tmp_path))
     run = Run(sched, nursery)
     await run.submit(1, PA, greedy(9))
@@ -536,7 +391,7 @@ async def test_snapshots_spill_to_disk_over_the_ram_budget(nursery, tmp_path):
 
 
 async def test_bad_params_are_einval_before_queueing(nursery):
-    sched = Scheduler(FakeDevice(1))
+    sched = Scheduler(sim_device(1))
     await nursery.start(sched.run)
     with pytest.raises(SyscallError) as exc:
         await sched.generate(1, PA, {"max_tokens": 4, "temprature": 0})
@@ -544,16 +399,16 @@ async def test_bad_params_are_einval_before_queueing(nursery):
     with pytest.raises(SyscallError):
         sched.set_nice(1, 40)
     with pytest.raises(SyscallError):
-        Scheduler(FakeDevice(1), policy="lottery")
+        Scheduler(sim_device(1), policy="lottery")
 
 
 def test_policies_are_named_by_their_objects():
     assert POLICIES == ("fifo", "rr", "priority", "fair") == bootopts.POLICIES
     for name in POLICIES:
-        assert Scheduler(FakeDevice(1), policy=name).policy == name
+        assert Scheduler(sim_device(1), policy=name).policy == name
     for bad in ("FIFO", "fair ", "", None, 3, ["fair"], "Policy"):
         with pytest.raises(SyscallError) as exc:
-            Scheduler(FakeDevice(1), policy=bad)
+            Scheduler(sim_device(1), policy=bad)
         assert exc.value.name == "EINVAL" and "one of fifo, rr, priority, fair" in str(exc.value)
 
 
