@@ -7,7 +7,7 @@ device's compute thread: the operations move state between slots (save,
 restore, copy a shared prefix, prepare a prompt, attach a request's
 generation), then `step(plan)` decodes one batch.
 
-Implementations: the llama.cpp device (drivers/llama_device.py), the Ray
+Implementations: the llama.cpp device (drivers/llama/), the Ray
 device actor's local proxy (drivers/ray_device.py, which runs a whole tick
 in one round trip: `tick(ops, plan)`), and the deterministic fake of the
 scheduler tests (tests/test_scheduler.py). tests/test_device_contract.py runs

@@ -64,7 +64,7 @@ class DeviceActor:
 
     def __init__(self, model: str, kwargs: dict[str, Any],
                  models_config: str | None = None) -> None:
-        from llmagentos.drivers.llama_device import Device
+        from llmagentos.drivers.llama import Device
         from llmagentos.drivers.models import ModelRegistry
 
         try:  # Ray starts workers niced; the device is the node's main work, not a chore

@@ -27,7 +27,7 @@ from typing import Any
 import ray
 import trio
 
-from llmagentos.drivers.llama_device import Device
+from llmagentos.drivers.llama import Device
 from llmagentos.drivers.ray_device import RemoteDevice, start_device_actors
 from llmagentos.syscalls.errno import SyscallError
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import trio
 
-from llmagentos.drivers.llama_device import Device
+from llmagentos.drivers.llama import Device
 from llmagentos.drivers.models import ModelRegistry
 from llmagentos.syscalls import paths
 from llmagentos.syscalls.bootopts import ConfigError, KernelConfig  # noqa: F401  (re-exported)

@@ -1,7 +1,7 @@
 """The scheduler: policies, context switches, prefix reuse, signals.
 
 Exact orderings are specified on a deterministic fake device (same interface
-as drivers.llama_device.Device, no llama); every feature is then checked again
+as drivers.llama.Device, no llama); every feature is then checked again
 on the real Gemma-3-270M device.
 """
 
@@ -15,15 +15,15 @@ import pytest
 import trio
 import trio.testing
 
-from llmagentos.drivers.llama_device import (
+from llmagentos.drivers.device import (
     FINISH_EOG,
     FINISH_LENGTH,
     FINISH_STOP,
     DeviceFullError,
     StepResult,
     TokenEvent,
-    compute_thread,
 )
+from llmagentos.drivers.llama import compute_thread
 from llmagentos.drivers.sampling import SamplingParams, TextStream
 from llmagentos.kernel.scheduler import Scheduler
 from llmagentos.syscalls.errno import SyscallError
