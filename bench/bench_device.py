@@ -25,8 +25,9 @@ import time
 from typing import Any
 
 import trio
+from reference import reference_llama
 
-from llmagentos.drivers.llama_device import Device, compute_thread, reference_llama
+from llmagentos.drivers.llama import Device, compute_thread
 from llmagentos.kernel.scheduler import Scheduler
 
 PROMPT = "The history of the printing press begins"

@@ -28,7 +28,9 @@ RUNS = 3
 
 
 def raw_single() -> float:
-    from llmagentos.drivers.llama_device import compute_thread, reference_llama
+    from reference import reference_llama
+
+    from llmagentos.drivers.llama import compute_thread
     llm = reference_llama(1024)
     rates = []
     for _ in range(RUNS):

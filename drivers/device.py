@@ -9,7 +9,7 @@ generation) or give cells back, then `step(plan)` decodes one batch.
 `apply` runs one operation and `run_tick` a whole tick: every device runs
 its operations through them.
 
-Implementations: the llama.cpp device (drivers/llama_device.py), the Ray
+Implementations: the llama.cpp device (drivers/llama/), the Ray
 device actor's local proxy (drivers/ray_device.py, which runs a whole tick
 in one round trip: `tick(ops, plan)`; its actor runs the same ops with
 `run_tick`), and the simulated device (drivers/simdevice.py: deterministic

@@ -260,6 +260,6 @@ def open_device(model: str | Path | ModelSpec = DEFAULT_MODEL, *,
                             "n_batch": spec.n_batch or 512, **kw},
                          decode_s=spec.options.get("decode_ms", 0.0) / 1000,
                          model_name=spec.name, chat_template=spec.chat_template)
-    from llmagentos.drivers.llama_device import Device
+    from llmagentos.drivers.llama import Device
 
     return Device(spec, **kwargs)

@@ -35,7 +35,8 @@ from llmagentos.drivers.device import (
     StepResult,
     TokenEvent,
 )
-from llmagentos.drivers.llama_device import Embedding, _ChatFormat
+from llmagentos.drivers.llama.chat import ChatFormat
+from llmagentos.drivers.llama.embed import Embedding
 from llmagentos.drivers.sampling import SamplingParams, TextStream
 from llmagentos.syscalls.errno import SyscallError
 
@@ -112,7 +113,7 @@ class SimDevice:
         self.token_cost_s = token_cost_s
         self.eos, self.bos = EOG, BOS
         self.max_token_bytes = 1
-        self._chat = _ChatFormat(chat_template, "<bos>", "<eos>")
+        self._chat = ChatFormat(chat_template, "<bos>", "<eos>")
         self._slots = [_Slot() for _ in range(n_seq_max)]
         # Counters since creation.
         self.steps = 0

@@ -15,6 +15,8 @@ import pytest
 import llmagentos
 
 PY = sys.executable
+# The baseline the tests compare against lives with the benchmarks (bench/ is no package).
+sys.path.append(str(Path(__file__).resolve().parent.parent / "bench"))
 
 
 @dataclass
@@ -145,7 +147,7 @@ def wait_for(pred, timeout: float = 10, interval: float = 0.05):
 @pytest.fixture(scope="module")
 def device():
     """A real compute device (4 slots), one per test module."""
-    from llmagentos.drivers.llama_device import Device
+    from llmagentos.drivers.llama import Device
     dev = Device(n_seq_max=4, n_ctx=1024, n_batch=512, n_threads=2)
     yield dev
     dev.close()
@@ -160,6 +162,6 @@ def reference():
 
 
 def reference_llama(n_ctx: int = 512):
-    """llama-cpp-python's own greedy baseline (see drivers/llama_device.py)."""
-    from llmagentos.drivers.llama_device import reference_llama as load
+    """llama-cpp-python's own greedy baseline (bench/reference.py)."""
+    from reference import reference_llama as load
     return load(n_ctx)

@@ -1,4 +1,4 @@
-"""The compute device (drivers/llama_device.py) and what it is built from:
+"""The compute device (drivers/llama/) and what it is built from:
 the model registry, sampling parameters, text streaming, slots and the tick."""
 
 from __future__ import annotations
@@ -9,15 +9,9 @@ import math
 import pytest
 
 from llmagentos.drivers import sampling
+from llmagentos.drivers.device import FINISH_EOG, FINISH_LENGTH, DeviceFullError
 from llmagentos.drivers.gbnf import check_grammar
-from llmagentos.drivers.llama_device import (
-    FINISH_EOG,
-    FINISH_LENGTH,
-    Device,
-    DeviceFullError,
-    _ChatFormat,
-    compute_thread,
-)
+from llmagentos.drivers.llama import ChatFormat, Device, compute_thread
 from llmagentos.drivers.models import (
     DEFAULT_MODEL,
     ModelRegistry,
@@ -176,12 +170,12 @@ def test_text_stream_stops_across_pieces_and_never_shows_half_a_stop():
 
 
 def test_chat_templates_render():
-    plain = _ChatFormat(None, "<bos>", "<eos>")
+    plain = ChatFormat(None, "<bos>", "<eos>")
     text = plain.render([{"role": "system", "content": "Be brief."},
                          {"role": "user", "content": "Hi"}], True)
     assert text == "Be brief.\n\nUser: Hi\nAssistant:"
     assert plain.stop == ["\nUser:"]
-    jinja = _ChatFormat("{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}"
+    jinja = ChatFormat("{{ bos_token }}{% for m in messages %}<{{ m.role }}>{{ m.content }}"
                         "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
                         "<bos>", "<eos>")
     assert jinja.render([{"role": "user", "content": "Hi"}], True) == "<bos><user>Hi<assistant>"

@@ -1,7 +1,7 @@
 """The scheduler: policies, context switches, prefix reuse, signals.
 
 Exact orderings are specified on the simulated device (drivers/simdevice.py: the
-same contract as drivers.llama_device.Device, no model); every feature is then
+same contract as drivers.llama.Device, no model); every feature is then
 checked again on the real Gemma-3-270M device.
 """
 
@@ -17,7 +17,7 @@ import pytest
 import trio
 import trio.testing
 
-from llmagentos.drivers.llama_device import compute_thread
+from llmagentos.drivers.llama import compute_thread
 from llmagentos.drivers.simdevice import SimDevice
 from llmagentos.kernel.scheduler import POLICIES, Scheduler
 from llmagentos.syscalls import bootopts
@@ -416,7 +416,7 @@ def test_the_scheduler_drives_the_device_contract_not_the_llama_device():
     """It plans typed operations (drivers/device.py); which device runs them is not its
     business, so importing it must not load the llama.cpp device."""
     code = ("import sys, llmagentos.kernel.scheduler\n"
-            "print('llmagentos.drivers.llama_device' in sys.modules)")
+            "print('llmagentos.drivers.llama' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr

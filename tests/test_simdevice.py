@@ -131,7 +131,7 @@ def test_sim_is_a_built_in_model_and_a_registry_kind(tmp_path):
     conf.write_text('[models.sim-2ms]\nkind = "sim"\ndecode_ms = 2\nn_ctx = 512\n')
     dev = open_device("sim-2ms", registry=ModelRegistry(conf), n_seq_max=4)
     assert (dev.model_name, dev.decode_s, dev.n_ctx, dev.n_seq_max) == ("sim-2ms", 0.002, 512, 4)
-    from llmagentos.drivers.llama_device import Device
+    from llmagentos.drivers.llama import Device
     with pytest.raises(SyscallError) as e:  # llama.cpp is not handed what it cannot load
         Device("sim")
     assert e.value.name == "EINVAL" and "kind 'sim'" in e.value.message

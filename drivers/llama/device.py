@@ -29,34 +29,18 @@ continuation needs are still there (``llama_memory_seq_pos_min``) and
 otherwise start the slot over, as llama.cpp's server does.
 
 Threads: the device is synchronous and owned by one thread at a time (the
-scheduler's worker). ``tokenize``, ``detokenize``, ``render_chat`` and
-``generation`` touch only the read-only model and may be called from any
-thread (a grammar is compiled in ``generation``: call it off the event loop).
+scheduler's worker); its decodes run on the compute thread (runtime.py).
+``tokenize``, ``detokenize``, ``render_chat`` and ``generation`` touch only
+the read-only model and may be called from any thread (a grammar is compiled
+in ``generation``: call it off the event loop).
 
-Embeddings come from a second, small context on the same model, in bounded
-chunks (``embed_step``: at most EMBED_CHUNK tokens per decode), so that the
-scheduler can interleave them with generation steps and charge them to their
-owner. The context does not pool: llama.cpp pools per decode, so a text split
-over several decodes would be pooled wrongly; we sum the per-token vectors
-ourselves while the text's KV cells carry the causal context from one chunk
-to the next. Every decode of this context computes the full-vocabulary logits
-of every token too (an embeddings context outputs them all): at llama.cpp's
-usual batch of 2,048 that buffer alone was 2 GiB (262,144 x 2,048 floats), the
-RSS growth an unbounded embed used to cost, hence the small chunk. Each chunk
-runs whole on the compute thread, so embed jobs from several threads never
-interleave inside a decode.
-
-This build of llama.cpp crashes (SIGSEGV in ggml_backend_amx_mul_mat) when
-it repacks weights for the CPU's AMX units on this machine, so the device
-loads models with ``use_extra_bufts=False`` unless ``extra_buffers=True``.
+Chat formatting is chat.py's; embeddings are embed.py's (a second context the
+Device owns and delegates to).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import ctypes
-import logging
-import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -64,9 +48,8 @@ from pathlib import Path
 from typing import Any, Self
 
 import llama_cpp
-import numpy as np
 
-from llmagentos.drivers.device import (  # noqa: F401  (re-exported)
+from llmagentos.drivers.device import (
     FINISH_EOG,
     FINISH_LENGTH,
     FINISH_STOP,
@@ -74,55 +57,12 @@ from llmagentos.drivers.device import (  # noqa: F401  (re-exported)
     StepResult,
     TokenEvent,
 )
+from llmagentos.drivers.llama.chat import ChatFormat
+from llmagentos.drivers.llama.embed import Embedding, EmbeddingContext
+from llmagentos.drivers.llama.runtime import compute_thread, init_backend, model_params
 from llmagentos.drivers.models import DEFAULT_MODEL, ModelRegistry, ModelSpec, resolve_model
 from llmagentos.drivers.sampling import Sampler, SamplingParams, TextStream
 from llmagentos.syscalls.errno import SyscallError
-
-_backend_lock = threading.Lock()
-_backend_ready = False
-
-
-class ComputeThread:
-    """The one thread that runs llama.cpp graph computations in this process.
-
-    This llama.cpp is built with OpenMP. libgomp keeps a pool of helper threads
-    per thread that ever started a parallel region, and once it manages more
-    threads than there are CPUs it stops spinning at barriers, and ggml puts an
-    OpenMP barrier after every graph node: on this 2-core machine a decode run
-    from a second thread (say, a trio worker after the main thread decoded once)
-    took 35 ms instead of 22. So every ``llama_decode`` of every Device goes
-    through this thread, whichever thread calls it. Run other llama.cpp work
-    (e.g. a reference ``Llama``) through ``call()`` as well.
-    """
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._ident: int | None = None
-
-    def call(self, fn: Any, *args: Any) -> Any:
-        """Run ``fn(*args)`` on the compute thread and return its result (blocking)."""
-        if threading.get_ident() == self._ident:
-            return fn(*args)
-        with self._lock:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="llama-compute")
-                self._ident = self._pool.submit(threading.get_ident).result()
-            pool = self._pool
-        return pool.submit(fn, *args).result()
-
-
-compute_thread = ComputeThread()
-
-
-def _init_backend(verbose: bool) -> None:
-    global _backend_ready
-    logging.getLogger("llama-cpp-python").setLevel(logging.DEBUG if verbose else logging.ERROR)
-    with _backend_lock:
-        if not _backend_ready:
-            llama_cpp.llama_backend_init()
-            _backend_ready = True
 
 
 class Generation:
@@ -196,17 +136,14 @@ class Device:
             raise SyscallError("EINVAL", f"n_seq_max must be in 1..{limit}")
         self.path = spec.gguf_path()
         self._verbose = verbose
-        _init_backend(verbose)
+        init_backend(verbose)
 
         self.model = None
         self.ctx = None
         self._batch = None
-        self._emb_ctx = None
-        self._emb_batch = None
-        self._emb_free: list[int] = list(range(self.EMBED_SEQS))  # embedding sequences unused
-        mparams = llama_cpp.llama_model_default_params()
+        self.embeddings = EmbeddingContext(self)
+        mparams = model_params(extra_buffers)
         mparams.n_gpu_layers = n_gpu_layers
-        mparams.use_extra_bufts = extra_buffers
         model_p = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not model_p:
             raise SyscallError(
@@ -249,7 +186,8 @@ class Device:
         self._slots = [_Slot() for _ in range(self.n_seq_max)]
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
-        self._chat = _ChatFormat.for_device(self)
+        self._chat = ChatFormat.for_model(model_p, self.vocab, spec.chat_template,
+                                          self.bos, self.eos)
         # Counters since load, for stats().
         self.steps = 0
         self.busy_seconds = 0.0
@@ -263,12 +201,7 @@ class Device:
         for slot in getattr(self, "_slots", []):
             if slot.gen is not None:
                 slot.gen = None
-        if self._emb_batch is not None:
-            llama_cpp.llama_batch_free(self._emb_batch)
-            self._emb_batch = None
-        if self._emb_ctx is not None:
-            llama_cpp.llama_free(self._emb_ctx)
-            self._emb_ctx = None
+        self.embeddings.close()
         if self._batch is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None
@@ -344,8 +277,7 @@ class Device:
         self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True
     ) -> list[int]:
         text = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
-        has_bos = bool(self._chat.bos_text) and text.startswith(self._chat.bos_text)
-        return self.tokenize(text, add_bos=not has_bos, special=True)
+        return self.tokenize(text, add_bos=not self._chat.starts_with_bos(text), special=True)
 
     @property
     def chat_stop(self) -> list[str]:
@@ -628,178 +560,30 @@ class Device:
         return {"prompt_eval_ms": p.t_p_eval_ms, "prompt_eval_tokens": p.n_p_eval,
                 "eval_ms": p.t_eval_ms, "eval_tokens": p.n_eval}
 
-    # -- embeddings -----------------------------------------------------------------------
+    # -- embeddings (embed.py) ------------------------------------------------------------
 
-    EMBED_CTX = 1024   # tokens of a text that count (longer texts are truncated)
-    EMBED_CHUNK = 32   # tokens per embedding decode: bounds its time and its logits buffer
-    EMBED_SEQS = 16    # sequences of the embedding context (texts in flight in one chunk)
-    EMBED_PARTIAL = 2  # texts left half-done between chunks (each holds up to EMBED_CTX cells)
+    # The embedding context's sizes, as the kernel reads them off the device.
+    EMBED_CTX = EmbeddingContext.CTX
+    EMBED_CHUNK = EmbeddingContext.CHUNK
+    EMBED_SEQS = EmbeddingContext.SEQS
+    EMBED_PARTIAL = EmbeddingContext.PARTIAL
 
     def embedding(self, texts: Sequence[str] | Sequence[Sequence[int]],
                   *, normalize: bool = True) -> Embedding:
-        """An embed request's state: texts (or token lists) cut to EMBED_CTX tokens.
-
-        Tokenizes (so call it off the event loop); the work is done by embed_step.
-        """
-        if isinstance(texts, str) or not isinstance(texts, Sequence):
-            raise SyscallError("EINVAL", "embed takes a list of strings")
-        toks: list[list[int]] = []
-        cap = self.text_bytes_for(self.EMBED_CTX + 8)  # more of a text cannot count
-        for t in texts:
-            if isinstance(t, str):
-                tk = self.tokenize(t[:cap])
-            elif isinstance(t, (list, tuple)):
-                tk = list(t)
-                if any(not isinstance(x, int) or isinstance(x, bool)
-                       or not 0 <= x < self.n_vocab for x in tk):
-                    raise SyscallError("EINVAL", f"token ids must be in 0..{self.n_vocab - 1}")
-            else:
-                raise SyscallError("EINVAL", "embed takes strings (or lists of token ids)")
-            toks.append(tk[: self.EMBED_CTX] or [self.bos])
-        return Embedding(toks, normalize, llama_cpp.llama_model_n_embd(self.model))
+        """An embed request's state (tokenizes: call it off the event loop)."""
+        return self.embeddings.job(texts, normalize)
 
     def embed_runnable(self, job: Embedding) -> bool:
-        """Can ``job`` make progress now? A job that starts a text may have to leave it
-        half-done, and only EMBED_PARTIAL texts may be (their cells are reserved)."""
-        if job.done:
-            return False
-        return job.seq is not None or (
-            len(self._emb_free) > self.EMBED_SEQS - self.EMBED_PARTIAL)
+        return self.embeddings.runnable(job)
 
     def embed_step(self, job: Embedding, budget: int | None = None) -> int:
-        """Decode the next chunk of ``job`` (at most EMBED_CHUNK tokens); returns the
-        number of tokens decoded (0: nothing runnable now, see embed_runnable)."""
-        return compute_thread.call(self._embed_step, job, budget or self.EMBED_CHUNK)
+        return self.embeddings.step(job, budget)
 
     def embed_release(self, job: Embedding) -> None:
-        """Forget ``job``'s half-done text, if any; it restarts that text when stepped
-        again (how a parked embedder gives its cells back). Idempotent."""
-        compute_thread.call(self._embed_rewind, job)
+        self.embeddings.release(job)
 
     def embed(self, texts: Sequence[str], *, normalize: bool = True) -> list[list[float]]:
-        """Mean-pooled embeddings, all at once (synchronous; the scheduler steps jobs
-        itself). Texts longer than EMBED_CTX tokens are truncated."""
-        job = self.embedding(texts, normalize=normalize)
-        try:
-            while not job.done:
-                if not self.embed_step(job):
-                    raise SyscallError("EBUSY", "every embedding sequence is in use")
-        finally:
-            self.embed_release(job)
-        return job.vectors
-
-    def _embed_rewind(self, job: Embedding) -> None:
-        if job.seq is not None and self._emb_ctx is not None:
-            llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._emb_ctx),
-                                          job.seq, -1, -1)
-            self._emb_free.append(job.seq)
-        job.seq = None
-        job.pos = 0
-        job.acc[:] = 0.0
-
-    def _embed_step(self, job: Embedding, budget: int) -> int:
-        """On the compute thread: one decode of up to ``budget`` tokens of ``job``."""
-        if not self.embed_runnable(job):
-            return 0
-        ctx = self._embedding_context()
-        mem = llama_cpp.llama_get_memory(ctx)
-        b = self._emb_batch
-        budget = max(1, min(budget, self.EMBED_CHUNK))
-        spans: list[tuple[int, int, int, int]] = []  # (text, seq, first row, n)
-        taken: list[int] = []
-        i, pos, row = job.i, job.pos, 0
-        while row < budget and i < len(job.tokens):
-            if pos == 0:  # a new text needs a sequence of its own
-                if not self._emb_free:
-                    break
-                seq = self._emb_free.pop()
-                taken.append(seq)
-                llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
-            else:
-                seq = job.seq
-            toks = job.tokens[i]
-            n = min(len(toks) - pos, budget - row)
-            for j in range(n):
-                b.token[row + j] = toks[pos + j]
-                b.pos[row + j] = pos + j
-                b.n_seq_id[row + j] = 1
-                b.seq_id[row + j][0] = seq
-                b.logits[row + j] = 1
-            spans.append((i, seq, row, n))
-            row += n
-            pos += n
-            if pos == len(toks):
-                i, pos = i + 1, 0
-        if row == 0:
-            return 0
-        b.n_tokens = row
-        rc = llama_cpp.llama_decode(ctx, b)
-        if rc != 0:  # give back what this chunk took; the text in hand starts over
-            for seq in taken:
-                llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
-                self._emb_free.append(seq)
-            self._embed_rewind(job)
-            raise SyscallError("EIO", f"embedding decode failed with code {rc}")
-        out = np.ctypeslib.as_array(llama_cpp.llama_get_embeddings(ctx), shape=(row, job.n_embd))
-        for text, seq, first, n in spans:
-            job.acc += out[first:first + n].sum(axis=0, dtype=np.float64)
-            if text < i:  # the text is complete
-                job.finish_text()
-                llama_cpp.llama_memory_seq_rm(mem, seq, -1, -1)
-                self._emb_free.append(seq)
-                job.seq = None
-            else:
-                job.seq = seq
-        job.i, job.pos = i, pos
-        job.decoded += row
-        return row
-
-    def _embedding_context(self) -> llama_cpp.llama_context_p:
-        if self._emb_ctx is None:
-            p = llama_cpp.llama_context_default_params()
-            p.n_ctx = self.EMBED_CTX * self.EMBED_PARTIAL + self.EMBED_CHUNK
-            p.n_batch = p.n_ubatch = self.EMBED_CHUNK
-            p.n_seq_max = self.EMBED_SEQS
-            p.kv_unified = True
-            p.embeddings = True
-            p.pooling_type = llama_cpp.LLAMA_POOLING_TYPE_NONE  # we pool: see the module doc
-            p.n_threads = p.n_threads_batch = self.n_threads
-            p.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-            ctx = llama_cpp.llama_init_from_model(self.model, p)
-            if not ctx:
-                raise SyscallError("ENOMEM", "could not create the embedding context")
-            self._emb_ctx = ctx
-            self._emb_batch = llama_cpp.llama_batch_init(self.EMBED_CHUNK, 0, 1)
-        return self._emb_ctx
-
-
-class Embedding:
-    """One embed request's progress: texts as tokens, the running sum of the text in
-    hand, the vectors done. Stepped by Device.embed_step; not thread-safe."""
-
-    def __init__(self, tokens: list[list[int]], normalize: bool, n_embd: int) -> None:
-        self.tokens = tokens
-        self.normalize = normalize
-        self.n_embd = n_embd
-        self.n_tokens = sum(map(len, tokens))
-        self.vectors: list[list[float]] = []
-        self.i = 0              # the text in hand
-        self.pos = 0            # its tokens decoded so far
-        self.seq: int | None = None  # its sequence while it is half-done
-        self.acc = np.zeros(n_embd, dtype=np.float64)
-        self.decoded = 0        # tokens decoded, rewinds included
-
-    @property
-    def done(self) -> bool:
-        return self.i >= len(self.tokens)
-
-    def finish_text(self) -> None:
-        vec = self.acc / len(self.tokens[len(self.vectors)])
-        if self.normalize:
-            norm = float(np.linalg.norm(vec))
-            vec = vec / norm if norm > 0 else vec
-        self.vectors.append(vec.tolist())
-        self.acc = np.zeros(self.n_embd, dtype=np.float64)
+        return self.embeddings.embed(texts, normalize)
 
 
 def _max_token_bytes(vocab: llama_cpp.llama_vocab_p, n_vocab: int) -> int:
@@ -816,113 +600,3 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
         i += 1
     return i
 
-
-PLAIN_CHAT_DOC = """The plain chat format (used when the model has no chat template):
-
-    <system content>\\n\\n            (each system message, no label)
-    User: <content>\\n
-    Assistant: <content>\\n
-    Assistant:                         (with add_generation_prompt)
-
-Requests should stop at "\\nUser:" (Device.chat_stop)."""
-
-
-class _ChatFormat:
-    """Renders chat messages: the GGUF's Jinja2 template if any, else the plain format."""
-
-    def __init__(self, template: str | None, bos_text: str, eos_text: str) -> None:
-        self.template = template
-        self.bos_text = bos_text
-        self.eos_text = eos_text
-        self._jinja = None
-        self.stop: list[str] = []
-        if template is None:
-            self.stop = ["\nUser:"]
-
-    @classmethod
-    def for_device(cls, device: Device) -> _ChatFormat:
-        template = device.spec.chat_template or _meta_str(device.model, "tokenizer.chat_template")
-        bos = _token_text(device, device.bos)
-        eos = _token_text(device, device.eos)
-        return cls(template, bos, eos)
-
-    def render(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-        if not isinstance(messages, list) or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str)
-            and isinstance(m.get("content", ""), str) for m in messages
-        ):
-            raise SyscallError("EINVAL", "messages must be a list of {role: str, content: str}")
-        if self.template is None:
-            return _render_plain(messages, add_generation_prompt)
-        if self._jinja is None:
-            from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-            self._jinja = Jinja2ChatFormatter(
-                template=self.template, eos_token=self.eos_text, bos_token=self.bos_text,
-                add_generation_prompt=add_generation_prompt,
-            )
-        self._jinja.add_generation_prompt = add_generation_prompt
-        try:
-            return self._jinja(messages=messages).prompt
-        except Exception as exc:  # a template's raise_exception() or a jinja error
-            raise SyscallError("EINVAL", f"chat template rejected the messages: {exc}") from exc
-
-
-def _render_plain(messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
-    parts = []
-    for m in messages:
-        role, content = m["role"], m.get("content", "")
-        if role == "system":
-            parts.append(f"{content}\n\n")
-        else:
-            parts.append(f"{role.capitalize()}: {content}\n")
-    if add_generation_prompt:
-        parts.append("Assistant:")
-    return "".join(parts)
-
-
-def _meta_str(model: Any, key: str) -> str | None:
-    size = 1 << 16
-    buf = ctypes.create_string_buffer(size)
-    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, size)
-    if n < 0:
-        return None
-    if n >= size:
-        buf = ctypes.create_string_buffer(n + 1)
-        llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, n + 1)
-    return buf.value.decode("utf-8", errors="replace")
-
-
-def _token_text(device: Device, token: int) -> str:
-    if token < 0:
-        return ""
-    text = llama_cpp.llama_vocab_get_text(device.vocab, token)
-    return text.decode("utf-8", errors="replace") if text else ""
-
-
-def reference_llama(n_ctx: int = 2048, n_threads: int = 2) -> Any:
-    """llama-cpp-python's own high-level `Llama` on the packaged GGUF, loaded as
-    the Device loads it (no AMX weight repack, which crashes this build): the
-    baseline tests and benchmarks compare the kernel against.
-
-    It is created on `compute_thread`; run it there too (`compute_thread.call`),
-    since a second OpenMP master thread slows every decode in the process.
-    """
-    import llama_cpp.llama_cpp as low
-
-    from llmagentos.drivers.models import packaged_gemma_path
-
-    original = low.llama_model_default_params
-
-    def no_extra_bufts() -> Any:
-        params = original()
-        params.use_extra_bufts = False
-        return params
-
-    low.llama_model_default_params = no_extra_bufts
-    try:
-        return compute_thread.call(lambda: llama_cpp.Llama(
-            str(packaged_gemma_path()), n_ctx=n_ctx, n_threads=n_threads,
-            n_threads_batch=n_threads, verbose=False))
-    finally:
-        low.llama_model_default_params = original
