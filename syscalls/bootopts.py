@@ -39,15 +39,31 @@ class ConfigError(ValueError):
 
 def opt(help: str, *, choices: tuple | None = None, flag: str | None = None,
         metavar: str | None = None, default: Any = dataclasses.MISSING,
-        factory: Any = dataclasses.MISSING) -> Any:
-    """A KernelConfig field with what its flag needs."""
-    meta = {"help": help, "choices": choices, "flag": flag, "metavar": metavar}
+        factory: Any = dataclasses.MISSING, parse: Any = None) -> Any:
+    """A KernelConfig field with what its flag needs; ``parse`` reads a value
+    its type alone cannot (from a flag's text or a config file's value)."""
+    meta = {"help": help, "choices": choices, "flag": flag, "metavar": metavar, "parse": parse}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
 
 
 POLICIES = ("fifo", "rr", "priority", "fair")
+ALL_LAYERS = -1  # --gpu-layers all
+
+
+def gpu_layers(value: Any) -> int:
+    """``all`` or a count of layers (``all`` is -1, as llama-cpp-python's
+    ``n_gpu_layers=-1``)."""
+    if isinstance(value, str) and value.strip().lower() == "all":
+        return ALL_LAYERS
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"gpu layers must be a count or 'all', not {value!r}") from None
+    if isinstance(value, bool) or n < ALL_LAYERS:
+        raise ValueError(f"gpu layers must be a count or 'all', not {value!r}")
+    return n
 REGISTRY_KEYS = ("models", "default")  # the model registry's part of a config file
 
 
@@ -72,8 +88,9 @@ class KernelConfig:
     slots: int = opt("sequences on the device", default=8)
     n_ctx: int = opt("tokens per slot", default=2048)
     threads: int | None = opt("llama.cpp threads (default: 2)", default=None)
-    n_gpu_layers: int | None = opt("layers to offload where a GPU exists", flag="--gpu-layers",
-                                   default=None)
+    n_gpu_layers: int | None = opt("layers to offload to the GPU, or 'all' (needs llama-cpp-python "
+                                   "built for the GPU: README)", flag="--gpu-layers",
+                                   metavar="N|all", parse=gpu_layers, default=None)
     policy: str = opt("run-queue policy of the compute device", choices=POLICIES,
                       default="fair")
     quantum: int = opt("tokens a running request keeps its slot (rr, priority, fair)",
@@ -149,12 +166,21 @@ def add_arguments(ap: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> No
         if t is bool:
             kw["action"] = argparse.BooleanOptionalAction
         else:
-            kw["type"] = t
+            kw["type"] = _flag_type(f.metadata["parse"]) if f.metadata.get("parse") else t
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
             if f.metadata.get("metavar"):
                 kw["metavar"] = f.metadata["metavar"]
         ap.add_argument(flag(f), **kw)
+
+
+def _flag_type(parse: Any) -> Any:
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
 
 
 def given(ns: argparse.Namespace) -> dict[str, Any]:
@@ -202,6 +228,11 @@ def read_file(path: Path) -> dict[str, Any]:
 
 
 def _coerce(path: Path, key: str, f: dataclasses.Field, value: Any) -> Any:
+    if f.metadata.get("parse"):
+        try:
+            return f.metadata["parse"](value)
+        except ValueError as e:
+            raise ConfigError(f"{path}: {key}: {e}") from None
     t = _base_type(f)
     ok = (isinstance(value, bool) if t is bool
           else isinstance(value, (int, float)) and not isinstance(value, bool) if t is float

@@ -323,3 +323,27 @@ def test_a_bad_config_file_is_a_clear_boot_error(tmp_path, text, says):
                         "--run-dir", str(tmp_path / "run"), "--model", "none"],
                        capture_output=True, text=True, timeout=30)
     assert r.returncode != 0 and says in r.stderr, r.stderr
+
+
+def test_gpu_layers_take_a_count_or_all_from_flags_and_file(tmp_path):
+    from llmagentos.syscalls import bootopts
+    ap = __import__("argparse").ArgumentParser()
+    bootopts.add_arguments(ap)
+    for text, n in (("all", -1), ("ALL", -1), ("0", 0), ("12", 12), ("-1", -1)):
+        assert bootopts.given(ap.parse_args(["--gpu-layers", text]))["n_gpu_layers"] == n
+    # what llmos boot passes on reads back the same
+    again = ap.parse_args(bootopts.as_flags({"n_gpu_layers": -1}))
+    assert bootopts.given(again)["n_gpu_layers"] == -1
+    for bad in ("lots", "-2", "1.5", ""):
+        r = subprocess.run([sys.executable, "-m", "llmagentos.kernel", "--gpu-layers", bad,
+                            "--model", "none", "--run-dir", str(tmp_path / "r")],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 2 and "count or 'all'" in r.stderr, (bad, r.stderr)
+    cfg = tmp_path / "k.toml"
+    for value, want in (('"all"', -1), ("3", 3)):
+        cfg.write_text(f"gpu-layers = {value}\n")
+        assert bootopts.read_file(cfg) == {"n_gpu_layers": want}
+    for value in ('"many"', "true", "-5"):
+        cfg.write_text(f"n_gpu_layers = {value}\n")
+        with pytest.raises(bootopts.ConfigError, match="count or 'all'"):
+            bootopts.read_file(cfg)

@@ -41,6 +41,7 @@ Device owns and delegates to).
 from __future__ import annotations
 
 import ctypes
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,6 +64,8 @@ from llmagentos.drivers.llama.runtime import compute_thread, init_backend, model
 from llmagentos.drivers.models import DEFAULT_MODEL, ModelRegistry, ModelSpec, resolve_model
 from llmagentos.drivers.sampling import Sampler, SamplingParams, TextStream
 from llmagentos.syscalls.errno import SyscallError
+
+log = logging.getLogger(__name__)
 
 
 class Generation:
@@ -143,7 +146,15 @@ class Device:
         self._batch = None
         self.embeddings = EmbeddingContext(self)
         mparams = model_params(extra_buffers)
-        mparams.n_gpu_layers = n_gpu_layers
+        # -1 is every layer (as in llama-cpp-python); llama.cpp itself wants a count
+        # at least the model's, and offloads nothing for a negative one.
+        mparams.n_gpu_layers = 0x7FFFFFFF if n_gpu_layers < 0 else n_gpu_layers
+        self.n_gpu_layers = n_gpu_layers
+        self.gpu_offload = bool(llama_cpp.llama_supports_gpu_offload())
+        if n_gpu_layers and not self.gpu_offload:
+            log.warning("--gpu-layers %s asked for, but this llama-cpp-python has no GPU "
+                        "backend: every layer runs on the CPU (README: building for a GPU)",
+                        "all" if n_gpu_layers < 0 else n_gpu_layers)
         model_p = llama_cpp.llama_model_load_from_file(str(self.path).encode(), mparams)
         if not model_p:
             raise SyscallError(
