@@ -17,8 +17,9 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python examples/demo.py
 
+# Workers in parallel; the model's tests stay on one of them (tests/conftest.py).
 test: setup
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -n 3 --dist loadgroup tests
 
 soak: setup
 	$(BIN)/python -m pytest -q -m soak tests

@@ -61,7 +61,8 @@ MODEL_FIXTURES = {"llm_kernel", "device", "reference"}
 
 def pytest_collection_modifyitems(items):
     """Markers from what a test uses: `model` (it loads the real model), `ray`
-    (a Ray cluster); `-m "not model"` runs the fast foundation tests alone."""
+    (a Ray cluster); `-m "not model"` runs the fast foundation tests alone.
+    Tests with either, or marked `slow`, share one xdist group."""
     import inspect
 
     for item in items:
@@ -74,6 +75,11 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.model)
         if item.module.__name__ == "test_ray":
             item.add_marker(pytest.mark.ray)
+        # `make test` runs workers in parallel (pytest-xdist, --dist loadgroup): whatever
+        # keeps the two cores busy (the model, Ray, the latency budgets) runs on one
+        # worker, one test at a time, while the others take the tests that mostly wait.
+        if any(item.get_closest_marker(m) for m in ("model", "ray", "slow", "soak")):
+            item.add_marker(pytest.mark.xdist_group("device"))
 
 
 def boot_kernel(tmp: Path, *extra: str, wait: float = 60, model: str = "none") -> BootedKernel:

@@ -222,8 +222,9 @@ def test_unknown_model_without_a_kernel_is_the_same_enoent(tmp_path):
     """With no kernel running, Agent() boots a private one; an unknown model is
     the ENOENT a running kernel gives, and a failed private boot leaves nothing."""
     import glob
-    import tempfile
-    pattern = tempfile.gettempdir() + "/llmagentos-private-*"
+    tmp = tmp_path / "tmp"  # its own TMPDIR: other tests' private kernels come and go
+    tmp.mkdir()
+    pattern = str(tmp / "llmagentos-private-*")
     bad = tmp_path / "broken.gguf"
     bad.write_bytes(b"not a gguf")
     prog = textwrap.dedent(f"""
@@ -236,7 +237,7 @@ def test_unknown_model_without_a_kernel_is_the_same_enoent(tmp_path):
     """)
     before = set(glob.glob(pattern))
     env = {**os.environ, "LLMAGENTOS_RUN_DIR": str(tmp_path / "no-kernel"),
-           "LLMAGENTOS_STATE_DIR": str(tmp_path / "state")}
+           "LLMAGENTOS_STATE_DIR": str(tmp_path / "state"), "TMPDIR": str(tmp)}
     for k in ("LLMAGENTOS_SOCKET", "LLMAGENTOS_TOKEN"):
         env.pop(k, None)
     r = subprocess.run([sys.executable, "-c", prog], env=env, capture_output=True, text=True,
