@@ -179,6 +179,9 @@ def test_chat_templates_render():
                         "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}",
                         "<bos>", "<eos>")
     assert jinja.render([{"role": "user", "content": "Hi"}], True) == "<bos><user>Hi<assistant>"
+    # tokenize_chat adds a BOS token only where the template wrote none
+    assert jinja.starts_with_bos("<bos><user>Hi") and not plain.starts_with_bos(text)
+    assert not ChatFormat("{{ messages }}", "", "").starts_with_bos("anything")
     with pytest.raises(SyscallError):
         plain.render([{"content": "no role"}], True)
 
