@@ -183,8 +183,8 @@ def test_stopping_a_program_parks_the_agents_it_hosts(llm_kernel):
         from conftest import wait_for
         agent_pid = int(wait_for(lambda: c.proc.logs(host)["data"].split()
                                  and c.proc.logs(host)["data"].split()[0]))
-        wait_for(lambda: c.proc.stat(agent_pid)["usage"]["tokens_out"] == 0
-                 and c.sys.stats()["device"]["running"] >= 1, timeout=30)
+        # its 200 tokens are under way (on a fast machine the first ones may be out already)
+        wait_for(lambda: c.sys.stats()["device"]["running"] >= 1, timeout=60)
         c.proc.kill(host, "SIGSTOP")
         assert c.proc.stat(agent_pid)["state"] == "STOPPED"
         wait_for(lambda: c.sys.stats()["device"]["running"] == 0, timeout=10)
