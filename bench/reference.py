@@ -13,9 +13,11 @@ from llmagentos.drivers.llama import compute_thread, model_params
 from llmagentos.drivers.models import packaged_gemma_path
 
 
-def reference_llama(n_ctx: int = 2048, n_threads: int = 2) -> Any:
+def reference_llama(n_ctx: int = 2048, n_threads: int = 2, *, n_gpu_layers: int = 0,
+                    path: str | None = None) -> Any:
     """A ``Llama`` loaded as the Device loads its model (``model_params``: no AMX
-    weight repack, which crashes this build).
+    weight repack, which crashes this build), from ``path`` or the packaged GGUF;
+    ``n_gpu_layers=-1`` offloads every layer.
 
     It is created on ``compute_thread``; run it there too (``compute_thread.call``),
     since a second OpenMP master thread slows every decode in the process.
@@ -26,7 +28,7 @@ def reference_llama(n_ctx: int = 2048, n_threads: int = 2) -> Any:
     low.llama_model_default_params = model_params
     try:
         return compute_thread.call(lambda: llama_cpp.Llama(
-            str(packaged_gemma_path()), n_ctx=n_ctx, n_threads=n_threads,
-            n_threads_batch=n_threads, verbose=False))
+            str(path or packaged_gemma_path()), n_ctx=n_ctx, n_threads=n_threads,
+            n_threads_batch=n_threads, n_gpu_layers=n_gpu_layers, verbose=False))
     finally:
         low.llama_model_default_params = original
