@@ -1,0 +1,210 @@
+"""`make bench-peer`: the kernel beside llama.cpp's own `llama-server`, in one run.
+
+The peer a user would pick instead of the kernel, on the same model (the
+packaged Gemma-3-270M), the same prompts, 48 greedy tokens per request:
+
+(1) 16 concurrent HTTP clients against `llama-server -np 16` (continuous
+    batching) ÷ 16 agent processes through the kernel, each calling
+    `llm.generate` once, started together (a barrier); aggregate tok/s from
+    the first start to the last finish (goal: kernel ÷ peer >= 1.0);
+(2) single stream: one client, one agent process, the prompts in turn
+    (goal >= 1.0).
+
+The kernel runs twice: booted with its defaults, and with `--slots 16
+--n-ctx 512` (the peer's KV: 16 sequences of 512 tokens). The sides
+alternate, peer / kernel / kernel, for --rounds rounds; each side runs alone
+(they share the cores) and is booted fresh per round.
+
+The peer is asked for exactly 48 tokens (`ignore_eos`); the kernel has no
+ignore-eos knob, so its side counts the tokens it produced. The prompts are
+chosen so greedy decoding runs 48 tokens without reaching end of text; the
+token counts are printed beside each figure so a shortfall shows.
+
+Both sides run the same llama.cpp kernels: llama-server with `--no-repack`,
+as the kernel's device loads with use_extra_bufts=False (AMX repacking
+crashes on some CPUs), and 2 threads each. The peer is built once from the
+llama.cpp source vendored in the installed llama-cpp-python's sdist (see
+peer_server.py); if it cannot be fetched or built, the bench says why and
+exits 0.
+
+    python bench/bench_peer.py [--rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from _kernel import BenchKernel, aggregate, run_agents  # noqa: E402
+from peer_server import CMAKE_FLAGS, BuildSkipped, PeerServer, build  # noqa: E402
+
+TOKENS = 48
+CLIENTS = 16
+PROMPTS = [
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "Explain how a steam engine works, step by step.",
+    "Describe a busy market in a small coastal town at dawn.",
+    "Write a letter from a soldier to his mother during a long winter.",
+    "Tell the history of the printing press and why it mattered.",
+    "Describe the life cycle of a star from its birth to its death.",
+    "Write a short story about a robot who learns to paint.",
+    "Explain why the sky is blue to a curious ten-year-old.",
+    "Describe a walk through an ancient forest after a summer storm.",
+    "Write a diary entry of a sailor crossing the Atlantic in 1850.",
+    "Explain how bees make honey and why they need so much of it.",
+    "Write a short story about two friends who get lost in a big city.",
+    "Describe how bread is made in a traditional village bakery.",
+    "Tell the story of the first flight of the Wright brothers.",
+    "Write a short story about a cat who wants to become the mayor.",
+    "Explain how a river shapes the valley it flows through over time.",
+]
+SINGLE_PROMPTS = PROMPTS[:4]  # one stream, one after another
+PEER_ARGS = ["-np", str(CLIENTS), "-c", str(CLIENTS * 512), "-t", "2", "--no-repack"]
+KERNEL_BOOTS = {"kernel (defaults)": (), "kernel --slots 16 --n-ctx 512":
+                ("--slots", "16", "--n-ctx", "512")}
+GREEDY = {"max_tokens": TOKENS, "temperature": 0, "stop": []}
+
+
+# -- the peer: HTTP clients, one thread and one kept-alive connection each --------------------
+
+def peer_clients(server: PeerServer, jobs: list[list[str]]) -> list[dict]:
+    """Each job on its own connection, its prompts in turn, all started by a barrier."""
+    conns = [server.connect() for _ in jobs]
+    for conn in conns:  # open the connections before the clock starts
+        conn.request_json("GET", "/health")
+    barrier = threading.Barrier(len(jobs))
+    runs: list[dict] = []
+    errors: list[BaseException] = []
+
+    def client(conn, prompts: list[str]) -> None:
+        try:
+            barrier.wait()
+            for p in prompts:
+                t0 = time.time()
+                out = conn.completion(p, TOKENS)
+                runs.append({"start": t0, "end": time.time(), "timings": out["timings"],
+                             "usage": {"completion_tokens": out["tokens_predicted"]}})
+        except BaseException as e:  # reported below, on the caller's thread
+            errors.append(e)
+            barrier.abort()
+
+    threads = [threading.Thread(target=client, args=(conn, job)) for conn, job in
+               zip(conns, jobs)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for conn in conns:
+        conn.close()
+    if errors:
+        raise errors[0]
+    return runs
+
+
+def measure_peer(exe: Path, model: Path) -> dict:
+    with PeerServer(exe, model, *PEER_ARGS) as server:
+        peer_clients(server, [["Hello"]])  # warm up, as the kernel's first request does
+        many = peer_clients(server, [[p] for p in PROMPTS[:CLIENTS]])
+        one = peer_clients(server, [SINGLE_PROMPTS])
+    return {"multi": summarize(many), "single": summarize(one)}
+
+
+# -- the kernel: agent processes -------------------------------------------------------------
+
+def measure_kernel(boot: tuple[str, ...]) -> dict:
+    with BenchKernel(*boot) as k:
+        c = k.client()
+        run_agents(c, [(["Hello"], {**GREEDY, "max_tokens": 4})])  # warm up
+        many = run_agents(c, [([p], GREEDY) for p in PROMPTS[:CLIENTS]])
+        one = run_agents(c, [(SINGLE_PROMPTS, GREEDY)])
+    return {"multi": summarize([r for job in many for r in job]),
+            "single": summarize(one[0])}
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = aggregate(runs)
+    out["short"] = sum(r["usage"]["completion_tokens"] < TOKENS for r in runs)
+    if "timings" in runs[0]:  # llama-server's own account, per request
+        t = [r["timings"] for r in runs]
+        out["peer_gen_tok_s"] = statistics.mean(x["predicted_per_second"] for x in t)
+        out["peer_prompt_ms"] = statistics.mean(x["prompt_ms"] for x in t)
+        out["peer_gen_ms"] = statistics.mean(x["predicted_ms"] for x in t)
+    else:  # the kernel's, from usage
+        out["queue_wait_ms"] = 1000 * statistics.mean(r["usage"]["queue_wait"] for r in runs)
+        out["device_ms"] = 1000 * statistics.mean(r["usage"]["device_time"] for r in runs)
+    return out
+
+
+# -- one run, alternating --------------------------------------------------------------------
+
+def run(rounds: int = 2) -> dict | None:
+    from llmagentos.drivers.models import packaged_gemma_path
+
+    try:
+        exe = build()
+    except BuildSkipped as e:
+        print(f"bench-peer skipped: llama-server could not be built: {e}")
+        return None
+    model = packaged_gemma_path()
+    sides = ["llama-server -np 16", *KERNEL_BOOTS]
+    results: dict[str, list[dict]] = {s: [] for s in sides}
+    for r in range(rounds):
+        for side in sides:
+            t0 = time.monotonic()
+            res = (measure_peer(exe, model) if side.startswith("llama-server")
+                   else measure_kernel(KERNEL_BOOTS[side]))
+            results[side].append(res)
+            print(f"  round {r + 1} {side:32} 16 at once {res['multi']['tok_s']:6.1f} tok/s "
+                  f"({res['multi']['tokens']} tokens), single {res['single']['tok_s']:5.1f} tok/s "
+                  f"({res['single']['tokens']} tokens)  [{time.monotonic() - t0:.0f}s]",
+                  flush=True)
+    return {"rounds": rounds, "results": results, "exe": str(exe), "model": str(model)}
+
+
+def median_of(runs: list[dict], kind: str, key: str = "tok_s") -> float:
+    return statistics.median(r[kind][key] for r in runs)
+
+
+def report(r: dict | None) -> None:
+    if r is None:
+        return
+    res = r["results"]
+    peer = res["llama-server -np 16"]
+    print(f"== the kernel beside llama-server (same model, {TOKENS} greedy tokens a request, "
+          f"median of {r['rounds']} alternating rounds) ==")
+    print(f"  peer: {r['exe']} {' '.join(PEER_ARGS)}")
+    print(f"  built with: {' '.join(CMAKE_FLAGS)}")
+    for kind, title in (("multi", f"{CLIENTS} at once"), ("single", "single stream")):
+        p = median_of(peer, kind)
+        print(f"  {title}:")
+        print(f"    {'llama-server -np 16':32} {p:6.1f} tok/s  (runs: "
+              + ", ".join(f"{x[kind]['tok_s']:.1f}" for x in peer) + ")"
+              + f"  its own timings: {median_of(peer, kind, 'peer_gen_tok_s'):.1f} tok/s "
+                f"a request while generating, prompt {median_of(peer, kind, 'peer_prompt_ms'):.0f}"
+                f" ms")
+        for side in KERNEL_BOOTS:
+            k = median_of(res[side], kind)
+            short = sum(x[kind]["short"] for x in res[side])
+            ratio = k / p
+            print(f"    {side:32} {k:6.1f} tok/s  (runs: "
+                  + ", ".join(f"{x[kind]['tok_s']:.1f}" for x in res[side]) + ")"
+                  + f"  ratio {ratio:.2f}  goal >= 1.0: {'PASS' if ratio >= 1.0 else 'FAIL'}"
+                  + (f"  [{short} requests ended before {TOKENS} tokens]" if short else ""))
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (at least 2)")
+    args = ap.parse_args()
+    report(run(max(2, args.rounds)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
