@@ -198,10 +198,10 @@ def report(r: dict | None) -> None:
                   + (f"  [{short} requests ended before {TOKENS} tokens]" if short else ""))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds (at least 2)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     report(run(max(2, args.rounds)))
     return 0
 

@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 from pathlib import Path
 
@@ -90,15 +91,20 @@ def extract_llama_cpp(sdist: Path, dest: Path) -> Path:
     prefix = sdist.name.removesuffix(".tar.gz") + "/vendor/llama.cpp/"
     part = dest.with_name(dest.name + ".part")
     shutil.rmtree(part, ignore_errors=True)
-    with tarfile.open(sdist) as tar:
-        members = []
-        for m in tar.getmembers():
-            if m.name.startswith(prefix):
-                m.name = m.name[len(prefix):]
-                members.append(m)
-        if not members:
-            raise BuildSkipped(f"{sdist.name} holds no vendor/llama.cpp")
-        tar.extractall(part, members=members, filter="data")
+    try:
+        with tarfile.open(sdist) as tar:
+            members = []
+            for m in tar.getmembers():
+                if m.name.startswith(prefix):
+                    m.name = m.name[len(prefix):]
+                    members.append(m)
+            if not members:
+                raise BuildSkipped(f"{sdist.name} holds no vendor/llama.cpp")
+            # "data": nothing outside part, no links out of it, no device files
+            tar.extractall(part, members=members, filter="data")
+    except (OSError, tarfile.TarError) as e:
+        shutil.rmtree(part, ignore_errors=True)
+        raise BuildSkipped(f"cannot unpack {sdist}: {e}") from None
     part.rename(dest)  # whole or not at all: a killed extraction is redone
     return dest
 
@@ -138,7 +144,7 @@ class PeerServer:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.log_path = exe.parent.parent.parent / "server.log"
+        self.log_path = Path(tempfile.mkdtemp(prefix="llmos-peer-")) / "server.log"
         self.log = open(self.log_path, "wb")
         self.argv = [str(exe), "-m", str(model), "--host", "127.0.0.1", "--port",
                      str(self.port), *args]
