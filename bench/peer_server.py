@@ -155,11 +155,14 @@ class PeerServer:
                 self.log.close()
                 raise RuntimeError(f"llama-server exited ({self.proc.returncode}):\n"
                                    + self.log_path.read_text(errors="replace")[-3000:])
+            conn = self.connect(timeout=5)
             try:
-                if self.connect().request_json("GET", "/health")[0] == 200:
+                if conn.request_json("GET", "/health")[0] == 200:
                     break
-            except OSError:  # not listening yet, or reset while it loads the model
-                pass
+            except (OSError, http.client.HTTPException, ValueError):
+                pass  # not listening yet, or not answering while it loads the model
+            finally:
+                conn.close()
             if time.monotonic() > deadline:
                 self.close()
                 raise RuntimeError(f"llama-server not ready after {wait:.0f}s "
