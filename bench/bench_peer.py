@@ -89,7 +89,8 @@ def peer_clients(server: PeerServer, jobs: list[list[str]]) -> list[dict]:
                 t0 = time.time()
                 out = conn.completion(p, TOKENS)
                 runs.append({"start": t0, "end": time.time(), "timings": out["timings"],
-                             "usage": {"completion_tokens": out["tokens_predicted"]}})
+                             "usage": {"completion_tokens": out["tokens_predicted"]},
+                             "prompt": p, "text": out["content"]})
         except BaseException as e:  # reported below, on the caller's thread
             errors.append(e)
             barrier.abort()
@@ -123,13 +124,14 @@ def measure_kernel(boot: tuple[str, ...]) -> dict:
         run_agents(c, [(["Hello"], {**GREEDY, "max_tokens": 4})])  # warm up
         many = run_agents(c, [([p], GREEDY) for p in PROMPTS[:CLIENTS]])
         one = run_agents(c, [(SINGLE_PROMPTS, GREEDY)])
-    return {"multi": summarize([r for job in many for r in job]),
-            "single": summarize(one[0])}
+    many_runs = [{**job[0], "prompt": p} for p, job in zip(PROMPTS, many)]
+    return {"multi": summarize(many_runs), "single": summarize(one[0])}
 
 
 def summarize(runs: list[dict]) -> dict:
     out = aggregate(runs)
     out["short"] = sum(r["usage"]["completion_tokens"] < TOKENS for r in runs)
+    out["texts"] = {r["prompt"]: r["text"] for r in runs if "prompt" in r}
     if "timings" in runs[0]:  # llama-server's own account, per request
         t = [r["timings"] for r in runs]
         out["peer_gen_tok_s"] = statistics.mean(x["predicted_per_second"] for x in t)
@@ -192,10 +194,15 @@ def report(r: dict | None) -> None:
             k = median_of(res[side], kind)
             short = sum(x[kind]["short"] for x in res[side])
             ratio = k / p
+            same = sum(x[kind]["texts"].get(pr) == t for x, y in zip(res[side], peer)
+                       for pr, t in y[kind]["texts"].items())
             print(f"    {side:32} {k:6.1f} tok/s  (runs: "
                   + ", ".join(f"{x[kind]['tok_s']:.1f}" for x in res[side]) + ")"
                   + f"  ratio {ratio:.2f}  goal >= 1.0: {'PASS' if ratio >= 1.0 else 'FAIL'}"
                   + (f"  [{short} requests ended before {TOKENS} tokens]" if short else ""))
+            if kind == "multi":
+                total = sum(len(y[kind]["texts"]) for y in peer)
+                print(f"    {'':32} greedy text the same as the peer's: {same}/{total}")
 
 
 def main(argv: list[str] | None = None) -> int:
