@@ -65,6 +65,7 @@ PROMPTS = [
     "Explain how a river shapes the valley it flows through over time.",
 ]
 SINGLE_PROMPTS = PROMPTS[:4]  # one stream, one after another
+PEER = "llama-server -np 16"
 PEER_ARGS = ["-np", str(CLIENTS), "-c", str(CLIENTS * 512), "-t", "2", "--no-repack"]
 KERNEL_BOOTS = {"kernel (defaults)": (), "kernel --slots 16 --n-ctx 512":
                 ("--slots", "16", "--n-ctx", "512")}
@@ -154,12 +155,12 @@ def run(rounds: int = 2) -> dict | None:
         print(f"bench-peer skipped: llama-server could not be built: {e}")
         return None
     model = packaged_gemma_path()
-    sides = ["llama-server -np 16", *KERNEL_BOOTS]
+    sides = [PEER, *KERNEL_BOOTS]
     results: dict[str, list[dict]] = {s: [] for s in sides}
     for r in range(rounds):
         for side in sides:
             t0 = time.monotonic()
-            res = (measure_peer(exe, model) if side.startswith("llama-server")
+            res = (measure_peer(exe, model) if side == PEER
                    else measure_kernel(KERNEL_BOOTS[side]))
             results[side].append(res)
             print(f"  round {r + 1} {side:32} 16 at once {res['multi']['tok_s']:6.1f} tok/s "
@@ -176,33 +177,42 @@ def median_of(runs: list[dict], kind: str, key: str = "tok_s") -> float:
 def report(r: dict | None) -> None:
     if r is None:
         return
-    res = r["results"]
-    peer = res["llama-server -np 16"]
-    print(f"== the kernel beside llama-server (same model, {TOKENS} greedy tokens a request, "
-          f"median of {r['rounds']} alternating rounds) ==")
-    print(f"  peer: {r['exe']} {' '.join(PEER_ARGS)}")
-    print(f"  built with: {' '.join(CMAKE_FLAGS)}")
-    for kind, title in (("multi", f"{CLIENTS} at once"), ("single", "single stream")):
-        p = median_of(peer, kind)
-        print(f"  {title}:")
-        print(f"    {'llama-server -np 16':32} {p:6.1f} tok/s  (runs: "
-              + ", ".join(f"{x[kind]['tok_s']:.1f}" for x in peer) + ")"
-              + f"  its own timings: {median_of(peer, kind, 'peer_gen_tok_s'):.1f} tok/s "
-                f"a request while generating, prompt {median_of(peer, kind, 'peer_prompt_ms'):.0f}"
-                f" ms")
-        for side in KERNEL_BOOTS:
-            k = median_of(res[side], kind)
-            short = sum(x[kind]["short"] for x in res[side])
-            ratio = k / p
-            same = sum(x[kind]["texts"].get(pr) == t for x, y in zip(res[side], peer)
-                       for pr, t in y[kind]["texts"].items())
-            print(f"    {side:32} {k:6.1f} tok/s  (runs: "
-                  + ", ".join(f"{x[kind]['tok_s']:.1f}" for x in res[side]) + ")"
-                  + f"  ratio {ratio:.2f}  goal >= 1.0: {'PASS' if ratio >= 1.0 else 'FAIL'}"
-                  + (f"  [{short} requests ended before {TOKENS} tokens]" if short else ""))
-            if kind == "multi":
-                total = sum(len(y[kind]["texts"]) for y in peer)
-                print(f"    {'':32} greedy text the same as the peer's: {same}/{total}")
+    res, rounds = r["results"], r["rounds"]
+    peer = res[PEER]
+    print(f"== the kernel beside llama-server: same model, {TOKENS} greedy tokens a request, "
+          f"{rounds} alternating rounds ==")
+    print(f"  llama-server: {' '.join(PEER_ARGS)}; built with {' '.join(CMAKE_FLAGS)}")
+    print(f"  {'':32} {CLIENTS} at once: tok/s aggregate{'':11} single stream: tok/s")
+    print(f"  {'':32} {'median':>7} {'runs':14} {'÷ peer':11}   {'median':>7} {'runs':12} "
+          f"{'÷ peer':11}")
+    for side in res:
+        cells = []
+        for kind in ("multi", "single"):
+            v = median_of(res[side], kind)
+            runs = " ".join(f"{x[kind]['tok_s']:.1f}" for x in res[side])
+            ratio = v / median_of(peer, kind)
+            verdict = "" if side == PEER else ("PASS" if ratio >= 1.0 else "FAIL")
+            cells.append(f"{v:7.1f} {runs:{14 if kind == 'multi' else 12}} {ratio:4.2f} "
+                         f"{verdict:6}")
+        print(f"  {side:32} {cells[0]}   {cells[1]}".rstrip())
+    print("  (goal: kernel ÷ llama-server >= 1.0, both columns)")
+    print(f"  llama-server's own timings, per request (median): generating "
+          f"{median_of(peer, 'multi', 'peer_gen_tok_s'):.1f} tok/s with {CLIENTS} at once, "
+          f"{median_of(peer, 'single', 'peer_gen_tok_s'):.1f} tok/s alone; prompt "
+          f"{median_of(peer, 'multi', 'peer_prompt_ms'):.0f} / "
+          f"{median_of(peer, 'single', 'peer_prompt_ms'):.0f} ms")
+    for side in KERNEL_BOOTS:
+        x = res[side]
+        pairs = [(k["multi"]["texts"].get(pr), t) for k, y in zip(x, peer)
+                 for pr, t in y["multi"]["texts"].items()]
+        same = sum(a == b for a, b in pairs)
+        short = sum(k[kind]["short"] for k in x for kind in ("multi", "single"))
+        print(f"  {side}: device time {median_of(x, 'multi', 'device_ms'):.0f} ms and queue "
+              f"wait {median_of(x, 'multi', 'queue_wait_ms'):.0f} ms a request with "
+              f"{CLIENTS} at once; greedy text the same as llama-server's "
+              f"{same}/{len(pairs)}"
+              + (f"; {short} requests ended (end of text) before {TOKENS} tokens" if short
+                 else f"; every request {TOKENS} tokens"))
 
 
 def main(argv: list[str] | None = None) -> int:
