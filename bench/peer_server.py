@@ -123,7 +123,7 @@ def build(log=print) -> Path:
     src = extract_llama_cpp(sdist, top / "src")
     build_dir, blog = top / "build", top / "build.log"
     log(f"  building llama-server {version} from the sdist's llama.cpp "
-        f"(once; about 10 minutes on 2 cores; log: {blog})")
+        f"(once: about 18 CPU-minutes, longer on a busy machine; log: {blog})")
     t0 = time.monotonic()
     _run_logged(["cmake", "-S", str(src), "-B", str(build_dir), "-G", "Ninja", *CMAKE_FLAGS],
                 blog, 600, "configuring llama.cpp")
