@@ -33,6 +33,7 @@ exits 0.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import threading
@@ -74,7 +75,7 @@ GREEDY = {"max_tokens": TOKENS, "temperature": 0, "stop": []}
 
 # -- the peer: HTTP clients, one thread and one kept-alive connection each --------------------
 
-def peer_clients(server: PeerServer, jobs: list[list[str]]) -> list[dict]:
+def peer_clients(server: PeerServer, jobs: list[list[str]], tokens: int = TOKENS) -> list[dict]:
     """Each job on its own connection, its prompts in turn, all started by a barrier."""
     conns = [server.connect() for _ in jobs]
     for conn in conns:  # open the connections before the clock starts
@@ -88,7 +89,7 @@ def peer_clients(server: PeerServer, jobs: list[list[str]]) -> list[dict]:
             barrier.wait()
             for p in prompts:
                 t0 = time.time()
-                out = conn.completion(p, TOKENS)
+                out = conn.completion(p, tokens)
                 runs.append({"start": t0, "end": time.time(), "timings": out["timings"],
                              "usage": {"completion_tokens": out["tokens_predicted"]},
                              "prompt": p, "text": out["content"]})
@@ -111,7 +112,7 @@ def peer_clients(server: PeerServer, jobs: list[list[str]]) -> list[dict]:
 
 def measure_peer(exe: Path, model: Path) -> dict:
     with PeerServer(exe, model, *PEER_ARGS) as server:
-        peer_clients(server, [["Hello"]])  # warm up, as the kernel's first request does
+        peer_clients(server, [["Hello"]], 4)  # warm up, as the kernel's first request does
         many = peer_clients(server, [[p] for p in PROMPTS[:CLIENTS]])
         one = peer_clients(server, [SINGLE_PROMPTS])
     return {"multi": summarize(many), "single": summarize(one)}
@@ -157,17 +158,20 @@ def run(rounds: int = 2) -> dict | None:
     model = packaged_gemma_path()
     sides = [PEER, *KERNEL_BOOTS]
     results: dict[str, list[dict]] = {s: [] for s in sides}
+    load = [os.getloadavg()[0]]  # other work on the cores makes every figure here lower
     for r in range(rounds):
         for side in sides:
             t0 = time.monotonic()
             res = (measure_peer(exe, model) if side == PEER
                    else measure_kernel(KERNEL_BOOTS[side]))
             results[side].append(res)
+            load.append(os.getloadavg()[0])
             print(f"  round {r + 1} {side:32} 16 at once {res['multi']['tok_s']:6.1f} tok/s "
                   f"({res['multi']['tokens']} tokens), single {res['single']['tok_s']:5.1f} tok/s "
-                  f"({res['single']['tokens']} tokens)  [{time.monotonic() - t0:.0f}s]",
-                  flush=True)
-    return {"rounds": rounds, "results": results, "exe": str(exe), "model": str(model)}
+                  f"({res['single']['tokens']} tokens)  [{time.monotonic() - t0:.0f}s, load "
+                  f"{load[-1]:.1f}]", flush=True)
+    return {"rounds": rounds, "results": results, "exe": str(exe), "model": str(model),
+            "load": load}
 
 
 def median_of(runs: list[dict], kind: str, key: str = "tok_s") -> float:
@@ -182,6 +186,8 @@ def report(r: dict | None) -> None:
     print(f"== the kernel beside llama-server: same model, {TOKENS} greedy tokens a request, "
           f"{rounds} alternating rounds ==")
     print(f"  llama-server: {' '.join(PEER_ARGS)}; built with {' '.join(CMAKE_FLAGS)}")
+    print(f"  {os.cpu_count()} cores; 1-minute load average {min(r['load']):.1f} to "
+          f"{max(r['load']):.1f} during the run (this bench's own share is about 2)")
     print(f"  {'':32} {CLIENTS} at once: tok/s aggregate{'':11} single stream: tok/s")
     print(f"  {'':32} {'median':>7} {'runs':14} {'÷ peer':11}   {'median':>7} {'runs':12} "
           f"{'÷ peer':11}")
