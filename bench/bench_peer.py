@@ -190,7 +190,7 @@ def report(r: dict | None) -> None:
           f"{max(r['load']):.1f} during the run (this bench's own share is about 2)")
     print(f"  {'':32} {CLIENTS} at once: tok/s aggregate{'':11} single stream: tok/s")
     print(f"  {'':32} {'median':>7} {'runs':14} {'÷ peer':11}   {'median':>7} {'runs':12} "
-          f"{'÷ peer':11}")
+          f"{'÷ peer':11}".rstrip())
     for side in res:
         cells = []
         for kind in ("multi", "single"):
