@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test soak bench learn lint clean
+.PHONY: setup demo test soak bench bench-peer learn lint clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,10 @@ soak: setup
 
 bench: setup
 	$(BIN)/python bench/run_all.py
+
+# beside llama.cpp's own llama-server, built once under .cache/ (skipped if it cannot be)
+bench-peer: setup
+	$(BIN)/python bench/bench_peer.py
 
 learn: setup
 	$(BIN)/python bench/bench_learn.py

@@ -1,7 +1,9 @@
-"""Boot a real kernel for a benchmark (the same program `llmos boot` runs)."""
+"""Boot a real kernel for a benchmark (the same program `llmos boot` runs), and
+run agent processes on it that start together."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
@@ -46,3 +48,62 @@ class BenchKernel:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
+
+
+# An agent process: connect, say ready, wait for SIGUSR1 (blocked before anything
+# starts a thread, so no thread takes it), then llm.generate each prompt in turn.
+AGENT = """
+import json, signal, sys, time, llmagentos
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+prompts, params = json.loads(sys.argv[1])
+c = llmagentos.connect()
+c.sys.null()
+print("ready", flush=True)
+signal.sigwait({signal.SIGUSR1})
+out = []
+for p in prompts:
+    t0 = time.time()
+    r = c.llm.generate(p, None, params)
+    out.append({"start": t0, "end": time.time(), "usage": r["usage"], "text": r["text"],
+                "finish_reason": r["finish_reason"]})
+print(json.dumps(out), flush=True)
+"""
+
+
+def aggregate(runs: list[dict]) -> dict:
+    """Tokens out of a set of generations over the wall time from the first start
+    to the last finish."""
+    tokens = sum(r["usage"]["completion_tokens"] for r in runs)
+    wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
+    return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall}
+
+
+def run_agents(c: llmagentos.Client, jobs: list[tuple[list[str], dict]],
+               timeout: float = 600) -> list[list[dict]]:
+    """One agent process per job (prompts generated one after another, with the
+    job's sampling params), all started at once by a barrier, so process start-up
+    is not what is timed. Returns, per job, per prompt: start and end (wall
+    clock), usage, text and finish_reason."""
+    pids = [c.proc.spawn([sys.executable, "-c", AGENT, json.dumps(job)], f"agent{i}")
+            for i, job in enumerate(jobs)]
+    deadline = time.monotonic() + timeout
+    waiting = set(pids)
+    while waiting:
+        for pid in list(waiting):
+            log = c.proc.logs(pid)
+            if log["data"].startswith(b"ready"):
+                waiting.discard(pid)
+            elif log["state"] in ("ZOMBIE", "REAPED") or time.monotonic() > deadline:
+                raise RuntimeError(f"agent pid {pid} did not get ready:\n"
+                                   + log["data"].decode(errors="replace"))
+        time.sleep(0.02)
+    for pid in pids:
+        c.proc.kill(pid, "SIGUSR1")
+    results = []
+    for pid in pids:
+        status = c.proc.wait(pid, max(1.0, deadline - time.monotonic()))
+        out = c.proc.logs(pid)["data"].decode(errors="replace")
+        if status["exit_code"] != 0:
+            raise RuntimeError(f"agent pid {pid} failed ({status}):\n{out}")
+        results.append(json.loads(out.splitlines()[-1]))
+    return results

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _kernel import BenchKernel  # noqa: E402
+from _kernel import BenchKernel, aggregate, run_agents  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper who finds a message in a bottle."
 TOKENS = 128
@@ -65,25 +65,10 @@ def kernel_single() -> float:
 def kernel_16_processes(n: int = 16, tokens: int = 64) -> dict:
     with BenchKernel("--slots", str(n), "--n-ctx", "256") as k:
         c = k.client()
-        prog = textwrap.dedent(f"""
-            import sys, time, llmagentos
-            c = llmagentos.connect()
-            r = c.llm.generate("Tell me about the sea.", None,
-                               {{"max_tokens": {tokens}, "temperature": 0.8,
-                                 "seed": int(sys.argv[1]), "stop": []}})
-            print(r["usage"]["completion_tokens"], time.time())
-        """)
-        t0 = time.time()
-        pids = [c.proc.spawn([sys.executable, "-c", prog, str(i)], f"gen{i}") for i in range(n)]
-        total, last, batch = 0, t0, 0.0
-        for p in pids:
-            c.proc.wait(p, 600)
-            done_tokens, done_at = c.proc.logs(p)["data"].split()
-            total += int(done_tokens)
-            last = max(last, float(done_at))
-        batch = c.sys.stats()["device"]["batch_size"]
-        return {"tok_s": total / (last - t0), "tokens": total, "wall_s": last - t0,
-                "batch": batch}
+        jobs = [(["Tell me about the sea."], {"max_tokens": tokens, "temperature": 0.8,
+                                             "seed": i, "stop": []}) for i in range(n)]
+        runs = [r for job in run_agents(c, jobs) for r in job]
+        return {**aggregate(runs), "batch": c.sys.stats()["device"]["batch_size"]}
 
 
 def run() -> dict:
