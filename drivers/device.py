@@ -266,19 +266,22 @@ class ComputeThread:
     async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
         """``call`` for a trio task. Not abandoned on cancel (the thread owns the
         device's state): a cancel takes effect once ``fn`` has returned."""
-        token = trio.lowlevel.current_trio_token()
-        task = trio.lowlevel.current_task()
+        return await self.submit(fn, *args).wait()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Pending:
+        """Queue ``fn(*args)`` from a trio task without waiting: jobs run in the order
+        submitted, so a device can have its next tick queued while one computes."""
+        pending = Pending(trio.lowlevel.current_trio_token())
 
         def job() -> None:
-            result = outcome.capture(fn, *args)
+            result = outcome.Value(None) if pending.revoked else outcome.capture(fn, *args)
             try:
-                token.run_sync_soon(trio.lowlevel.reschedule, task, result)
+                pending.token.run_sync_soon(pending.arrive, result)
             except trio.RunFinishedError:
-                pass  # cannot happen while the task waits uncancellably; nothing to tell
+                pass  # nobody waits any more
 
         self._submit(job)
-        return await trio.lowlevel.wait_task_rescheduled(
-            lambda _raise_cancel: trio.lowlevel.Abort.FAILED)
+        return pending
 
     def stop(self) -> None:
         """End the thread once the work queued so far is done; the next call starts
@@ -288,3 +291,30 @@ class ComputeThread:
                 self._jobs.put(None)
                 self._jobs = queue.SimpleQueue()
                 self._thread = None
+
+
+class Pending:
+    """A job submitted to a ComputeThread from trio; ``wait`` for its result."""
+
+    __slots__ = ("token", "revoked", "_result", "_task")
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self.token = token
+        self.revoked = False  # set before the job starts: it does not run (result None)
+        self._result: outcome.Outcome | None = None
+        self._task: Any = None
+
+    def arrive(self, result: outcome.Outcome) -> None:
+        """On the trio thread: the job is over."""
+        self._result = result
+        if self._task is not None:
+            trio.lowlevel.reschedule(self._task, result)
+
+    async def wait(self) -> Any:
+        """The job's result (or what it raised). Not abandoned on cancel: a cancel
+        takes effect once the job is over."""
+        if self._result is not None:
+            return self._result.unwrap()
+        self._task = trio.lowlevel.current_task()
+        return await trio.lowlevel.wait_task_rescheduled(
+            lambda _raise_cancel: trio.lowlevel.Abort.FAILED)

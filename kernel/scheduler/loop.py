@@ -36,6 +36,7 @@ import itertools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import outcome
@@ -76,6 +77,27 @@ COST_EWMA = 0.2     # weight of the newest sample in the per-token cost averages
 COSTLY_FLOOR = 0.001  # seconds of its own sampling per token below which nobody is costly
 
 Plan = list[tuple[int, Request]]  # (slot, request) to step this tick, in policy order
+
+
+@dataclass(eq=False)
+class Tick:
+    """A tick queued on the device: its plan and the pending result."""
+    plan: Plan
+    pending: Any                 # Pending (drivers/device.py) or _InWorker
+    after_error: bool = False    # the tick before it failed (its own error is that one's)
+
+
+class _InWorker:
+    """A tick run in a trio worker thread when awaited: for a device without a
+    compute thread (a remote device's round trip)."""
+
+    revoked = False
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._fn, self._args = fn, args
+
+    async def wait(self) -> Any:
+        return await trio.to_thread.run_sync(self._fn, *self._args, abandon_on_cancel=False)
 
 
 class SlotView:
@@ -138,6 +160,7 @@ class Scheduler:
         # Where the ticks run: the device's own compute thread (else a trio worker).
         self._compute = None if self._remote_tick else getattr(device, "compute_thread", None)
         self._samplers: set[Request] = set()  # requests whose sampling may make them costly
+        self._ahead: Tick | None = None  # the next tick, queued while one computes
         self._ids = itertools.count(1)
         self._embed_seqs = itertools.count()
         self._wake = trio.Event()
@@ -350,16 +373,30 @@ class Scheduler:
             await self._on_device(self._reset_device)
             task_status.started()
             while True:
-                ops, plan, ereq = self._plan()
-                if not ops and not plan and ereq is None:
-                    await self._wake.wait()
-                    self._wake = trio.Event()
-                    continue
-                if ops or plan:
-                    results, step, error = await self._on_device(
-                        self._tick, ops, [s for s, _ in plan])
+                if self._ahead is not None:  # queued while the last tick computed
+                    tick, self._ahead = self._ahead, None
+                    ops, plan, ereq = [], tick.plan, None
+                else:
+                    ops, plan, ereq = self._plan()
+                    if not ops and not plan and ereq is None:
+                        await self._wake.wait()
+                        self._wake = trio.Event()
+                        continue
+                    tick = self._submit(ops, plan) if ops or plan else None
+                if tick is not None:
+                    if ereq is None and self._may_run_ahead(plan):
+                        self._ahead = self._submit([], plan)
+                    out = await tick.pending.wait()
+                    if out is None:
+                        continue  # revoked before it ran: plan afresh
+                    results, step, error = out
                     self._apply_ops(ops, results)
                     self._apply_step(plan, step)
+                    if error is not None and tick.after_error:
+                        error = None  # queued before the last tick failed: that one is handled
+                    if error is not None and self._ahead is not None:
+                        self._ahead.after_error = True
+                        self._revoke_ahead()
                     if isinstance(error, DeviceFullError):
                         self._on_device_full(plan, error)
                     elif error is not None:  # a device fault must not take the kernel down
@@ -370,6 +407,11 @@ class Scheduler:
                     self._apply_embed(ereq, n, seconds, error)
                 await trio.lowlevel.checkpoint()
         finally:
+            if self._ahead is not None:  # the device is left as the bookkeeping says
+                self._revoke_ahead()
+                with trio.CancelScope(shield=True):
+                    await self._ahead.pending.wait()
+                self._ahead = None
             self._running = False
             err = SyscallError("ESHUTDOWN", "the device loop stopped")
             for req in list(self.placement.queue) + [r for _, r in self.placement.running()]:
@@ -379,6 +421,32 @@ class Scheduler:
             for gen in self._to_close:
                 gen.close()
             self._to_close.clear()
+
+    def _submit(self, ops: list[Op], plan: Plan) -> Tick:
+        """Queue a tick on the device (it runs after those queued before it)."""
+        slots = [s for s, _ in plan]
+        if self._compute is not None:
+            return Tick(plan, self._compute.submit(self._tick, ops, slots))
+        return Tick(plan, _InWorker(self._tick, ops, slots))
+
+    def _may_run_ahead(self, plan: Plan) -> bool:
+        """May the next tick be queued now, while this one computes, as this one's plan
+        without operations? Only where planning it after this one's results could
+        decide nothing else: nobody waits for a slot, nothing is deferred, no embed, no
+        throttling, and every planned request decodes one token a step, all in one
+        batch. (A request that finishes in this tick is skipped by the device.) So the
+        device does not wait for the event loop between ticks. ``_kick`` revokes it
+        while it has not started, when something changed."""
+        if (self._compute is None or self._ahead is not None or self._deferred
+                or self._embeds or self._samplers or len(plan) > self.device.n_batch):
+            return False
+        if any(not r.owner.stopped for r in self.placement.queue):
+            return False
+        return all(r.decoding and not r.done and not r.owner.stopped for _, r in plan)
+
+    def _revoke_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead.pending.revoked = True
 
     async def _on_device(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run ``fn`` where the device's work runs; never abandoned on cancel."""
@@ -420,6 +488,9 @@ class Scheduler:
             view = SlotView(self.device, self.n_slots,
                             [op.slot for op in ops if isinstance(op, Release)])
             place.admit_waiting(sorted(waiting, key=self._policy.key), ops, view)
+            for op in ops:
+                if isinstance(op, Prepare) and op.request is not None:
+                    op.request.decoding = False  # a prompt to feed first
         plan = [(s, r) for s, r in enumerate(place.slot_req)
                 if r is not None and not r.owner.stopped]
         plan.sort(key=lambda sr: self._policy.key(sr[1]))
@@ -523,6 +594,7 @@ class Scheduler:
             req = by_slot.get(ev.slot)
             if req is None or req.state != "running" or req.slot != ev.slot:
                 continue  # cancelled or moved while the tick was in flight
+            req.decoding = True  # fed to the end: one token a step from now on
             if ev.token is not None and not (ev.finished and ev.reason == "eog"):
                 n_out += 1
                 req.turn_tokens += 1
@@ -671,4 +743,5 @@ class Scheduler:
         acct.vtime = max(acct.vtime, self._floor)
 
     def _kick(self) -> None:
+        self._revoke_ahead()  # planned before the change: plan again if it has not started
         self._wake.set()

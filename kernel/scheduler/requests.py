@@ -103,6 +103,7 @@ class Request:
     wait_since: float | None = None  # runnable and waiting since
     no_admit_round: int = -1         # preempted in this planning round: not re-admitted in it
     sample_cost: float = 0.0         # seconds of its own sampling per token (average)
+    decoding: bool = False           # its prompt is fed: the device takes a token a step
 
     @property
     def done(self) -> bool:
