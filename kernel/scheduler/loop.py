@@ -7,6 +7,10 @@ those operations and one ``step`` (continuous batching: a token for every
 running request, plus prompt chunks): one hand-off there and one back per
 tick (``ComputeThread.run``). Back on the trio thread it hands out the tokens.
 A tick is never abandoned on cancel: the compute thread owns the device state.
+While every running request decodes one token a step and nobody waits, the
+next tick is queued before this one's results are in (``_may_run_ahead``), so
+the device does not wait for the event loop between ticks; at most two ticks
+are then in flight.
 
 Handing out costs no task switch per token: a caller that streams gets its
 pieces from a callback the loop calls, and its task, like that of one that
