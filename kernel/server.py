@@ -52,6 +52,7 @@ class Connection:
         self._send_lock = trio.Lock()
         self._outbox: list[bytes] = []  # queued frames, written before anything later
         self._flushing = False          # a task is on its way to write the outbox
+        self._sock = getattr(stream, "socket", None)  # written to directly when free
         self.closed = False
         self.nursery: trio.Nursery | None = None
 
@@ -126,8 +127,7 @@ class Connection:
 
     def _fileno(self) -> int | None:
         """The socket's descriptor, to write to while no send is under way."""
-        sock = getattr(self.stream, "socket", None)
-        fd = sock.fileno() if sock is not None else -1
+        fd = self._sock.fileno() if self._sock is not None else -1  # -1 once closed
         return fd if fd >= 0 else None
 
     async def respond(self, msgid: int, error: dict | None, result: Any) -> None:
