@@ -78,7 +78,7 @@ async def sched_run(decode_ms: float, batch: int, tokens: int, slots: int) -> di
     sched = Scheduler(dev, policy="fair")
     streamed = 0
 
-    async def on_token(piece: str) -> None:
+    def on_token(piece: str) -> None:  # called by the loop, as the kernel's is
         nonlocal streamed
         streamed += 1
 

@@ -15,12 +15,23 @@ in one round trip: `tick(ops, plan)`; its actor runs the same ops with
 `run_tick`), and the simulated device (drivers/simdevice.py: deterministic
 tokens, a fixed decode time). tests/test_device_contract.py runs one
 conformance suite against the simulated and the real device.
+
+A device that runs in this process names its ``compute_thread``: the one
+thread its work runs on (llama.cpp's reasons are in drivers/llama/runtime.py).
+The scheduler runs each whole tick there and awaits it with
+``ComputeThread.run``: one hand-off to the thread and one back per tick.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, Sequence, runtime_checkable
+
+import outcome
+import trio
 
 from llmagentos.syscalls.errno import SyscallError
 
@@ -200,3 +211,110 @@ def run_tick(device: ComputeDevice, ops: Iterable[Op],
     except Exception as exc:
         return results, StepResult([], {}, 0, 0, 0.0), exc
     return results, step, None
+
+
+class ComputeThread:
+    """One thread that runs a device's work, started on first use.
+
+    ``call`` blocks the calling thread until the work is done; ``run`` is its
+    async form for trio, which parks the awaiting task and has the compute
+    thread reschedule it through the trio token: no worker thread in between
+    (trio.to_thread's would be a second hop per tick). A call made on the
+    compute thread itself runs at once.
+    """
+
+    def __init__(self, name: str = "compute") -> None:
+        self.name = name
+        self._jobs: queue.SimpleQueue[Callable[[], None] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def _submit(self, job: Callable[[], None]) -> None:
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None:
+                    # A daemon: an idle compute thread must not hold the process at exit.
+                    self._thread = threading.Thread(target=self._serve, args=(self._jobs,),
+                                                    name=self.name, daemon=True)
+                    self._thread.start()
+        self._jobs.put(job)
+
+    @staticmethod
+    def _serve(jobs: queue.SimpleQueue) -> None:
+        while (job := jobs.get()) is not None:
+            job()
+
+    def on_thread(self) -> bool:
+        t = self._thread
+        return t is not None and t.ident == threading.get_ident()
+
+    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn(*args)`` on the compute thread and return its result (blocking)."""
+        if self.on_thread():
+            return fn(*args)
+        fut: Future = Future()
+
+        def job() -> None:
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # handed to the caller, raised there
+                fut.set_exception(exc)
+
+        self._submit(job)
+        return fut.result()
+
+    async def run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``call`` for a trio task. Not abandoned on cancel (the thread owns the
+        device's state): a cancel takes effect once ``fn`` has returned."""
+        return await self.submit(fn, *args).wait()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Pending:
+        """Queue ``fn(*args)`` from a trio task without waiting: jobs run in the order
+        submitted, so a device can have its next tick queued while one computes."""
+        pending = Pending(trio.lowlevel.current_trio_token())
+
+        def job() -> None:
+            result = outcome.Value(None) if pending.revoked else outcome.capture(fn, *args)
+            try:
+                pending.token.run_sync_soon(pending.arrive, result)
+            except trio.RunFinishedError:
+                pass  # nobody waits any more
+
+        self._submit(job)
+        return pending
+
+    def stop(self) -> None:
+        """End the thread once the work queued so far is done; the next call starts
+        a new one."""
+        with self._lock:
+            if self._thread is not None:
+                self._jobs.put(None)
+                self._jobs = queue.SimpleQueue()
+                self._thread = None
+
+
+class Pending:
+    """A job submitted to a ComputeThread from trio; ``wait`` for its result."""
+
+    __slots__ = ("token", "revoked", "_result", "_task")
+
+    def __init__(self, token: trio.lowlevel.TrioToken) -> None:
+        self.token = token
+        self.revoked = False  # set before the job starts: it does not run (result None)
+        self._result: outcome.Outcome | None = None
+        self._task: Any = None
+
+    def arrive(self, result: outcome.Outcome) -> None:
+        """On the trio thread: the job is over."""
+        self._result = result
+        if self._task is not None:
+            trio.lowlevel.reschedule(self._task, result)
+
+    async def wait(self) -> Any:
+        """The job's result (or what it raised). Not abandoned on cancel: a cancel
+        takes effect once the job is over."""
+        if self._result is not None:
+            return self._result.unwrap()
+        self._task = trio.lowlevel.current_task()
+        return await trio.lowlevel.wait_task_rescheduled(
+            lambda _raise_cancel: trio.lowlevel.Abort.FAILED)

@@ -7,11 +7,12 @@ have no text). The next token is a fixed function of the last three tokens of
 the slot and its length (a letter a..z), whatever the sampling parameters, the
 batch, the slot or a preemption: output is deterministic.
 
-Time: a step that decodes anything waits ``decode_s`` whatever the batch, with
-the GIL released as a wait on a GPU is, and reports what it really took
-(``StepResult.seconds``). ``token_cost_s`` replaces that with a simulated clock,
-(1 + tokens fed) x token_cost_s per step, for tests whose orderings follow
-device time and must not follow the machine's load.
+Time: a step that decodes anything waits ``decode_s`` whatever the batch (on
+the device's own compute thread), with the GIL released as a wait on a GPU is,
+and reports what it really took (``StepResult.seconds``). ``token_cost_s``
+replaces that with a simulated clock, (1 + tokens fed) x token_cost_s per
+step, for tests whose orderings follow device time and must not follow the
+machine's load.
 
 Booted by ``llmos boot --model sim`` (a registry entry of ``kind = "sim"``,
 drivers/models.py); bench/bench_overhead.py measures the kernel's own cost per
@@ -23,6 +24,7 @@ from __future__ import annotations
 import math
 import re
 import time
+import weakref
 from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,6 +33,7 @@ from typing import Any, Self
 from llmagentos.drivers.device import (
     FINISH_LENGTH,
     FINISH_STOP,
+    ComputeThread,
     DeviceFullError,
     StepResult,
     TokenEvent,
@@ -115,6 +118,8 @@ class SimDevice:
         self.max_token_bytes = 1
         self._chat = ChatFormat(chat_template, "<bos>", "<eos>")
         self._slots = [_Slot() for _ in range(n_seq_max)]
+        self.compute_thread = ComputeThread(f"{model_name}-compute")
+        weakref.finalize(self, self.compute_thread.stop)
         # Counters since creation.
         self.steps = 0
         self.busy_seconds = 0.0   # sum of StepResult.seconds
@@ -132,6 +137,7 @@ class SimDevice:
     def close(self) -> None:
         for s in self._slots:
             s.gen = None
+        self.compute_thread.stop()
 
     def __enter__(self) -> Self:
         return self

@@ -25,7 +25,7 @@ here; snapshots stay with the Scheduler that took them).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import trio
@@ -93,7 +93,7 @@ class DeviceSet:
         params: SamplingParams | dict | None = None,
         *,
         nice: int | None = None,
-        on_token: Callable[[str], Awaitable[Any]] | None = None,
+        on_token: Callable[[str], Any] | None = None,
     ) -> Result:
         if nice is not None:
             self.set_nice(owner, nice)

@@ -44,8 +44,13 @@ class Call:
     msgid: int
 
     async def notify(self, method: str, args: list) -> None:
-        """Send a notification to the calling connection (streamed tokens...)."""
+        """Send a notification to the calling connection."""
         await self.conn.notify(method, args)
+
+    def notify_nowait(self, method: str, args: list) -> None:
+        """Queue a notification to the calling connection without waiting for the
+        socket (streamed tokens: the device loop calls this)."""
+        self.conn.notify_nowait(method, args)
 
     async def in_thread(self, fn: Callable[..., Any], *args: Any,
                         abandon_on_cancel: bool = False) -> Any:

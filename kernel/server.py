@@ -3,6 +3,11 @@
 Each connection is a task in the kernel's listener nursery; each `runs="task"`
 call on it is a task in the connection's own nursery, so a client that
 vanishes cancels exactly its own in-flight calls and nothing else.
+
+What a connection sends goes out in order, frame by frame as encoded. Streamed
+tokens are queued without waiting (``notify_nowait``, from the device loop):
+written at once when the socket is free, and while a write is under way the
+frames that pile up go out together in the next one.
 """
 
 from __future__ import annotations
@@ -45,6 +50,9 @@ class Connection:
         self.pre_hello = 0  # bytes received while not yet authenticated
         self.pcb: "PCB | None" = None
         self._send_lock = trio.Lock()
+        self._outbox: list[bytes] = []  # queued frames, written before anything later
+        self._flushing = False          # a task is on its way to write the outbox
+        self._sock = getattr(stream, "socket", None)  # written to directly when free
         self.closed = False
         self.nursery: trio.Nursery | None = None
 
@@ -68,12 +76,59 @@ class Connection:
         except trio.WouldBlock:
             await self._send_lock.acquire()
         try:
-            await self.stream.send_all(data)
+            if self._outbox:  # queued before: they go first, in the same write
+                self._outbox.append(data)
+                data = self._take_outbox()
+            while data:
+                await self.stream.send_all(data)
+                data = self._take_outbox()  # queued while that was written
         finally:
+            self._outbox.clear()  # (left only when the write failed: nobody reads it)
             self._send_lock.release()
+
+    def _take_outbox(self) -> bytes:
+        data = b"".join(self._outbox)
+        self._outbox.clear()
+        return data
 
     async def notify(self, method: str, args: list) -> None:
         await self.send(wire.encode_notification(method, args))
+
+    def notify_nowait(self, method: str, args: list) -> None:
+        """Queue a notification; never waits (see the module doc)."""
+        if self.closed:
+            return
+        data = wire.encode_notification(method, args)
+        if self._send_lock.locked() or self._flushing:
+            self._outbox.append(data)  # whoever writes now writes it next
+            return
+        fd = self._fileno()
+        if fd is not None:  # the socket is free: one write, no task switch
+            try:
+                n = os.write(fd, data)
+            except BlockingIOError:
+                n = 0
+            except OSError:
+                return  # the client is gone; the connection's reader sees it too
+            if n == len(data):
+                return
+            data = data[n:]
+        self._outbox.append(data)
+        self._flushing = True
+        self.nursery.start_soon(self._flush)
+
+    async def _flush(self) -> None:
+        try:
+            await self.send(b"")
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        finally:
+            self._flushing = False
+
+    def _fileno(self) -> int | None:
+        """The socket's descriptor, to write to while no send is under way."""
+        fd = self._sock.fileno() if self._sock is not None else -1  # -1 once closed
+        return fd if fd >= 0 else None
 
     async def respond(self, msgid: int, error: dict | None, result: Any) -> None:
         await self._answer(_response(msgid, error, result))

@@ -75,8 +75,8 @@ async def run_generation(call: Call, tokens: list[int], params: SamplingParams,
     sv, pcb = call.sys, call.caller
     check_token_quota(pcb, params, len(tokens))
 
-    async def on_token(piece: str) -> None:
-        await call.notify("llm.token", [call.msgid, piece])
+    def on_token(piece: str) -> None:  # called by the device loop: must not wait
+        call.notify_nowait("llm.token", [call.msgid, piece])
 
     pcb.waiting_calls += 1  # in the run queue or on the device: WAITING, as for I/O
     try:

@@ -12,6 +12,8 @@ import math
 import re
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 import trio
@@ -297,6 +299,128 @@ async def test_cancelled_request_frees_its_slot(nursery):
     assert [s["state"] for s in st["slots"]] == ["idle"]  # its tokens stay cached
     res = await sched.generate(2, PB, greedy(3))
     assert res.finish_reason == "length" and len(res.tokens) == 3
+
+
+class ThreadProbe(SimDevice):
+    """The simulated device, noting which thread each tick's work ran on and, during
+    each step, whether the next tick was already queued on its compute thread."""
+
+    def __init__(self, *a, **kw) -> None:
+        super().__init__(*a, **kw)
+        self.threads: set[str] = set()
+        self.queued_while_computing: list[bool] = []
+
+    def prepare(self, slot, prompt_tokens):
+        self.threads.add(threading.current_thread().name)
+        return super().prepare(slot, prompt_tokens)
+
+    def step(self, plan):
+        self.threads.add(threading.current_thread().name)
+        jobs = self.compute_thread._jobs
+        deadline = time.monotonic() + 0.2  # (a tick that cannot be run ahead waits this)
+        while jobs.empty() and time.monotonic() < deadline:
+            time.sleep(0.001)
+        self.queued_while_computing.append(not jobs.empty())
+        return super().step(plan)
+
+
+async def test_a_tick_runs_whole_on_the_devices_compute_thread(nursery):
+    """A tick was two thread hops (a trio worker, then the compute thread for the
+    decode): its operations and step now run on the compute thread alone."""
+    dev = ThreadProbe(2, decode_s=0.001)
+    sched = Scheduler(dev, policy="fair")
+    await nursery.start(sched.run)
+    res = await sched.generate(1, PA, greedy(5))
+    assert len(res.tokens) == 5
+    assert dev.threads == {dev.compute_thread.name}
+
+
+async def test_the_next_tick_is_queued_while_one_computes(nursery):
+    """Between ticks the device waited for the event loop to apply results and plan.
+    With every request decoding and nobody waiting, the next tick is queued first."""
+    dev = ThreadProbe(2)
+    sched = Scheduler(dev, policy="fair")
+    await nursery.start(sched.run)
+    async with trio.open_nursery() as n:
+        for owner, prompt in ((1, PA), (2, PB)):
+            n.start_soon(sched.generate, owner, prompt, greedy(12))
+    steps = dev.queued_while_computing
+    assert len(steps) >= 12 and sum(steps) >= len(steps) - 3, steps
+
+
+async def test_a_request_nobody_streams_wakes_its_caller_once(nursery):
+    """Every token woke the caller's task (a channel message), streamed or not."""
+    sched = Scheduler(sim_device(1), policy="fifo")
+    await nursery.start(sched.run)
+    steps = {}
+
+    class Count(trio.abc.Instrument):
+        def before_task_step(self, task):
+            steps[task] = steps.get(task, 0) + 1
+
+    async def ask(out: list) -> None:
+        out.append(trio.lowlevel.current_task())
+        out.append(await sched.generate(1, PA, greedy(64)))
+
+    out: list = []
+    count = Count()
+    trio.lowlevel.add_instrument(count)
+    try:
+        await ask(out)
+    finally:
+        trio.lowlevel.remove_instrument(count)
+    assert len(out[1].tokens) == 64
+    assert steps.get(out[0], 0) <= 4, steps.get(out[0])
+
+
+async def test_a_plain_callback_streams_every_piece_from_the_loop(nursery):
+    sched = Scheduler(sim_device(2), policy="fair")
+    await nursery.start(sched.run)
+    pieces: list[str] = []
+    res = await sched.generate(1, PA, greedy(30), on_token=pieces.append)
+    assert len(pieces) == 30 and "".join(pieces) == res.text
+
+
+async def test_what_a_callback_raises_ends_its_request_only(nursery):
+    sched = Scheduler(sim_device(1), policy="fifo")
+    await nursery.start(sched.run)
+    seen = []
+
+    def fails(piece: str) -> None:
+        seen.append(piece)
+        if len(seen) == 3:
+            raise ValueError("the consumer broke")
+
+    with pytest.raises(ValueError, match="consumer broke"):
+        await sched.generate(1, PA, greedy(50), on_token=fails)
+    assert len(seen) == 3
+    await trio.testing.wait_all_tasks_blocked()
+    assert sched.stats()["running"] == 0  # its slot is free: the next one runs
+    assert len((await sched.generate(2, PB, greedy(4))).tokens) == 4
+
+
+async def test_a_callback_that_returns_an_awaitable_is_an_error_not_dropped(nursery):
+    sched = Scheduler(sim_device(1), policy="fifo")
+    await nursery.start(sched.run)
+
+    async def consume(piece: str) -> None:
+        pass
+
+    with pytest.raises(TypeError, match="awaitable"):
+        await sched.generate(1, PA, greedy(8), on_token=lambda p: consume(p))
+
+
+async def test_a_slow_async_callback_gets_every_piece_in_order(nursery):
+    sched = Scheduler(sim_device(1), policy="fifo")
+    await nursery.start(sched.run)
+    pieces: list[str] = []
+
+    async def slow(piece: str) -> None:
+        await trio.sleep(0.002)
+        pieces.append(piece)
+
+    res = await sched.generate(1, PA, greedy(20), on_token=slow)
+    assert "".join(pieces) == res.text and len(pieces) == 20
 
 
 async def test_release_cancels_requests_and_frees_slots_and_snapshots(nursery):

@@ -106,6 +106,8 @@ class _Slot:
 class Device:
     """A llama.cpp model + context with slots. See the module doc for the contract."""
 
+    compute_thread = compute_thread  # the scheduler runs its ticks there (runtime.py)
+
     def __init__(
         self,
         model: str | Path | ModelSpec = DEFAULT_MODEL,

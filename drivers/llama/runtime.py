@@ -9,7 +9,7 @@ decode run from a second thread (say, a trio worker after the main thread
 decoded once) took 35 ms instead of 22. So every ``llama_decode`` of every
 Device goes through one thread, ``compute_thread``, whichever thread calls it.
 Run other llama.cpp work (e.g. a reference ``Llama``) through its ``call()``
-as well.
+as well. The scheduler runs each whole tick on it (drivers/device.py).
 
 Model loading: this build of llama.cpp crashes (SIGSEGV in
 ggml_backend_amx_mul_mat) when it repacks weights for the CPU's AMX units on
@@ -19,40 +19,18 @@ unless a caller asks for the extra buffers.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import threading
-from typing import Any
 
 import llama_cpp
+
+from llmagentos.drivers.device import ComputeThread
 
 _backend_lock = threading.Lock()
 _backend_ready = False
 
 
-class ComputeThread:
-    """The one thread that runs llama.cpp graph computations in this process
-    (see the module doc for why)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
-        self._ident: int | None = None
-
-    def call(self, fn: Any, *args: Any) -> Any:
-        """Run ``fn(*args)`` on the compute thread and return its result (blocking)."""
-        if threading.get_ident() == self._ident:
-            return fn(*args)
-        with self._lock:
-            if self._pool is None:
-                self._pool = concurrent.futures.ThreadPoolExecutor(
-                    max_workers=1, thread_name_prefix="llama-compute")
-                self._ident = self._pool.submit(threading.get_ident).result()
-            pool = self._pool
-        return pool.submit(fn, *args).result()
-
-
-compute_thread = ComputeThread()
+compute_thread = ComputeThread("llama-compute")
 
 
 def init_backend(verbose: bool) -> None:

@@ -2,10 +2,19 @@
 
 The loop runs in ticks. Between ticks, on the trio thread, it admits waiting
 requests to slots (placement.py) and writes down the device operations that
-admission needs (drivers/device.py). Then one worker-thread call runs those
-operations and one ``step`` (continuous batching: a token for every running
-request, plus prompt chunks). Back on the trio thread it hands out the
-tokens. The worker is never abandoned on cancel: it owns the llama context.
+admission needs (drivers/device.py). Then the device's compute thread runs
+those operations and one ``step`` (continuous batching: a token for every
+running request, plus prompt chunks): one hand-off there and one back per
+tick (``ComputeThread.run``). Back on the trio thread it hands out the tokens.
+A tick is never abandoned on cancel: the compute thread owns the device state.
+While every running request decodes one token a step and nobody waits, the
+next tick is queued before this one's results are in (``_may_run_ahead``), so
+the device does not wait for the event loop between ticks; at most two ticks
+are then in flight.
+
+Handing out costs no task switch per token: a caller that streams gets its
+pieces from a callback the loop calls, and its task, like that of one that
+does not stream, is woken once, with the result (requests.Mailbox).
 
 Only the loop touches the device, and only in its worker call or between
 ticks. Code running while a tick is in flight (``generate`` being cancelled,
@@ -26,13 +35,15 @@ is withdrawn like a generation (cancel, STOP, release).
 
 from __future__ import annotations
 
+import inspect
 import itertools
 import logging
-import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+import outcome
 import trio
 
 from llmagentos.drivers.device import (
@@ -56,19 +67,66 @@ from .policy import NICE_MAX, NICE_MIN, policy_named
 from .requests import (
     EmbedRequest,
     EmbedResult,
+    Mailbox,
     Owner,
     Request,
     Result,
     StatsWindow,
-    deliver,
 )
 
 log = logging.getLogger(__name__)
 
 STATS_WINDOW = 10.0
 COST_EWMA = 0.2     # weight of the newest sample in the per-token cost averages
+COSTLY_FLOOR = 0.001  # seconds of its own sampling per token below which nobody is costly
 
 Plan = list[tuple[int, Request]]  # (slot, request) to step this tick, in policy order
+
+
+@dataclass(eq=False)
+class Tick:
+    """A tick queued on the device: its plan and the pending result."""
+    plan: Plan
+    pending: Any                 # Pending (drivers/device.py) or _InWorker
+    after_error: bool = False    # the tick before it failed (its own error is that one's)
+
+
+class _InWorker:
+    """A tick run in a trio worker thread when awaited: for a device without a
+    compute thread (a remote device's round trip)."""
+
+    revoked = False
+
+    def __init__(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._fn, self._args = fn, args
+
+    async def wait(self) -> Any:
+        return await trio.to_thread.run_sync(self._fn, *self._args, abandon_on_cancel=False)
+
+
+class SlotView:
+    """Each slot's tokens as they will be once a tick's operations have run (what
+    admission reads, placement.py): read from the device only for the slots it
+    looks at, not copied for every slot on every tick something waits."""
+
+    def __init__(self, device: Any, n_slots: int, released: Sequence[int]) -> None:
+        self._device = device
+        self._n = n_slots
+        self._known: dict[int, list[int]] = {s: [] for s in released}
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, slot: int) -> list[int]:
+        tokens = self._known.get(slot)
+        if tokens is None:
+            if not 0 <= slot < self._n:
+                raise IndexError(slot)
+            tokens = self._known[slot] = self._device.slot_tokens(slot)
+        return tokens
+
+    def __setitem__(self, slot: int, tokens: list[int]) -> None:
+        self._known[slot] = tokens
 
 
 class Scheduler:
@@ -103,6 +161,10 @@ class Scheduler:
         self._deferred: list[Op] = []   # device ops left by code that ran during a tick
         self._to_close: list[Any] = []  # generations to close between ticks
         self._remote_tick = getattr(device, "tick", None)  # a whole tick in one round trip
+        # Where the ticks run: the device's own compute thread (else a trio worker).
+        self._compute = None if self._remote_tick else getattr(device, "compute_thread", None)
+        self._samplers: set[Request] = set()  # requests whose sampling may make them costly
+        self._ahead: Tick | None = None  # the next tick, queued while one computes
         self._ids = itertools.count(1)
         self._embed_seqs = itertools.count()
         self._wake = trio.Event()
@@ -133,12 +195,16 @@ class Scheduler:
         params: SamplingParams | dict | None = None,
         *,
         nice: int | None = None,
-        on_token: Callable[[str], Awaitable[Any]] | None = None,
+        on_token: Callable[[str], Any] | Callable[[str], Awaitable[Any]] | None = None,
     ) -> Result:
         """Run one completion for process ``owner``; returns when it finishes.
 
         Cancelling the awaiting task withdraws the request and frees its slot.
-        ``on_token`` receives each new piece of text as it becomes safe to show.
+        ``on_token`` receives each new piece of text as it becomes safe to show. A
+        plain function is called by the device loop as the piece comes, so it must
+        not block (queue the piece; kernel/sysllm.py queues a notification); what it
+        raises ends the request and is raised here. A coroutine function is awaited
+        in this task, with the pieces that piled up while it ran.
         """
         # EINVAL/E2BIG here. A grammar (or JSON schema) is converted, compiled and
         # probed in the request's constructor: a worker thread's time, not the loop's.
@@ -151,28 +217,30 @@ class Scheduler:
         acct = self._owner(owner)
         if nice is not None:
             self.set_nice(owner, nice)
-        send, recv = trio.open_memory_channel(math.inf)
         now = self.clock()
-        req = Request(next(self._ids), acct, gen, send, now)
+        req = Request(next(self._ids), acct, gen, Mailbox(), now)
+        if inspect.iscoroutinefunction(on_token):
+            req.keep_pieces = True
+        else:
+            req.on_piece = on_token
         req.wait_since = None if acct.stopped else now
         acct.usage.requests += 1
         self._activate(acct)
         self.placement.enqueue(req)
         self._kick()
+        box = req.box
         try:
-            async for kind, value in recv:
-                if kind == "piece":
-                    if on_token is not None:
-                        await on_token(value)
-                elif kind == "done":
-                    return value
-                else:
-                    raise value
-            raise SyscallError("ESHUTDOWN", "the device loop stopped")
+            while True:
+                await box.wait()
+                if box.pieces:  # an async on_token: every piece before the outcome
+                    pieces, box.pieces = box.pieces, []
+                    for piece in pieces:
+                        await on_token(piece)
+                elif box.outcome is not None:
+                    return box.outcome.unwrap()
         finally:
             if not req.done:  # cancelled, or on_token failed: withdraw the request
                 self._cancel(req)
-            recv.close()
 
     async def embed(self, owner: int, job: Any, *, nice: int | None = None) -> EmbedResult:
         """Run an embed request (a ``Device.embedding``) for ``owner``, a chunk per tick
@@ -182,29 +250,25 @@ class Scheduler:
         acct = self._owner(owner)
         if nice is not None:
             self.set_nice(owner, nice)
-        send, recv = trio.open_memory_channel(math.inf)
-        req = EmbedRequest(next(self._ids), acct, job, send, next(self._embed_seqs),
+        req = EmbedRequest(next(self._ids), acct, job, Mailbox(), next(self._embed_seqs),
                            self.clock())
         acct.usage.requests += 1
         self._activate(acct)
         self._embeds.append(req)
         self._kick()
         try:
-            async for kind, value in recv:
-                if kind == "done":
-                    return value
-                raise value
-            raise SyscallError("ESHUTDOWN", "the device loop stopped")
+            await req.box.wait()
+            return req.box.outcome.unwrap()
         finally:
             if not req.done:
                 self._cancel_embed(req)
-            recv.close()
 
     def stop(self, owner: int) -> None:
         """SIGSTOP: park the owner's requests. Their slots may be given away (state saved)."""
         acct = self._owner(owner)
         if acct.stopped:
             return
+        self._note_floor()  # it leaves the runnable owners
         acct.stopped = True
         now = self.clock()
         for req in self.placement.queue:
@@ -228,6 +292,7 @@ class Scheduler:
 
     async def release(self, owner: int) -> None:
         """The process is gone: cancel its requests, free its slots and snapshots."""
+        self._note_floor()
         acct = self._owners.pop(owner, None)
         if acct is not None:
             err = SyscallError("ECANCELED", f"process {owner} released")
@@ -309,31 +374,48 @@ class Scheduler:
             raise RuntimeError("Scheduler.run() is already running")
         self._running = True
         try:
-            await trio.to_thread.run_sync(self._reset_device, abandon_on_cancel=False)
+            await self._on_device(self._reset_device)
             task_status.started()
             while True:
-                ops, plan, ereq = self._plan()
-                if not ops and not plan and ereq is None:
-                    await self._wake.wait()
-                    self._wake = trio.Event()
-                    continue
-                if ops or plan:
-                    results, step, error = await trio.to_thread.run_sync(
-                        self._tick, ops, [s for s, _ in plan], abandon_on_cancel=False
-                    )
+                if self._ahead is not None:  # queued while the last tick computed
+                    tick, self._ahead = self._ahead, None
+                    ops, plan, ereq = [], tick.plan, None
+                else:
+                    ops, plan, ereq = self._plan()
+                    if not ops and not plan and ereq is None:
+                        await self._wake.wait()
+                        self._wake = trio.Event()
+                        continue
+                    tick = self._submit(ops, plan) if ops or plan else None
+                if tick is not None:
+                    if ereq is None and self._may_run_ahead(plan):
+                        self._ahead = self._submit([], plan)
+                    out = await tick.pending.wait()
+                    if out is None:
+                        continue  # revoked before it ran: plan afresh
+                    results, step, error = out
                     self._apply_ops(ops, results)
                     self._apply_step(plan, step)
+                    if error is not None and tick.after_error:
+                        error = None  # queued before the last tick failed: that one is handled
+                    if error is not None and self._ahead is not None:
+                        self._ahead.after_error = True
+                        self._revoke_ahead()
                     if isinstance(error, DeviceFullError):
                         self._on_device_full(plan, error)
                     elif error is not None:  # a device fault must not take the kernel down
                         log.error("device tick failed: %r", error)
                         self._fail_plan(plan, SyscallError("EIO", f"device error: {error}"))
                 if ereq is not None and not ereq.done:
-                    n, seconds, error = await trio.to_thread.run_sync(
-                        self._embed_chunk, ereq.job, abandon_on_cancel=False)
+                    n, seconds, error = await self._on_device(self._embed_chunk, ereq.job)
                     self._apply_embed(ereq, n, seconds, error)
                 await trio.lowlevel.checkpoint()
         finally:
+            if self._ahead is not None:  # the device is left as the bookkeeping says
+                self._revoke_ahead()
+                with trio.CancelScope(shield=True):
+                    await self._ahead.pending.wait()
+                self._ahead = None
             self._running = False
             err = SyscallError("ESHUTDOWN", "the device loop stopped")
             for req in list(self.placement.queue) + [r for _, r in self.placement.running()]:
@@ -344,19 +426,51 @@ class Scheduler:
                 gen.close()
             self._to_close.clear()
 
+    def _submit(self, ops: list[Op], plan: Plan) -> Tick:
+        """Queue a tick on the device (it runs after those queued before it)."""
+        slots = [s for s, _ in plan]
+        if self._compute is not None:
+            return Tick(plan, self._compute.submit(self._tick, ops, slots))
+        return Tick(plan, _InWorker(self._tick, ops, slots))
+
+    def _may_run_ahead(self, plan: Plan) -> bool:
+        """May the next tick be queued now, while this one computes, as this one's plan
+        without operations? Only where planning it after this one's results could
+        decide nothing else: nobody waits for a slot, nothing is deferred, no embed, no
+        throttling, and every planned request decodes one token a step, all in one
+        batch. (A request that finishes in this tick is skipped by the device.) So the
+        device does not wait for the event loop between ticks. ``_kick`` revokes it
+        while it has not started, when something changed."""
+        if (self._compute is None or self._ahead is not None or self._deferred
+                or self._embeds or self._samplers or len(plan) > self.device.n_batch):
+            return False
+        if any(not r.owner.stopped for r in self.placement.queue):
+            return False
+        return all(r.decoding and not r.done and not r.owner.stopped for _, r in plan)
+
+    def _revoke_ahead(self) -> None:
+        if self._ahead is not None:
+            self._ahead.pending.revoked = True
+
+    async def _on_device(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run ``fn`` where the device's work runs; never abandoned on cancel."""
+        if self._compute is not None:
+            return await self._compute.run(fn, *args)
+        return await trio.to_thread.run_sync(fn, *args, abandon_on_cancel=False)
+
     def _reset_device(self) -> None:
         for s in range(self.n_slots):
             self.device.release(s)
 
     def _tick(self, ops: list[Op], plan: list[int]) -> tuple[list[Any], StepResult,
                                                             Exception | None]:
-        """Worker thread: the planned operations, then one step (never raises)."""
+        """Compute thread: the planned operations, then one step (never raises)."""
         if self._remote_tick is not None:
             return self._remote_tick(ops, plan)
         return run_tick(self.device, ops, plan)
 
     def _embed_chunk(self, job: Any) -> tuple[int, float, Exception | None]:
-        """Worker thread: one chunk of an embed request. Never raises."""
+        """Compute thread: one chunk of an embed request. Never raises."""
         t0 = time.perf_counter()
         try:
             n = self.device.embed_step(job)
@@ -367,28 +481,31 @@ class Scheduler:
     # -- planning (trio thread, device idle) ---------------------------------------------
 
     def _plan(self) -> tuple[list[Op], Plan, EmbedRequest | None]:
-        self._note_floor()
-        for gen in self._to_close:
-            gen.close()
-        self._to_close.clear()
+        if self._to_close:
+            for gen in self._to_close:
+                gen.close()
+            self._to_close.clear()
         ops, self._deferred = self._deferred, []
         place = self.placement
         waiting = [r for r in place.queue if not r.owner.stopped]
         if waiting:
-            view = [self.device.slot_tokens(s) for s in range(self.n_slots)]
-            for op in ops:
-                if isinstance(op, Release):
-                    view[op.slot] = []
+            view = SlotView(self.device, self.n_slots,
+                            [op.slot for op in ops if isinstance(op, Release)])
             place.admit_waiting(sorted(waiting, key=self._policy.key), ops, view)
-        plan = [(s, r) for s, r in place.running() if not r.owner.stopped]
+            for op in ops:
+                if isinstance(op, Prepare) and op.request is not None:
+                    op.request.decoding = False  # a prompt to feed first
+        plan = [(s, r) for s, r in enumerate(place.slot_req)
+                if r is not None and not r.owner.stopped]
         plan.sort(key=lambda sr: self._policy.key(sr[1]))
-        if self._policy.throttles and len(plan) > 1:
+        # Only a request whose own sampling is slow can be throttled (see _costly).
+        if self._policy.throttles and len(plan) > 1 and self._samplers:
             plan = self._throttle(plan)
         return ops, plan, self._pick_embed(plan, ops)
 
     def _costly(self, req: Request) -> bool:
         """Does its own sampling cost more than the decode everyone shares?"""
-        return req.sample_cost > max(self._decode_cost, 0.001)
+        return req.sample_cost > max(self._decode_cost, COSTLY_FLOOR)
 
     def _throttle(self, plan: Plan) -> Plan:
         """Costly samplers whose owner is ahead of another running owner sit this tick out."""
@@ -468,6 +585,10 @@ class Scheduler:
             own = sampled.get(slot)
             if own is not None:
                 req.sample_cost += COST_EWMA * (own - req.sample_cost)
+                if req.sample_cost > COSTLY_FLOOR:
+                    self._samplers.add(req)
+                else:
+                    self._samplers.discard(req)
             share = shared * fed / total_fed + (own or 0.0)
             req.device_time += share
             self._charge(req.owner, share)
@@ -477,12 +598,18 @@ class Scheduler:
             req = by_slot.get(ev.slot)
             if req is None or req.state != "running" or req.slot != ev.slot:
                 continue  # cancelled or moved while the tick was in flight
+            req.decoding = True  # fed to the end: one token a step from now on
             if ev.token is not None and not (ev.finished and ev.reason == "eog"):
                 n_out += 1
                 req.turn_tokens += 1
                 req.owner.usage.tokens_out += 1
             if ev.piece:
-                deliver(req, ("piece", ev.piece))
+                if req.on_piece is not None:
+                    self._stream(req, ev.piece)
+                    if req.done:
+                        continue  # its callback failed
+                elif req.keep_pieces:
+                    req.box.put(ev.piece)
             if ev.finished:
                 self._finish(req)
         self.tokens_out += n_out
@@ -491,6 +618,17 @@ class Scheduler:
         self.batch_rows += len(step.fed)
         if step.fed:
             self._window.add(now, n_out, step.seconds, len(step.fed))
+
+    def _stream(self, req: Request, piece: str) -> None:
+        """Hand a piece to the request's callback; what it raises ends the request."""
+        try:
+            ret = req.on_piece(piece)
+            if ret is not None and hasattr(ret, "__await__"):
+                ret.close()
+                raise TypeError("on_token returned an awaitable: pass a coroutine "
+                                "function to have it awaited")
+        except Exception as exc:
+            self._cancel(req, exc)
 
     def _charge(self, acct: Owner, seconds: float) -> None:
         acct.usage.device_time += seconds
@@ -507,21 +645,23 @@ class Scheduler:
         }
         result = Result(gen.text, list(gen.tokens), gen.reason or "stop", usage)
         self._vacate(req)
-        deliver(req, ("done", result))
-        req.send.close()
+        req.box.close(outcome.Value(result))
 
     def _vacate(self, req: Request) -> None:
+        self._note_floor()  # its owner may leave the runnable owners
         self.placement.vacate(req, self._deferred)
+        self._samplers.discard(req)
         self._to_close.append(req.gen)
         self._kick()
 
-    def _cancel(self, req: Request, error: SyscallError | None = None) -> None:
+    def _cancel(self, req: Request, error: Exception | None = None) -> None:
+        """Withdraw a request; ``error`` is what its caller gets (None: the caller
+        itself withdrew it)."""
         if req.done:
             return
         self._vacate(req)
         if error is not None:
-            deliver(req, ("error", error))
-        req.send.close()
+            req.box.close(outcome.Error(error))
 
     def _apply_embed(self, ereq: EmbedRequest, n: int, seconds: float,
                      error: Exception | None) -> None:
@@ -548,21 +688,21 @@ class Scheduler:
             usage = {"prompt_tokens": ereq.job.n_tokens, "cached_tokens": 0,
                      "completion_tokens": 0, "device_time": ereq.device_time,
                      "queue_wait": ereq.started - ereq.submitted}
+            self._note_floor()
             ereq.state = "done"
             self._embeds.remove(ereq)
-            deliver(ereq, ("done", EmbedResult(ereq.job.vectors, usage)))
-            ereq.send.close()
+            ereq.box.close(outcome.Value(EmbedResult(ereq.job.vectors, usage)))
 
     def _cancel_embed(self, ereq: EmbedRequest, error: SyscallError | None = None) -> None:
         if ereq.done:
             return
+        self._note_floor()
         ereq.state = "done"
         self._embeds.remove(ereq)
         self._deferred.append(EmbedRelease(ereq.job))
         self._kick()
         if error is not None:
-            deliver(ereq, ("error", error))
-        ereq.send.close()
+            ereq.box.close(outcome.Error(error))
 
     def _on_device_full(self, plan: Plan, exc: DeviceFullError) -> None:
         """No KV room: drop idle conversations first; else fail the longest request."""
@@ -593,7 +733,10 @@ class Scheduler:
         return {o for o in owners if not o.stopped}
 
     def _note_floor(self) -> None:
-        """Remember the least virtual time among runnable owners (it only grows)."""
+        """Remember the least virtual time among runnable owners (it only grows).
+
+        Called just before an owner joins or may leave the runnable owners: in
+        between, virtual times only grow, so the least is greatest then."""
         owners = self._runnable_owners()
         if owners:
             self._floor = max(self._floor, min(o.vtime for o in owners))
@@ -604,4 +747,5 @@ class Scheduler:
         acct.vtime = max(acct.vtime, self._floor)
 
     def _kick(self) -> None:
+        self._revoke_ahead()  # planned before the change: plan again if it has not started
         self._wake.set()

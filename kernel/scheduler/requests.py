@@ -1,12 +1,14 @@
-"""The scheduler's records: requests, their owners, what a caller gets back, and
-the window of recent steps behind the rates in ``stats()``."""
+"""The scheduler's records: requests, their owners, what a caller gets back (and
+how: the mailbox), and the window of recent steps behind the rates in ``stats()``."""
 
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import outcome
 import trio
 
 
@@ -44,13 +46,52 @@ class Owner:
     usage: OwnerUsage = field(default_factory=OwnerUsage)
 
 
+class Mailbox:
+    """What the device loop hands the task waiting on a request: the pieces of text
+    it streams (only when the caller streams them itself) and, last, the outcome.
+    The waiting task is woken when something is there for it, once however much
+    piled up: a request nobody streams wakes its caller once, at the end."""
+
+    __slots__ = ("pieces", "outcome", "_bell")
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.outcome: outcome.Outcome | None = None
+        self._bell: trio.Event | None = None
+
+    def put(self, piece: str) -> None:
+        self.pieces.append(piece)
+        if self._bell is not None:
+            self._bell.set()
+
+    def close(self, result: outcome.Outcome) -> None:
+        """The last item (a result or an error); later ones are dropped."""
+        if self.outcome is None:
+            self.outcome = result
+            if self._bell is not None:
+                self._bell.set()
+
+    async def wait(self) -> None:
+        """Until there are pieces or the outcome."""
+        if not self.pieces and self.outcome is None:
+            self._bell = bell = trio.Event()
+            try:
+                await bell.wait()
+            finally:
+                self._bell = None
+
+
 @dataclass(eq=False)
 class Request:
     id: int
     owner: Owner
     gen: Any                         # the device's decoding state of the request
-    send: trio.MemorySendChannel
+    box: Mailbox
     submitted: float
+    # Streaming: called by the device loop with each piece of text (must not block);
+    # None when the caller streams from its own task (box.pieces) or not at all.
+    on_piece: Callable[[str], Any] | None = None
+    keep_pieces: bool = False        # put the pieces in box (an async on_token)
     seq: int = 0                     # queue position key (fifo/rr), set when queued
     state: str = "queued"            # queued | running | done
     slot: int | None = None
@@ -62,6 +103,7 @@ class Request:
     wait_since: float | None = None  # runnable and waiting since
     no_admit_round: int = -1         # preempted in this planning round: not re-admitted in it
     sample_cost: float = 0.0         # seconds of its own sampling per token (average)
+    decoding: bool = False           # its prompt is fed: the device takes a token a step
 
     @property
     def done(self) -> bool:
@@ -73,7 +115,7 @@ class EmbedRequest:
     id: int
     owner: Owner
     job: Any                         # the device's Embedding
-    send: trio.MemorySendChannel
+    box: Mailbox
     seq: int
     submitted: float
     state: str = "queued"            # queued | done
@@ -83,14 +125,6 @@ class EmbedRequest:
     @property
     def done(self) -> bool:
         return self.state == "done"
-
-
-def deliver(req: Request | EmbedRequest, item: tuple) -> None:
-    """Hand an item to the waiting caller; it may already be gone (cancelled)."""
-    try:
-        req.send.send_nowait(item)
-    except (trio.ClosedResourceError, trio.BrokenResourceError):
-        pass
 
 
 class StatsWindow:
