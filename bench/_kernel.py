@@ -10,6 +10,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import llmagentos
 
@@ -79,11 +80,12 @@ def aggregate(runs: list[dict]) -> dict:
 
 
 def run_agents(c: llmagentos.Client, jobs: list[tuple[list[str], dict]],
-               timeout: float = 600) -> list[list[dict]]:
+               timeout: float = 600, on_start: Callable[[], None] | None = None
+               ) -> list[list[dict]]:
     """One agent process per job (prompts generated one after another, with the
     job's sampling params), all started at once by a barrier, so process start-up
     is not what is timed. Returns, per job, per prompt: start and end (wall
-    clock), usage, text and finish_reason."""
+    clock), usage, text and finish_reason. ``on_start`` runs as the barrier opens."""
     pids = [c.proc.spawn([sys.executable, "-c", AGENT, json.dumps(job)], f"agent{i}")
             for i, job in enumerate(jobs)]
     deadline = time.monotonic() + timeout
@@ -97,6 +99,8 @@ def run_agents(c: llmagentos.Client, jobs: list[tuple[list[str], dict]],
                 raise RuntimeError(f"agent pid {pid} did not get ready:\n"
                                    + log["data"].decode(errors="replace"))
         time.sleep(0.02)
+    if on_start is not None:
+        on_start()
     for pid in pids:
         c.proc.kill(pid, "SIGUSR1")
     results = []

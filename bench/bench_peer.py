@@ -39,6 +39,9 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
+
+import psutil
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -75,12 +78,14 @@ GREEDY = {"max_tokens": TOKENS, "temperature": 0, "stop": []}
 
 # -- the peer: HTTP clients, one thread and one kept-alive connection each --------------------
 
-def peer_clients(server: PeerServer, jobs: list[list[str]], tokens: int = TOKENS) -> list[dict]:
-    """Each job on its own connection, its prompts in turn, all started by a barrier."""
+def peer_clients(server: PeerServer, jobs: list[list[str]], tokens: int = TOKENS,
+                 on_start: Callable[[], None] | None = None) -> list[dict]:
+    """Each job on its own connection, its prompts in turn, all started by a barrier
+    (``on_start`` runs as it opens)."""
     conns = [server.connect() for _ in jobs]
     for conn in conns:  # open the connections before the clock starts
         conn.request_json("GET", "/health")
-    barrier = threading.Barrier(len(jobs))
+    barrier = threading.Barrier(len(jobs), action=on_start)
     runs: list[dict] = []
     errors: list[BaseException] = []
 
@@ -110,12 +115,33 @@ def peer_clients(server: PeerServer, jobs: list[list[str]], tokens: int = TOKENS
     return runs
 
 
+class CpuMeter:
+    """CPU time a serving process (all its threads) used over a measurement: what it
+    got of the cores, and tokens per CPU-second, which other load changes less."""
+
+    def __init__(self, pid: int):
+        self.proc = psutil.Process(pid)
+
+    def start(self) -> None:
+        self.t0, self.c0 = time.monotonic(), self._cpu()
+
+    def _cpu(self) -> float:
+        t = self.proc.cpu_times()
+        return t.user + t.system
+
+    def stop(self) -> dict:
+        return {"cpu_s": self._cpu() - self.c0, "cpu_wall_s": time.monotonic() - self.t0}
+
+
 def measure_peer(exe: Path, model: Path) -> dict:
     with PeerServer(exe, model, *PEER_ARGS) as server:
+        meter = CpuMeter(server.proc.pid)
         peer_clients(server, [["Hello"]], 4)  # warm up, as the kernel's first request does
-        many = peer_clients(server, [[p] for p in PROMPTS[:CLIENTS]])
-        one = peer_clients(server, [SINGLE_PROMPTS])
-    return {"multi": summarize(many), "single": summarize(one)}
+        many = peer_clients(server, [[p] for p in PROMPTS[:CLIENTS]], on_start=meter.start)
+        many_cpu = meter.stop()
+        one = peer_clients(server, [SINGLE_PROMPTS], on_start=meter.start)
+        one_cpu = meter.stop()
+    return {"multi": summarize(many, many_cpu), "single": summarize(one, one_cpu)}
 
 
 # -- the kernel: agent processes -------------------------------------------------------------
@@ -123,22 +149,26 @@ def measure_peer(exe: Path, model: Path) -> dict:
 def measure_kernel(boot: tuple[str, ...]) -> dict:
     with BenchKernel(*boot) as k:
         c = k.client()
+        meter = CpuMeter(k.proc.pid)  # the kernel; its agents are clients, as the peer's are
         run_agents(c, [(["Hello"], {**GREEDY, "max_tokens": 4})])  # warm up
-        many = run_agents(c, [([p], GREEDY) for p in PROMPTS[:CLIENTS]])
-        one = run_agents(c, [(SINGLE_PROMPTS, GREEDY)])
+        many = run_agents(c, [([p], GREEDY) for p in PROMPTS[:CLIENTS]], on_start=meter.start)
+        many_cpu = meter.stop()
+        one = run_agents(c, [(SINGLE_PROMPTS, GREEDY)], on_start=meter.start)
+        one_cpu = meter.stop()
     many_runs = [{**job[0], "prompt": p} for p, job in zip(PROMPTS, many)]
-    return {"multi": summarize(many_runs), "single": summarize(one[0])}
+    return {"multi": summarize(many_runs, many_cpu), "single": summarize(one[0], one_cpu)}
 
 
-def summarize(runs: list[dict]) -> dict:
+def summarize(runs: list[dict], cpu: dict) -> dict:
     out = aggregate(runs)
     out["short"] = sum(r["usage"]["completion_tokens"] < TOKENS for r in runs)
     out["texts"] = {r["prompt"]: r["text"] for r in runs if "prompt" in r}
+    out["cores"] = cpu["cpu_s"] / cpu["cpu_wall_s"]
+    out["tok_per_cpu_s"] = out["tokens"] / cpu["cpu_s"]
     if "timings" in runs[0]:  # llama-server's own account, per request
         t = [r["timings"] for r in runs]
         out["peer_gen_tok_s"] = statistics.mean(x["predicted_per_second"] for x in t)
         out["peer_prompt_ms"] = statistics.mean(x["prompt_ms"] for x in t)
-        out["peer_gen_ms"] = statistics.mean(x["predicted_ms"] for x in t)
     else:  # the kernel's, from usage
         out["queue_wait_ms"] = 1000 * statistics.mean(r["usage"]["queue_wait"] for r in runs)
         out["device_ms"] = 1000 * statistics.mean(r["usage"]["device_time"] for r in runs)
@@ -166,16 +196,35 @@ def run(rounds: int = 2) -> dict | None:
                    else measure_kernel(KERNEL_BOOTS[side]))
             results[side].append(res)
             load.append(os.getloadavg()[0])
-            print(f"  round {r + 1} {side:32} 16 at once {res['multi']['tok_s']:6.1f} tok/s "
-                  f"({res['multi']['tokens']} tokens), single {res['single']['tok_s']:5.1f} tok/s "
-                  f"({res['single']['tokens']} tokens)  [{time.monotonic() - t0:.0f}s, load "
-                  f"{load[-1]:.1f}]", flush=True)
+            m, o = res["multi"], res["single"]
+            print(f"  round {r + 1} {side:32} {CLIENTS} at once {m['tok_s']:6.1f} tok/s "
+                  f"({m['tokens']} tokens, {m['cores']:.2f} cores), single {o['tok_s']:5.1f} "
+                  f"tok/s ({o['tokens']} tokens, {o['cores']:.2f} cores)  "
+                  f"[{time.monotonic() - t0:.0f}s, load {load[-1]:.1f}]", flush=True)
     return {"rounds": rounds, "results": results, "exe": str(exe), "model": str(model),
             "load": load}
 
 
 def median_of(runs: list[dict], kind: str, key: str = "tok_s") -> float:
     return statistics.median(r[kind][key] for r in runs)
+
+
+def table(res: dict[str, list[dict]], key: str, title: str, goal: float | None) -> None:
+    peer = res[PEER]
+    print(f"  {title}")
+    print(f"  {'':32} {CLIENTS} at once{'':26} single stream")
+    print(f"  {'':32} {'median':>7} {'runs':14} {'÷ peer':11}   {'median':>7} {'runs':12} "
+          f"{'÷ peer':11}".rstrip())
+    for side in res:
+        cells = []
+        for kind, width in (("multi", 14), ("single", 12)):
+            v = median_of(res[side], kind, key)
+            runs = " ".join(f"{x[kind][key]:.1f}" for x in res[side])
+            ratio = v / median_of(peer, kind, key)
+            verdict = "" if side == PEER or goal is None else (
+                "PASS" if ratio >= goal else "FAIL")
+            cells.append(f"{v:7.1f} {runs:{width}} {ratio:4.2f} {verdict:6}")
+        print(f"  {side:32} {cells[0]}   {cells[1]}".rstrip())
 
 
 def report(r: dict | None) -> None:
@@ -188,20 +237,12 @@ def report(r: dict | None) -> None:
     print(f"  llama-server: {' '.join(PEER_ARGS)}; built with {' '.join(CMAKE_FLAGS)}")
     print(f"  {os.cpu_count()} cores; 1-minute load average {min(r['load']):.1f} to "
           f"{max(r['load']):.1f} during the run (this bench's own share is about 2)")
-    print(f"  {'':32} {CLIENTS} at once: tok/s aggregate{'':11} single stream: tok/s")
-    print(f"  {'':32} {'median':>7} {'runs':14} {'÷ peer':11}   {'median':>7} {'runs':12} "
-          f"{'÷ peer':11}".rstrip())
-    for side in res:
-        cells = []
-        for kind in ("multi", "single"):
-            v = median_of(res[side], kind)
-            runs = " ".join(f"{x[kind]['tok_s']:.1f}" for x in res[side])
-            ratio = v / median_of(peer, kind)
-            verdict = "" if side == PEER else ("PASS" if ratio >= 1.0 else "FAIL")
-            cells.append(f"{v:7.1f} {runs:{14 if kind == 'multi' else 12}} {ratio:4.2f} "
-                         f"{verdict:6}")
-        print(f"  {side:32} {cells[0]}   {cells[1]}".rstrip())
-    print("  (goal: kernel ÷ llama-server >= 1.0, both columns)")
+    table(res, "tok_s", "tok/s (goal: kernel ÷ llama-server >= 1.0)", 1.0)
+    table(res, "tok_per_cpu_s", "tokens per CPU-second of the serving process (kernel or "
+                                "llama-server; less sensitive to other load)", None)
+    print("  cores the serving process got (median; 2 threads compute): " + "; ".join(
+        f"{side} {median_of(res[side], 'multi', 'cores'):.2f} / "
+        f"{median_of(res[side], 'single', 'cores'):.2f}" for side in res))
     print(f"  llama-server's own timings, per request (median): generating "
           f"{median_of(peer, 'multi', 'peer_gen_tok_s'):.1f} tok/s with {CLIENTS} at once, "
           f"{median_of(peer, 'single', 'peer_gen_tok_s'):.1f} tok/s alone; prompt "
@@ -215,8 +256,7 @@ def report(r: dict | None) -> None:
         short = sum(k[kind]["short"] for k in x for kind in ("multi", "single"))
         print(f"  {side}: device time {median_of(x, 'multi', 'device_ms'):.0f} ms and queue "
               f"wait {median_of(x, 'multi', 'queue_wait_ms'):.0f} ms a request with "
-              f"{CLIENTS} at once; greedy text the same as llama-server's "
-              f"{same}/{len(pairs)}"
+              f"{CLIENTS} at once; greedy text the same as llama-server's {same}/{len(pairs)}"
               + (f"; {short} requests ended (end of text) before {TOKENS} tokens" if short
                  else f"; every request {TOKENS} tokens"))
 
