@@ -273,7 +273,11 @@ class Device:
     # -- lifecycle -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Free the context, batch and model. Idempotent."""
+        """Free the context, batch and model. Idempotent. On the compute thread, after
+        whatever it was running: a decode must never find its context freed under it."""
+        compute_thread.call(self._close)
+
+    def _close(self) -> None:
         for slot in getattr(self, "_slots", []):
             if slot.gen is not None:
                 slot.gen = None
@@ -528,6 +532,8 @@ class Device:
         rest of the batch. Only a chunk that reaches the end of its prompt asks for
         logits. A slot in ``plan`` without a request or without pending tokens is skipped.
         """
+        if self.ctx is None:  # closed: nothing may decode on a freed context
+            raise SyscallError("ESHUTDOWN", "the device is closed")
         t0 = time.perf_counter()
         runnable = [s for s in dict.fromkeys(plan)
                     if self._slots[s].gen is not None and self._slots[s].pending
