@@ -17,9 +17,9 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python examples/demo.py
 
-# Workers in parallel; the model's tests stay on one of them (tests/conftest.py).
+# `make test N=3`: pytest-xdist workers; the model's tests stay on one of them (tests/conftest.py).
 test: setup
-	$(BIN)/python -m pytest -q -n 3 --dist loadgroup tests
+	$(BIN)/python -m pytest -q $(if $(N),-n $(N) --dist loadgroup) tests
 
 soak: setup
 	$(BIN)/python -m pytest -q -m soak tests

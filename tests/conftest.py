@@ -59,6 +59,7 @@ class BootedKernel:
 MODEL_FIXTURES = {"llm_kernel", "device", "reference"}
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(items):
     """Markers from what a test uses: `model` (it loads the real model), `ray`
     (a Ray cluster); `-m "not model"` runs the fast foundation tests alone.
