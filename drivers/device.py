@@ -171,6 +171,19 @@ class ComputeDevice(Protocol):
     # embed_runnable(job), embed_step(job) and embed_release(job).
 
 
+def check_prompt(prompt_tokens: Sequence[int], n_ctx: int, n_vocab: int) -> None:
+    """What every device refuses in a prompt: empty or out-of-vocabulary is
+    EINVAL, one that leaves no room in a slot of ``n_ctx`` tokens is E2BIG."""
+    if not prompt_tokens:
+        raise SyscallError("EINVAL", "empty prompt")
+    if len(prompt_tokens) >= n_ctx:
+        raise SyscallError(
+            "E2BIG", f"prompt of {len(prompt_tokens)} tokens does not fit a slot of {n_ctx}")
+    bad = [t for t in prompt_tokens if not 0 <= t < n_vocab]
+    if bad:
+        raise SyscallError("EINVAL", f"token ids out of range 0..{n_vocab - 1}: {bad[:5]}")
+
+
 def apply(device: ComputeDevice, op: Op) -> Any:
     """Run one operation on a device; its result (see each op)."""
     match op:

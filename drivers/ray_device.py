@@ -50,6 +50,7 @@ from llmagentos.drivers.device import (
     Restore,
     Save,
     StepResult,
+    check_prompt,
     run_tick,
 )
 from llmagentos.drivers.sampling import SamplingParams
@@ -206,15 +207,7 @@ class RemoteDevice:
         if not isinstance(params, SamplingParams):
             params = SamplingParams.from_dict(params)
         prompt = list(prompt_tokens)
-        if not prompt:
-            raise SyscallError("EINVAL", "empty prompt")
-        if len(prompt) >= self.n_ctx:
-            raise SyscallError("E2BIG", f"prompt of {len(prompt)} tokens does not fit a slot "
-                                        f"of {self.n_ctx}")
-        bad = [t for t in prompt if not 0 <= t < self.n_vocab]
-        if bad:
-            raise SyscallError("EINVAL", f"token ids out of range 0..{self.n_vocab - 1}: "
-                                         f"{bad[:5]}")
+        check_prompt(prompt, self.n_ctx, self.n_vocab)
         if self.validator is not None:  # a bad grammar is EINVAL now, not EIO in a tick
             self.validator.generation(prompt, params).close()
         gen = RemoteGeneration(self, next(self._ids), prompt, params)

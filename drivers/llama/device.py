@@ -57,6 +57,7 @@ from llmagentos.drivers.device import (
     DeviceFullError,
     StepResult,
     TokenEvent,
+    check_prompt,
 )
 from llmagentos.drivers.llama.chat import ChatFormat
 from llmagentos.drivers.llama.embed import Embedding, EmbeddingContext
@@ -317,16 +318,7 @@ class Device:
         return Generation(self, prompt_tokens, params)
 
     def check_prompt(self, prompt_tokens: Sequence[int]) -> None:
-        if not prompt_tokens:
-            raise SyscallError("EINVAL", "empty prompt")
-        if len(prompt_tokens) >= self.n_ctx:
-            raise SyscallError(
-                "E2BIG",
-                f"prompt of {len(prompt_tokens)} tokens does not fit a slot of {self.n_ctx}",
-            )
-        bad = [t for t in prompt_tokens if not 0 <= t < self.n_vocab]
-        if bad:
-            raise SyscallError("EINVAL", f"token ids out of range 0..{self.n_vocab - 1}: {bad[:5]}")
+        check_prompt(prompt_tokens, self.n_ctx, self.n_vocab)
 
     def slot_tokens(self, slot: int) -> list[int]:
         """The tokens resident in the slot's KV cache (not those still pending)."""
