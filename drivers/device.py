@@ -171,6 +171,16 @@ class ComputeDevice(Protocol):
     # embed_runnable(job), embed_step(job) and embed_release(job).
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens two sequences share: what a slot can keep of a
+    prompt, and what a saved state or another slot can give it."""
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
 def check_prompt(prompt_tokens: Sequence[int], n_ctx: int, n_vocab: int) -> None:
     """What every device refuses in a prompt: empty or out-of-vocabulary is
     EINVAL, one that leaves no room in a slot of ``n_ctx`` tokens is E2BIG."""

@@ -51,6 +51,7 @@ from llmagentos.drivers.device import (
     Save,
     StepResult,
     check_prompt,
+    common_prefix,
     run_tick,
 )
 from llmagentos.drivers.sampling import SamplingParams
@@ -138,7 +139,7 @@ class DeviceActor:
             if len(cur) >= len(old) and cur[:len(old)] == old:
                 keep = len(old)
             else:
-                keep = _lcp(old, cur)
+                keep = common_prefix(old, cur)
             out.append((s, keep, cur[keep:]))
             self._reported[s] = list(cur)
         return out
@@ -440,11 +441,3 @@ def _error_to_wire(exc: Exception) -> tuple:
 def _error_from_wire(error: tuple) -> SyscallError:
     kind, name, message = error
     return DeviceFullError(message) if kind == "DeviceFullError" else SyscallError(name, message)
-
-
-def _lcp(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i

@@ -38,6 +38,7 @@ from llmagentos.drivers.device import (
     StepResult,
     TokenEvent,
     check_prompt,
+    common_prefix,
 )
 from llmagentos.drivers.llama.chat import ChatFormat
 from llmagentos.drivers.llama.embed import Embedding
@@ -228,10 +229,7 @@ class SimDevice:
         self.check_prompt(prompt_tokens)
         s = self._slots[slot]
         prompt = list(prompt_tokens)
-        n = 0
-        top = min(len(s.tokens), len(prompt))
-        while n < top and s.tokens[n] == prompt[n]:
-            n += 1
+        n = common_prefix(s.tokens, prompt)
         if n == len(prompt):
             n -= 1
         del s.tokens[n:]

@@ -58,6 +58,7 @@ from llmagentos.drivers.device import (
     StepResult,
     TokenEvent,
     check_prompt,
+    common_prefix,
 )
 from llmagentos.drivers.llama.chat import ChatFormat
 from llmagentos.drivers.llama.embed import Embedding, EmbeddingContext
@@ -336,7 +337,7 @@ class Device:
         self.check_prompt(prompt_tokens)
         s = self._slots[slot]
         prompt = list(prompt_tokens)
-        n = _common_prefix(s.tokens, prompt)
+        n = common_prefix(s.tokens, prompt)
         if n == len(prompt):
             n -= 1
         self._truncate(slot, n)
@@ -602,12 +603,3 @@ def _max_token_bytes(vocab: llama_cpp.llama_vocab_p, n_vocab: int) -> int:
     text (escaped forms such as "▁" or "<0x0A>" are no shorter than what they match)."""
     get = llama_cpp.llama_vocab_get_text
     return max(1, max(len(get(vocab, t) or b"") for t in range(n_vocab)))
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-

@@ -22,9 +22,19 @@ writes down operations (drivers/device.py) for the next tick to run.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
-from llmagentos.drivers.device import Attach, Copy, Detach, Op, Prepare, Release, Restore, Save
+from llmagentos.drivers.device import (
+    Attach,
+    Copy,
+    Detach,
+    Op,
+    Prepare,
+    Release,
+    Restore,
+    Save,
+    common_prefix,
+)
 from llmagentos.kernel.kvstore import SnapshotStore
 
 from .policy import Policy
@@ -108,7 +118,7 @@ class Placement:
         ctx = req.gen.context
         own = [s for s in idle if self.slot_owner[s] == req.owner.pid]
         if own:
-            return max(own, key=lambda s: (lcp(view[s], ctx), self.slot_used[s]))
+            return max(own, key=lambda s: (common_prefix(view[s], ctx), self.slot_used[s]))
         empty = [s for s in idle if not view[s] and self.slot_owner[s] is None]
         if empty:
             return empty[0]
@@ -144,12 +154,12 @@ class Placement:
         pid = req.owner.pid
         resident = self.slot_owner[slot]
         snap = self.snapshots.peek(("req", req.id)) or self.snapshots.peek(("owner", pid))
-        snap_n = lcp(snap.tokens, ctx) if snap is not None else 0
-        own_n = lcp(view[slot], ctx)
+        snap_n = common_prefix(snap.tokens, ctx) if snap is not None else 0
+        own_n = common_prefix(view[slot], ctx)
         src, src_n = None, 0
         for s in range(self.n_slots):
             if s != slot and view[s]:
-                n = lcp(view[s], ctx)
+                n = common_prefix(view[s], ctx)
                 if n > src_n:
                     src, src_n = s, n
         best = max(own_n, src_n, snap_n)
@@ -171,7 +181,7 @@ class Placement:
             view[slot] = view[src][:src_n]
         ops.append(Prepare(slot, ctx, req))
         ops.append(Attach(slot, req.gen))
-        keep = min(lcp(view[slot], ctx), len(ctx) - 1)
+        keep = min(common_prefix(view[slot], ctx), len(ctx) - 1)
         view[slot] = ctx[:keep]
         if req in self.queue:
             self.queue.remove(req)
@@ -221,12 +231,3 @@ class Placement:
         for s in idle:
             self.evict(s, ops)
         return bool(idle)
-
-
-def lcp(a: Sequence[int], b: Sequence[int]) -> int:
-    """The length of the common prefix."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
