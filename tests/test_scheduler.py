@@ -348,6 +348,23 @@ async def test_the_next_tick_is_queued_while_one_computes(nursery):
     assert len(steps) >= 12 and sum(steps) >= len(steps) - 3, steps
 
 
+async def test_the_loop_goes_idle_after_a_tick_of_operations_alone(nursery):
+    """A tick with operations and no batch (a released process's slot) queued an
+    empty tick ahead of it, which queued another: the kernel spun a core forever
+    once the first process that had generated exited."""
+    sched = Scheduler(SimDevice(2), policy="fair")
+    ticks = []
+    tick = sched._tick
+    sched._tick = lambda ops, plan: ticks.append(plan) or tick(ops, plan)
+    await nursery.start(sched.run)
+    await sched.generate(1, PA, greedy(3))
+    await sched.release(1)  # its slot is released by a tick of its own
+    await trio.sleep(0.05)
+    n = len(ticks)
+    await trio.sleep(0.2)
+    assert len(ticks) == n, f"{len(ticks) - n} ticks with nothing to do"
+
+
 async def test_a_request_nobody_streams_wakes_its_caller_once(nursery):
     """Every token woke the caller's task (a channel message), streamed or not."""
     sched = Scheduler(sim_device(1), policy="fifo")

@@ -436,12 +436,13 @@ class Scheduler:
     def _may_run_ahead(self, plan: Plan) -> bool:
         """May the next tick be queued now, while this one computes, as this one's plan
         without operations? Only where planning it after this one's results could
-        decide nothing else: nobody waits for a slot, nothing is deferred, no embed, no
+        decide nothing else: there is a batch (a tick of operations alone has none to
+        repeat), nobody waits for a slot, nothing is deferred, no embed, no
         throttling, and every planned request decodes one token a step, all in one
         batch. (A request that finishes in this tick is skipped by the device.) So the
         device does not wait for the event loop between ticks. ``_kick`` revokes it
         while it has not started, when something changed."""
-        if (self._compute is None or self._ahead is not None or self._deferred
+        if (not plan or self._compute is None or self._ahead is not None or self._deferred
                 or self._embeds or self._samplers or len(plan) > self.device.n_batch):
             return False
         if any(not r.owner.stopped for r in self.placement.queue):
