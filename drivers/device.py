@@ -9,6 +9,12 @@ generation) or give cells back, then `step(plan)` decodes one batch.
 `apply` runs one operation and `run_tick` a whole tick: every device runs
 its operations through them.
 
+The KV cache is one pool of ``kv_size`` cells shared by every slot (a cell
+holds one token of one or more sequences: a copied prefix shares its cells).
+A device reports ``kv_used()`` (cells held) and ``exclusive_cells()`` (per
+slot, the cells that releasing it would free), both kept by ``KvCells``; the
+scheduler admits requests while the pool holds them (kernel/scheduler/).
+
 Implementations: the llama.cpp device (drivers/llama/), the Ray
 device actor's local proxy (drivers/ray_device.py, which runs a whole tick
 in one round trip: `tick(ops, plan)`; its actor runs the same ops with
@@ -24,6 +30,7 @@ The scheduler runs each whole tick there and awaits it with
 
 from __future__ import annotations
 
+import itertools
 import queue
 import threading
 from concurrent.futures import Future
@@ -69,6 +76,94 @@ class StepResult:
     # slot -> seconds its own sampling took (grammar, penalties): a cost of that request
     # alone, where the decode's is shared by every slot in the batch.
     sample_seconds: dict[int, float] = field(default_factory=dict)
+
+
+class KvCells:
+    """Which cells of a unified KV cache each slot holds, without asking llama.cpp.
+
+    A *run* is cells one slot appended in order; a slot holds a list of runs, each
+    up to some length (``[run, n]``): a copied prefix holds the source's runs, a
+    truncation shortens the last ones. Every holder of a run holds a prefix of it,
+    so the cells in use are, per run, the most any slot holds of it: exactly the
+    cells llama.cpp keeps (a cell is freed when no sequence is left in it).
+    """
+
+    def __init__(self, n_slots: int) -> None:
+        self._slots: list[list[list[int]]] = [[] for _ in range(n_slots)]  # [[run, n], ...]
+        self._held: dict[int, dict[int, int]] = {}  # run -> {slot: cells of it held}
+        self._owner: dict[int, int] = {}            # run -> the slot that appends to it
+        self._ids = itertools.count()
+
+    def used(self) -> int:
+        # Each C-level call is atomic under the GIL: stats() may ask during a tick.
+        return sum(max(h.values(), default=0) for h in list(self._held.values()))
+
+    def exclusive(self) -> list[int]:
+        """Per slot, the cells no other slot holds: what releasing it frees."""
+        out = [0] * len(self._slots)
+        for held in self._held.values():
+            if len(held) == 1:
+                (slot, n), = held.items()
+                out[slot] += n
+            else:
+                top = sorted(held.values())
+                if top[-1] > top[-2]:
+                    out[max(held, key=held.__getitem__)] += top[-1] - top[-2]
+        return out
+
+    def append(self, slot: int, n: int) -> None:
+        """``n`` new cells at the end of the slot."""
+        if n <= 0:
+            return
+        runs = self._slots[slot]
+        if runs:
+            run, have = runs[-1]
+            held = self._held[run]
+            if self._owner[run] == slot and have >= max(held.values()):
+                runs[-1][1] = held[slot] = have + n  # the tip of its own run grows
+                return
+        run = next(self._ids)
+        self._held[run] = {slot: n}
+        self._owner[run] = slot
+        runs.append([run, n])
+
+    def truncate(self, slot: int, n: int) -> None:
+        """Keep the slot's first ``n`` cells."""
+        runs, total = self._slots[slot], 0
+        for i, (run, have) in enumerate(runs):
+            if total + have > n:
+                keep = n - total
+                for run2, _ in runs[i + (1 if keep else 0):]:
+                    self._drop(run2, slot)
+                if keep:
+                    runs[i][1] = self._held[run][slot] = keep
+                del runs[i + (1 if keep else 0):]
+                return
+            total += have
+
+    def copy(self, src: int, dst: int, n: int) -> None:
+        """``dst`` (emptied) shares the first ``n`` cells of ``src``."""
+        self.release(dst)
+        total = 0
+        for run, have in self._slots[src]:
+            take = min(have, n - total)
+            if take <= 0:
+                break
+            self._held[run][dst] = take
+            self._slots[dst].append([run, take])
+            total += take
+
+    def release(self, slot: int) -> None:
+        for run, _ in self._slots[slot]:
+            self._drop(run, slot)
+        self._slots[slot] = []
+
+    def _drop(self, run: int, slot: int) -> None:
+        held = self._held[run]
+        del held[slot]
+        if not held:
+            del self._held[run]
+            del self._owner[run]
 
 
 # --- operations of a tick, in the order the scheduler planned them -----------------------
@@ -141,6 +236,13 @@ class ComputeDevice(Protocol):
     n_seq_max: int  # slots
     n_ctx: int  # tokens per slot
     n_batch: int  # tokens one step may decode
+    kv_size: int  # cells in the KV pool, shared by all slots
+
+    def kv_used(self) -> int:
+        """Cells of the KV pool held now."""
+
+    def exclusive_cells(self) -> list[int]:
+        """Per slot, the cells only it holds (what releasing it would free)."""
 
     def generation(self, prompt_tokens: Sequence[int], params: Any) -> Any:
         """A request's decoding state (sampler, output); EINVAL for an empty or

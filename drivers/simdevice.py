@@ -35,6 +35,7 @@ from llmagentos.drivers.device import (
     FINISH_STOP,
     ComputeThread,
     DeviceFullError,
+    KvCells,
     StepResult,
     TokenEvent,
     check_prompt,
@@ -113,7 +114,12 @@ class SimDevice:
         self.n_batch = n_batch
         self.n_ctx = n_ctx
         self.n_vocab = n_vocab
-        self.kv_cap = kv_cap  # total resident tokens the "KV cache" holds (None: no limit)
+        if kv_cap is not None and (not isinstance(kv_cap, int) or isinstance(kv_cap, bool)
+                                   or kv_cap < 1):
+            raise SyscallError("EINVAL", f"kv_cap must be a positive integer, not {kv_cap!r}")
+        self.kv_cap = kv_cap  # cells the "KV cache" holds (None: every slot at full length)
+        self.kv_size = kv_cap if kv_cap is not None else n_seq_max * n_ctx
+        self.cells = KvCells(n_seq_max)
         self.decode_s = float(decode_s)
         self.token_cost_s = token_cost_s
         self.eos, self.bos = EOG, BOS
@@ -233,6 +239,7 @@ class SimDevice:
         if n == len(prompt):
             n -= 1
         del s.tokens[n:]
+        self.cells.truncate(slot, n)
         s.pending = prompt[n:]
         return n
 
@@ -242,6 +249,7 @@ class SimDevice:
         n = max(0, min(n, len(self._slots[src].tokens)))
         self.release(dst)
         self._slots[dst].tokens = self._slots[src].tokens[:n]
+        self.cells.copy(src, dst, n)
         self.copies += 1
         return n
 
@@ -255,14 +263,23 @@ class SimDevice:
         of ``tokens``."""
         s = self._slots[slot]
         s.tokens, s.pending = [], []
+        self.cells.release(slot)
         if not data or len(data) % 4 or array("i", bytes(data)).tolist() != list(tokens):
             return 0
         s.tokens = list(tokens)
+        self.cells.append(slot, len(tokens))
         self.restores += 1
         return len(data)
 
     def release(self, slot: int) -> None:
         self._slots[slot] = _Slot()
+        self.cells.release(slot)
+
+    def kv_used(self) -> int:
+        return self.cells.used()
+
+    def exclusive_cells(self) -> list[int]:
+        return self.cells.exclusive()
 
     def attach(self, slot: int, gen: SimGeneration) -> None:
         self._slots[slot].gen = gen
@@ -286,12 +303,17 @@ class SimDevice:
                     if (s := slots[i]).gen is not None and s.pending and not s.gen.finished]
         order = ([i for i in runnable if len(slots[i].pending) == 1]
                  + [i for i in runnable if len(slots[i].pending) > 1])
-        if self.kv_cap is not None:
-            want = sum(min(len(slots[i].pending), self.n_batch) for i in order)
-            if sum(len(s.tokens) for s in slots) + want > self.kv_cap:
-                raise DeviceFullError(f"simulated KV cache full ({self.kv_cap} tokens)")
-        fed: dict[int, int] = {}
         budget = self.n_batch
+        if order and self.kv_cap is not None:
+            # As llama.cpp's device: prompt chunks shrink to the room left; a step that
+            # cannot take every generating slot's token (and one prompt token) fails.
+            room = self.kv_cap - self.cells.used()
+            n_gen = sum(1 for i in order if len(slots[i].pending) == 1)
+            if room < min(len(order), n_gen + 1):
+                raise DeviceFullError(f"simulated KV cache full ({self.kv_cap} cells): no "
+                                      f"room for {len(order)} sequences")
+            budget = min(budget, room)
+        fed: dict[int, int] = {}
         for i in order:
             if budget <= 0:
                 break
@@ -300,6 +322,7 @@ class SimDevice:
             budget -= take
             s.tokens += s.pending[:take]
             del s.pending[:take]
+            self.cells.append(i, take)
             fed[i] = take
         if not fed:
             return StepResult([], {}, 0, 0, time.perf_counter() - t0)

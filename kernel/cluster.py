@@ -61,7 +61,7 @@ class Cluster:
         local = await trio.to_thread.run_sync(lambda: open_device(
             cfg.model, registry=models, n_seq_max=1, n_ctx=cfg.n_ctx, n_threads=cfg.threads))
         kwargs = {"n_seq_max": cfg.slots, "n_ctx": cfg.n_ctx, "n_threads": cfg.threads,
-                  "n_gpu_layers": cfg.n_gpu_layers}
+                  "n_gpu_layers": cfg.n_gpu_layers, "kv_memory": cfg.kv_memory}
         config = str(cfg.config) if cfg.config else None
         try:
             placed = await trio.to_thread.run_sync(lambda: start_device_actors(

@@ -169,13 +169,17 @@ class Services:
         try:
             self.device = await trio.to_thread.run_sync(lambda: open_device(
                 cfg.model, registry=self.models, n_seq_max=cfg.slots, n_ctx=cfg.n_ctx,
-                n_threads=cfg.threads, n_gpu_layers=cfg.n_gpu_layers))
+                n_threads=cfg.threads, n_gpu_layers=cfg.n_gpu_layers, kv_memory=cfg.kv_memory))
         except SyscallError as e:
             raise BootError(f"cannot load model {cfg.model!r}: {e.message}") from None
         self.scheduler = Scheduler(self.device, cfg.policy, cfg.quantum, cfg.snapshot_ram,
                                    str(cfg.state_dir / "kv"))
-        log.info("model %s loaded: %d slots x %d tokens", self.device.model_name,
-                 self.device.n_seq_max, self.device.n_ctx)
+        dev = self.device
+        cell_bytes = getattr(dev, "kv_cell_bytes", None)
+        log.info("model %s loaded: up to %d sequences of %d tokens sharing a KV pool of %d "
+                 "cells%s", dev.model_name, dev.n_seq_max, dev.n_ctx, dev.kv_size,
+                 f" ({dev.kv_size * cell_bytes / 2**20:.0f} MiB, {cell_bytes} bytes a cell)"
+                 if cell_bytes else "")
 
     def hook_device(self, nursery: trio.Nursery) -> None:
         """Signals, nice values and exits reach the run queue: STOP parks, CONT

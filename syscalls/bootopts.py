@@ -85,7 +85,11 @@ class KernelConfig:
     # the compute device
     model: str = opt("model name from the registry, a GGUF path, or 'none' (no device)",
                      default="gemma3-270m")
-    slots: int = opt("sequences on the device", default=8)
+    slots: int | None = opt("most sequences on the device at once (default: llama.cpp's "
+                            "most, as many as the KV pool holds)", default=None)
+    kv_memory: int | None = opt("bytes of the KV cache pool that running sequences share "
+                                "(default: a share of the free RAM, or of the GPU's memory "
+                                "with --gpu-layers)", metavar="BYTES", default=None)
     n_ctx: int = opt("tokens per slot", default=2048)
     threads: int | None = opt("llama.cpp threads (default: 2)", default=None)
     n_gpu_layers: int | None = opt("layers to offload to the GPU, or 'all' (needs llama-cpp-python "
@@ -125,9 +129,9 @@ class KernelConfig:
     def check(self) -> None:
         """Ranges no flag type can say."""
         positive = ("max_frame", "max_connections", "max_unauthenticated", "slots", "n_ctx",
-                    "quantum", "devices", "exec_memory", "exec_pids")
+                    "quantum", "devices", "exec_memory", "exec_pids", "kv_memory")
         for name in positive:
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
         for name in ("grace", "snapshot_ram", "device_cpus", "device_gpus", "device_restarts"):
             if getattr(self, name) < 0:

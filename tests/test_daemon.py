@@ -315,6 +315,8 @@ def test_a_config_file_sets_any_option_and_flags_win(tmp_path):
     ("slots = 'many'\n", "slots must be int"),
     ("policy = 'lottery'\n", "policy must be one of"),
     ("slots = 0\n", "slots must be positive"),
+    ("kv-memory = 0\n", "kv_memory must be positive"),
+    ("kv_memory = 1.5\n", "kv_memory must be int"),
 ])
 def test_a_bad_config_file_is_a_clear_boot_error(tmp_path, text, says):
     cfg = tmp_path / "kernel.toml"

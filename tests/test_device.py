@@ -460,6 +460,37 @@ def test_a_full_kv_cache_is_enospc_not_a_crash():
         assert g1.reason == FINISH_LENGTH
 
 
+def test_the_kv_pool_is_sized_by_memory_in_cells_of_the_models_size():
+    import llama_cpp
+
+    from llmagentos.drivers.llama.device import free_memory
+
+    # Sequences are many by default; the pool is what the memory budget buys.
+    with Device(n_ctx=256, kv_memory=700 * 18432) as dev:
+        assert dev.n_seq_max == llama_cpp.llama_max_parallel_sequences() > 64
+        cell = dev.kv_cell_bytes
+        assert cell == 18 * 1 * (256 + 256) * 2  # Gemma 3 270M: 18 layers, 1 KV head of 256
+        assert 700 <= dev.kv_size < 700 + 256  # llama.cpp may round up to its padding
+        p = dev.tokenize("hello world " * 60)[:120]
+        run_slot(dev, 0, p, greedy(1))
+        per_cell = len(dev.save(0)) / len(dev.slot_tokens(0))
+        assert cell <= per_cell < cell * 1.01  # a saved state is its cells (and a header)
+        assert dev.kv_used() == len(dev.slot_tokens(0))
+    # The default: a share of the free memory, capped at what every slot could use.
+    with Device(n_seq_max=3, n_ctx=256, n_batch=128) as dev:
+        assert free_memory() > 0 and dev.kv_size == 3 * 256
+    # A budget below one slot is refused, naming the sizes.
+    with pytest.raises(SyscallError) as exc:
+        Device(n_seq_max=2, n_ctx=256, kv_memory=255 * 18432)
+    assert exc.value.name == "EINVAL" and "less than one slot" in exc.value.message
+    for kw in ({"kv_memory": 0}, {"kv_memory": -1}, {"n_seq_max": 129, "n_batch": 128}):
+        with pytest.raises(SyscallError) as exc:  # not llama.cpp's abort
+            Device(**{"n_seq_max": 2, "n_ctx": 256, **kw})
+        assert exc.value.name == "EINVAL"
+    with Device(n_ctx=256, n_batch=64, kv_memory=256 * 18432) as dev:
+        assert dev.n_seq_max == 64  # the default fits the batch
+
+
 def test_split_kv_cache_restores_exactly_whatever_the_layout():
     """kv_unified=False gives every slot its own stream: layouts are canonical."""
     with Device(n_seq_max=3, n_ctx=512, kv_unified=False) as dev:

@@ -4,8 +4,12 @@ simulated device (drivers/simdevice.py) and the real llama.cpp device
 
 from __future__ import annotations
 
+import itertools
+
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from llmagentos.drivers.device import (
     Attach,
@@ -13,6 +17,7 @@ from llmagentos.drivers.device import (
     Copy,
     Detach,
     EmbedRelease,
+    KvCells,
     Prepare,
     Release,
     Restore,
@@ -120,6 +125,29 @@ def test_copy_prefix_shares_a_prompt(dev):
     assert apply(dev, Prepare(2, PROMPT)) == n
 
 
+def test_the_kv_pool_counts_held_cells_and_a_shared_prefix_once(dev):
+    assert dev.kv_size >= dev.n_ctx and dev.kv_used() == 0
+    _run(dev, 0, PROMPT)
+    n0 = len(dev.slot_tokens(0))
+    assert dev.kv_used() == n0 and dev.exclusive_cells()[0] == n0
+    apply(dev, Copy(0, 1, 10))  # shares 10 cells: nothing new is held
+    assert dev.kv_used() == n0 and dev.exclusive_cells()[:2] == [n0 - 10, 0]
+    _run(dev, 1, PROMPT[:10] + [1200, 1201, 1202])
+    n1 = len(dev.slot_tokens(1))
+    assert dev.kv_used() == n0 + n1 - 10
+    apply(dev, Prepare(0, PROMPT[:5] + [1300]))  # cut back to 5 cells: 5 still shared
+    assert dev.kv_used() == n1 and dev.exclusive_cells()[:2] == [0, n1 - 5]
+    tokens, data = apply(dev, Save(1, "k"))
+    apply(dev, Release(0))
+    apply(dev, Release(1))
+    assert dev.kv_used() == 0 and dev.exclusive_cells()[:2] == [0, 0]
+    assert apply(dev, Restore(2, Snap(tokens, data))) > 0
+    assert dev.kv_used() == n1 == dev.exclusive_cells()[2]
+    assert apply(dev, Restore(2, Snap(tokens[:3], data))) == 0  # not these tokens' state
+    assert dev.slot_tokens(2) == []  # a restore that fails leaves nothing held
+    assert dev.kv_used() == 0
+
+
 def test_detach_gives_the_generation_back_and_release_empties(dev):
     gen = dev.generation(PROMPT, GREEDY)
     apply(dev, Prepare(3, PROMPT))
@@ -198,3 +226,34 @@ def test_embed_release_gives_a_half_done_text_back(device):
     while not job.done:  # it starts over, and finishes
         assert device.embed_step(job) > 0
     assert job.vectors and len(job.vectors[0]) > 0
+
+
+_OPS = st.lists(st.tuples(st.sampled_from(["append", "truncate", "copy", "release"]),
+                          st.integers(0, 3), st.integers(0, 3), st.integers(0, 12)),
+                max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_OPS)
+def test_kv_cells_count_what_a_cell_by_cell_model_counts(ops):
+    """KvCells against the obvious model: every cell an object, a copy shares them."""
+    cells = KvCells(4)
+    model: list[list[int]] = [[] for _ in range(4)]
+    new = itertools.count()
+    for op, a, b, n in ops:
+        if op == "append":
+            cells.append(a, n)
+            model[a] += [next(new) for _ in range(n)]
+        elif op == "truncate":
+            cells.truncate(a, n)
+            del model[a][n:]
+        elif op == "copy" and a != b:
+            cells.copy(a, b, n)
+            model[b] = model[a][:n]
+        elif op == "release":
+            cells.release(a)
+            model[a] = []
+        assert cells.used() == len({c for held in model for c in held})
+        for slot in range(4):
+            others = {c for i, held in enumerate(model) if i != slot for c in held}
+            assert cells.exclusive()[slot] == len(set(model[slot]) - others)

@@ -460,7 +460,8 @@ async def test_release_cancels_requests_and_frees_slots_and_snapshots(nursery):
     assert [s["state"] for s in st["slots"]] == ["empty"]
 
 
-async def test_a_full_kv_cache_drops_idle_conversations_then_fails_the_longest(nursery):
+async def test_a_full_kv_cache_drops_idle_conversations_then_fails_what_cannot_fit_alone(
+        nursery):
     sched = Scheduler(sim_device(2, kv_cap=60), policy="fair")
     await nursery.start(sched.run)
     long_a = [2] + list(range(500, 540))
@@ -468,13 +469,164 @@ async def test_a_full_kv_cache_drops_idle_conversations_then_fails_the_longest(n
     res = await sched.generate(2, [2] + list(range(600, 630)), greedy(4))
     assert res.finish_reason == "length"  # room was made by dropping owner 1's tokens
     assert sched.stats()["slots"][0]["state"] == "empty"
+    # Alone, a request that grows past the whole pool cannot fit: ENOSPC, not a stall.
+    with pytest.raises(SyscallError) as exc:
+        await sched.generate(3, [2] + list(range(700, 740)), greedy(1000))
+    assert exc.value.name == "ENOSPC"
+    # A prompt longer than the pool is refused before it is queued.
+    with pytest.raises(SyscallError) as exc:
+        await sched.generate(4, [2] + list(range(700, 760)), greedy(1))
+    assert exc.value.name == "ENOSPC" and "even alone" in exc.value.message
+    res = await sched.generate(4, [2] + list(range(700, 759)), greedy(1))  # all 60 cells
+    assert len(res.tokens) == 1
+    # Its prefix is in owner 4's idle slot, too tight to copy beside: decoded instead.
+    res = await sched.generate(5, [2] + list(range(700, 750)), greedy(10))  # 51 + 9 cells
+    assert res.finish_reason == "length" and len(res.tokens) == 10
+
+
+def _prompts(n: int, length: int) -> list[list[int]]:
+    return [[2] + [1000 + 37 * i + j for j in range(length - 1)] for i in range(n)]
+
+
+async def _run_all(sched: Scheduler, prompts: list[list[int]], n_out: int,
+                   nursery: trio.Nursery) -> Run:
     run = Run(sched, nursery)
-    await run.submit(3, [2] + list(range(700, 740)), greedy(1000))
-    await run.submit(4, [2] + list(range(800, 815)), greedy(1000))
-    while 3 not in run.errors and 4 not in run.errors:
-        await trio.sleep(0.01)
-    assert run.errors[3].name == "ENOSPC"  # the longer one gives way
-    await sched.release(4)
+    for i, p in enumerate(prompts, 1):
+        await run.submit(i, p, greedy(n_out))
+    if not sched._running:
+        await run.start()
+    while len(run.results) + len(run.errors) < len(prompts):
+        await trio.sleep(0.005)
+    return run
+
+
+def _widest_step(device: SimDevice) -> int:
+    return max(len(fed) for fed in device.fed_log)
+
+
+async def test_admission_is_bounded_by_the_kv_pool_not_by_slots(nursery):
+    """64 slots, a pool for three requests at a time (a 20-token prompt and the 9 tokens
+    it will feed each): never more than three run, all finish with their solo output."""
+    prompts = _prompts(8, 20)
+    device = sim_device(64, kv_cap=100)
+    run = await _run_all(Scheduler(device, policy="fair"), prompts, 10, nursery)
+    assert not run.errors
+    assert _widest_step(device) == 3
+    for i, p in enumerate(prompts, 1):
+        assert run.results[i].tokens == await solo(p, 10)
+    # The input next to it: a pool for all of them runs them all at once.
+    device = sim_device(64, kv_cap=8 * 29)
+    run = await _run_all(Scheduler(device, policy="fair"), prompts, 10, nursery)
+    assert not run.errors and _widest_step(device) == 8
+    device = sim_device(64, kv_cap=8 * 29 - 1)
+    run = await _run_all(Scheduler(device, policy="fair"), prompts, 10, nursery)
+    assert not run.errors and _widest_step(device) == 7
+
+
+async def test_slots_stay_an_upper_bound(nursery):
+    device = sim_device(64)
+    run = await _run_all(Scheduler(device, policy="fair", slots=4), _prompts(8, 20), 10,
+                         nursery)
+    assert not run.errors and _widest_step(device) == 4
+
+
+async def test_a_shared_prefix_is_counted_once_in_the_pool(nursery):
+    """Eight requests sharing a 60-token system prompt fit a pool that could not hold
+    eight copies of it: the prefix is copied (cells shared), not decoded again."""
+    system = [2] + list(range(300, 359))
+    device = sim_device(16, kv_cap=60 + 8 * (3 + 5 + 16))
+    sched = Scheduler(device, policy="fair")
+    await nursery.start(sched.run)
+    await sched.generate(99, system + [7], greedy(1))
+    prompts = [system + [400 + i, 401, 402] for i in range(8)]
+    for i in range(1, 9):
+        sched.stop(i)  # queued together, admitted in one round
+    run = Run(sched, nursery)
+    for i, p in enumerate(prompts, 1):
+        await run.submit(i, p, greedy(4))
+    for i in range(1, 9):
+        sched.cont(i)
+    while len(run.results) + len(run.errors) < 8:
+        await trio.sleep(0.005)
+    assert not run.errors and _widest_step(device) == 8
+    assert sched.stats()["prefix_copies"] >= 8
+    assert device.kv_used() < 2 * 60 + 8 * 8
+
+
+async def test_idle_caches_give_way_least_recently_used_first_and_are_saved(nursery):
+    device = sim_device(8, kv_cap=130)
+    sched = Scheduler(device, policy="fair")
+    await nursery.start(sched.run)
+    a, b, c = _prompts(3, 50)
+    ra = await sched.generate(1, a, greedy(4))
+    await trio.sleep(0.01)
+    await sched.generate(2, b, greedy(4))  # 108 cells resident, both idle
+    assert sched.stats()["kv_pool"]["used"] == 2 * 53
+    await sched.generate(3, c, greedy(4))  # needs 50 + 5: owner 1's cache (LRU) goes
+    st = sched.stats()
+    owners = {x["owner"] for x in st["slots"] if x["state"] == "idle"}
+    assert owners == {2, 3} and st["idle_saves"] == 1 and ("owner", 1) in sched.snapshots
+    # Owner 1's next turn is restored from the snapshot, not prefilled again.
+    r = await sched.generate(1, a + ra.tokens + [7], greedy(2))
+    assert r.usage["cached_tokens"] == len(a) + len(ra.tokens) - 1
+    assert sched.stats()["restores"] == 1
+
+
+async def test_a_full_pool_preempts_by_policy_instead_of_failing(nursery):
+    """Four long generations, each fits alone, together they outgrow the pool: they
+    take turns (saved and restored), none fails, each output equals its solo run."""
+    prompts = _prompts(4, 20)
+    device = sim_device(8, kv_cap=200)
+    sched = Scheduler(device, policy="fair", quantum=8)
+    run = await _run_all(sched, prompts, 120, nursery)
+    assert not run.errors
+    st = sched.stats()
+    assert st["preemptions"] >= 2 and st["restores"] >= 2
+    for i, p in enumerate(prompts, 1):
+        assert run.results[i].tokens == await solo(p, 120)
+
+
+@pytest.mark.parametrize("policy", ["fifo", "fair"])
+async def test_a_full_step_preempts_the_request_last_in_policy_order(nursery, policy):
+    """Two requests admitted with headroom outgrow the pool together: the one the policy
+    ranks last yields (fifo: the later arrival) and continues exactly later."""
+    device = sim_device(4, kv_cap=120)
+    sched = Scheduler(device, policy=policy, quantum=1000)
+    run = await _run_all(sched, _prompts(2, 20), 60, nursery)
+    assert not run.errors and sched.stats()["preemptions"] >= 1
+    if policy == "fifo":
+        assert run.done_order == [1, 2]
+    for i, p in enumerate(_prompts(2, 20), 1):
+        assert run.results[i].tokens == await solo(p, 60)
+
+
+async def test_a_parked_request_gives_its_cells_first(nursery):
+    device = sim_device(8, kv_cap=100)
+    sched = Scheduler(device, policy="fair", quantum=1000)
+    run = Run(sched, nursery)
+    a, b = _prompts(2, 40)
+    await run.submit(1, a, greedy(10_000))
+    await run.start()
+    while len(device.emitted) < 5:
+        await trio.sleep(0.005)
+    sched.stop(1)  # parked, holding ~45 cells
+    r = await sched.generate(2, b, greedy(30))  # needs 40 + 16: owner 1 gives way
+    assert len(r.tokens) == 30 and 1 not in run.errors
+    assert ("req", sched.placement.queue[0].id) in sched.snapshots
+    sched.cont(1)
+    while len(device.emitted) < 5 + 30 + 5:
+        await trio.sleep(0.005)
+    await sched.release(1)
+
+
+async def test_the_pool_shows_in_stats(nursery):
+    device = sim_device(4, kv_cap=500)
+    sched = Scheduler(device)
+    await nursery.start(sched.run)
+    assert sched.stats()["kv_pool"] == {"cells": 500, "used": 0, "cell_bytes": None,
+                                        "bytes": None}
+    await sched.generate(1, PA, greedy(3))
+    assert sched.stats()["kv_pool"]["used"] == len(PA) + 2
 
 
 # --------------------------------------------------------------------------------------

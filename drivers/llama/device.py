@@ -8,11 +8,19 @@ slot in the plan plus prompt chunks up to ``n_batch`` tokens, one
 ``llama_decode``, then one sample for every slot whose logits were computed.
 
 Sizes: ``n_ctx`` is the most tokens one slot may hold (prompt + output);
-``kv_size`` (default ``n_ctx * n_seq_max``) is the whole KV cache, shared by
-all slots (``kv_unified``), so slots that share a copied prefix use fewer
-cells. llama.cpp itself lets any sequence grow to ``kv_size``; the per-slot
-limit is ours. ``kv_size < n_ctx * n_seq_max`` overcommits: a step that finds
-no room first halves its prompt chunks, then raises DeviceFullError (ENOSPC).
+``kv_size`` is the whole KV cache, a pool of cells shared by all slots
+(``kv_unified``), so slots that share a copied prefix use fewer cells.
+llama.cpp itself lets any sequence grow to ``kv_size``; the per-slot limit is
+ours. The pool is sized by memory, not by slots: ``kv_memory`` bytes (default
+``KV_MEMORY_SHARE`` of the free RAM, or of the GPU's free memory when layers
+are offloaded) over the bytes of one cell (``kv_cell_bytes``: every layer's K
+and V heads), at least one slot (``n_ctx``) and at most ``n_ctx * n_seq_max``.
+So ``n_seq_max`` can be large (default: llama.cpp's most,
+``llama_max_parallel_sequences()``): a slot costs only a row of reserved logits
+(4 bytes x vocabulary, 1 MiB with Gemma 3's) until it holds tokens, and the
+scheduler admits as many sequences as the pool holds. ``kv_used()`` counts the
+cells held (``KvCells``). A step that finds no room first halves its prompt
+chunks, then raises DeviceFullError (ENOSPC).
 
 Numerics: in the unified cache a sequence's cells sit wherever they were free,
 interleaved with other sequences', and attention sums over cells in cell
@@ -42,6 +50,8 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import shutil
+import subprocess
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -49,12 +59,14 @@ from pathlib import Path
 from typing import Any, Self
 
 import llama_cpp
+import psutil
 
 from llmagentos.drivers.device import (
     FINISH_EOG,
     FINISH_LENGTH,
     FINISH_STOP,
     DeviceFullError,
+    KvCells,
     StepResult,
     TokenEvent,
     check_prompt,
@@ -68,6 +80,10 @@ from llmagentos.drivers.sampling import Sampler, SamplingParams, TextStream
 from llmagentos.syscalls.errno import SyscallError
 
 log = logging.getLogger(__name__)
+KV_MEMORY_SHARE = 1 / 16  # of the free memory, what the KV pool takes by default
+GPU_KV_MEMORY_SHARE = 1 / 2  # of a GPU's free memory (the model's layers are already in)
+_TYPE_BYTES = {llama_cpp.GGML_TYPE_F32: 4.0, llama_cpp.GGML_TYPE_F16: 2.0,  # per element
+               llama_cpp.GGML_TYPE_Q8_0: 34 / 32, llama_cpp.GGML_TYPE_Q4_0: 18 / 32}
 
 
 class Generation:
@@ -125,6 +141,7 @@ class Device:
         extra_buffers: bool = False,
         kv_unified: bool = True,
         verbose: bool = False,
+        kv_memory: int | None = None,
     ) -> None:
         spec = resolve_model(model, registry)
         if spec.kind != "gguf":
@@ -132,15 +149,24 @@ class Device:
                                          "GGUF for llama.cpp (drivers.models.open_device)")
         self.spec = spec
         self.model_name = spec.name
-        self.n_seq_max = n_seq_max or spec.n_seq_max or 8
+        limit = llama_cpp.llama_max_parallel_sequences()
         self.n_ctx = n_ctx or spec.n_ctx or 1024
-        self.kv_size = kv_size or self.n_ctx * self.n_seq_max
         self.n_batch = n_batch or spec.n_batch or 512
+        # llama.cpp reserves a row of logits per sequence within the batch's outputs
+        # (it aborts when n_seq_max > n_batch): the default fits the batch.
+        self.n_seq_max = n_seq_max or spec.n_seq_max or min(limit, self.n_batch)
+        if self.n_seq_max > self.n_batch:
+            raise SyscallError("EINVAL", f"n_seq_max {self.n_seq_max} exceeds n_batch "
+                                         f"{self.n_batch}: a step must hold a token of each")
         self.n_threads = n_threads or spec.n_threads or 2
         n_gpu_layers = n_gpu_layers if n_gpu_layers is not None else (spec.n_gpu_layers or 0)
-        if self.n_seq_max < 1 or self.n_seq_max > llama_cpp.llama_max_parallel_sequences():
-            limit = llama_cpp.llama_max_parallel_sequences()
+        if self.n_seq_max < 1 or self.n_seq_max > limit:
             raise SyscallError("EINVAL", f"n_seq_max must be in 1..{limit}")
+        if kv_size is not None and kv_size < 1:
+            raise SyscallError("EINVAL", f"kv_size must be positive, not {kv_size}")
+        if kv_memory is not None and kv_memory < 1:
+            raise SyscallError("EINVAL", f"kv_memory must be a positive number of bytes, "
+                                         f"not {kv_memory}")
         self.path = spec.gguf_path()
         self._verbose = verbose
         init_backend(verbose)
@@ -178,6 +204,14 @@ class Device:
         self.max_token_bytes = _max_token_bytes(self.vocab, self.n_vocab)
 
         cparams = llama_cpp.llama_context_default_params()
+        self.kv_cell_bytes = kv_cell_bytes(model_p, cparams)
+        if kv_size is None:
+            try:
+                kv_size = self._pool_cells(kv_memory, n_gpu_layers > 0)
+            except SyscallError:
+                self.close()
+                raise
+        self.kv_size = kv_size
         cparams.n_ctx = self.kv_size
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = self.n_batch
@@ -196,7 +230,9 @@ class Device:
             self.close()
             raise SyscallError("ENOMEM", f"llama_init_from_model failed (kv_size={self.kv_size})")
         self.ctx = ctx
+        self.kv_size = llama_cpp.llama_n_ctx(ctx)  # llama.cpp may round it up
         self.mem = llama_cpp.llama_get_memory(ctx)
+        self.cells = KvCells(self.n_seq_max)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self.n_seq_max)
         self._slots = [_Slot() for _ in range(self.n_seq_max)]
         self._pieces: dict[int, bytes] = {}
@@ -208,6 +244,28 @@ class Device:
         self.busy_seconds = 0.0
         self.tokens_decoded = 0
         self.tokens_prefilled = 0
+
+    def _pool_cells(self, kv_memory: int | None, gpu: bool) -> int:
+        """The KV pool in cells: ``kv_memory`` bytes (default: a share of the free
+        memory), at least one slot's ``n_ctx``, at most every slot's."""
+        most = self.n_ctx * self.n_seq_max
+        if kv_memory is None:
+            cells = int(free_memory(gpu) // self.kv_cell_bytes)
+            return max(self.n_ctx, min(cells, most))
+        cells = int(kv_memory // self.kv_cell_bytes)
+        if cells < self.n_ctx:
+            raise SyscallError(
+                "EINVAL", f"kv_memory of {kv_memory} bytes holds {cells} KV cells of "
+                          f"{self.kv_cell_bytes} bytes, less than one slot's n_ctx "
+                          f"({self.n_ctx} tokens, {self.n_ctx * self.kv_cell_bytes} bytes)")
+        return min(cells, most)
+
+    def kv_used(self) -> int:
+        """Cells of the KV pool held now (a shared prefix counts once)."""
+        return self.cells.used()
+
+    def exclusive_cells(self) -> list[int]:
+        return self.cells.exclusive()
 
     # -- lifecycle -------------------------------------------------------------------------
 
@@ -360,6 +418,7 @@ class Device:
                 llama_cpp.llama_memory_seq_rm(self.mem, slot, -1, -1)
                 n = 0
             del s.tokens[n:]
+            self.cells.truncate(slot, n)
 
     def _has_window(self, slot: int, n: int) -> bool:
         """Does ``slot`` still hold what a continuation at position ``n`` attends to?"""
@@ -382,9 +441,11 @@ class Device:
         if n > 0:
             if self.kv_unified:  # cells are shared: no data moves
                 llama_cpp.llama_memory_seq_cp(self.mem, src, dst, 0, n)
+                self.cells.copy(src, dst, n)
             else:  # another stream: llama.cpp copies whole streams only, so cut after
                 llama_cpp.llama_memory_seq_cp(self.mem, src, dst, -1, -1)
                 llama_cpp.llama_memory_seq_rm(self.mem, dst, n, -1)
+                self.cells.append(dst, n)
             self._slots[dst].tokens = self._slots[src].tokens[:n]
         return n
 
@@ -412,6 +473,7 @@ class Device:
         s = self._slots[slot]
         s.pending = []
         s.tokens = []
+        self.cells.release(slot)
         if not data:
             llama_cpp.llama_memory_seq_rm(self.mem, slot, -1, -1)
             return 0
@@ -425,11 +487,13 @@ class Device:
             llama_cpp.llama_memory_seq_rm(self.mem, slot, -1, -1)
             return 0
         s.tokens = list(tokens)
+        self.cells.append(slot, len(s.tokens))
         return n
 
     def release(self, slot: int) -> None:
         """Forget the slot's tokens and request (the request itself is not closed)."""
         llama_cpp.llama_memory_seq_rm(self.mem, slot, -1, -1)
+        self.cells.release(slot)
         s = self._slots[slot]
         s.tokens = []
         s.pending = []
@@ -494,6 +558,7 @@ class Device:
             s = self._slots[slot]
             s.tokens.extend(s.pending[:take])
             del s.pending[:take]
+            self.cells.append(slot, take)
             fed[slot] = take
             if wants_logits:
                 n_decode += 1
@@ -596,6 +661,42 @@ class Device:
 
     def embed(self, texts: Sequence[str], *, normalize: bool = True) -> list[list[float]]:
         return self.embeddings.embed(texts, normalize)
+
+
+def _meta(model: llama_cpp.llama_model_p, key: str) -> str | None:
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
+    return buf.value.decode("utf-8", "replace") if n >= 0 else None
+
+
+def kv_cell_bytes(model: llama_cpp.llama_model_p,
+                  cparams: llama_cpp.llama_context_params) -> int:
+    """Bytes one KV cell (one token) takes over all layers: the K and V heads of the
+    cache's types. Head sizes are the GGUF's attention.key_length / value_length
+    (Gemma 3: 256, not n_embd / n_head). With a full-size sliding-window cache (the
+    default here) every layer keeps every cell."""
+    arch = _meta(model, "general.architecture") or ""
+    n_embd_head = llama_cpp.llama_model_n_embd(model) // max(1, llama_cpp.llama_model_n_head(model))
+    k = int(_meta(model, f"{arch}.attention.key_length") or n_embd_head)
+    v = int(_meta(model, f"{arch}.attention.value_length") or n_embd_head)
+    heads = llama_cpp.llama_model_n_layer(model) * llama_cpp.llama_model_n_head_kv(model)
+    return max(1, round(heads * (k * _TYPE_BYTES.get(cparams.type_k, 2.0)
+                                 + v * _TYPE_BYTES.get(cparams.type_v, 2.0))))
+
+
+def free_memory(gpu: bool = False) -> int:
+    """The KV pool's default budget in bytes: ``KV_MEMORY_SHARE`` of the available
+    RAM, or ``GPU_KV_MEMORY_SHARE`` of the first GPU's free memory when layers are
+    offloaded and nvidia-smi answers."""
+    if gpu and shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True, timeout=10, check=True).stdout
+            return int(int(out.split()[0]) * (1 << 20) * GPU_KV_MEMORY_SHARE)
+        except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+            pass
+    return int(psutil.virtual_memory().available * KV_MEMORY_SHARE)
 
 
 def _max_token_bytes(vocab: llama_cpp.llama_vocab_p, n_vocab: int) -> int:

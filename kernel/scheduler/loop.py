@@ -154,7 +154,7 @@ class Scheduler:
         self.snapshots = SnapshotStore(snapshot_ram_bytes, spill_dir)
         self._owners: dict[int, Owner] = {}
         self.placement = Placement(self.n_slots, self._policy, quantum, self.snapshots,
-                                   self._owners, clock, self._costly)
+                                   self._owners, clock, self._costly, device)
         self._embeds: list[EmbedRequest] = []
         self._decode_cost = 0.0  # seconds of a step's shared decode (average)
         self._floor = 0.0        # least virtual time among runnable owners when some last ran
@@ -209,6 +209,10 @@ class Scheduler:
         # EINVAL/E2BIG here. A grammar (or JSON schema) is converted, compiled and
         # probed in the request's constructor: a worker thread's time, not the loop's.
         params = SamplingParams.from_dict(params)
+        kv_size = getattr(self.device, "kv_size", None)
+        if kv_size is not None and len(prompt_tokens) > kv_size:
+            raise SyscallError("ENOSPC", f"prompt of {len(prompt_tokens)} tokens cannot fit the "
+                                         f"device's KV pool of {kv_size} cells even alone")
         if params.grammar is not None or params.json_schema not in (None, False):
             gen = await trio.to_thread.run_sync(
                 self.device.generation, list(prompt_tokens), params)
@@ -358,6 +362,7 @@ class Scheduler:
             "embed_chunks": self.embed_chunks,
             "embed_tokens": self.embed_tokens,
             "throttled": self.throttled,
+            "kv_pool": self._kv_pool(),
             "snapshots": {"count": len(self.snapshots), "ram_bytes": self.snapshots.ram_bytes,
                           "disk_bytes": self.snapshots.disk_bytes,
                           "ram_budget": self.snapshots.ram_budget,
@@ -705,9 +710,23 @@ class Scheduler:
         if error is not None:
             ereq.box.close(outcome.Error(error))
 
+    def _kv_pool(self) -> dict[str, Any] | None:
+        dev = self.device
+        if not hasattr(dev, "kv_used"):
+            return None
+        cell = getattr(dev, "kv_cell_bytes", None)
+        return {"cells": dev.kv_size, "used": dev.kv_used(), "cell_bytes": cell,
+                "bytes": dev.kv_size * cell if cell else None}
+
     def _on_device_full(self, plan: Plan, exc: DeviceFullError) -> None:
-        """No KV room: drop idle conversations first; else fail the longest request."""
-        if self.placement.evict_idle(self._deferred):
+        """No KV room for the step: idle conversations give way (saved if worth it);
+        else a parked request, or the running one last in policy order, is preempted
+        (saved, requeued); only a request alone on the device that still does not fit
+        fails, ENOSPC."""
+        view = [self.device.slot_tokens(s) for s in range(self.n_slots)]
+        if self.placement.evict_idle(self._deferred, view):
+            return
+        if self.placement.preempt_for_room(self._policy.key, self._deferred, view):
             return
         victim = max(plan, key=lambda sr: len(sr[1].gen.context))[1]
         slot = victim.slot
