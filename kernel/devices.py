@@ -159,6 +159,11 @@ class DeviceSet:
         out["owners"] = {}
         for p in per:
             out["owners"].update(p["owners"])
+        pools = [p.get("kv_pool") for p in per]
+        out["kv_pool"] = None if None in pools else {
+            "cells": sum(q["cells"] for q in pools), "used": sum(q["used"] for q in pools),
+            "cell_bytes": pools[0]["cell_bytes"], "bytes": None if None in (
+                q["bytes"] for q in pools) else sum(q["bytes"] for q in pools)}
         out["moves"] = self.moves
         out["devices"] = []
         for i, (sched, p) in enumerate(zip(self.schedulers, per)):
@@ -169,7 +174,7 @@ class DeviceSet:
                 "device": i, **desc, "model": dev.model_name, "n_slots": p["n_slots"],
                 "running": p["running"], "queue_length": p["queue_length"],
                 "tokens_per_s": p["tokens_per_s"], "utilization": p["utilization"],
-                "tokens_out": p["tokens_out"],
+                "tokens_out": p["tokens_out"], "kv_pool": p.get("kv_pool"),
                 "processes": sorted(o for o, k in self._home.items() if k == i)})
         return out
 

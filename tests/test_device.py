@@ -491,6 +491,26 @@ def test_the_kv_pool_is_sized_by_memory_in_cells_of_the_models_size():
         assert dev.n_seq_max == 64  # the default fits the batch
 
 
+def test_split_streams_keep_the_pool_as_a_budget():
+    """kv_unified=False: each slot's stream holds n_ctx, the pool is kv_size cells."""
+    with Device(n_seq_max=2, n_ctx=256, kv_size=300, n_batch=256, kv_unified=False) as dev:
+        assert dev.kv_size == 300
+        p = dev.tokenize("hello " * 200)[:200]
+        run_slot(dev, 0, p, greedy(1))  # 200 cells: a slot of 256 alone fits
+        q = dev.tokenize("world " * 200)[:150]
+        gen = dev.generation(q, greedy(4))
+        dev.prepare(1, q)
+        dev.attach(1, gen)
+        with pytest.raises(DeviceFullError):  # 200 + 150 > 300, though each stream has room
+            for _ in range(20):
+                dev.step([1])  # prompt chunks shrink to the room left, then it is full
+        assert dev.kv_used() <= 300
+        dev.release(0)
+        while not gen.finished:
+            dev.step([1])
+        assert dev.kv_used() == 150 + 3
+
+
 def test_split_kv_cache_restores_exactly_whatever_the_layout():
     """kv_unified=False gives every slot its own stream: layouts are canonical."""
     with Device(n_seq_max=3, n_ctx=512, kv_unified=False) as dev:

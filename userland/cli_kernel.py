@@ -94,6 +94,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             print(f"device {s['model']}: {dev['n_slots']} slots x {s['n_ctx']} tokens, "
                   f"policy {dev['policy']} (quantum {dev['quantum']}), "
                   f"{dev['tokens_out']} tokens out, {dev['preemptions']} preemptions")
+            pool = dev.get("kv_pool")
+            if pool:
+                size = f" ({pool['bytes'] / 2**20:.0f} MiB)" if pool.get("bytes") else ""
+                print(f"kv pool {pool['used']}/{pool['cells']} cells in use{size}")
         else:
             print("device none")
         cl = s.get("cluster")

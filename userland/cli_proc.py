@@ -102,6 +102,8 @@ def _top_frame(c: Client):
             f"batch {dev['batch_size']:4.1f}  {dev['tokens_per_s']:6.1f} tok/s  "
             f"queue {dev['queue_length']}  slots {dev['running']} running/"
             f"{dev['parked']} parked/{dev['n_slots']}  policy {dev['policy']}\n"
+            + (f"kv pool {dev['kv_pool']['used']}/{dev['kv_pool']['cells']} cells  "
+               if dev.get("kv_pool") else "") +
             f"kv snapshots {snap['count']}  ram {snap['ram_bytes'] / 1e6:.1f} MB  "
             f"disk {snap['disk_bytes'] / 1e6:.1f} MB  preemptions {dev['preemptions']}  "
             f"restores {dev['restores']}  prefix copies {dev['prefix_copies']}\n")

@@ -29,7 +29,10 @@ on the layout. A saved state restores bit-exactly and continues exactly when
 it lands in an equivalent layout (e.g. one sequence at a time); with
 ``kv_unified=False`` each slot has its own stream, layouts are canonical and
 restore is always exact, at ~25% less batched throughput here (16 slots:
-134 vs 177 tok/s) and with whole-stream copies for ``copy_prefix``.
+134 vs 177 tok/s) and with whole-stream copies for ``copy_prefix``. Each
+stream is then allocated ``n_ctx`` cells, and ``kv_size`` is a budget the
+device keeps (a step past it fails as a full cache does): the same pool to
+the scheduler, with exact numerics.
 
 Sliding-window attention (Gemma 3: 512) lets llama.cpp reuse cells that left
 a sequence's window; ``prepare`` and ``copy_prefix`` check that the cells a
@@ -212,7 +215,8 @@ class Device:
                 self.close()
                 raise
         self.kv_size = kv_size
-        cparams.n_ctx = self.kv_size
+        # Split streams: n_ctx cells each; the pool is then a budget kept in step().
+        cparams.n_ctx = self.kv_size if kv_unified else self.n_ctx * self.n_seq_max
         cparams.n_batch = self.n_batch
         cparams.n_ubatch = self.n_batch
         cparams.n_seq_max = self.n_seq_max
@@ -230,7 +234,8 @@ class Device:
             self.close()
             raise SyscallError("ENOMEM", f"llama_init_from_model failed (kv_size={self.kv_size})")
         self.ctx = ctx
-        self.kv_size = llama_cpp.llama_n_ctx(ctx)  # llama.cpp may round it up
+        if kv_unified:
+            self.kv_size = llama_cpp.llama_n_ctx(ctx)  # llama.cpp may round it up
         self.mem = llama_cpp.llama_get_memory(ctx)
         self.cells = KvCells(self.n_seq_max)
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, self.n_seq_max)
@@ -535,7 +540,10 @@ class Device:
             rows = self._fill_batch(decode, prefill, budget)
             if not rows:
                 return StepResult([], {}, 0, 0, time.perf_counter() - t0)
-            rc = compute_thread.call(llama_cpp.llama_decode, self.ctx, self._batch)
+            if not self.kv_unified and self.cells.used() + self._batch.n_tokens > self.kv_size:
+                rc = 1  # past the budget of split streams: as a full cache
+            else:
+                rc = compute_thread.call(llama_cpp.llama_decode, self.ctx, self._batch)
             if rc == 0:
                 break
             if rc == 1:

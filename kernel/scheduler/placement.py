@@ -98,6 +98,7 @@ class Placement:
         self.preemptions = 0
         self._seqs = itertools.count()
         self._round = 0
+        self._fresh: set[int] = set()
 
     def enqueue(self, req: Request) -> None:
         """To the back of the queue (the policy's key may still put it ahead)."""
@@ -133,6 +134,7 @@ class Placement:
         ``view`` is each slot's tokens as they will be once ``ops`` have run; it is
         kept so as the admissions add operations."""
         self._round += 1
+        self._fresh.clear()  # slots admitted this round: not yet on the device
         room = self._room(ops)
         for req in waiting:
             if req.no_admit_round == self._round:
@@ -218,7 +220,7 @@ class Placement:
             gain += room.exclusive[s]
         out: list[int] = []
         if room.free + gain < need:
-            held = [(s, r) for s, r in self.running() if s != src]
+            held = [(s, r) for s, r in self.running() if s != src and s not in self._fresh]
             parked = sorted((sr for sr in held if sr[1].owner.stopped),
                             key=lambda sr: self.slot_used[sr[0]])
             spent = [(s, r) for s, r in held if not r.owner.stopped and (
@@ -371,6 +373,7 @@ class Placement:
             req.wait_since = None
         req.state = "running"
         req.slot = slot
+        self._fresh.add(slot)
         self.slot_req[slot] = req
         self.slot_owner[slot] = pid
         self.slot_used[slot] = now
