@@ -115,7 +115,7 @@ def report(r: dict) -> None:
         print(f"  default boot, {n} agent processes:     {d['tok_s']:.1f} tok/s aggregate "
               f"({d['tokens']} tokens in {d['wall_s']:.1f}s, batch {d['batch']:.1f}, "
               f"{d['n_slots']} slots, KV pool {pool.get('cells')} cells, "
-              f"{d['preemptions']} preemptions, last start {d['late_s']:.2f}s late)")
+              f"{d['preemptions']} preemptions)")
     print(f"  default boot, 16 ÷ raw single stream:   {r['ratio_default16']:.2f} (goal >= 2.3) "
           f"{verdict(r['ratio_default16'] >= 2.3)}")
     print(f"  default boot, 64 ÷ 16 aggregate:        {r['ratio_64_16']:.2f} (goal >= 1.0) "
