@@ -30,7 +30,6 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
 
-from llmagentos.drivers.gymenv import EnvTable
 from llmagentos.drivers.models import ModelRegistry, open_device
 from llmagentos.syscalls import paths
 from llmagentos.syscalls.bootopts import KernelConfig
@@ -48,6 +47,8 @@ from .tools import ToolTable
 from .trajectories import TrajectoryStore
 
 if TYPE_CHECKING:
+    from llmagentos.drivers.gymenv import EnvTable
+
     from .cluster import Cluster
     from .server import Connection
 
@@ -72,7 +73,6 @@ class Services:
     boot_time: float = field(default_factory=time.time)
     stats: Counter[str] = field(default_factory=Counter)
     threads: ThreadShares = field(default_factory=ThreadShares)  # each process's share
-    envs: EnvTable = field(init=False)  # Gymnasium environments, each of one process
     connections: set[Connection] = field(default_factory=set)  # open server.Connections
     shutdown_requested: trio.Event = field(default_factory=trio.Event)
     embed_lock: trio.Lock = field(default_factory=trio.Lock)  # one archive batch at a time
@@ -89,8 +89,15 @@ class Services:
     scheduler: Scheduler | None = None  # the run queue (with --ray, a DeviceSet of them)
     cluster: Cluster | None = None  # booted with --ray
 
-    def __post_init__(self) -> None:
-        self.envs = EnvTable(stats=self.stats)
+    _envs: EnvTable | None = None
+
+    @property
+    def envs(self) -> EnvTable:
+        """Gymnasium environments, each of one process; Gymnasium loads on first use."""
+        if self._envs is None:
+            from llmagentos.drivers.gymenv import EnvTable
+            self._envs = EnvTable(stats=self.stats)
+        return self._envs
 
     @classmethod
     def create(cls, config: KernelConfig) -> Services:
@@ -128,7 +135,7 @@ class Services:
         procs.on_exit.append(lambda pcb: names.forget(self, pcb))
         procs.on_exit.append(lambda pcb: self.tools.drop_pid(pcb.pid, "exited"))
         procs.on_exit.append(lambda pcb: sysfs.release(self, pcb))
-        procs.on_exit.append(lambda pcb: self.envs.close_owner(pcb.pid))
+        procs.on_exit.append(lambda pcb: self._envs and self._envs.close_owner(pcb.pid))
 
     def _open_memory(self) -> None:
         embed = None

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmagentos.drivers.gymenv import EnvTable
-
 from .dispatch import Call, handler
 from .proc import INIT_PID
 
@@ -80,4 +78,4 @@ async def close(call: Call, handle: int) -> None:
 
 @handler("env.list")
 async def list_(call: Call, prefix: str | None) -> list[str]:
-    return EnvTable.list(prefix)
+    return call.sys.envs.list(prefix)

@@ -8,10 +8,9 @@ import math
 
 import pytest
 
-from llmagentos.drivers import sampling
 from llmagentos.drivers.device import FINISH_EOG, FINISH_LENGTH, DeviceFullError
 from llmagentos.drivers.gbnf import check_grammar
-from llmagentos.drivers.llama import ChatFormat, Device, compute_thread
+from llmagentos.drivers.llama import ChatFormat, Device, compute_thread, sampler
 from llmagentos.drivers.models import (
     DEFAULT_MODEL,
     ModelRegistry,
@@ -370,7 +369,7 @@ def test_penalty_samplers_are_built_and_used(device, penalty):
 
 
 def test_a_grammar_over_the_cost_probe_is_refused(device, monkeypatch):
-    monkeypatch.setattr(sampling, "GRAMMAR_MAX_PASS_SECONDS", 0.0)
+    monkeypatch.setattr(sampler, "GRAMMAR_MAX_PASS_SECONDS", 0.0)
     with pytest.raises(SyscallError) as exc:
         device.generation(device.tokenize("x"), greedy(1, grammar='root ::= "a" | "b"'))
     assert exc.value.name == "E2BIG" and "GRAMMAR_MAX_PASS_SECONDS" in exc.value.message

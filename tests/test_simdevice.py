@@ -184,3 +184,29 @@ def test_a_kernel_boots_on_the_simulated_device_and_generates(tmp_path):
             assert getattr(e.value, "name", None) == "ENOSYS"
     finally:
         assert k.stop() == 0
+
+
+def test_fast_tokens_share_a_notification_and_slow_ones_do_not(tmp_path):
+    """A streamed generation wrote one llm.token frame per token: at GPU speed, a
+    syscall and a client wake-up per token for every stream. Tokens that come
+    faster than sysllm.STREAM_INTERVAL now share one; the text is unchanged."""
+    conf = tmp_path / "kernel.toml"
+    conf.write_text('[models.fast]\nkind = "sim"\ndecode_ms = 0\n'
+                    '[models.slow]\nkind = "sim"\ndecode_ms = 20\n')
+    for model, n in (("fast", 400), ("slow", 12)):
+        (tmp_path / model).mkdir()
+        k = boot_kernel(tmp_path / model, "--config", str(conf), "--slots", "2",
+                        "--n-ctx", "512", model=model)
+        try:
+            with k.client() as c:
+                pieces: list[str] = []
+                res = c.call("llm.generate", "Tell me about the sea.", None,
+                             {"max_tokens": n}, True, False,
+                             on_notify=lambda method, args: pieces.append(args[1]))
+        finally:
+            k.stop()
+        assert "".join(pieces) == res["text"] and res["usage"]["completion_tokens"] == n
+        if model == "fast":
+            assert len(pieces) < n / 2, len(pieces)
+        else:
+            assert len(pieces) == n

@@ -78,8 +78,9 @@ from llmagentos.drivers.device import (
 from llmagentos.drivers.llama.chat import ChatFormat
 from llmagentos.drivers.llama.embed import Embedding, EmbeddingContext
 from llmagentos.drivers.llama.runtime import compute_thread, init_backend, model_params
+from llmagentos.drivers.llama.sampler import Sampler
 from llmagentos.drivers.models import DEFAULT_MODEL, ModelRegistry, ModelSpec, resolve_model
-from llmagentos.drivers.sampling import Sampler, SamplingParams, TextStream
+from llmagentos.drivers.sampling import SamplingParams, TextStream
 from llmagentos.syscalls.errno import SyscallError
 
 log = logging.getLogger(__name__)
