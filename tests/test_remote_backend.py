@@ -366,7 +366,9 @@ async def test_stop_cancels_the_request_in_flight_holds_it_and_cont_reissues_it(
 
         def on_token(piece: str) -> None:
             shown.append(piece)
-            first.set()
+            if len(shown) == 3:  # mid-stream, a few pieces in
+                q.stop(7)
+                first.set()
 
         async with trio.open_nursery() as n:
             result = []
@@ -376,7 +378,6 @@ async def test_stop_cancels_the_request_in_flight_holds_it_and_cont_reissues_it(
 
             n.start_soon(caller)
             await first.wait()
-            q.stop(7)
             with trio.fail_after(10):
                 await srv.requests[0].closed.wait()  # the server saw the connection closed
             st = q.stats()
