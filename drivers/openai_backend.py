@@ -297,6 +297,8 @@ class OpenAIBackend:
             raise self._fail("EIO", f"connection lost: {what}") from None
         except SyscallError as exc:
             raise self._fail(exc.name, _scrub(exc.message, key), prefixed=True) from None
+        except _CallerError as exc:
+            raise exc.error from None
         raise AssertionError("unreachable")  # the last attempt returns or raises
 
     def _retry_wait(self, resp: httpx.Response, attempt: int) -> float | None:
@@ -382,10 +384,21 @@ class OpenAIBackend:
                 if piece:
                     pieces += 1
                     parts.append(piece)
-                    ret = on_piece(piece)
-                    if is_async:
-                        await ret
+                    try:
+                        ret = on_piece(piece)
+                        if is_async:
+                            await ret
+                    except Exception as exc:  # the caller's own error, not the server's
+                        raise _CallerError(exc) from exc
         raise SyscallError("EIO", "stream ended before [DONE] (connection dropped)")
+
+
+class _CallerError(Exception):
+    """What ``on_piece`` raised, carried past the translation of the server's errors."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 def _one_vector(value: Any) -> list[float]:

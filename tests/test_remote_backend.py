@@ -425,6 +425,19 @@ async def test_release_and_a_cancelled_caller_close_the_http_request_at_once():
         assert (q.stats()["running"], q.stats()["queue_length"]) == (0, 0)
 
 
+async def test_what_on_token_raises_ends_the_request_and_is_raised_as_it_is():
+    async with fake_server(slow_stream) as srv, running(queue_for(srv.url)) as q:
+        def refuse(piece: str) -> None:
+            raise SyscallError("EPIPE", "the reader went away")
+
+        with pytest.raises(SyscallError) as e:
+            await q.generate(1, "hi", None, GREEDY, on_token=refuse)
+        assert (e.value.name, e.value.message) == ("EPIPE", "the reader went away")
+        with trio.fail_after(10):
+            await srv.requests[0].closed.wait()
+        assert q.stats()["running"] == 0 and q.stats()["backend"]["alive"]
+
+
 async def test_at_most_max_concurrency_in_flight_and_the_queue_drains():
     in_flight, most = 0, 0
 
