@@ -10,7 +10,7 @@ One concern a file:
 * ``requests.py``: the records of requests and owners, and the stats window.
 * ``remote.py``: RemoteQueue, the run queue of a remote model (an
   OpenAI-compatible server): the same API, with requests in flight in place
-  of slots.
+  of slots. Imported where a remote model is opened (it loads the HTTP client).
 
 The device is driven only through the contract of drivers/device.py: typed
 operations run with ``apply``, then ``step``.
@@ -19,11 +19,10 @@ operations run with ``apply``, then ``step``.
 from .loop import COST_EWMA, STATS_WINDOW, Scheduler
 from .placement import MIN_COPY, MIN_IDLE_SAVE, MIN_RESTORE, Placement
 from .policy import NICE_MAX, NICE_MIN, POLICIES, Policy, nice_weight, policy_named
-from .remote import RemoteQueue
 from .requests import EmbedResult, OwnerUsage, Result
 
 __all__ = [
     "COST_EWMA", "MIN_COPY", "MIN_IDLE_SAVE", "MIN_RESTORE", "NICE_MAX", "NICE_MIN",
     "POLICIES", "STATS_WINDOW", "EmbedResult", "OwnerUsage", "Placement", "Policy",
-    "RemoteQueue", "Result", "Scheduler", "nice_weight", "policy_named",
+    "Result", "Scheduler", "nice_weight", "policy_named",
 ]
