@@ -8,6 +8,9 @@ One concern a file:
   device operations an admission needs).
 * ``policy.py``: the policies (queue order, who yields a slot, virtual time).
 * ``requests.py``: the records of requests and owners, and the stats window.
+* ``remote.py``: RemoteQueue, the run queue of a remote model (an
+  OpenAI-compatible server): the same API, with requests in flight in place
+  of slots. Imported where a remote model is opened (it loads the HTTP client).
 
 The device is driven only through the contract of drivers/device.py: typed
 operations run with ``apply``, then ``step``.
