@@ -32,7 +32,7 @@ writes down operations (drivers/device.py) for the next tick to run.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
