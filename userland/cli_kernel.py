@@ -89,12 +89,12 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"processes {s['processes']}  " + "  ".join(
             f"{k}={v}" for k, v in sorted(s["states"].items())))
         print("counters " + "  ".join(f"{k}={v}" for k, v in sorted(s["counters"].items())))
-        dev = s.get("device")
-        if dev:
-            print(f"device {s['model']}: {dev['n_slots']} slots x {s['n_ctx']} tokens, "
+        for name, dev in (s.get("devices") or {}).items():
+            print(f"device {name}{' (default)' if name == s['model'] else ''}: "
+                  f"{dev['n_slots']} slots, "
                   f"policy {dev['policy']} (quantum {dev['quantum']}), "
                   f"{dev['tokens_out']} tokens out, {dev['preemptions']} preemptions")
-        else:
+        if not s.get("devices"):
             print("device none")
         cl = s.get("cluster")
         if cl:  # booted with --ray
