@@ -213,6 +213,7 @@ class ModelRegistry:
 
 def unknown_model(name: str, known: list[str]) -> UnknownModelError:
     """The one ENOENT for a model name nobody registered: what is known, how to add one."""
+    name = name if len(name) <= 100 else name[:100] + "..."
     return UnknownModelError(
         "ENOENT", f"unknown model {name!r}; known models: {', '.join(known)}; add it to "
                   f"models.toml: [models.{name}] path=\"...\" or kind=\"openai\" "

@@ -126,8 +126,10 @@ class ModelTable:
     async def load(self, name: str) -> Loaded:
         """Load a registered model (an alias is its model): open its device in a worker
         thread, make its run queue, and once the kernel runs, start its loop."""
+        if not isinstance(name, str) or not name:  # "" would be the registry's default
+            raise SyscallError("EINVAL", "a model name must be a non-empty string")
         async with self._lock:
-            spec = self.registry.resolve(name) if not str(name).endswith(".gguf") else None
+            spec = self.registry.resolve(name) if not name.endswith(".gguf") else None
             key = spec.name if spec is not None else name
             if key in self.loaded:
                 return self.loaded[key]
