@@ -87,7 +87,7 @@ def test_two_devices_serve_two_agents_at_once(two_models):
         out: dict[int, dict] = {}
 
         def go(i: int, a) -> None:
-            out[i] = a.client.llm.generate("The sea is", None, {"max_tokens": 16,
+            out[i] = a.client.llm.generate("The sea is", None, {"max_tokens": 8,
                                                                 "temperature": 0.0})
 
         threads = [threading.Thread(target=go, args=(i, a)) for i, a in enumerate(agents)]
@@ -99,7 +99,7 @@ def test_two_devices_serve_two_agents_at_once(two_models):
         after = c.sys.stats()["devices"]
         for name in ("gemma3-270m", "gemma-b"):  # both devices stepped
             assert after[name]["steps"] > before[name]["steps"]
-            assert after[name]["tokens_out"] - before[name]["tokens_out"] >= 2 * 16 - 4
+            assert after[name]["tokens_out"] - before[name]["tokens_out"] >= 2 * 8 - 2
         # the same weights and greedy sampling: the same text on either device
         assert out[0]["text"] == out[1]["text"]
 
@@ -115,7 +115,7 @@ def test_per_request_choice_and_alias(two_models):
         # a process's context works with either model (each one's chat template)
         a = llmagentos.Agent(model_name="gemma-b", client=c)
         r = a.client.llm.generate("Say hi.", None, {"max_tokens": 4}, False, True)
-        assert r["model"] == "gemma-b" and r["ctx"]["role"] == "assistant"
+        assert r["model"] == "gemma-b" and r["ctx"]["id"]
         r = a.client.llm.generate("Again.", None, {"max_tokens": 4, "model": "gemma3-270m"},
                                   False, True)
         assert r["model"] == "gemma3-270m"
