@@ -6,7 +6,10 @@
     making syscalls, 16 slots) ÷ raw single-stream tok/s (goal >= 2.0);
 (3) the default boot (no --slots: sequences bounded by the KV pool, not a slot
     count): 16 agent processes ÷ raw single stream (goal >= 2.3), and 64 agent
-    processes at least as much aggregate as 16 (goal: ratio 64/16 >= 1.0).
+    processes at least as much aggregate as 16 (goal: ratio 64/16 >= 1.0);
+(4) (1) again with a second, idle model loaded beside it (the same GGUF
+    under another name, its own device and run queue): the single-stream
+    figure should not change (ratio to (1) about 1.0).
 
 The agent processes are spawned first and start their requests together, so
 starting 64 Python programs on the same cores is not counted.
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import statistics
 import sys
+import tempfile
 import textwrap
 import time
 from pathlib import Path
@@ -49,8 +53,8 @@ def raw_single() -> float:
     return statistics.median(rates)
 
 
-def kernel_single() -> float:
-    with BenchKernel("--slots", "1", "--n-ctx", "1024") as k:
+def kernel_single(*extra: str) -> float:
+    with BenchKernel("--slots", "1", "--n-ctx", "1024", *extra) as k:
         c = k.client()
         rates = []
         for i in range(RUNS):
@@ -66,6 +70,15 @@ def kernel_single() -> float:
             c.proc.wait(pid, 300)
             rates.append(float(c.proc.logs(pid)["data"]))
         return statistics.median(rates)
+
+
+def kernel_single_beside_a_second_model() -> float:
+    from llmagentos.drivers.models import packaged_gemma_path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        conf = Path(tmp) / "kernel.toml"
+        conf.write_text(f'load = ["gemma-b"]\n[models.gemma-b]\npath = "{packaged_gemma_path()}"\n')
+        return kernel_single("--config", str(conf))
 
 
 def kernel_processes(n: int = 16, tokens: int = 64, boot: tuple[str, ...] | None = None
@@ -86,6 +99,7 @@ def kernel_processes(n: int = 16, tokens: int = 64, boot: tuple[str, ...] | None
 def run() -> dict:
     raw = raw_single()
     single = kernel_single()
+    beside = kernel_single_beside_a_second_model()
     multi = kernel_processes(16)
     default16 = kernel_processes(16, boot=())
     default64 = kernel_processes(64, boot=())
@@ -93,7 +107,8 @@ def run() -> dict:
             "ratio_single": single / raw, "ratio_multi": multi["tok_s"] / raw,
             "default16": default16, "default64": default64,
             "ratio_default16": default16["tok_s"] / raw,
-            "ratio_64_16": default64["tok_s"] / default16["tok_s"]}
+            "ratio_64_16": default64["tok_s"] / default16["tok_s"],
+            "kernel_single_two_models": beside, "ratio_two_models": beside / single}
 
 
 def verdict(ok: bool) -> str:
@@ -105,6 +120,8 @@ def report(r: dict) -> None:
     print(f"  raw llama-cpp-python create_completion: {r['raw']:.1f} tok/s (median of {RUNS})")
     print(f"  kernel llm.generate, one process:       {r['kernel_single']:.1f} tok/s  "
           f"ratio {r['ratio_single']:.2f} (goal >= 0.95)")
+    print(f"  the same, a second model loaded:        {r['kernel_single_two_models']:.1f} tok/s  "
+          f"ratio to one model {r['ratio_two_models']:.2f} (goal about 1.0)")
     m = r["multi"]
     print(f"  16 agent processes at once:             {m['tok_s']:.1f} tok/s aggregate "
           f"({m['tokens']} tokens in {m['wall_s']:.1f}s)  ratio {r['ratio_multi']:.2f} "

@@ -22,6 +22,14 @@ whatever the batch (default 0). The built-in name ``sim`` is one::
     kind = "sim"
     decode_ms = 2.0
 
+Names as users write them map to registered ones through an alias table::
+
+    aliases = { "gpt-3" = "gemma3-270m" }
+
+Several registered models may be loaded at once (the kernel's ``--model A
+--model B``, or ``load = ["A", "B"]`` in the same file); an entry may point at
+the same GGUF as another under a different name.
+
 Unknown keys are an error (a typo should not silently do nothing).
 """
 
@@ -38,7 +46,7 @@ from llmagentos.syscalls.errno import SyscallError
 DEFAULT_MODEL = "gemma3-270m"
 SIM_MODEL = "sim"
 GGUF_MAGIC = b"GGUF"
-KINDS = ("gguf", "sim")
+KINDS = ("gguf", "sim", "openai")
 
 _SPEC_KEYS = {
     "kind", "path", "n_ctx", "n_seq_max", "n_gpu_layers", "n_batch", "n_threads",
@@ -46,6 +54,7 @@ _SPEC_KEYS = {
 }
 _GGUF_ONLY = ("path", "n_gpu_layers", "n_threads")
 _SIM_ONLY = ("decode_ms",)
+LOCAL_KINDS = ("gguf", "sim")  # a device in this process; others are served elsewhere
 
 
 class UnknownModelError(SyscallError, KeyError):
@@ -124,6 +133,7 @@ class ModelRegistry:
             ),
         }
         self.default = DEFAULT_MODEL
+        self.aliases: dict[str, str] = {}  # a name users write -> a registered name
         if config is not None:
             self.load(config)
 
@@ -150,6 +160,16 @@ class ModelRegistry:
                     "EINVAL", f"{path}: default model {default!r} is not defined in [models]"
                 )
             self.default = default
+        aliases = data.get("aliases", {})
+        if not isinstance(aliases, dict):
+            raise SyscallError("EINVAL", f"{path}: aliases must be a table of name = model")
+        for alias, target in aliases.items():
+            if not isinstance(target, str) or target not in self._specs:
+                raise SyscallError("EINVAL", f"{path}: alias {alias!r} must name a model "
+                                             f"defined in [models], not {target!r}")
+            if alias in self._specs:
+                raise SyscallError("EINVAL", f"{path}: alias {alias!r} is already a model name")
+            self.aliases[alias] = target
 
     def register(self, spec: ModelSpec) -> None:
         self._specs[spec.name] = spec
@@ -157,15 +177,18 @@ class ModelRegistry:
     def names(self) -> list[str]:
         return sorted(self._specs)
 
+    def canonical(self, name: str | None = None) -> str:
+        """The registered name ``name`` stands for (None or "": the default; an
+        alias: its model); UnknownModelError if nobody registered it."""
+        key = name or self.default
+        key = self.aliases.get(key, key)
+        if key not in self._specs:
+            raise unknown_model(key, self.names())
+        return key
+
     def resolve(self, name: str | None = None) -> ModelSpec:
         """The spec for ``name`` (None or "" = the default); UnknownModelError if unknown."""
-        key = name or self.default
-        try:
-            return self._specs[key]
-        except KeyError:
-            raise UnknownModelError(
-                "ENOENT", f"unknown model {key!r}; known models: {', '.join(self.names())}"
-            ) from None
+        return self._specs[self.canonical(name)]
 
     def describe(self) -> list[dict[str, Any]]:
         """What `llm.models` returns: one dict per model, default first."""
@@ -179,27 +202,43 @@ class ModelRegistry:
                 "path": spec.path,
                 "n_ctx": spec.n_ctx,
                 "description": spec.description,
+                "aliases": sorted(a for a, t in self.aliases.items() if t == name),
             })
         return out
 
     def __contains__(self, name: object) -> bool:
-        return name in self._specs
+        return name in self._specs or name in self.aliases
+
+
+def unknown_model(name: str, known: list[str]) -> UnknownModelError:
+    """The one ENOENT for a model name nobody registered: what is known, how to add one."""
+    name = name if len(name) <= 100 else name[:100] + "..."
+    return UnknownModelError(
+        "ENOENT", f"unknown model {name!r}; known models: {', '.join(known)}; add it to "
+                  f"models.toml: [models.{name}] path=\"...\" or kind=\"openai\" "
+                  f"base_url=\"...\" (or an alias: aliases = {{\"{name}\" = \"MODEL\"}})")
 
 
 def _spec_from_toml(path: Path, name: str, entry: Any) -> ModelSpec:
     where = f"{path} [models.{name}]"
     if not isinstance(entry, dict):
         raise SyscallError("EINVAL", f"{where} must be a table")
-    unknown = set(entry) - _SPEC_KEYS
-    if unknown:
-        raise SyscallError(
-            "EINVAL", f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(_SPEC_KEYS)}"
-        )
     kind = entry.get("kind", "gguf")
     if kind not in KINDS:
         raise SyscallError("EINVAL", f"{where}: kind must be one of {', '.join(KINDS)}, "
                                      f"not {kind!r}")
-    wrong = [k for k in (_SIM_ONLY if kind == "gguf" else _GGUF_ONLY) if k in entry]
+    allowed = set(_SPEC_KEYS)
+    if kind == "openai":  # the HTTP client loads only where a remote model is registered
+        from llmagentos.drivers.openai_backend import CONFIG_KEYS, OpenAIConfig
+
+        allowed |= set(CONFIG_KEYS)
+    unknown = set(entry) - allowed
+    if unknown:
+        raise SyscallError(
+            "EINVAL", f"{where}: unknown keys {sorted(unknown)}; allowed for kind {kind!r}: "
+                      f"{sorted(allowed)}")
+    foreign = {"gguf": _SIM_ONLY, "sim": _GGUF_ONLY, "openai": _GGUF_ONLY + _SIM_ONLY}[kind]
+    wrong = [k for k in foreign if k in entry]
     if wrong:
         raise SyscallError("EINVAL", f"{where}: {', '.join(wrong)} do not apply to a model "
                                      f"of kind {kind!r}")
@@ -209,6 +248,13 @@ def _spec_from_toml(path: Path, name: str, entry: Any) -> ModelSpec:
         if not isinstance(ms, (int, float)) or isinstance(ms, bool) or not 0 <= ms <= 60_000:
             raise SyscallError("EINVAL", f"{where}: decode_ms must be a number in 0..60000")
         spec = replace(spec, options={"decode_ms": float(ms)})
+    elif kind == "openai":
+        # An OpenAI-compatible server (kernel/modeltable.py open_queue); the key itself
+        # is never in the registry, only the name of the variable that holds it.
+        # ``model`` is the name the server knows; by default the registry's.
+        options = {"model": name, **{k: entry[k] for k in CONFIG_KEYS if k in entry}}
+        OpenAIConfig.from_entry(options, where)  # EINVAL at boot, not at the first request
+        spec = replace(spec, options=options)
     elif "path" in entry:
         if not isinstance(entry["path"], str):
             raise SyscallError("EINVAL", f"{where}: path must be a string")

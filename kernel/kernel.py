@@ -175,9 +175,8 @@ class Kernel:
                 root.start_soon(sv.audit.writer)
                 if sv.containment.level == "subreaper":
                     root.start_soon(self._sweep_orphans)
-                if sv.scheduler is not None:
-                    await root.start(sv.scheduler.run)
-                    sv.hook_device(root)
+                await sv.table.start(root)  # each loaded model's run queue
+                sv.hook_device(root)
                 if self.config.embed_memory and sv.device is not None:
                     root.start_soon(self._embed_archive)
                 for lst in listeners:

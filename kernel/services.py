@@ -1,8 +1,9 @@
 """The kernel's services, and the one place where they are made and wired.
 
 A handler is handed a `Services` (``call.sys``), never the Kernel: the
-process table, the context store, the device and its run queue, the tool
-table and the rest, each the one owner of its concern. The Kernel
+process table, the context store, the loaded models (each a device and its
+run queue: kernel/modeltable.py), the tool table and the rest, each the one
+owner of its concern. The Kernel
 (kernel/kernel.py) owns one and runs the lifecycle around it: run dir and
 lock, listeners, signals, the root nursery, shutdown.
 
@@ -30,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
 
-from llmagentos.drivers.models import ModelRegistry, open_device
+from llmagentos.drivers.models import ModelRegistry
 from llmagentos.syscalls import paths
 from llmagentos.syscalls.bootopts import KernelConfig
 from llmagentos.syscalls.errno import SyscallError
@@ -40,8 +41,8 @@ from .audit import AuditLog
 from .cgroups import Containment, kernel_name
 from .isolation import Isolation
 from .memory import ContextStore
+from .modeltable import Loaded, ModelTable
 from .proc import PCB, ProcessTable
-from .scheduler import Scheduler
 from .threads import ThreadShares
 from .tools import ToolTable
 from .trajectories import TrajectoryStore
@@ -70,6 +71,7 @@ class Services:
     config: KernelConfig
     models: ModelRegistry  # the models this kernel may load
     procs: ProcessTable
+    table: ModelTable = field(init=False)  # the loaded ones: name -> device and run queue
     boot_time: float = field(default_factory=time.time)
     stats: Counter[str] = field(default_factory=Counter)
     threads: ThreadShares = field(default_factory=ThreadShares)  # each process's share
@@ -84,12 +86,24 @@ class Services:
     tools: ToolTable | None = None
     trajectories: TrajectoryStore | None = None
     containment: Containment | None = None
-    # a compute device (drivers/device.py); with --ray, the local one (vocabulary, embeddings)
-    device: Any = None
-    scheduler: Scheduler | None = None  # the run queue (with --ray, a DeviceSet of them)
     cluster: Cluster | None = None  # booted with --ray
-
     _envs: EnvTable | None = None
+
+    def __post_init__(self) -> None:
+        self.table = ModelTable(self.models, self.config)
+
+    @property
+    def device(self) -> Any:
+        """The default model's device, where the kernel itself needs one (context
+        memory's embeddings and token counts); None without a local default model."""
+        d = self.table.default
+        return self.table.loaded[d].device if d is not None else None
+
+    @property
+    def scheduler(self) -> Any:
+        """The default model's run queue (with --ray, a DeviceSet); None without one."""
+        d = self.table.default
+        return self.table.loaded[d].queue if d is not None else None
 
     @property
     def envs(self) -> EnvTable:
@@ -162,53 +176,45 @@ class Services:
                  ", ".join(self.containment.controllers) or "none")
 
     async def load_device(self) -> None:
+        """The models to load at boot: --model (the default) and --load, in order."""
         cfg = self.config
+        names = [m for m in dict.fromkeys([cfg.model, *cfg.load]) if m != "none"]
         if cfg.ray:
             from .cluster import Cluster  # imports ray: only when asked for
 
             self.cluster = Cluster(cfg)
-            self.device, self.scheduler = await self.cluster.start(self.models)
+            device, queue = await self.cluster.start(self.models)
             self.procs.cluster = self.cluster
-            return
-        if cfg.model == "none":
-            return
-        log.info("loading model %s", cfg.model)
-        try:
-            self.device = await trio.to_thread.run_sync(lambda: open_device(
-                cfg.model, registry=self.models, n_seq_max=cfg.slots, n_ctx=cfg.n_ctx,
-                n_threads=cfg.threads, n_gpu_layers=cfg.n_gpu_layers, kv_memory=cfg.kv_memory))
-        except SyscallError as e:
-            raise BootError(f"cannot load model {cfg.model!r}: {e.message}") from None
-        self.scheduler = Scheduler(self.device, cfg.policy, cfg.quantum, cfg.snapshot_ram,
-                                   str(cfg.state_dir / "kv"))
-        dev = self.device
-        cell_bytes = getattr(dev, "kv_cell_bytes", None)
-        log.info("model %s loaded: up to %d sequences of %d tokens sharing a KV pool of %d "
-                 "cells%s", dev.model_name, dev.n_seq_max, dev.n_ctx, dev.kv_size,
-                 f" ({dev.kv_size * cell_bytes / 2**20:.0f} MiB, {cell_bytes} bytes a cell)"
-                 if cell_bytes else "")
+            if queue is not None:
+                self.table.add(Loaded(device.model_name, "gguf", device, queue))
+                names = names[1:]
+        for name in names:
+            try:
+                await self.table.load(name)
+            except SyscallError as e:
+                raise BootError(f"cannot load model {name!r}: {e.message}") from None
 
     def hook_device(self, nursery: trio.Nursery) -> None:
-        """Signals, nice values and exits reach the run queue: STOP parks, CONT
-        resumes, exit (KILL included) frees slots and saved state."""
-        sched = self.scheduler
+        """Signals, nice values and exits reach every loaded run queue: STOP parks,
+        CONT resumes, exit (KILL included) frees slots and saved state."""
+        table = self.table
 
         def on_signal(pcb: PCB, sig: int) -> None:
             if sig == signal.SIGSTOP:
-                sched.stop(pcb.pid)
+                table.stop(pcb.pid)
             elif sig == signal.SIGCONT:
-                sched.cont(pcb.pid)
+                table.cont(pcb.pid)
 
         self.procs.on_signal.append(on_signal)
-        self.procs.on_exit.append(lambda pcb: nursery.start_soon(sched.release, pcb.pid))
-        self.procs.on_renice.append(lambda pcb: sched.set_nice(pcb.pid, pcb.nice))
+        self.procs.on_exit.append(lambda pcb: nursery.start_soon(table.release, pcb.pid))
+        self.procs.on_renice.append(lambda pcb: table.set_nice(pcb.pid, pcb.nice))
 
     def close(self) -> None:
         """Every group killed and the parent group removed, then the stores and
         the device; whatever boot got to."""
         if self.containment is not None:
             self.containment.close()
-        for part in (self.audit, self.memory, self.trajectories, self.device, self.cluster):
+        for part in (self.audit, self.memory, self.trajectories, self.table, self.cluster):
             if part is not None:
                 part.close()
 
@@ -233,7 +239,8 @@ class Services:
             "run_dir": str(cfg.run_dir), "state_dir": str(cfg.state_dir),
             "policy": cfg.policy,
             "isolation": self.procs.isolation.describe(),
-            "model": self.device.model_name if self.device else None,
+            "model": self.table.default,
+            "models": list(self.table.loaded),
             "slots": self.scheduler.n_slots if self.scheduler else 0,
             "n_ctx": self.device.n_ctx if self.device else 0,
             "containment": self.containment.describe() if self.containment else None,

@@ -21,7 +21,7 @@ from . import perms
 from .dispatch import Call, handler
 from .names import identity
 from .proc import INIT_PID, PCB
-from .sysllm import check_messages, run_generation
+from .sysllm import check_messages, submit
 
 GEN_RESERVE = 256  # tokens kept free for the reply when a budget is derived
 SUMMARY_INPUT_TOKENS = 768  # most of the old text a summary is written from
@@ -33,8 +33,9 @@ def owner_arg(pcb: PCB) -> str | None:
 
 
 def default_budget(call: Call, pcb: PCB) -> int:
-    dev = call.sys.device
-    budget = (dev.n_ctx if dev else 2048) - GEN_RESERVE
+    table = call.sys.table
+    entry = table.loaded.get(pcb.model or table.default or "")  # the process's own model
+    budget = ((entry.n_ctx if entry is not None else None) or 2048) - GEN_RESERVE
     if "ctx_tokens" in pcb.limits:
         budget = min(budget, int(pcb.limits["ctx_tokens"]))
     return max(budget, 1)
@@ -125,8 +126,7 @@ async def compact(call: Call, strategy: str, upto: int | None, ctx: int | None) 
     if strategy != "summarize":
         raise SyscallError("EINVAL", f"unknown strategy {strategy!r}; known: summarize")
     sv, owner = call.sys, owner_arg(call.caller)
-    if sv.device is None:
-        raise SyscallError("ENOSYS", "summarizing needs the compute device")
+    entry = sv.table.for_process(call.caller)  # ENOSYS without a model
     cid = current(call, ctx)
     msgs = [m for m in sv.memory.read(cid, 0, None, True, owner=owner) if m["kind"] != "note"]
     if upto is None:  # default: what has been paged out, else the older half of the window
@@ -144,7 +144,7 @@ async def compact(call: Call, strategy: str, upto: int | None, ctx: int | None) 
     prompt = ("Summarize the following conversation in two or three sentences, keeping "
               "names, numbers and decisions.\n\n" + "\n".join(reversed(text)) + "\n\nSummary:")
     params = SamplingParams(max_tokens=96, temperature=0.0)
-    res = await run_generation(call, sv.device.tokenize(prompt), params, False)
+    res = await submit(call, entry, prompt, None, params, False)
     # a base model may ramble on: keep its first paragraph
     first = res["text"].strip().split("\n\n")[0].strip() or "(no summary)"
     summary = "[summary of earlier conversation] " + first
@@ -214,10 +214,11 @@ def chat_messages(window: list[dict]) -> list[dict]:
 
 
 async def context_generation(call: Call, prompt: str | None, messages: list | None,
-                             params: SamplingParams, stream: bool) -> dict:
+                             params: SamplingParams, stream: bool, entry: Any) -> dict:
     """Append the new turn, build the prompt from the window through the chat
-    template, generate, append the reply. The process's device sequence holds
-    the same tokens as its window, so only the new turn is prefilled."""
+    template of the model ``entry`` (any loaded one), generate, append the reply.
+    The process's device sequence holds the same tokens as its window, so only
+    the new turn is prefilled."""
     sv, pcb = call.sys, call.caller
     mem, owner = sv.memory, owner_arg(pcb)
     cid = current(call)
@@ -233,10 +234,7 @@ async def context_generation(call: Call, prompt: str | None, messages: list | No
     msgs = chat_messages(win)
     if not msgs or msgs[-1]["role"] == "assistant":
         raise SyscallError("EINVAL", "the context has no new user turn to answer")
-    dev = sv.device
-    params.stop = list(params.stop) + [s for s in dev.chat_stop if s not in params.stop]
-    tokens = dev.tokenize_chat(msgs)
-    res = await run_generation(call, tokens, params, stream)
+    res = await submit(call, entry, None, msgs, params, stream)
     res["ctx"] = mem.append(cid, "assistant", res["text"].strip(), owner=owner)
     res["ctx"]["id"] = cid
     return res

@@ -1,7 +1,12 @@
-"""Handlers of the `llm` group: the compute device as syscalls.
+"""Handlers of the `llm` group: the compute devices as syscalls.
 
-The device loop (kernel/scheduler/) owns the llama.cpp context; handlers
-only submit requests to it and account what each process used.
+Each loaded model is a device and its run queue (kernel/modeltable.py); a
+call uses the model it names (params ``model``), else the caller's own
+(proc.spawn/attach ``model``, inherited), else the kernel's default. The
+device loops (kernel/scheduler/) own the llama.cpp contexts; handlers only
+submit requests and account what each process used. A local model's prompt
+is tokenized here with its device; a model served elsewhere (kind "openai")
+takes the text itself.
 
 Sizes are checked before work, on the event loop, where the check costs
 O(1) or one encode: a text longer than ``Device.text_bytes_for(n)`` bytes
@@ -20,6 +25,7 @@ from llmagentos.drivers.sampling import SamplingParams
 from llmagentos.syscalls.errno import SyscallError
 
 from .dispatch import Call, handler
+from .modeltable import Loaded
 
 if TYPE_CHECKING:
     from .services import Services
@@ -30,12 +36,19 @@ MAX_TOKENIZE_BYTES = 1 << 20  # text per llm.tokenize
 STREAM_INTERVAL = 0.005    # seconds: pieces closer together than this share a write
 
 
-def _device(call: Call) -> Any:
-    dev = call.sys.device
-    if dev is None:
-        raise SyscallError("ENOSYS", "this kernel was booted without a compute device "
-                                     "(--model none)")
-    return dev
+def model_of(call: Call, name: Any = None) -> Loaded:
+    """The loaded model a call uses: ``name``, else the caller's own, else the default."""
+    if name is not None and (not isinstance(name, str) or not name):
+        raise SyscallError("EINVAL", "model must be a non-empty string")
+    return call.sys.table.for_process(call.caller, name)
+
+
+def _device(call: Call, name: Any = None) -> Any:
+    entry = model_of(call, name)
+    if entry.device is None:
+        raise SyscallError("EINVAL", f"model {entry.name!r} is served elsewhere (kind "
+                                     f"{entry.kind!r}): it has no vocabulary here")
+    return entry.device
 
 
 def check_text_size(text: str, limit: int, what: str) -> None:
@@ -97,23 +110,45 @@ class TokenStream:
             self.call.notify_nowait("llm.token", [self.call.msgid, text])
 
 
+async def submit(call: Call, entry: Loaded, prompt: str | None, messages: list | None,
+                 params: SamplingParams, stream: bool) -> dict:
+    """One generation on ``entry``'s run queue for the caller: a local model's prompt
+    is tokenized with its own device (its chat template); a remote one takes the text."""
+    if entry.local:
+        tokens = await prompt_tokens(entry.device, prompt, messages, params)
+        return await run_generation(call, tokens, params, stream, entry)
+    if (prompt is None) == (messages is None):
+        raise SyscallError("EINVAL", "give exactly one of prompt or messages")
+    if messages is not None:
+        check_messages(messages)
+    return await _wait_queue(call, entry, 0, stream, lambda on_token: entry.queue.generate(
+        call.caller.pid, prompt, messages, params, nice=call.caller.nice, on_token=on_token),
+        params)
+
+
 async def run_generation(call: Call, tokens: list[int], params: SamplingParams,
-                         stream: bool) -> dict:
-    """Submit one request for the caller and wait for it; streams if asked."""
-    sv, pcb = call.sys, call.caller
-    check_token_quota(pcb, params, len(tokens))
+                         stream: bool, entry: Loaded) -> dict:
+    """Submit one request of tokens for the caller and wait for it; streams if asked."""
+    return await _wait_queue(
+        call, entry, len(tokens), stream, lambda on_token: entry.queue.generate(
+            call.caller.pid, tokens, params, nice=call.caller.nice, on_token=on_token), params)
+
+
+async def _wait_queue(call: Call, entry: Loaded, n_prompt: int, stream: bool, start: Any,
+                      params: SamplingParams) -> dict:
+    pcb = call.caller
+    check_token_quota(pcb, params, n_prompt)
     out = TokenStream(call) if stream else None
     pcb.waiting_calls += 1  # in the run queue or on the device: WAITING, as for I/O
     try:
-        res = await sv.scheduler.generate(pcb.pid, tokens, params, nice=pcb.nice,
-                                          on_token=out.put if out else None)
+        res = await start(out.put if out else None)
     finally:
         pcb.waiting_calls -= 1
         if out is not None:
             out.flush()  # what was held goes out before the answer
     account(pcb, res.usage)
     return {"text": res.text, "finish_reason": res.finish_reason, "usage": res.usage,
-            "model": sv.device.model_name}
+            "model": entry.name}
 
 
 async def prompt_tokens(dev: Any, prompt: str | None, messages: list | None,
@@ -161,24 +196,38 @@ async def generate(call: Call, prompt: str | None, messages: list | None, params
         if chars > MAX_TOKENIZE_BYTES:
             raise SyscallError("E2BIG", f"messages of {chars} characters are over the bound "
                                         f"of {MAX_TOKENIZE_BYTES} bytes")
-    dev = _device(call)
+    params = dict(params or {})
+    entry = model_of(call, params.pop("model", None))
     sp = SamplingParams.from_dict(params)
     if context:
         gen_ctx = call.sys.context_generation
         if gen_ctx is None:
             raise SyscallError("ENOSYS", "context memory is not available in this kernel")
-        return await gen_ctx(call, prompt, messages, sp, stream)
-    tokens = await prompt_tokens(dev, prompt, messages, sp)
-    return await run_generation(call, tokens, sp, stream)
+        return await gen_ctx(call, prompt, messages, sp, stream, entry)
+    return await submit(call, entry, prompt, messages, sp, stream)
 
 
 @handler("llm.embed", runs="task")
-async def embed(call: Call, texts: list | str) -> list:
-    dev, pcb = _device(call), call.caller
+async def embed(call: Call, texts: list | str, model: str | None) -> list:
+    entry, pcb = model_of(call, model), call.caller
     if isinstance(texts, str):
         texts = [texts]
     if not texts or len(texts) > MAX_EMBED_TEXTS or not all(isinstance(t, str) for t in texts):
         raise SyscallError("EINVAL", f"texts must be 1..{MAX_EMBED_TEXTS} strings")
+    if not entry.local:
+        chars = sum(len(t) for t in texts)
+        if chars > MAX_TOKENIZE_BYTES:
+            raise SyscallError("E2BIG", f"texts of {chars} characters are over the bound of "
+                                        f"{MAX_TOKENIZE_BYTES} bytes")
+        check_token_quota(pcb, SamplingParams(max_tokens=1), 0)  # EDQUOT once spent
+        pcb.waiting_calls += 1
+        try:
+            res = await entry.queue.embed(pcb.pid, texts, nice=pcb.nice)
+        finally:
+            pcb.waiting_calls -= 1
+        account(pcb, res.usage)
+        return res.vectors
+    dev = entry.device
     # Each text counts up to EMBED_CTX tokens, and has at least len/max_token_bytes.
     least = sum(min(-(-len(t) // dev.max_token_bytes), dev.EMBED_CTX) for t in texts)
     if least > MAX_EMBED_TOKENS:
@@ -196,23 +245,23 @@ async def embed(call: Call, texts: list | str) -> list:
                                          f"these texts {job.n_tokens})")
     pcb.waiting_calls += 1
     try:
-        res = await run_embedding(call.sys, pcb.pid, job, nice=pcb.nice)
+        res = await run_embedding(entry, pcb.pid, job, nice=pcb.nice)
     finally:
         pcb.waiting_calls -= 1
     account(pcb, res.usage)
     return res.vectors
 
 
-async def run_embedding(services: "Services", owner: int, job: Any, *,
+async def run_embedding(entry: Loaded, owner: int, job: Any, *,
                         nice: int | None = None) -> Any:
-    """Run an embed job for ``owner`` on the kernel's device: through its run queue, or,
+    """Run an embed job for ``owner`` on a model's device: through its run queue, or,
     where the run queue drives other devices (a cluster), chunk by chunk here."""
-    sched = services.scheduler
-    if getattr(sched, "device", None) is services.device:
+    sched = entry.queue
+    if getattr(sched, "device", None) is entry.device:
         return await sched.embed(owner, job, nice=nice)
     from .scheduler import EmbedResult
 
-    dev, spent = services.device, 0.0
+    dev, spent = entry.device, 0.0
     try:
         while not job.done:
             t0 = time.perf_counter()
@@ -228,9 +277,13 @@ async def run_embedding(services: "Services", owner: int, job: Any, *,
 
 
 async def embed_texts(services: "Services", owner: int, texts: list[str]) -> list[list[float]]:
-    """The kernel's own embeddings (context memory), under the same run queue."""
-    job = await trio.to_thread.run_sync(services.device.embedding, texts)
-    return (await run_embedding(services, owner, job)).vectors
+    """The kernel's own embeddings (context memory): the default model, under its run
+    queue."""
+    entry = services.table.get(None)
+    if entry.device is None:
+        raise SyscallError("ENOSYS", "context memory embeddings need a local default model")
+    job = await trio.to_thread.run_sync(entry.device.embedding, texts)
+    return (await run_embedding(entry, owner, job)).vectors
 
 
 @handler("llm.tokenize", runs="task")
@@ -249,6 +302,16 @@ async def detokenize(call: Call, tokens: list) -> str:
 
 @handler("llm.models")
 async def models(call: Call) -> list:
-    sv = call.sys
-    loaded = sv.device.model_name if sv.device is not None else None
-    return [{**m, "loaded": m["name"] == loaded} for m in sv.models.describe()]
+    return call.sys.table.rows()
+
+
+@handler("llm.load", runs="task")
+async def load(call: Call, name: str) -> dict:
+    table = call.sys.table
+    entry = await table.load(name)  # ENOENT, ENOMEM past the budget
+    return next(r for r in table.rows() if r["name"] == entry.name)
+
+
+@handler("llm.unload", runs="task")
+async def unload(call: Call, name: str) -> None:
+    await call.sys.table.unload(name)

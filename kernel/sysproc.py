@@ -12,17 +12,20 @@ from .proc import INIT_PID, parse_signal
 
 @handler("proc.spawn", runs="task")
 async def spawn(call: Call, argv: list, name: str | None, env: dict | None, cwd: str | None,
-                caps: list | None, limits: dict | None, nice: int, placement: str) -> int:
+                caps: list | None, limits: dict | None, nice: int, placement: str,
+                model: str | None) -> int:
+    model = call.sys.table.check(model) or call.caller.model  # ENOENT naming the known ones
     pcb = await call.sys.procs.spawn(call.caller, argv, name, env, cwd, caps, limits, nice,
-                                     placement)
+                                     placement, model)
     return pcb.pid
 
 
 @handler("proc.attach")
 async def attach(call: Call, name: str | None, caps: list | None, limits: dict | None,
-                 nice: int) -> dict:
+                 nice: int, model: str | None) -> dict:
+    model = call.sys.table.check(model) or call.caller.model
     os_pid = call.conn.peer_pid() or call.caller.os_pid
-    pcb = call.sys.procs.attach(call.caller, name, caps, limits, nice, os_pid)
+    pcb = call.sys.procs.attach(call.caller, name, caps, limits, nice, os_pid, model)
     return {"pid": pcb.pid, "token": pcb.token}
 
 

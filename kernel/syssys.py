@@ -38,10 +38,12 @@ async def stats(call: Call) -> dict:
         states[p.state] = states.get(p.state, 0) + 1
     out = {**sv.uname(), "counters": dict(sv.stats), "processes": len(sv.procs.procs),
            "states": states, "device": None}
-    if sv.scheduler is not None:
-        dev = sv.scheduler.stats()
+    out["devices"] = {}
+    for name, entry in list(sv.table.loaded.items()):  # every loaded model's run queue
+        dev = entry.queue.stats()
         dev.pop("owners", None)  # per-process rows are in proc.ps
-        out["device"] = dev
+        out["devices"][name] = dev
+    out["device"] = out["devices"].get(sv.table.default)  # the default model's
     if sv.cluster is not None:  # nodes alive and dead, device actors (asks Ray's GCS)
         out["cluster"] = await trio.to_thread.run_sync(sv.cluster.status, abandon_on_cancel=True)
     return out

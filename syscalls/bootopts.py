@@ -39,10 +39,12 @@ class ConfigError(ValueError):
 
 def opt(help: str, *, choices: tuple | None = None, flag: str | None = None,
         metavar: str | None = None, default: Any = dataclasses.MISSING,
-        factory: Any = dataclasses.MISSING, parse: Any = None) -> Any:
+        factory: Any = dataclasses.MISSING, parse: Any = None, many: bool = False) -> Any:
     """A KernelConfig field with what its flag needs; ``parse`` reads a value
-    its type alone cannot (from a flag's text or a config file's value)."""
-    meta = {"help": help, "choices": choices, "flag": flag, "metavar": metavar, "parse": parse}
+    its type alone cannot (from a flag's text or a config file's value);
+    ``many``: the flag may be repeated (see `given`)."""
+    meta = {"help": help, "choices": choices, "flag": flag, "metavar": metavar, "parse": parse,
+            "many": many}
     if factory is not dataclasses.MISSING:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -64,7 +66,7 @@ def gpu_layers(value: Any) -> int:
     if isinstance(value, bool) or n < ALL_LAYERS:
         raise ValueError(f"gpu layers must be a count or 'all', not {value!r}")
     return n
-REGISTRY_KEYS = ("models", "default")  # the model registry's part of a config file
+REGISTRY_KEYS = ("models", "default", "aliases")  # the model registry's part of a config file
 
 
 @dataclass
@@ -83,8 +85,15 @@ class KernelConfig:
                                    default=64)
     grace: float = opt("seconds between TERM and KILL at shutdown", default=3.0)
     # the compute device
-    model: str = opt("model name from the registry, a GGUF path, or 'none' (no device)",
-                     default="gemma3-270m")
+    model: str = opt("model name from the registry, a GGUF path, or 'none' (no device); "
+                     "given again, each further one is loaded too (as --load)",
+                     default="gemma3-270m", many=True)
+    load: list[str] = opt("further models loaded at boot beside --model, each its own device "
+                          "and run queue (a config file's load = [...])", factory=list,
+                          metavar="MODEL")
+    model_memory: int = opt("bytes the loaded local models may take together (GGUF file + KV "
+                            "cache); a load past it is ENOMEM. 0: half the machine's RAM",
+                            default=0)
     slots: int | None = opt("most sequences on the device at once (default: llama.cpp's "
                             "most, as many as the KV pool holds)", default=None)
     kv_memory: int | None = opt("bytes of the KV cache pool that running sequences share "
@@ -133,7 +142,8 @@ class KernelConfig:
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")
-        for name in ("grace", "snapshot_ram", "device_cpus", "device_gpus", "device_restarts"):
+        for name in ("grace", "snapshot_ram", "device_cpus", "device_gpus", "device_restarts",
+                     "model_memory"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, not {getattr(self, name)}")
         if self.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
@@ -151,7 +161,7 @@ def _base_type(f: dataclasses.Field) -> type:
     hint = typing.get_type_hints(KernelConfig)[f.name]
     if isinstance(hint, types.UnionType):  # X | None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
-    return hint
+    return typing.get_origin(hint) or hint  # list[str] -> list
 
 
 def flag(f: dataclasses.Field) -> str:
@@ -169,6 +179,10 @@ def add_arguments(ap: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> No
                               "dest": f.name}
         if t is bool:
             kw["action"] = argparse.BooleanOptionalAction
+        elif t is list or f.metadata.get("many"):
+            kw["action"], kw["type"] = "append", str
+            if f.metadata.get("metavar"):
+                kw["metavar"] = f.metadata["metavar"]
         else:
             kw["type"] = _flag_type(f.metadata["parse"]) if f.metadata.get("parse") else t
             if f.metadata.get("choices"):
@@ -188,8 +202,15 @@ def _flag_type(parse: Any) -> Any:
 
 
 def given(ns: argparse.Namespace) -> dict[str, Any]:
-    """The options a parsed command line gave, by field name."""
-    return {f.name: getattr(ns, f.name) for f in _fields() if hasattr(ns, f.name)}
+    """The options a parsed command line gave, by field name. A repeated
+    ``--model A --model B`` is ``model`` A and B loaded too (``load``)."""
+    out = {f.name: getattr(ns, f.name) for f in _fields() if hasattr(ns, f.name)}
+    if isinstance(out.get("model"), list):
+        first, *more = out["model"]
+        out["model"] = first
+        if more:
+            out["load"] = more + list(out.get("load", []))
+    return out
 
 
 def as_flags(options: dict[str, Any]) -> list[str]:
@@ -200,6 +221,9 @@ def as_flags(options: dict[str, Any]) -> list[str]:
         f = by_name[name]
         if _base_type(f) is bool:
             out.append(flag(f) if value else "--no-" + flag(f)[2:])
+        elif isinstance(value, (list, tuple)):
+            for v in value:
+                out += [flag(f), str(v)]
         else:
             out += [flag(f), str(value)]
     return out
@@ -238,6 +262,10 @@ def _coerce(path: Path, key: str, f: dataclasses.Field, value: Any) -> Any:
         except ValueError as e:
             raise ConfigError(f"{path}: {key}: {e}") from None
     t = _base_type(f)
+    if t is list:
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{path}: {key} must be a list of strings")
+        return list(value)
     ok = (isinstance(value, bool) if t is bool
           else isinstance(value, (int, float)) and not isinstance(value, bool) if t is float
           else isinstance(value, int) and not isinstance(value, bool) if t is int

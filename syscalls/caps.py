@@ -11,14 +11,16 @@ from typing import Iterable
 
 # What a process gets when its spawner names no set: everything its parent holds
 # except the powers over other processes and the kernel itself. agent.adopt
-# takes up an agent name (its context, memory, files) that another identity owns.
+# takes up an agent name (its context, memory, files) that another identity owns;
+# llm.admin loads and unloads the kernel's models.
 PRIVILEGED = frozenset({"proc.kill_any", "sys.shutdown", "proc.renice", "sys.audit",
-                        "agent.adopt"})
+                        "agent.adopt", "llm.admin"})
 # Sharing with other agents is asked for by name, never inherited by default.
 SHARING = frozenset({"fs.shared", "mem.shared"})
 
 KNOWN = (
-    "llm", "ctx", "mem", "mem.shared", "fs.read", "fs.write", "fs.shared", "exec", "tool:*",
+    "llm", "llm.admin", "ctx", "mem", "mem.shared", "fs.read", "fs.write", "fs.shared", "exec",
+    "tool:*",
     "proc.spawn", "proc.kill_any", "proc.renice", "drv.register", "env",
     "sys.shutdown", "sys.audit", "ipc", "agent.adopt",
 )

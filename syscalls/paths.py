@@ -13,6 +13,7 @@ ENV_TOKEN_FD = "LLMAGENTOS_TOKEN_FD"  # a spawned process's token: an inherited 
 ENV_PID = "LLMAGENTOS_PID"
 ENV_RUN_DIR = "LLMAGENTOS_RUN_DIR"
 ENV_STATE_DIR = "LLMAGENTOS_STATE_DIR"
+ENV_CONFIG = "LLMAGENTOS_CONFIG"  # the config file (model registry) a private kernel boots with
 
 SOCKET_NAME = "kernel.sock"
 TOKEN_NAME = "token"  # the shell user's token, mode 0600

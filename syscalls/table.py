@@ -307,8 +307,10 @@ _def(20, "proc.spawn", [
     P("argv", "list"), P("name", "str?", None), P("env", "dict?", None),
     P("cwd", "str?", None), P("caps", "list?", None), P("limits", "dict?", None),
     P("nice", "int", 0, lo=-20, hi=19), P("placement", "str", "local", choices=("local", "ray")),
+    P("model", "str?", None),
 ], "proc.spawn", "start a real OS process as a child of the caller; returns its pid "
-   "(placement=\"ray\": on a node of the kernel's Ray cluster, reaching the kernel over TCP)",
+   "(placement=\"ray\": on a node of the kernel's Ray cluster, reaching the kernel over TCP; "
+   "model: its default model, else the caller's, inherited by its children)",
      mutates=True)
 _def(21, "proc.getpid", [], None, "the caller's pid")
 _def(22, "proc.ps", [], None, "the process table, one row per process")
@@ -325,10 +327,12 @@ _def(27, "proc.setlimit", [P("pid", "int"), P("name", "str"),
      "set one limit of a process (only lower it, unless proc.kill_any is held)",
      mutates=True)
 _def(30, "proc.attach", [P("name", "str?", None), P("caps", "list?", None),
-                        P("limits", "dict?", None), P("nice", "int", 0, lo=-20, hi=19)],
+                        P("limits", "dict?", None), P("nice", "int", 0, lo=-20, hi=19),
+                        P("model", "str?", None)],
      "proc.spawn",
      "make a child process that lives in the caller's OS process (an Agent object); "
-     "returns {pid, token}: a connection that says hello with the token is that process",
+     "returns {pid, token}: a connection that says hello with the token is that process "
+     "(model: its default model, as for proc.spawn)",
      mutates=True)
 _def(29, "proc.logs", [P("pid", "int"), P("offset", "int", 0, lo=0),
                        P("limit", "int", 65536, lo=1, hi=4 << 20)], None,
@@ -341,12 +345,20 @@ _def(50, "llm.generate", [
     P("prompt", "str?", None), P("messages", "list?", None), P("params", "dict?", None),
     P("stream", "bool", False), P("context", "bool", False),
 ], "llm", "generate text from a prompt, chat messages, or (context=true) the caller's "
-   "context; stream=true sends [msgid, piece] llm.token notifications first", stream=True)
-_def(51, "llm.embed", [P("texts", "list|str")], "llm", "embedding vectors, one per text")
+   "context; stream=true sends [msgid, piece] llm.token notifications first; "
+   "params.model picks a loaded model (default: the caller's)", stream=True)
+_def(51, "llm.embed", [P("texts", "list|str"), P("model", "str?", None)], "llm",
+     "embedding vectors, one per text (model: a loaded one; default: the caller's)")
 _def(52, "llm.tokenize", [P("text", "str"), P("special", "bool", False)], "llm",
      "text to token ids with the loaded model's vocabulary")
-_def(53, "llm.models", [], None, "the models the kernel knows; which one is loaded")
+_def(53, "llm.models", [], None,
+     "the models the kernel knows: kind, loaded, n_ctx, aliases, default, device stats")
 _def(54, "llm.detokenize", [P("tokens", "list")], "llm", "token ids back to text")
+_def(55, "llm.load", [P("name", "str")], "llm.admin",
+     "load a registered model as a further device with its own run queue; ENOMEM past "
+     "the model memory budget", mutates=True)
+_def(56, "llm.unload", [P("name", "str")], "llm.admin",
+     "unload a model: its requests fail with ECANCELED, its device is freed", mutates=True)
 
 # --- ctx: 60-79 (the memory manager; ctx=nil means the caller's current context) ----
 _def(60, "ctx.append", [P("role", "str"), P("content", "str"), P("pinned", "bool", False),

@@ -572,3 +572,52 @@ async def test_server_killed_mid_stream_is_EIO_and_nothing_is_left_in_flight(lla
             assert st["backend"]["alive"] is False and st["backend"]["last_error"]
     finally:
         srv.stop()
+
+
+# -- through the kernel: a registry entry of kind "openai" ------------------------------------
+
+@pytest.mark.model
+@pytest.mark.timeout(90)
+def test_agents_reach_a_remote_model_through_syscalls(llama_server, tmp_path):
+    """A kernel whose registry names the server: generate, chat, stream and embed by
+    syscalls, a spawned process on it by default, usage in the process table, and the
+    key nowhere in what the kernel shows."""
+    from conftest import PY, boot_kernel
+
+    conf = tmp_path / "models.toml"
+    conf.write_text(f'[models.far]\nkind = "openai"\nbase_url = "{llama_server.base_url}"\n'
+                    f'api_key_env = "{KEY_ENV}"\nmax_concurrency = 2\n')
+    (tmp_path / "k").mkdir()
+    k = boot_kernel(tmp_path / "k", "--config", str(conf), "--load", "far", "--slots", "2",
+                    "--n-ctx", "512", model="sim")
+    try:
+        with k.client() as c:
+            res = c.llm.generate("The capital of France is", None,
+                                 {"model": "far", "temperature": 0, "max_tokens": 8})
+            assert res["model"] == "far" and res["text"].strip()
+            assert res["usage"]["prompt_tokens"] > 0
+            pieces = []
+            streamed = c.call("llm.generate", "The capital of France is", None,
+                              {"model": "far", "temperature": 0, "max_tokens": 8}, True,
+                              False, on_notify=lambda m, a: pieces.append(a[1]))
+            assert "".join(pieces) == streamed["text"] == res["text"]
+            chat = c.llm.generate(None, [{"role": "user", "content": "Say hi."}],
+                                  {"model": "far", "max_tokens": 4})
+            assert chat["model"] == "far"
+            assert len(c.llm.embed(["a cat"], "far")[0]) > 100
+            with pytest.raises(Exception) as e:  # no GBNF over this API
+                c.llm.generate("x", None, {"model": "far", "grammar": 'root ::= "a"'})
+            assert getattr(e.value, "name", None) == "EINVAL" and "grammar" in str(e.value)
+            pid = c.proc.spawn([PY, "-c", "import llmagentos; c = llmagentos.connect(); "
+                                "print(c.llm.generate('Hello', None, {'max_tokens': 4})"
+                                "['model'])"], "remote-agent", None, None, None, None, 0,
+                               "local", "far")
+            assert c.proc.wait(pid, 60)["exit_code"] == 0
+            assert c.proc.logs(pid)["data"].decode().strip() == "far"
+            rows = {m["name"]: m for m in c.llm.models()}
+            assert rows["far"]["kind"] == "openai" and rows["far"]["loaded"]
+            shown = json.dumps([rows, c.sys.stats()], default=str)
+            assert KEY not in shown
+    finally:
+        k.stop()
+    assert KEY not in k.log.read_text()

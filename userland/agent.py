@@ -36,7 +36,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from .boot import private_kernel, unknown_model
+from .boot import private_kernel
 from .client import Client, connect
 from .errors import ERRORS, KernelError
 from .tasks import STRATEGIES, Task
@@ -68,7 +68,9 @@ class EpisodeResult:
 class Agent:
     """An LLM agent: a kernel process with its own pid, context, limits and usage.
 
-    model_name: the model it generates with (ENOENT lists the known ones).
+    model_name: the model it generates with, a name or alias the kernel has
+        loaded (None: the kernel's default); its children inherit it. ENOENT
+        lists the known names.
     system: a system message pinned at the start of its context.
     tools / caps: the tools it may call (each adds `tool:<name>` to caps), and
         its capabilities (default: the parent's, less the privileged ones).
@@ -82,7 +84,7 @@ class Agent:
         first Agent boots a private one for this program.
     """
 
-    def __init__(self, model_name: str = "gemma3-270m", *, system: str | None = None,
+    def __init__(self, model_name: str | None = None, *, system: str | None = None,
                  tools: list[str] | None = None, caps: list[str] | None = None, nice: int = 0,
                  name: str | None = None, limits: dict | None = None,
                  strategy: str | None = None, learner: Any = None, demos: int = 0,
@@ -95,8 +97,6 @@ class Agent:
             if e.name != "ENOTCONN" or not auto_boot:
                 raise
             self._parent = private_kernel(model_name)
-        self._check_model(model_name)
-        self.model_name = model_name
         self.system = system
         self.tools = list(tools or [])
         self.strategy = strategy
@@ -104,22 +104,15 @@ class Agent:
         self.demos = demos
         if caps is not None and tools:
             caps = list(caps) + [f"tool:{t}" for t in tools]
-        info = self._parent.proc.attach(name, caps, limits, nice)
+        # ENOENT (the kernel's, naming the known models) for a name it has not loaded
+        info = self._parent.proc.attach(name, caps, limits, nice, model_name)
         self.pid: int = info["pid"]
         self.client = Client(_address(self._parent), info["token"])
+        self.model_name: str = self.client.proc.stat()["model"] or \
+            self.client.sys.uname()["model"]
         self.name = name or "agent"
         if system:
             self.client.ctx.append("system", system, True)
-
-    def _check_model(self, model_name: str) -> None:
-        models = self._parent.llm.models()
-        names = [m["name"] for m in models]
-        if model_name not in names:
-            raise unknown_model(model_name, names)
-        loaded = [m["name"] for m in models if m["loaded"]]
-        if model_name not in loaded:
-            raise ERRORS["ENOENT"](f"model {model_name!r} is known but the kernel runs "
-                                   f"{loaded}; boot it with --model {model_name}")
 
     # --- talking to the model -----------------------------------------------
     def generate(self, prompt: str, **params: Any) -> str:

@@ -50,29 +50,29 @@ def boot_detached(run_dir: Path, kernel_args: list[str], timeout: float = 60.0,
 _private: dict = {}
 
 
-def _check_model_name(model: str) -> None:
-    if model == "none" or os.sep in model or model.endswith(".gguf"):
-        return  # a path: the kernel's boot checks the file
+def _check_model_name(model: str | None, config: str | None) -> None:
+    if model is None or model == "none" or os.sep in model or model.endswith(".gguf"):
+        return  # the default, or a path: the kernel's boot checks the file
     from llmagentos.drivers.models import ModelRegistry
+    from llmagentos.syscalls.errno import SyscallError
 
-    registry = ModelRegistry()
-    if model not in registry:
-        raise unknown_model(model, registry.names())
-
-
-def unknown_model(model: str, known: list[str]) -> KernelError:
-    """The one ENOENT for a model name nobody knows, with or without a kernel."""
-    return ERRORS["ENOENT"](f"unknown model {model!r}; known models: {', '.join(known)}")
+    try:
+        ModelRegistry(config).canonical(model)
+    except SyscallError as e:  # the registry's own ENOENT (or a bad config file's error)
+        raise ERRORS[e.name](e.message) from None
 
 
-def private_kernel(model: str) -> Client:
+def private_kernel(model: str | None) -> Client:
     """A kernel of this program's own, shut down at exit: what `Agent()` uses
-    when no kernel is running, so the seed's example runs as written."""
+    when no kernel is running, so the seed's example runs as written. It boots
+    with $LLMAGENTOS_CONFIG's registry (and aliases) when that is set."""
     if "run_dir" not in _private:
-        _check_model_name(model)  # the same ENOENT a running kernel gives, before booting
+        config = os.environ.get(paths.ENV_CONFIG) or None
+        _check_model_name(model, config)  # the same ENOENT a running kernel gives, first
+        args = (["--config", config] if config else []) + (["--model", model] if model else [])
         run_dir = Path(tempfile.mkdtemp(prefix="llmagentos-private-"))
         try:
-            info = boot_detached(run_dir, ["--model", model])
+            info = boot_detached(run_dir, args)
         except BaseException:
             shutil.rmtree(run_dir, ignore_errors=True)
             raise

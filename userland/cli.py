@@ -23,7 +23,7 @@ from llmagentos.syscalls import bootopts as kconfig
 
 from .cli_io import EXIT_ERR, EXIT_NOKERNEL, EXIT_TIMEOUT, EXIT_USAGE, UsageError
 from .cli_kernel import cmd_boot, cmd_call, cmd_shutdown, cmd_status, cmd_syscalls
-from .cli_proc import cmd_kill, cmd_logs, cmd_ps, cmd_spawn, cmd_stat, cmd_top, cmd_wait
+from .cli_proc import cmd_kill, cmd_logs, cmd_models, cmd_ps, cmd_spawn, cmd_stat, cmd_top, cmd_wait
 from .cli_records import cmd_audit, cmd_traj_export, cmd_traj_ls, cmd_traj_plot, cmd_traj_show
 from .driver_cli import cmd_driver_run
 from .errors import KernelError
@@ -50,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("status", parents=[common], help="kernel status").set_defaults(fn=cmd_status)
     sub.add_parser("ps", parents=[common], help="process table").set_defaults(fn=cmd_ps)
+    sub.add_parser("models", parents=[common], help="the models the kernel knows and has "
+                   "loaded, with each device's load").set_defaults(fn=cmd_models)
 
     tp = sub.add_parser("top", parents=[common], help="live device and process view")
     tp.add_argument("--interval", "-d", type=float, default=1.0)
@@ -62,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--limit", action="append", metavar="NAME=VALUE")
     sp.add_argument("--env", action="append", metavar="KEY=VALUE")
     sp.add_argument("--nice", type=int, default=0)
+    sp.add_argument("--model", help="its default model (a loaded name); default: inherited")
     sp.add_argument("cmd", nargs=argparse.REMAINDER)
     sp.set_defaults(fn=cmd_spawn)
 

@@ -89,16 +89,16 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"processes {s['processes']}  " + "  ".join(
             f"{k}={v}" for k, v in sorted(s["states"].items())))
         print("counters " + "  ".join(f"{k}={v}" for k, v in sorted(s["counters"].items())))
-        dev = s.get("device")
-        if dev:
-            print(f"device {s['model']}: {dev['n_slots']} slots x {s['n_ctx']} tokens, "
+        for name, dev in (s.get("devices") or {}).items():
+            print(f"device {name}{' (default)' if name == s['model'] else ''}: "
+                  f"{dev['n_slots']} slots, "
                   f"policy {dev['policy']} (quantum {dev['quantum']}), "
                   f"{dev['tokens_out']} tokens out, {dev['preemptions']} preemptions")
             pool = dev.get("kv_pool")
             if pool:
                 size = f" ({pool['bytes'] / 2**20:.0f} MiB)" if pool.get("bytes") else ""
-                print(f"kv pool {pool['used']}/{pool['cells']} cells in use{size}")
-        else:
+                print(f"  kv pool {pool['used']}/{pool['cells']} cells in use{size}")
+        if not s.get("devices"):
             print("device none")
         cl = s.get("cluster")
         if cl:  # booted with --ray

@@ -21,6 +21,24 @@ def cmd_ps(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+MODEL_COLS = ["name", "kind", "loaded", "default", "n_ctx", "aliases", "running",
+              "queue_length", "tokens_per_s"]
+
+
+def model_rows(rows: list[dict]) -> list[dict]:
+    """llm.models rows flattened for a table (the device summary's columns)."""
+    return [{**r, **(r.get("device") or {}), "aliases": ", ".join(r["aliases"]) or None,
+             "tokens_per_s": (round(r["device"]["tokens_per_s"], 1) if r.get("device")
+                              else None)} for r in rows]
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        rows = c.llm.models()
+    out(args, rows, lambda r: table(model_rows(r), MODEL_COLS))
+    return EXIT_OK
+
+
 def _kv(items: list[str], what: str) -> dict:
     out = {}
     for it in items or []:
@@ -38,7 +56,7 @@ def cmd_spawn(args: argparse.Namespace) -> int:
     limits = {k: float(v) for k, v in _kv(args.limit, "--limit").items()}
     with client(args) as c:
         pid = c.proc.spawn(cmd, args.name, _kv(args.env, "--env") or None, os.getcwd(),
-                           args.cap or None, limits or None, args.nice)
+                           args.cap or None, limits or None, args.nice, model=args.model)
     out(args, {"pid": pid}, lambda d: print(d["pid"]))
     return EXIT_OK
 
@@ -92,18 +110,20 @@ def _top_frame(c: Client):
     from rich.text import Text
     st = c.sys.stats()
     rows = c.proc.ps()
-    dev = st.get("device")
     head = Text(f"LLMAgentOS {st['release']}  up {st['uptime']:.0f}s  "
                 f"processes {st['processes']}  syscalls {st['counters'].get('syscalls', 0)}\n")
-    if dev:
-        snap = dev["snapshots"]
+    for name, dev in (st.get("devices") or {}).items():  # one line per loaded model
         head.append(
-            f"device {st['model']}  util {dev['utilization'] * 100:5.1f}%  "
+            f"device {name}{' (default)' if name == st['model'] else ''}  "
+            f"util {dev['utilization'] * 100:5.1f}%  "
             f"batch {dev['batch_size']:4.1f}  {dev['tokens_per_s']:6.1f} tok/s  "
             f"queue {dev['queue_length']}  slots {dev['running']} running/"
-            f"{dev['parked']} parked/{dev['n_slots']}  policy {dev['policy']}\n"
-            + (f"kv pool {dev['kv_pool']['used']}/{dev['kv_pool']['cells']} cells  "
-               if dev.get("kv_pool") else "") +
+            f"{dev['parked']} parked/{dev['n_slots']}  policy {dev['policy']}"
+            + (f"  kv pool {dev['kv_pool']['used']}/{dev['kv_pool']['cells']} cells"
+               if dev.get("kv_pool") else "") + "\n")
+    if dev := st.get("device"):
+        snap = dev["snapshots"]
+        head.append(
             f"kv snapshots {snap['count']}  ram {snap['ram_bytes'] / 1e6:.1f} MB  "
             f"disk {snap['disk_bytes'] / 1e6:.1f} MB  preemptions {dev['preemptions']}  "
             f"restores {dev['restores']}  prefix copies {dev['prefix_copies']}\n")

@@ -59,6 +59,7 @@ class PCB:
     exit_event: trio.Event = field(default_factory=trio.Event)
     ctx_id: int | None = None
     agent: str | None = None  # named agent: its context and memory outlive the process
+    model: str | None = None  # its default model (a loaded name); None: the kernel's
     sandbox: Any = None  # its file system view, opened at first use (kernel/sysfs.py)
     attached: bool = False  # lives in another process's OS process (proc.attach)
     conns: int = 0  # open connections that said hello as this pid
@@ -95,7 +96,7 @@ class PCB:
         return {
             "pid": self.pid, "ppid": self.ppid, "name": self.name, "state": self.state,
             "nice": self.nice, "os_pid": self.os_pid, "attached": self.attached,
-            "node": self.node,
+            "node": self.node, "model": self.model,
             "uptime": round(time.time() - self.start_time, 3),
             "tokens_in": self.usage.tokens_in, "tokens_out": self.usage.tokens_out,
             "cached_tokens": self.usage.cached_tokens,

@@ -139,7 +139,7 @@ class ProcessTable:
 
     async def spawn(self, parent: PCB, argv: list, name: str | None, env: dict | None,
                     cwd: str | None, caps: list | None, limits: dict | None,
-                    nice: int, placement: str = "local") -> PCB:
+                    nice: int, placement: str = "local", model: str | None = None) -> PCB:
         if not argv or not all(isinstance(a, str) for a in argv):
             raise SyscallError("EINVAL", "argv must be a non-empty list of strings")
         if any("\0" in a for a in argv):
@@ -166,7 +166,7 @@ class ProcessTable:
 
         pcb = self._new_pcb(ppid=parent.pid, name=name or os.path.basename(argv[0]),
                             argv=list(argv), caps=caps, nice=nice, limits=lim,
-                            cwd=cwd or os.getcwd(), agent=name)
+                            cwd=cwd or os.getcwd(), agent=name, model=model)
         pcb.log_path = str(self.log_dir / f"{pcb.pid}.log")
         self.log_paths[pcb.pid] = pcb.log_path
         if placement == "ray":
@@ -235,7 +235,7 @@ class ProcessTable:
                 group.remove()
 
     def attach(self, parent: PCB, name: str | None, caps: list | None, limits: dict | None,
-               nice: int, os_pid: int | None) -> PCB:
+               nice: int, os_pid: int | None, model: str | None = None) -> PCB:
         """A child that lives inside an existing OS process (an `Agent` object in
         the caller's program): it has its own pid, token, caps, context and
         device slot, but no OS process of its own, so signals act only on its
@@ -246,7 +246,8 @@ class ProcessTable:
             raise SyscallError("ESHUTDOWN", "the kernel is not accepting new processes")
         self.names.claim(parent, name)
         pcb = self._new_pcb(ppid=parent.pid, name=name or "agent", argv=[], caps=caps,
-                            nice=nice, limits=lim, cwd=parent.cwd, agent=name, attached=True)
+                            nice=nice, limits=lim, cwd=parent.cwd, agent=name, attached=True,
+                            model=model)
         pcb.os_pid = os_pid
         # The shell user never waits for its agents: init reaps them at exit.
         pcb.orphan = parent.pid == INIT_PID

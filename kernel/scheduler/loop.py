@@ -169,6 +169,7 @@ class Scheduler:
         self._embed_seqs = itertools.count()
         self._wake = trio.Event()
         self._running = False
+        self.stop_error: SyscallError | None = None  # what requests get when the loop ends
         self._started = clock()
         # Counters for stats().
         self.steps = 0
@@ -422,7 +423,7 @@ class Scheduler:
                     await self._ahead.pending.wait()
                 self._ahead = None
             self._running = False
-            err = SyscallError("ESHUTDOWN", "the device loop stopped")
+            err = self.stop_error or SyscallError("ESHUTDOWN", "the device loop stopped")
             for req in list(self.placement.queue) + [r for _, r in self.placement.running()]:
                 self._cancel(req, err)
             for ereq in list(self._embeds):
