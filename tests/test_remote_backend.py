@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import textwrap
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -614,6 +615,18 @@ def test_agents_reach_a_remote_model_through_syscalls(llama_server, tmp_path):
                                "local", "far")
             assert c.proc.wait(pid, 60)["exit_code"] == 0
             assert c.proc.logs(pid)["data"].decode().strip() == "far"
+            quota = c.proc.spawn([PY, "-c", textwrap.dedent("""
+                import llmagentos
+                c = llmagentos.connect()
+                try:
+                    for _ in range(20):
+                        c.llm.generate("Count to ten:", None, {"max_tokens": 8})
+                except llmagentos.errors.KernelError as e:
+                    print(e.name, c.proc.stat()["usage"]["tokens_out"])
+            """)], "quota", None, None, None, {"tokens": 40}, 0, "local", "far")
+            assert c.proc.wait(quota, 60)["exit_code"] == 0
+            name, out = c.proc.logs(quota)["data"].decode().split()
+            assert name == "EDQUOT" and 0 < int(out) <= 40  # the server's usage, counted
             rows = {m["name"]: m for m in c.llm.models()}
             assert rows["far"]["kind"] == "openai" and rows["far"]["loaded"]
             shown = json.dumps([rows, c.sys.stats()], default=str)

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import trio
 import trio.testing
@@ -966,11 +967,13 @@ async def test_real_withdrawn_embed_gives_its_cells_back(device, nursery):
 async def test_real_64_greedy_sequences_are_the_same_with_and_without_preemption(nursery):
     """64 concurrent greedy requests on the real model: a KV pool that holds them all,
     and one so small that they are saved, requeued and restored by turns, all finish
-    and give the same text. Not every one, bit for bit: llama.cpp's rounding on the
-    CPU follows the batch a token is decoded in and where its cells lie among the
-    others' (drivers/llama/device.py), so two runs of different batches may part at
-    a near tie (1 of 64 here, with shared or split caches alike). A lost or wrong
-    restore changes most of them."""
+    and give the same tokens, up to llama.cpp's rounding: on the CPU it follows the
+    batch a token is decoded in and where its cells lie among the others'
+    (drivers/llama/device.py), so two runs of different batches may part where the
+    two best tokens are a near tie (1 to 10 of 64 here, from run to run).
+    So wherever the runs part, the two tokens must be such a tie in the model's own
+    logits for the common prefix (llama-cpp-python alone); a lost, stale or wrong
+    restore parts them at tokens the model does not rank together."""
     from llmagentos.drivers.llama import Device
 
     async def run_all(kv_size: int) -> tuple[list[str], dict]:
@@ -987,11 +990,47 @@ async def test_real_64_greedy_sequences_are_the_same_with_and_without_preemption
                 stats = sched.stats()
                 inner.cancel_scope.cancel()
         assert not run.errors
-        return [run.results[i + 1].text for i in range(64)], stats
+        return [run.results[i + 1].tokens for i in range(64)], stats
 
     roomy, st_roomy = await run_all(64 * 64)
     tight, st_tight = await run_all(512)  # about 20 of the 64 at a time
     assert st_roomy["preemptions"] == 0 and st_roomy["batch_size"] > 32
     assert st_tight["preemptions"] >= 8 and st_tight["restores"] >= 8
-    same = sum(a == b for a, b in zip(tight, roomy))
-    assert same >= 60, [(a, b) for a, b in zip(tight, roomy) if a != b]
+    parted = [(i, a, b) for i, (a, b) in enumerate(zip(tight, roomy)) if a != b]
+    assert len(parted) <= 16, f"{len(parted)} of 64 differ"
+    if parted:
+        gaps = await trio.to_thread.run_sync(_tie_gaps, parted)
+        assert max(gaps) < TIE_LOGITS, (len(parted), gaps)
+
+
+TIE_LOGITS = 1.0  # two tokens this close in logit are a tie that rounding may break
+# (seen here: up to 0.54 after a dozen tokens decoded in different batches)
+
+
+def _tie_gaps(parted: list[tuple[int, list[int], list[int]]]) -> list[float]:
+    """For each pair of greedy outputs that part, how far apart the model's own
+    logits put the two tokens where they part (llama-cpp-python, one sequence)."""
+    from reference import reference_llama
+
+    llm = reference_llama(n_ctx=128)
+    eos = llm.token_eos()
+    gaps = []
+    try:
+        for i, a, b in parted:
+            j = next(k for k in range(max(len(a), len(b)))
+                     if k >= len(a) or k >= len(b) or a[k] != b[k])
+            prompt = llm.tokenize(f"Fact {i}: the number {i * 7} is".encode(), special=True)
+
+            def logits(ctx=prompt + a[:j]):
+                llm.reset()
+                llm.eval(ctx)
+                return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))
+
+            row = compute_thread.call(logits)
+            ta = a[j] if j < len(a) else eos
+            tb = b[j] if j < len(b) else eos
+            best = float(row.max())
+            gaps.append(max(best - row[ta], best - row[tb]))
+    finally:
+        compute_thread.call(llm.close)
+    return gaps
