@@ -262,7 +262,7 @@ async def test_stop_parks_and_cont_resumes_without_loss(nursery):
     run = Run(sched, nursery)
     stopped_at = []
 
-    async def on_token(piece):
+    def on_token(piece):  # called by the loop: the stop lands at the 5th token exactly
         run.streamed.append(1)
         if len(run.streamed) == 5:
             sched.stop(1)
