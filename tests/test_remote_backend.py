@@ -634,3 +634,13 @@ def test_agents_reach_a_remote_model_through_syscalls(llama_server, tmp_path):
     finally:
         k.stop()
     assert KEY not in k.log.read_text()
+    # The remote model as the kernel's default: hello and uname answered (they were EIO).
+    (tmp_path / "k2").mkdir()
+    k = boot_kernel(tmp_path / "k2", "--config", str(conf), model="far")
+    try:
+        with k.client() as c:
+            info = c.sys.uname()
+            assert (info["model"], info["slots"]) == ("far", 2)
+            assert c.llm.generate("Hello", None, {"max_tokens": 4})["model"] == "far"
+    finally:
+        k.stop()

@@ -78,6 +78,7 @@ class RemoteQueue:
         self.policy = policy
         self.model_name = name or backend.config.model
         self.max_concurrency = backend.config.max_concurrency
+        self.n_slots = self.max_concurrency  # its "slots": requests in flight at once
         self.clock = clock
         self._owners: dict[int, Owner] = {}
         self._queue: list[RemoteRequest] = []
