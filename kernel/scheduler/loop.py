@@ -63,12 +63,13 @@ from llmagentos.kernel.kvstore import SnapshotStore
 from llmagentos.syscalls.errno import SyscallError
 
 from .placement import Placement
-from .policy import NICE_MAX, NICE_MIN, policy_named
+from .policy import policy_named
 from .requests import (
     EmbedRequest,
     EmbedResult,
     Mailbox,
     Owner,
+    Owners,
     Request,
     Result,
     StatsWindow,
@@ -152,12 +153,11 @@ class Scheduler:
         self.clock = clock
         self.n_slots = min(slots or device.n_seq_max, device.n_seq_max)
         self.snapshots = SnapshotStore(snapshot_ram_bytes, spill_dir)
-        self._owners: dict[int, Owner] = {}
+        self._owners = Owners(self._queued_owners)
         self.placement = Placement(self.n_slots, self._policy, quantum, self.snapshots,
                                    self._owners, clock, self._costly, device)
         self._embeds: list[EmbedRequest] = []
         self._decode_cost = 0.0  # seconds of a step's shared decode (average)
-        self._floor = 0.0        # least virtual time among runnable owners when some last ran
         self._deferred: list[Op] = []   # device ops left by code that ran during a tick
         self._to_close: list[Any] = []  # generations to close between ticks
         self._remote_tick = getattr(device, "tick", None)  # a whole tick in one round trip
@@ -219,7 +219,7 @@ class Scheduler:
                 self.device.generation, list(prompt_tokens), params)
         else:
             gen = self.device.generation(list(prompt_tokens), params)
-        acct = self._owner(owner)
+        acct = self._owners.of(owner)
         if nice is not None:
             self.set_nice(owner, nice)
         now = self.clock()
@@ -230,7 +230,7 @@ class Scheduler:
             req.on_piece = on_token
         req.wait_since = None if acct.stopped else now
         acct.usage.requests += 1
-        self._activate(acct)
+        self._owners.activate(acct)
         self.placement.enqueue(req)
         self._kick()
         box = req.box
@@ -252,13 +252,13 @@ class Scheduler:
         under the policy. Cancelling the awaiting task withdraws it."""
         if not hasattr(self.device, "embed_step"):
             raise SyscallError("ENOSYS", "this device does not compute embeddings")
-        acct = self._owner(owner)
+        acct = self._owners.of(owner)
         if nice is not None:
             self.set_nice(owner, nice)
         req = EmbedRequest(next(self._ids), acct, job, Mailbox(), next(self._embed_seqs),
                            self.clock())
         acct.usage.requests += 1
-        self._activate(acct)
+        self._owners.activate(acct)
         self._embeds.append(req)
         self._kick()
         try:
@@ -270,10 +270,10 @@ class Scheduler:
 
     def stop(self, owner: int) -> None:
         """SIGSTOP: park the owner's requests. Their slots may be given away (state saved)."""
-        acct = self._owner(owner)
+        acct = self._owners.of(owner)
         if acct.stopped:
             return
-        self._note_floor()  # it leaves the runnable owners
+        self._owners.note_floor()  # it leaves the runnable owners
         acct.stopped = True
         now = self.clock()
         for req in self.placement.queue:
@@ -284,7 +284,7 @@ class Scheduler:
 
     def cont(self, owner: int) -> None:
         """SIGCONT: resume where the requests left off."""
-        acct = self._owner(owner)
+        acct = self._owners.of(owner)
         if not acct.stopped:
             return
         acct.stopped = False
@@ -292,12 +292,12 @@ class Scheduler:
         for req in self.placement.queue:
             if req.owner is acct:
                 req.wait_since = now
-        self._activate(acct)
+        self._owners.activate(acct)
         self._kick()
 
     async def release(self, owner: int) -> None:
         """The process is gone: cancel its requests, free its slots and snapshots."""
-        self._note_floor()
+        self._owners.note_floor()
         acct = self._owners.pop(owner, None)
         if acct is not None:
             err = SyscallError("ECANCELED", f"process {owner} released")
@@ -312,15 +312,10 @@ class Scheduler:
         await trio.lowlevel.checkpoint()
 
     def set_nice(self, owner: int, nice: int) -> None:
-        if not isinstance(nice, int) or isinstance(nice, bool) or not NICE_MIN <= nice <= NICE_MAX:
-            raise SyscallError("EINVAL", f"nice must be an integer in {NICE_MIN}..{NICE_MAX}")
-        self._owner(owner).nice = nice
+        self._owners.set_nice(owner, nice)
 
     def usage(self, owner: int) -> dict[str, Any]:
-        acct = self._owners.get(owner)
-        if acct is None:
-            raise SyscallError("ESRCH", f"no usage recorded for process {owner}")
-        return dict(vars(acct.usage))
+        return self._owners.usage(owner)
 
     def load(self) -> int:
         """Requests queued or running: what a DeviceSet balances new processes by."""
@@ -655,7 +650,7 @@ class Scheduler:
         req.box.close(outcome.Value(result))
 
     def _vacate(self, req: Request) -> None:
-        self._note_floor()  # its owner may leave the runnable owners
+        self._owners.note_floor()  # its owner may leave the runnable owners
         self.placement.vacate(req, self._deferred)
         self._samplers.discard(req)
         self._to_close.append(req.gen)
@@ -695,7 +690,7 @@ class Scheduler:
             usage = {"prompt_tokens": ereq.job.n_tokens, "cached_tokens": 0,
                      "completion_tokens": 0, "device_time": ereq.device_time,
                      "queue_wait": ereq.started - ereq.submitted}
-            self._note_floor()
+            self._owners.note_floor()
             ereq.state = "done"
             self._embeds.remove(ereq)
             ereq.box.close(outcome.Value(EmbedResult(ereq.job.vectors, usage)))
@@ -703,7 +698,7 @@ class Scheduler:
     def _cancel_embed(self, ereq: EmbedRequest, error: SyscallError | None = None) -> None:
         if ereq.done:
             return
-        self._note_floor()
+        self._owners.note_floor()
         ereq.state = "done"
         self._embeds.remove(ereq)
         self._deferred.append(EmbedRelease(ereq.job))
@@ -742,30 +737,9 @@ class Scheduler:
 
     # -- owners ----------------------------------------------------------------------------
 
-    def _owner(self, pid: int) -> Owner:
-        acct = self._owners.get(pid)
-        if acct is None:
-            acct = self._owners[pid] = Owner(pid)
-        return acct
-
-    def _runnable_owners(self) -> set[Owner]:
-        owners = {r.owner for r in self.placement.queue} | {
+    def _queued_owners(self) -> set[Owner]:
+        return {r.owner for r in self.placement.queue} | {
             r.owner for _, r in self.placement.running()} | {e.owner for e in self._embeds}
-        return {o for o in owners if not o.stopped}
-
-    def _note_floor(self) -> None:
-        """Remember the least virtual time among runnable owners (it only grows).
-
-        Called just before an owner joins or may leave the runnable owners: in
-        between, virtual times only grow, so the least is greatest then."""
-        owners = self._runnable_owners()
-        if owners:
-            self._floor = max(self._floor, min(o.vtime for o in owners))
-
-    def _activate(self, acct: Owner) -> None:
-        """Coming back to the run queue: start no earlier than the runnable minimum."""
-        self._note_floor()
-        acct.vtime = max(acct.vtime, self._floor)
 
     def _kick(self) -> None:
         self._revoke_ahead()  # planned before the change: plan again if it has not started

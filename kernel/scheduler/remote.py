@@ -45,8 +45,8 @@ from llmagentos.drivers.openai_backend import (
 from llmagentos.drivers.sampling import SamplingParams
 from llmagentos.syscalls.errno import SyscallError
 
-from .policy import NICE_MAX, NICE_MIN, policy_named
-from .requests import EmbedResult, Owner, Result, StatsWindow
+from .policy import policy_named
+from .requests import EmbedResult, Owner, Owners, Result, StatsWindow
 
 STATS_WINDOW = 10.0
 T = TypeVar("T")
@@ -80,12 +80,11 @@ class RemoteQueue:
         self.max_concurrency = backend.config.max_concurrency
         self.n_slots = self.max_concurrency  # its "slots": requests in flight at once
         self.clock = clock
-        self._owners: dict[int, Owner] = {}
+        self._owners = Owners(self._queued_owners)
         self._queue: list[RemoteRequest] = []
         self._running: set[RemoteRequest] = set()
         self._ids = itertools.count(1)
         self._seqs = itertools.count()
-        self._floor = 0.0     # least virtual time among runnable owners when some last ran
         self._wake = trio.Event()
         self._loop = False
         self._started = clock()
@@ -166,10 +165,10 @@ class RemoteQueue:
     def stop(self, owner: int) -> None:
         """SIGSTOP: cancel the owner's requests in flight and hold them, and its
         queued ones, until CONT (see the module doc: the partial output is discarded)."""
-        acct = self._owner(owner)
+        acct = self._owners.of(owner)
         if acct.stopped:
             return
-        self._note_floor()
+        self._owners.note_floor()
         acct.stopped = True
         now = self.clock()
         for req in self._queue:
@@ -187,7 +186,7 @@ class RemoteQueue:
 
     def cont(self, owner: int) -> None:
         """SIGCONT: the owner's requests queue again (a stopped one is re-issued)."""
-        acct = self._owner(owner)
+        acct = self._owners.of(owner)
         if not acct.stopped:
             return
         acct.stopped = False
@@ -195,13 +194,13 @@ class RemoteQueue:
         for req in self._queue:
             if req.owner is acct:
                 req.wait_since = now
-        self._activate(acct)
+        self._owners.activate(acct)
         self._kick()
 
     async def release(self, owner: int) -> None:
         """The process is gone: its requests in flight are cancelled (their connections
         closed) and every caller of its gets ECANCELED."""
-        self._note_floor()
+        self._owners.note_floor()
         acct = self._owners.pop(owner, None)
         if acct is not None:
             err = SyscallError("ECANCELED", f"process {owner} released")
@@ -211,15 +210,10 @@ class RemoteQueue:
         await trio.lowlevel.checkpoint()
 
     def set_nice(self, owner: int, nice: int) -> None:
-        if not isinstance(nice, int) or isinstance(nice, bool) or not NICE_MIN <= nice <= NICE_MAX:
-            raise SyscallError("EINVAL", f"nice must be an integer in {NICE_MIN}..{NICE_MAX}")
-        self._owner(owner).nice = nice
+        self._owners.set_nice(owner, nice)
 
     def usage(self, owner: int) -> dict[str, Any]:
-        acct = self._owners.get(owner)
-        if acct is None:
-            raise SyscallError("ESRCH", f"no usage recorded for process {owner}")
-        return dict(vars(acct.usage))
+        return self._owners.usage(owner)
 
     def load(self) -> int:
         """Requests queued or in flight."""
@@ -293,14 +287,14 @@ class RemoteQueue:
                       call: Callable[[RemoteRequest], Awaitable[T]]) -> tuple[T, RemoteRequest]:
         """Queue a request, and run ``call`` in this task each time it is admitted,
         until an attempt finishes; cancelling this task withdraws it."""
-        acct = self._owner(owner)
+        acct = self._owners.of(owner)
         if nice is not None:
             self.set_nice(owner, nice)
         now = self.clock()
         req = RemoteRequest(next(self._ids), acct, next(self._seqs), now)
         req.wait_since = None if acct.stopped else now
         acct.usage.requests += 1
-        self._activate(acct)
+        self._owners.activate(acct)
         self._queue.append(req)
         self._kick()
         try:
@@ -338,7 +332,7 @@ class RemoteQueue:
         """The request leaves the queue for good."""
         if req.state == "done":
             return
-        self._note_floor()
+        self._owners.note_floor()
         if req in self._queue:
             self._queue.remove(req)
         self._running.discard(req)
@@ -362,23 +356,8 @@ class RemoteQueue:
         self.completed += 1
         self._window.add(self.clock(), n_out, req.device_time, 1)
 
-    # -- owners (as the Scheduler's: virtual time starts at the runnable minimum) --------
-
-    def _owner(self, pid: int) -> Owner:
-        acct = self._owners.get(pid)
-        if acct is None:
-            acct = self._owners[pid] = Owner(pid)
-        return acct
-
-    def _note_floor(self) -> None:
-        owners = {r.owner for r in self._queue} | {r.owner for r in self._running}
-        runnable = [o for o in owners if not o.stopped]
-        if runnable:
-            self._floor = max(self._floor, min(o.vtime for o in runnable))
-
-    def _activate(self, acct: Owner) -> None:
-        self._note_floor()
-        acct.vtime = max(acct.vtime, self._floor)
+    def _queued_owners(self) -> set[Owner]:
+        return {r.owner for r in self._queue} | {r.owner for r in self._running}
 
     def _kick(self) -> None:
         self._wake.set()

@@ -4,12 +4,16 @@ how: the mailbox), and the window of recent steps behind the rates in ``stats()`
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import outcome
 import trio
+
+from llmagentos.syscalls.errno import SyscallError
+
+from .policy import NICE_MAX, NICE_MIN
 
 
 @dataclass
@@ -45,6 +49,52 @@ class Owner:
     vtime: float = 0.0        # virtual time: device seconds as the policy counts them
     usage: OwnerUsage = field(default_factory=OwnerUsage)
 
+
+
+class Owners(dict[int, Owner]):
+    """pid -> Owner: the processes one run queue has seen (the Scheduler's, a
+    RemoteQueue's), with the one rule of where a returning owner's virtual time
+    starts: no earlier than the least among the runnable owners (``floor``), so
+    time spent stopped or away is not a credit to spend later.
+
+    ``runnable`` gives the owners with something queued or running, stopped ones
+    included (they are left out here)."""
+
+    def __init__(self, runnable: Callable[[], Iterable[Owner]]) -> None:
+        super().__init__()
+        self._runnable = runnable
+        self.floor = 0.0  # least virtual time among runnable owners when some last ran
+
+    def of(self, pid: int) -> Owner:
+        acct = self.get(pid)
+        if acct is None:
+            acct = self[pid] = Owner(pid)
+        return acct
+
+    def note_floor(self) -> None:
+        """Remember the least virtual time among runnable owners (it only grows).
+
+        Called just before an owner joins or may leave the runnable owners: in
+        between, virtual times only grow, so the least is greatest then."""
+        times = [o.vtime for o in self._runnable() if not o.stopped]
+        if times:
+            self.floor = max(self.floor, min(times))
+
+    def activate(self, acct: Owner) -> None:
+        """Coming back to the run queue: start no earlier than the runnable minimum."""
+        self.note_floor()
+        acct.vtime = max(acct.vtime, self.floor)
+
+    def set_nice(self, pid: int, nice: int) -> None:
+        if not isinstance(nice, int) or isinstance(nice, bool) or not NICE_MIN <= nice <= NICE_MAX:
+            raise SyscallError("EINVAL", f"nice must be an integer in {NICE_MIN}..{NICE_MAX}")
+        self.of(pid).nice = nice
+
+    def usage(self, pid: int) -> dict[str, Any]:
+        acct = self.get(pid)
+        if acct is None:
+            raise SyscallError("ESRCH", f"no usage recorded for process {pid}")
+        return dict(vars(acct.usage))
 
 class Mailbox:
     """What the device loop hands the task waiting on a request: the pieces of text
