@@ -330,13 +330,15 @@ class OpenAIBackend:
     # -- answers ------------------------------------------------------------------------------
 
     async def _read_json(self, resp: httpx.Response) -> dict:
-        raw = await resp.aread()
+        return self._json_object(await resp.aread(), "answer")
+
+    def _json_object(self, raw: str | bytes, what: str) -> dict:
         try:
             data = json.loads(raw)
         except ValueError:
-            raise self._garbled(f"not JSON: {raw[:200]!r}") from None
+            raise self._garbled(f"{what} is not JSON: {raw[:200]!r}") from None
         if not isinstance(data, dict):
-            raise self._garbled("not a JSON object")
+            raise self._garbled(f"{what} is not a JSON object")
         return data
 
     def _completion(self, data: dict, chat: bool) -> Completion:
@@ -364,12 +366,7 @@ class OpenAIBackend:
                 n_out = _usage_int(usage, "completion_tokens") if usage else pieces
                 return Completion("".join(parts), finish or "stop", n_prompt, n_out,
                                   usage is not None)
-            try:
-                event = json.loads(payload)
-            except ValueError:
-                raise self._garbled(f"stream event is not JSON: {payload[:200]!r}") from None
-            if not isinstance(event, dict):
-                raise self._garbled("stream event is not a JSON object")
+            event = self._json_object(payload, "stream event")
             if "error" in event:
                 raise SyscallError("EIO", f"error in stream: {_error_text(event)}")
             if isinstance(event.get("usage"), dict):
