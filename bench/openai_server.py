@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import httpx
+from _kernel import stop_process
 
 
 def free_port() -> int:
@@ -83,12 +84,8 @@ class OpenAIServer:
             self.proc.wait()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.proc is not None:
+            stop_process(self.proc, 10)
 
     def __enter__(self) -> OpenAIServer:
         return self.start()

@@ -18,13 +18,14 @@ import http.client
 import importlib.metadata
 import json
 import shutil
-import signal
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from pathlib import Path
+
+from _kernel import stop_process
 
 ROOT = Path(__file__).resolve().parent.parent
 CACHE = ROOT / ".cache" / "llama-server"
@@ -173,13 +174,7 @@ class PeerServer:
         return PeerConnection(self.port, timeout)
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, 15)
         self.log.close()
 
     def __enter__(self) -> PeerServer:
