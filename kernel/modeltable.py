@@ -64,7 +64,7 @@ class Loaded:
                                        "tokens_out", "n_slots", "utilization")}
 
 
-def open_queue(spec: ModelSpec, policy: str, quantum: int) -> Any:
+def open_queue(spec: ModelSpec, policy: str) -> Any:
     """The run queue of a model served elsewhere (kind "openai"): its RemoteQueue."""
     if spec.kind != "openai":
         raise SyscallError("EINVAL", f"model {spec.name!r} is of kind {spec.kind!r}, which "
@@ -144,7 +144,7 @@ class ModelTable:
     def _open(self, name: str, spec: ModelSpec | None) -> Loaded:
         cfg = self.config
         if spec is not None and spec.kind not in LOCAL_KINDS:
-            return Loaded(spec.name, spec.kind, None, open_queue(spec, cfg.policy, cfg.quantum))
+            return Loaded(spec.name, spec.kind, None, open_queue(spec, cfg.policy))
         size = self._check_budget(name, spec)
         log.info("loading model %s", name)
         device = open_device(spec or name, registry=self.registry, n_seq_max=cfg.slots,
