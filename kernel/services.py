@@ -30,13 +30,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
+from prometheus_client import CollectorRegistry
 
 from llmagentos.drivers.models import ModelRegistry
 from llmagentos.syscalls import paths
 from llmagentos.syscalls.bootopts import KernelConfig
 from llmagentos.syscalls.errno import SyscallError
 
-from . import names, sysctx, sysfs, sysllm, systool
+from . import metrics, names, sysctx, sysfs, sysllm, systool
 from .audit import AuditLog
 from .cgroups import Containment, kernel_name
 from .isolation import Isolation
@@ -88,9 +89,11 @@ class Services:
     containment: Containment | None = None
     cluster: Cluster | None = None  # booted with --ray
     _envs: EnvTable | None = None
+    metrics: CollectorRegistry = field(init=False)  # Prometheus, read at scrape time
 
     def __post_init__(self) -> None:
         self.table = ModelTable(self.models, self.config)
+        self.metrics = metrics.registry(self)
 
     @property
     def device(self) -> Any:

@@ -1,4 +1,5 @@
-"""Handlers of the `sys` group: hello, uname, stats, shutdown, null, calls."""
+"""Handlers of the `sys` group: hello, uname, stats, shutdown, null, calls, audit,
+metrics."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import trio
 from llmagentos.syscalls.errno import SyscallError
 from llmagentos.syscalls.table import TABLE
 
+from . import metrics
 from .dispatch import Call, handler
 
 
@@ -72,3 +74,9 @@ async def audit(call: Call, pid: int | None, syscall: str | None, errno: str | N
     if not 1 <= limit <= 10_000:
         raise SyscallError("EINVAL", "limit must be in 1..10000")
     return call.sys.audit.query(pid, syscall, errno, since, limit)
+
+
+@handler("sys.metrics")
+async def metrics_text(call: Call) -> str:
+    # The same numbers proc.ps and sys.stats show any process: no capability needed.
+    return metrics.render(call.sys)[0].decode()

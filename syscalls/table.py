@@ -301,6 +301,9 @@ _def(6, "sys.audit", [P("pid", "int?", None), P("syscall", "str?", None), P("err
                       P("since", "float?", None), P("limit", "int", 100, lo=1, hi=10_000)],
      "sys.audit",
      "read the audit log (syscall is a glob; errno a name, 'any' or 'ok')")
+_def(7, "sys.metrics", [], None,
+     "the kernel's metrics in Prometheus text format: per-process tokens, syscalls and "
+     "device time, run-queue depth, device utilization, tok/s, preemptions, snapshot bytes")
 
 # --- proc: 20-49 -------------------------------------------------------------
 _def(20, "proc.spawn", [

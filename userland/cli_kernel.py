@@ -1,5 +1,5 @@
-"""`llmos` commands about the kernel itself: boot, shutdown, status, the call
-table (`syscalls`) and a raw syscall (`call`)."""
+"""`llmos` commands about the kernel itself: boot, shutdown, status, its
+Prometheus metrics, the call table (`syscalls`) and a raw syscall (`call`)."""
 
 from __future__ import annotations
 
@@ -111,6 +111,13 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"  device {d['device']} on {d['node']} (actor pid {d['actor_pid']}) "
                       f"{'alive' if d['alive'] else 'DEAD'}  failures {d['failures']}")
     out(args, st, human)
+    return EXIT_OK
+
+
+def cmd_metrics(args: argparse.Namespace) -> int:
+    with client(args) as c:
+        text = c.sys.metrics()
+    out(args, {"metrics": text}, lambda d: print(d["metrics"], end=""))
     return EXIT_OK
 
 
