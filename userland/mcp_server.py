@@ -1,0 +1,282 @@
+"""The MCP server face: a kernel process's tools and files, served to MCP hosts.
+
+    llmos mcp serve --key KEY        # stdio; an MCP host starts it as a server
+
+The mirror of the MCP bridge (mcp_bridge.py), which mounts MCP servers in
+the kernel. Here the kernel is the server: the face says hello with KEY (a
+process token, as `proc.attach` returns it) and so *is* that process, with
+its capabilities, limits, nice value and audit trail. Over the official
+`mcp` SDK's low-level `Server` it offers:
+
+- every tool the process may call: `tool.list` filtered by its capabilities
+  (the kernel's own tools, userland drivers and bridged MCP servers), each
+  with its JSON Schema as the MCP input schema, called through `tool.call`,
+  so capabilities, schema checks, timeouts, quotas and the audit log apply;
+- its sandboxed files as `fs_read`, `fs_write` and `fs_list`, through the
+  `fs.*` syscalls, offered when it holds `fs.read` (`fs_write`: `fs.write`).
+
+A kernel errno is a tool error result (`isError`) whose text is
+"[ENAME] message" (what the MCP bridge reads back as that errno) and whose
+structured content is {"errno", "message"}: a failed call never fails the
+session. A name the process cannot see still goes to the kernel, which
+answers ENOENT or EACCES as it would any syscall.
+
+The SDK runs on anyio, the kernel client on trio: the face runs on anyio's
+trio backend. One kernel connection serves one server: it is opened in the
+server's lifespan (stdio: the session; streamable HTTP: the session
+manager's run) and reaches the handlers as their lifespan context.
+`streamable_http_app(key)` is the same server as an ASGI app, for an HTTP
+gateway to mount at /mcp.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import sys
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import anyio
+import jsonschema
+import mcp_types as mt
+from mcp.server.lowlevel import Server
+from mcp.server.stdio import stdio_server
+from starlette.applications import Starlette
+
+from llmagentos.syscalls import caps as capmod
+
+from .client import AsyncClient
+from .errors import KernelError, exception_to_error
+from .schema import SCHEMA_DIALECT
+
+SERVER_NAME = "llmagentos"
+KEY_ENV = "LLMAGENTOS_KEY"  # where `llmos mcp serve` finds its key when --key is not given
+
+
+@dataclass(frozen=True)
+class FileTool:
+    """A sandbox file tool: offered when the process holds ``cap``."""
+
+    name: str
+    cap: str
+    description: str
+    schema: dict
+    read_only: bool
+
+
+_PATH = {"type": "string", "minLength": 1, "maxLength": 4096,
+         "description": "a path in your sandbox: your private root, or /shared/..."}
+
+
+def _object(properties: dict, required: list[str]) -> dict:
+    return {"$schema": SCHEMA_DIALECT, "type": "object", "properties": properties,
+            "required": required, "additionalProperties": False}
+
+
+FILE_TOOLS: dict[str, FileTool] = {t.name: t for t in (
+    FileTool("fs_read", "fs.read", "Read a file from your sandbox: its text if it is UTF-8, "
+             "else its bytes in base64.", _object({"path": _PATH}, ["path"]), True),
+    FileTool("fs_write", "fs.write", "Create or replace (append: add to) a file in your "
+             "sandbox; missing parent directories are made.",
+             _object({"path": _PATH, "text": {"type": "string"},
+                      "append": {"type": "boolean", "default": False}}, ["path", "text"]),
+             False),
+    FileTool("fs_list", "fs.read", "List a directory of your sandbox (default: its root).",
+             _object({"path": {**_PATH, "default": "/"}}, []), True),
+)}
+_FILE_VALIDATORS = {name: jsonschema.Draft202012Validator(t.schema)
+                    for name, t in FILE_TOOLS.items()}
+
+
+# --- results --------------------------------------------------------------------------
+
+def tool_result(value: Any) -> mt.CallToolResult:
+    """A kernel tool's result as MCP content: a string as its text, anything else
+    as JSON text; an object is also the structured content."""
+    text = value if isinstance(value, str) else json.dumps(value, ensure_ascii=False,
+                                                           default=_json_default)
+    return mt.CallToolResult(content=[mt.TextContent(type="text", text=text)],
+                             structured_content=value if isinstance(value, dict) else None)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (bytes, bytearray)):  # MessagePack bin: no JSON form but base64
+        return {"base64": base64.b64encode(value).decode()}
+    raise TypeError(f"{type(value).__name__} is not JSON")
+
+
+def error_result(exc: BaseException) -> mt.CallToolResult:
+    """A failed call as a tool error result: "[ENAME] message", as the MCP bridge
+    reads it back, and {errno, message} for a host that reads structure."""
+    err = exception_to_error(exc)
+    return mt.CallToolResult(
+        content=[mt.TextContent(type="text", text=f"[{err['name']}] {err['message']}")],
+        structured_content={"errno": err["name"], "message": err["message"]}, is_error=True)
+
+
+# --- the face -----------------------------------------------------------------------
+
+class ProcessFace:
+    """What the MCP handlers act on: one kernel connection that is the key's process."""
+
+    def __init__(self, client: AsyncClient, caps: list[str], timeout: float = 30.0) -> None:
+        self.client = client
+        self.caps = caps
+        self.timeout = timeout  # each tool.call's, as the kernel bounds it (0..600 s)
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, key: str, *, address: str | None = None,
+                      run_dir: str | Path | None = None,
+                      timeout: float = 30.0) -> AsyncIterator["ProcessFace"]:
+        """Say hello with ``key``; EACCES for a bad or revoked one."""
+        async with AsyncClient(address, key, run_dir=run_dir) as client:
+            caps = (await client.proc.stat())["caps"]
+            yield cls(client, caps, timeout)
+
+    async def list_tools(self) -> list[mt.Tool]:
+        tools = []
+        for t in await self.client.tool.list():
+            schema = dict(t["schema"] or {})
+            schema.setdefault("type", "object")
+            tools.append(mt.Tool(name=t["name"], description=t["description"],
+                                 input_schema=schema))
+        for f in FILE_TOOLS.values():
+            if capmod.covers(self.caps, f.cap):
+                tools.append(mt.Tool(name=f.name, description=f.description,
+                                     input_schema=f.schema,
+                                     annotations=mt.ToolAnnotations(read_only_hint=f.read_only)))
+        return tools
+
+    async def call_tool(self, name: str, args: dict[str, Any] | None) -> mt.CallToolResult:
+        """Every failure, the kernel's or the face's, is a tool error result."""
+        try:
+            if name in FILE_TOOLS:
+                return tool_result(await self._file_tool(name, args or {}))
+            return tool_result(await self.client.tool.call(name, args or {}, self.timeout))
+        except (KernelError, ValueError, TypeError, OSError) as e:
+            return error_result(e)
+
+    async def _file_tool(self, name: str, args: dict[str, Any]) -> Any:
+        err = jsonschema.exceptions.best_match(_FILE_VALIDATORS[name].iter_errors(args))
+        if err is not None:
+            where = "/".join(str(p) for p in err.absolute_path) or "arguments"
+            raise ValueError(f"{name}: {where}: {err.message}")
+        fs = self.client.fs
+        if name == "fs_list":
+            return {"entries": await fs.listdir(args.get("path", "/"))}
+        path = args["path"]
+        if name == "fs_read":
+            data = await fs.read_file(path)
+            try:
+                return data.decode("utf-8")
+            except UnicodeDecodeError:
+                return {"path": path, "bytes": len(data), "encoding": "base64",
+                        "data": base64.b64encode(data).decode()}
+        parent = path.rstrip("/").rpartition("/")[0]
+        if parent:  # as files.write: a host should not have to make directories first
+            await fs.mkdir(parent, True)
+        written = await fs.write_file(path, args["text"], args.get("append", False))
+        return {"path": path, "bytes": written}
+
+
+def mcp_server(key: str, *, address: str | None = None, run_dir: str | Path | None = None,
+               timeout: float = 30.0) -> Server[ProcessFace]:
+    """The MCP server that is the key's process. Its lifespan holds the kernel
+    connection (opened when a transport starts it, closed when it ends)."""
+
+    @asynccontextmanager
+    async def lifespan(_: Server[ProcessFace]) -> AsyncIterator[ProcessFace]:
+        async with ProcessFace.connect(key, address=address, run_dir=run_dir,
+                                       timeout=timeout) as face:
+            yield face
+
+    return _server(lifespan)
+
+
+def _server(lifespan: Any) -> Server[ProcessFace]:
+    async def list_tools(ctx: Any, params: mt.PaginatedRequestParams | None) -> mt.ListToolsResult:
+        return mt.ListToolsResult(tools=await ctx.lifespan_context.list_tools())
+
+    async def call_tool(ctx: Any, params: mt.CallToolRequestParams) -> mt.CallToolResult:
+        return await ctx.lifespan_context.call_tool(params.name, params.arguments)
+
+    return Server(SERVER_NAME, version=_version(), lifespan=lifespan,
+                  instructions="The tools and files of one LLMAgentOS process: every call "
+                               "runs as that process, within its capabilities and limits.",
+                  on_list_tools=list_tools, on_call_tool=call_tool)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("llmagentos")
+    except PackageNotFoundError:
+        return "0"
+
+
+async def serve_stdio(key: str, *, address: str | None = None,
+                      run_dir: str | Path | None = None, timeout: float = 30.0) -> bool:
+    """Serve MCP over this process's stdin/stdout until the host closes them
+    (True) or the kernel closes the connection (False). The key is checked
+    before the first message is read: a bad one is EACCES at once, not a host
+    waiting on a server that cannot work. One connection for the whole run:
+    an attached process ends when its last connection closes."""
+    async with ProcessFace.connect(key, address=address, run_dir=run_dir,
+                                   timeout=timeout) as face:
+        @asynccontextmanager
+        async def held(_: Server[ProcessFace]) -> AsyncIterator[ProcessFace]:
+            yield face
+
+        server = _server(held)
+        kernel_gone = False
+        async with anyio.create_task_group() as tg:
+            async def watch_kernel() -> None:
+                nonlocal kernel_gone
+                async for _ in face.client.notifications():
+                    pass  # nothing is addressed to a face; the loop ends with the connection
+                kernel_gone = True
+                tg.cancel_scope.cancel()
+
+            tg.start_soon(watch_kernel)
+            async with stdio_server() as (read, write):
+                await server.run(read, write, server.create_initialization_options())
+            tg.cancel_scope.cancel()
+        return not kernel_gone
+
+
+def streamable_http_app(key: str, *, address: str | None = None,
+                        run_dir: str | Path | None = None, timeout: float = 30.0,
+                        path: str = "/mcp", host: str = "127.0.0.1") -> Starlette:
+    """The key's process as a streamable-HTTP MCP endpoint at ``path``: an ASGI
+    app whose lifespan runs the SDK's session manager (and so holds the kernel
+    connection). Mounted in another app, that app's lifespan must enter
+    ``app.router.lifespan_context(app)``: Starlette does not run a mounted
+    app's lifespan. ``host`` is where it listens: on loopback the SDK refuses
+    other Host and Origin headers (DNS rebinding)."""
+    server = mcp_server(key, address=address, run_dir=run_dir, timeout=timeout)
+    return server.streamable_http_app(streamable_http_path=path, host=host)
+
+
+def run_stdio(key: str, *, address: str | None = None, run_dir: str | Path | None = None,
+              timeout: float = 30.0) -> int:
+    """`llmos mcp serve`: 0 when the host hung up; 1, the reason on stderr, when
+    the kernel refused the key or went away."""
+    from .errors import sole_error
+
+    try:
+        ended = anyio.run(lambda: serve_stdio(key, address=address, run_dir=run_dir,
+                                              timeout=timeout), backend="trio")
+    except Exception as group:
+        e = sole_error(group)
+        if not isinstance(e, KernelError):
+            raise
+        print(f"llmos mcp serve: {e}", file=sys.stderr)
+        return 1
+    if not ended:
+        print("llmos mcp serve: the kernel closed the connection", file=sys.stderr)
+        return 1
+    return 0
