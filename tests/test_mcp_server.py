@@ -110,18 +110,12 @@ def test_a_bad_key_ends_the_server_with_eacces(shared_kernel):
 
 
 async def test_streamable_http_app_serves_the_same_process(shared_kernel):
-    from hypercorn.config import Config
-    from hypercorn.trio import serve
-
     from llmagentos.mcp_server import streamable_http_app
 
     key = attach(shared_kernel, "mcp-http", ["tool:calc.*"])
     app = streamable_http_app(key["token"], run_dir=shared_kernel.run_dir)
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(serve, app, config)
-        url = binds[0].replace("http://", "http://", 1) + "/mcp"
+        url = await serving(nursery, app) + "/mcp"
         async with Client(url) as mcp:
             names = {t.name for t in (await mcp.list_tools()).tools}
             assert "calc.eval" in names and "fs_read" not in names
@@ -156,3 +150,70 @@ async def test_bridged_mcp_tools_are_served_with_their_errnos(shared_kernel):
         finally:
             shell.proc.kill(bridge, "SIGTERM")
             shell.proc.wait(bridge, 15)
+
+
+async def serving(nursery: trio.Nursery, app) -> str:
+    """Serve an ASGI app with Hypercorn's trio worker on a free port; its URL."""
+    from hypercorn.config import Config
+    from hypercorn.trio import serve
+
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    binds = await nursery.start(serve, app, config)
+    return binds[0]
+
+
+async def test_streamable_http_bearer_key_picks_the_process(shared_kernel):
+    """Without a fixed key, each HTTP request runs as the process its bearer
+    key names: what a gateway mounts at /mcp. No key or an unknown one is 401
+    before the MCP layer sees the request; a killed process's key stops working."""
+    import httpx
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    from llmagentos.mcp_server import streamable_http_app
+
+    calc = attach(shared_kernel, "mcp-bearer-calc", ["tool:calc.*"])
+    files = attach(shared_kernel, "mcp-bearer-files", ["fs.read"])
+    app = streamable_http_app(run_dir=shared_kernel.run_dir)
+
+    async def session(url: str, key: str):
+        http = create_mcp_http_client(headers={"Authorization": f"Bearer {key}"})
+        return http, Client(streamable_http_client(url, http_client=http))
+
+    async with trio.open_nursery() as nursery:
+        url = await serving(nursery, app) + "/mcp"
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "t", "version": "0"}}}
+        hdrs = {"accept": "application/json, text/event-stream"}
+        async with httpx.AsyncClient() as raw:
+            for auth in (None, "Bearer not-a-key", "Basic abc", "Bearer", "bearer  x y"):
+                h = hdrs if auth is None else {**hdrs, "authorization": auth}
+                r = await raw.post(url, json=init, headers=h)
+                assert r.status_code == 401, (auth, r.text)
+                assert r.json()["error"]["errno"] == "EACCES"
+
+        for key, allowed, denied in ((calc, "calc.eval", "fs_read"),
+                                     (files, "fs_read", "calc.eval")):
+            http, client = await session(url, key["token"])
+            async with http, client as mcp:
+                names = {t.name for t in (await mcp.list_tools()).tools}
+                assert allowed in names and denied not in names
+                res = await mcp.call_tool(denied, {"expression": "1", "path": "x"}
+                                          if denied == "calc.eval" else {"path": "x"})
+                assert res.is_error and res.structured_content["errno"] == "EACCES"
+
+        http, client = await session(url, calc["token"])
+        async with http, client as mcp:
+            res = await mcp.call_tool("calc.eval", {"expression": "7 * 6"})
+            assert res.structured_content["value"] == 42
+            with shared_kernel.client() as shell:  # revoke: the key's process ends
+                shell.proc.kill(calc["pid"], "SIGKILL")
+            res = await mcp.call_tool("calc.eval", {"expression": "1"})
+            assert res.is_error and res.structured_content["errno"] == "ESRCH"
+        async with httpx.AsyncClient() as raw:
+            r = await raw.post(url, json=init,
+                               headers={**hdrs, "authorization": f"Bearer {calc['token']}"})
+            assert r.status_code == 401
+        nursery.cancel_scope.cancel()

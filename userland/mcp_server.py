@@ -42,6 +42,8 @@ from typing import Any, AsyncIterator
 import anyio
 import jsonschema
 import mcp_types as mt
+import trio
+from mcp import MCPError
 from mcp.server.lowlevel import Server
 from mcp.server.stdio import stdio_server
 from starlette.applications import Starlette
@@ -126,6 +128,7 @@ class ProcessFace:
         self.client = client
         self.caps = caps
         self.timeout = timeout  # each tool.call's, as the kernel bounds it (0..600 s)
+        self.gone = False  # its process exited or its connection closed: open anew
 
     @classmethod
     @asynccontextmanager
@@ -138,8 +141,15 @@ class ProcessFace:
             yield cls(client, caps, timeout)
 
     async def list_tools(self) -> list[mt.Tool]:
+        """The process's tools, then its file tools; a kernel errno is an MCP error."""
+        try:
+            listed = await self.client.tool.list()
+        except KernelError as e:
+            if e.name in ("ESRCH", "ECONNRESET"):
+                self.gone = True
+            raise MCPError(mt.INTERNAL_ERROR, str(e)) from None
         tools = []
-        for t in await self.client.tool.list():
+        for t in listed:
             schema = dict(t["schema"] or {})
             schema.setdefault("type", "object")
             tools.append(mt.Tool(name=t["name"], description=t["description"],
@@ -158,6 +168,8 @@ class ProcessFace:
                 return tool_result(await self._file_tool(name, args or {}))
             return tool_result(await self.client.tool.call(name, args or {}, self.timeout))
         except (KernelError, ValueError, TypeError, OSError) as e:
+            if isinstance(e, KernelError) and e.name in ("ESRCH", "ECONNRESET"):
+                self.gone = True
             return error_result(e)
 
     async def _file_tool(self, name: str, args: dict[str, Any]) -> Any:
@@ -199,15 +211,23 @@ def mcp_server(key: str, *, address: str | None = None, run_dir: str | Path | No
 
 def _server(lifespan: Any) -> Server[ProcessFace]:
     async def list_tools(ctx: Any, params: mt.PaginatedRequestParams | None) -> mt.ListToolsResult:
-        return mt.ListToolsResult(tools=await ctx.lifespan_context.list_tools())
+        return mt.ListToolsResult(tools=await _face(ctx).list_tools())
 
     async def call_tool(ctx: Any, params: mt.CallToolRequestParams) -> mt.CallToolResult:
-        return await ctx.lifespan_context.call_tool(params.name, params.arguments)
+        return await _face(ctx).call_tool(params.name, params.arguments)
 
     return Server(SERVER_NAME, version=_version(), lifespan=lifespan,
                   instructions="The tools and files of one LLMAgentOS process: every call "
                                "runs as that process, within its capabilities and limits.",
                   on_list_tools=list_tools, on_call_tool=call_tool)
+
+
+def _face(ctx: Any) -> ProcessFace:
+    """The process a request runs as: the server's one face, or the one its
+    HTTP request's bearer key picked (BearerGate)."""
+    if isinstance(ctx.lifespan_context, ProcessFace):
+        return ctx.lifespan_context
+    return getattr(ctx.request.state, FACE_STATE)
 
 
 def _version() -> str:
@@ -248,17 +268,120 @@ async def serve_stdio(key: str, *, address: str | None = None,
         return not kernel_gone
 
 
-def streamable_http_app(key: str, *, address: str | None = None,
+class FacePool:
+    """The faces of an HTTP endpoint where each request's bearer key picks the
+    process: one kernel connection per key, opened at the key's first request
+    and held in the pool's nursery for the endpoint's life (an attached
+    process lives while a connection of it does). A face whose process is gone
+    (killed, its key revoked) or whose connection closed is dropped, so the
+    key's next request is refused."""
+
+    def __init__(self, nursery: trio.Nursery, address: str | None,
+                 run_dir: str | Path | None, timeout: float) -> None:
+        self.nursery = nursery
+        self.address, self.run_dir, self.timeout = address, run_dir, timeout
+        self.faces: dict[str, ProcessFace] = {}
+        self._opening = trio.Lock()  # one connection per key, even for concurrent firsts
+
+    async def get(self, key: str) -> ProcessFace:
+        """The key's face; EACCES for a key the kernel does not know."""
+        async with self._opening:
+            face = self.faces.get(key)
+            if face is None or face.gone:
+                face = self.faces[key] = await self.nursery.start(self._hold, key)
+            return face
+
+    async def _hold(self, key: str, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        async with ProcessFace.connect(key, address=self.address, run_dir=self.run_dir,
+                                       timeout=self.timeout) as face:
+            task_status.started(face)
+            try:
+                async for _ in face.client.notifications():
+                    pass  # nothing is addressed to a face; this ends with the connection
+            finally:
+                face.gone = True
+                if self.faces.get(key) is face:
+                    del self.faces[key]
+
+
+def bearer_key(scope: dict) -> str | None:
+    """The key of an ASGI request's `Authorization: Bearer KEY` header, else None."""
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.decode("latin-1").partition(" ")
+            token = token.strip()
+            return token if scheme.lower() == "bearer" and token else None
+    return None
+
+
+class BearerGate:
+    """ASGI middleware: an HTTP request runs as the process its bearer key names
+    (401 for none or an unknown one; 503 when the kernel cannot be reached)."""
+
+    def __init__(self, app: Any, pools: list[FacePool]) -> None:
+        self.app = app
+        self.pools = pools  # filled by the server's lifespan: the one pool, once it runs
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            key = bearer_key(scope)
+            if key is None:
+                return await _refuse(send, 401, "EACCES",
+                                     "an Authorization: Bearer KEY header is required")
+            if not self.pools:
+                return await _refuse(send, 503, "ESHUTDOWN", "the MCP endpoint is not running")
+            try:
+                face = await self.pools[0].get(key)
+            except KernelError as e:
+                return await _refuse(send, 401 if e.name == "EACCES" else 503, e.name,
+                                     e.message)
+            scope.setdefault("state", {})[FACE_STATE] = face
+        await self.app(scope, receive, send)
+
+
+FACE_STATE = "llmos_face"  # where BearerGate leaves the request's face (request.state)
+
+
+async def _refuse(send: Any, status: int, errno: str, message: str) -> None:
+    body = json.dumps({"error": {"errno": errno, "message": message}}).encode()
+    headers = [(b"content-type", b"application/json"),
+               (b"content-length", str(len(body)).encode())]
+    if status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+def streamable_http_app(key: str | None = None, *, address: str | None = None,
                         run_dir: str | Path | None = None, timeout: float = 30.0,
                         path: str = "/mcp", host: str = "127.0.0.1") -> Starlette:
-    """The key's process as a streamable-HTTP MCP endpoint at ``path``: an ASGI
-    app whose lifespan runs the SDK's session manager (and so holds the kernel
-    connection). Mounted in another app, that app's lifespan must enter
+    """A process as a streamable-HTTP MCP endpoint at ``path``: an ASGI app
+    whose lifespan runs the SDK's session manager and holds the kernel
+    connections. With ``key`` it is that one process; without, each request's
+    `Authorization: Bearer KEY` picks the process it runs as (BearerGate).
+
+    Mounted in another app (a gateway's /mcp), that app's lifespan must enter
     ``app.router.lifespan_context(app)``: Starlette does not run a mounted
     app's lifespan. ``host`` is where it listens: on loopback the SDK refuses
     other Host and Origin headers (DNS rebinding)."""
-    server = mcp_server(key, address=address, run_dir=run_dir, timeout=timeout)
-    return server.streamable_http_app(streamable_http_path=path, host=host)
+    if key is not None:
+        server = mcp_server(key, address=address, run_dir=run_dir, timeout=timeout)
+        return server.streamable_http_app(streamable_http_path=path, host=host)
+    pools: list[FacePool] = []
+
+    @asynccontextmanager
+    async def pool(_: Server[Any]) -> AsyncIterator[None]:
+        async with trio.open_nursery() as nursery:
+            pools.append(FacePool(nursery, address, run_dir, timeout))
+            try:
+                yield None
+            finally:
+                pools.clear()
+                nursery.cancel_scope.cancel()
+
+    app = _server(pool).streamable_http_app(streamable_http_path=path, host=host)
+    app.add_middleware(BearerGate, pools=pools)
+    return app
 
 
 def run_stdio(key: str, *, address: str | None = None, run_dir: str | Path | None = None,
