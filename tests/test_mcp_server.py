@@ -103,10 +103,16 @@ def test_a_bad_key_ends_the_server_with_eacces(shared_kernel):
     out = subprocess.run([PY, "-m", "llmagentos.cli", "mcp", "serve"], env=env,
                          stdin=subprocess.PIPE, capture_output=True, text=True, timeout=30)
     assert out.returncode == 1 and "EACCES" in out.stderr and out.stdout == ""
-    env.pop("LLMAGENTOS_KEY")
-    out = subprocess.run([PY, "-m", "llmagentos.cli", "mcp", "serve"], env=env,
-                         stdin=subprocess.PIPE, capture_output=True, text=True, timeout=30)
-    assert out.returncode == 2 and "needs a key" in out.stderr
+
+
+def test_no_key_is_a_usage_error(monkeypatch, capsys):
+    """Never the shell user's own token (init, every capability) by default."""
+    from llmagentos.cli import main
+
+    monkeypatch.delenv("LLMAGENTOS_KEY", raising=False)
+    assert main(["mcp", "serve"]) == 2
+    assert "needs a key" in capsys.readouterr().err
+    assert main(["mcp", "serve", "--key", "k", "--timeout", "0"]) == 2
 
 
 async def test_streamable_http_app_serves_the_same_process(shared_kernel):
@@ -217,3 +223,30 @@ async def test_streamable_http_bearer_key_picks_the_process(shared_kernel):
                                headers={**hdrs, "authorization": f"Bearer {calc['token']}"})
             assert r.status_code == 401
         nursery.cancel_scope.cancel()
+
+
+def test_the_server_ends_when_the_kernel_goes_away(tmp_path):
+    """A host is not left talking to a server whose kernel is gone: it exits 1."""
+    import json
+
+    from conftest import boot_kernel
+
+    k = boot_kernel(tmp_path)
+    try:
+        key = attach(k, "mcp-orphan", ["tool:calc.*"])
+        server = subprocess.Popen([PY, "-m", "llmagentos.cli", "mcp", "serve",
+                                   "--key", key["token"]], env=k.env(), stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        init = {"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {
+            "protocolVersion": "2025-06-18", "capabilities": {},
+            "clientInfo": {"name": "t", "version": "0"}}}
+        server.stdin.write(json.dumps(init) + "\n")
+        server.stdin.flush()
+        assert json.loads(server.stdout.readline())["id"] == 1  # serving, as the key
+    finally:
+        k.stop()
+    try:
+        assert server.wait(15) == 1
+    finally:
+        server.kill()
+    assert "kernel closed the connection" in server.stderr.read()

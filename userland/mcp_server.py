@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -262,10 +263,41 @@ async def serve_stdio(key: str, *, address: str | None = None,
                 tg.cancel_scope.cancel()
 
             tg.start_soon(watch_kernel)
-            async with stdio_server() as (read, write):
-                await server.run(read, write, server.create_initialization_options())
+            stdin = StdinLines()
+            try:
+                async with stdio_server(stdin=stdin) as (read, write):
+                    await server.run(read, write, server.create_initialization_options())
+            finally:
+                await stdin.aclose()
             tg.cancel_scope.cancel()
         return not kernel_gone
+
+
+class StdinLines:
+    """Standard input as async lines that cancellation interrupts. The SDK's own
+    reader waits for a line in a worker thread, so a server whose kernel went
+    away would go on waiting for its host to speak."""
+
+    def __init__(self) -> None:
+        self._stream = trio.lowlevel.FdStream(os.dup(0))
+
+    def __aiter__(self) -> AsyncIterator[str]:
+        return self._lines()
+
+    async def _lines(self) -> AsyncIterator[str]:
+        pending = b""
+        while True:
+            data = await self._stream.receive_some(65536)
+            if not data:  # the host closed our stdin
+                if pending:
+                    yield pending.decode("utf-8", "replace")
+                return
+            *lines, pending = (pending + data).split(b"\n")
+            for line in lines:
+                yield line.decode("utf-8", "replace")
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
 
 
 class FacePool:
