@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import sys
 from contextlib import asynccontextmanager
@@ -54,6 +55,8 @@ from llmagentos.syscalls import caps as capmod
 from .client import AsyncClient
 from .errors import KernelError, exception_to_error
 from .schema import SCHEMA_DIALECT
+
+log = logging.getLogger("llmagentos.mcp_server")
 
 SERVER_NAME = "llmagentos"
 KEY_ENV = "LLMAGENTOS_KEY"  # where `llmos mcp serve` finds its key when --key is not given
@@ -324,13 +327,20 @@ class FacePool:
             return face
 
     async def _hold(self, key: str, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        async with ProcessFace.connect(key, address=self.address, run_dir=self.run_dir,
-                                       timeout=self.timeout) as face:
-            task_status.started(face)
-            try:
+        face: ProcessFace | None = None
+        try:
+            async with ProcessFace.connect(key, address=self.address, run_dir=self.run_dir,
+                                           timeout=self.timeout) as face:
+                task_status.started(face)
                 async for _ in face.client.notifications():
                     pass  # nothing is addressed to a face; this ends with the connection
-            finally:
+        except Exception:
+            if face is None:
+                raise  # refused (EACCES) or no kernel: the request that asked is told
+            log.warning("the kernel connection of an MCP face closed with an error",
+                        exc_info=True)  # one key's connection never takes the endpoint down
+        finally:
+            if face is not None:
                 face.gone = True
                 if self.faces.get(key) is face:
                     del self.faces[key]
