@@ -24,7 +24,7 @@ def _kernel_options(args: argparse.Namespace) -> list[str]:
     """`llmos boot` options passed on to the kernel program, as given."""
     given = kconfig.given(args)
     given.pop("run_dir", None)
-    for name in ("state_dir", "config"):  # the kernel program may run elsewhere
+    for name in kconfig.PATH_OPTIONS:  # the kernel program may run elsewhere
         if name in given:
             given[name] = Path(given[name]).resolve()
     return kconfig.as_flags(given)
