@@ -40,6 +40,7 @@ RECV_CHUNK = 65536
 PRE_HELLO_BYTES = 64 * 1024
 HELLO_TIMEOUT = 10.0
 HANDSHAKE_TIMEOUT = 10.0  # a TLS peer proves nothing until its handshake is done
+TLS_HANDSHAKE_RECORD = b"\x16"  # how every TLS client's first record begins
 
 
 class Connection:
@@ -164,14 +165,39 @@ class Connection:
         why = f"no handshake within {HANDSHAKE_TIMEOUT:g}s"
         with trio.move_on_after(HANDSHAKE_TIMEOUT):
             try:
+                first = await self.stream.transport_stream.socket.recv(1, socket.MSG_PEEK)
+                if first not in (b"", TLS_HANDSHAKE_RECORD):
+                    await self._refuse_clear_text()
+                    return False
                 await self.stream.do_handshake()
                 return True
-            except trio.BrokenResourceError as e:
+            except (trio.BrokenResourceError, OSError) as e:
                 why = str(e.__cause__ or e) or type(e.__cause__ or e).__name__
         self.sys.stats["tls_refused"] += 1
         log.warning("TLS handshake with %s failed: %s", self.peer, why)
         await trio.aclose_forcefully(self.stream)  # no close_notify to a peer that is no one
         return False
+
+    async def _refuse_clear_text(self) -> None:
+        """A client talking plain MessagePack-RPC to the TLS port: nothing it sent
+        is read; it is told why in its own tongue, then closed."""
+        self.sys.stats["tls_refused"] += 1
+        log.warning("TLS listener: %s speaks plain text; refused", self.peer)
+        raw = self.stream.transport_stream
+        with trio.move_on_after(1):
+            try:
+                await raw.send_all(wire.encode_notification("sys.close", [
+                    "this listener speaks TLS only: connect with tls://HOST:PORT and the "
+                    "kernel's CA file"]))
+                await raw.send_eof()
+                # Drain what it sent (unread, it would turn the close into a reset
+                # that can overtake the reason) until it hangs up.
+                drained = 0
+                while drained < PRE_HELLO_BYTES and (data := await raw.receive_some(RECV_CHUNK)):
+                    drained += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await trio.aclose_forcefully(self.stream)
 
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
