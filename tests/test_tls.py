@@ -151,6 +151,7 @@ def test_a_wrong_token_is_refused(tls_kernel):
 def test_garbage_clients_do_not_hold_up_the_others(tls_kernel):
     k = tls_kernel
     host, port = address(k)[len("tls://"):].rsplit(":", 1)
+    refused = counters(k).get("tls_refused", 0)
     junk = []
     for i in range(8):
         s = socket.create_connection((host, int(port)), timeout=10)
@@ -172,7 +173,7 @@ def test_garbage_clients_do_not_hold_up_the_others(tls_kernel):
     finally:
         for s in junk:
             s.close()
-    wait_for(lambda: counters(k)["tls_refused"] >= 6)
+    wait_for(lambda: counters(k)["tls_refused"] == refused + 8)  # each one, once
     assert k.proc.poll() is None
 
 
@@ -288,3 +289,28 @@ def test_llmos_join_without_a_listener(kernel):
     r = subprocess.run([*LLMOS, "join"], env=kernel.env(), capture_output=True, text=True,
                        timeout=30)
     assert r.returncode == 2 and "--listen" in r.stderr
+
+
+async def test_a_silent_client_is_dropped_at_the_handshake_deadline(tmp_path, monkeypatch,
+                                                                     nursery):
+    """In process, with the deadline shortened: a peer that opens the TLS port and
+    says nothing is closed by the kernel instead of holding its place for ever."""
+    from collections import Counter
+    from types import SimpleNamespace
+
+    from llmagentos.kernel import server
+
+    monkeypatch.setattr(server, "HANDSHAKE_TIMEOUT", 0.5)
+    ctx = tls.server_context(tls.credentials(tmp_path, "127.0.0.1"))
+    services = SimpleNamespace(
+        stats=Counter(), connections=set(), tools=SimpleNamespace(drop_conn=lambda c: None),
+        config=SimpleNamespace(max_connections=8, max_unauthenticated=8, max_frame=1 << 20))
+    (listener,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    await nursery.start(server.serve_listener, services, listener, ctx)
+    peer = await trio.open_tcp_stream("127.0.0.1", listener.socket.getsockname()[1])
+    with trio.fail_after(10):  # generous: the deadline is half a second
+        assert await peer.receive_some(1024) == b""  # closed by the kernel
+        while services.connections:  # and forgotten
+            await trio.sleep(0.01)
+    assert services.stats["tls_refused"] == 1
+    await peer.aclose()
