@@ -52,9 +52,14 @@ class Credentials:
 
 def server_names(listen_host: str) -> list[str]:
     """Every name a client may reach this kernel by: the listen host (unless a
-    wildcard), loopback, and the machine's names."""
+    wildcard), loopback, and the machine's names and their addresses."""
     names = [listen_host] if listen_host not in WILDCARDS else []
-    names += ["localhost", "127.0.0.1", "::1", socket.gethostname(), socket.getfqdn()]
+    host = socket.gethostname()
+    names += ["localhost", "127.0.0.1", "::1", host, socket.getfqdn()]
+    try:  # the addresses the host name stands for (what cluster nodes often dial)
+        names += [str(a[4][0]) for a in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)]
+    except OSError:
+        pass
     return list(dict.fromkeys(n.lower() for n in names if n))
 
 

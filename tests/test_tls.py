@@ -81,6 +81,7 @@ def test_the_server_certificate_names_the_machine(tls_kernel):
     ips = {str(i) for i in san.get_values_for_type(x509.IPAddress)}
     assert {"localhost", socket.gethostname().lower()} <= names
     assert {"127.0.0.1", "::1"} <= ips
+    assert {a[4][0] for a in socket.getaddrinfo(socket.gethostname(), None)} <= ips | names
     d = tls_kernel.state_dir / "tls"
     assert oct(os.stat(d).st_mode & 0o777) == "0o700"
     for key in ("ca.key", "server.key"):
