@@ -24,8 +24,8 @@ import llmagentos  # noqa: E402
 CALLS = 20_000
 
 
-def _worker(address: str, token: str, n: int, q: mp.Queue) -> None:
-    c = llmagentos.connect(address, token)
+def _worker(address: str, token: str, n: int, q: mp.Queue, ca: str | None) -> None:
+    c = llmagentos.connect(address, token, ca=ca)
     for _ in range(200):  # warm up
         c.call("sys.null")
     lat = []
@@ -38,9 +38,10 @@ def _worker(address: str, token: str, n: int, q: mp.Queue) -> None:
     c.close()
 
 
-def measure(address: str, token: str, clients: int, n: int) -> dict:
+def measure(address: str, token: str, clients: int, n: int, ca: str | None = None) -> dict:
     q: mp.Queue = mp.Queue()
-    procs = [mp.Process(target=_worker, args=(address, token, n, q)) for _ in range(clients)]
+    procs = [mp.Process(target=_worker, args=(address, token, n, q, ca))
+             for _ in range(clients)]
     t0 = time.perf_counter()
     for p in procs:
         p.start()

@@ -5,7 +5,7 @@ runs the lifecycle around them; nothing else in kernel/ but the entry point
 (__main__.py) imports this module: handlers are handed the services.
 
     boot
-     ├── listeners (Unix socket, optional TCP)  ── connections ── calls
+     ├── listeners (Unix socket, optional TCP and TLS)  ── connections ── calls
      ├── process watchers (one per child)
      └── device loop (from the compute-device issue on)
 
@@ -23,13 +23,18 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import stat
 from pathlib import Path
 
 import trio
 
 from llmagentos.syscalls import paths
-from llmagentos.syscalls.bootopts import ConfigError, KernelConfig  # noqa: F401  (re-exported)
+from llmagentos.syscalls.bootopts import (  # noqa: F401  (KernelConfig re-exported)
+    ConfigError,
+    KernelConfig,
+    host_port,
+)
 
 from . import (  # noqa: F401  (handlers register on import)
     dispatch,
@@ -46,6 +51,7 @@ from .cgroups import SWEEP_S
 from .isolation import make_kernel_undumpable
 from .server import serve_listener
 from .services import BootError, Services
+from .tls import WILDCARDS, credentials, server_context
 
 log = logging.getLogger("llmagentos.kernel")
 
@@ -99,10 +105,13 @@ class Kernel:
         _write_private(rd / paths.PIDFILE_NAME, f"{os.getpid()}\n")
         if procs.tcp_address:
             _write_private(rd / paths.TCP_NAME, procs.tcp_address + "\n")
+        if procs.tls_address:
+            _write_private(rd / paths.TLS_NAME, procs.tls_address + "\n")
 
     def _remove_run_files(self) -> None:
         rd = self.config.run_dir
-        for name in (paths.SOCKET_NAME, paths.PIDFILE_NAME, paths.TOKEN_NAME, paths.TCP_NAME):
+        for name in (paths.SOCKET_NAME, paths.PIDFILE_NAME, paths.TOKEN_NAME, paths.TCP_NAME,
+                     paths.TLS_NAME):
             try:
                 (rd / name).unlink()
             except FileNotFoundError:
@@ -111,7 +120,8 @@ class Kernel:
             os.close(self._lock_fd)
             self._lock_fd = None
 
-    async def _open_listeners(self) -> list[trio.SocketListener]:
+    async def _open_listeners(self) -> list[tuple[trio.SocketListener, ssl.SSLContext | None]]:
+        """Each listener with the TLS context its connections speak (None: plain)."""
         sock_path = str(self.config.socket_path)
         usock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)  # the socket is born 0600: no window where others may connect
@@ -121,19 +131,31 @@ class Kernel:
             os.umask(old)
         os.chmod(sock_path, 0o600)
         usock.listen(128)
-        listeners = [trio.SocketListener(usock)]
-        self.sys.procs.socket_address = sock_path
-        if self.config.tcp:
-            host, _, port = self.config.tcp.rpartition(":")
+        listeners: list = [(trio.SocketListener(usock), None)]
+        cfg, procs = self.config, self.sys.procs
+        procs.socket_address = sock_path
+        if cfg.tcp:  # in clear, so loopback only: the token must not cross a network so
+            host, port = host_port(cfg.tcp)
             if host not in ("127.0.0.1", "localhost", "::1"):
-                raise BootError(f"--tcp must be a loopback address, got {host!r}")
-            try:
-                tcp = await trio.open_tcp_listeners(int(port), host=host)
-            except OSError as e:
-                raise BootError(f"cannot listen on {self.config.tcp}: {e}") from None
+                raise BootError(f"--tcp must be a loopback address, got {host!r} "
+                                "(--listen serves other machines, over TLS)")
+            tcp = await _tcp_listeners(cfg.tcp, host, port)
             addr = tcp[0].socket.getsockname()
-            self.sys.procs.tcp_address = f"tcp://{addr[0]}:{addr[1]}"
-            listeners += tcp
+            procs.tcp_address = f"tcp://{_url_host(addr[0])}:{addr[1]}"
+            listeners += [(lst, None) for lst in tcp]
+        if cfg.listen:
+            host, port = host_port(cfg.listen)
+            creds = await trio.to_thread.run_sync(credentials, cfg.state_dir, host,
+                                                  cfg.tls_cert, cfg.tls_key)
+            ctx = server_context(creds)
+            tls = await _tcp_listeners(cfg.listen, host, port)
+            bound = tls[0].socket.getsockname()[1]
+            shown = socket.gethostname() if host in WILDCARDS else host
+            procs.tls_address = f"tls://{_url_host(shown)}:{bound}"
+            procs.tls_ca = str(creds.ca) if creds.ca else ""
+            log.info("TLS listener on %s (CA %s)", procs.tls_address,
+                     creds.ca or f"the one that signed {creds.cert}")
+            listeners += [(lst, ctx) for lst in tls]
         return listeners
 
     async def _embed_archive(self) -> None:
@@ -158,7 +180,7 @@ class Kernel:
         sv = self.sys
         self._prepare_dirs()
         sv.open_stores()
-        listeners: list[trio.SocketListener] = []
+        listeners: list[tuple[trio.SocketListener, ssl.SSLContext | None]] = []
         try:
             sv.contain()
         except BootError:
@@ -179,8 +201,8 @@ class Kernel:
                 sv.hook_device(root)
                 if self.config.embed_memory and sv.device is not None:
                     root.start_soon(self._embed_archive)
-                for lst in listeners:
-                    await root.start(serve_listener, sv, lst)
+                for lst, tls in listeners:
+                    await root.start(serve_listener, sv, lst, tls)
                 log.info("kernel up on %s (pid %d)", self.config.socket_path, os.getpid())
                 task_status.started(self)
                 await sv.shutdown_requested.wait()
@@ -192,7 +214,7 @@ class Kernel:
                 await trio.sleep(0.05)
                 root.cancel_scope.cancel()
         finally:
-            for lst in listeners:
+            for lst, _ in listeners:
                 lst.socket.close()
             sv.close()  # every group killed first, then the stores and the device
             self._remove_run_files()
@@ -204,6 +226,17 @@ class Kernel:
                 self.sys.request_shutdown()
 
 
+async def _tcp_listeners(given: str, host: str, port: int) -> list[trio.SocketListener]:
+    try:
+        return await trio.open_tcp_listeners(port, host=host)
+    except OSError as e:
+        raise BootError(f"cannot listen on {given}: {e}") from None
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
 def _write_private(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + f".{secrets.token_hex(4)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -212,7 +245,7 @@ def _write_private(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-_STATE_DIRS = ("logs", "fs", "kv", "shared")  # what the kernel makes in its state dir
+_STATE_DIRS = ("logs", "fs", "kv", "shared", "tls")  # what the kernel makes in its state dir
 
 
 def _make_private(top: Path, subdirs: tuple[str, ...]) -> None:

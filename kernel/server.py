@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import ssl
 import struct
 import traceback
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,8 @@ RECV_CHUNK = 65536
 # must say hello within HELLO_TIMEOUT seconds.
 PRE_HELLO_BYTES = 64 * 1024
 HELLO_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0  # a TLS peer proves nothing until its handshake is done
+TLS_HANDSHAKE_RECORD = b"\x16"  # how every TLS client's first record begins
 
 
 class Connection:
@@ -154,11 +157,55 @@ class Connection:
         if self.pcb is None:
             await self.close_with_reason(f"no sys.hello within {HELLO_TIMEOUT:g}s")
 
+    async def _handshake(self) -> bool:
+        """TLS: the whole handshake before a byte is read as a call, so a plain-text
+        or wrong-CA client is gone before any syscall. Other streams: nothing to do."""
+        if not isinstance(self.stream, trio.SSLStream):
+            return True
+        why = f"no handshake within {HANDSHAKE_TIMEOUT:g}s"
+        with trio.move_on_after(HANDSHAKE_TIMEOUT):
+            try:
+                first = await self.stream.transport_stream.socket.recv(1, socket.MSG_PEEK)
+                if first not in (b"", TLS_HANDSHAKE_RECORD):
+                    await self._refuse_clear_text()
+                    return False
+                await self.stream.do_handshake()
+                return True
+            except (trio.BrokenResourceError, OSError) as e:
+                why = str(e.__cause__ or e) or type(e.__cause__ or e).__name__
+        self.sys.stats["tls_refused"] += 1
+        log.warning("TLS handshake with %s failed: %s", self.peer, why)
+        await trio.aclose_forcefully(self.stream)  # no close_notify to a peer that is no one
+        return False
+
+    async def _refuse_clear_text(self) -> None:
+        """A client talking plain MessagePack-RPC to the TLS port: nothing it sent
+        is read; it is told why in its own tongue, then closed."""
+        self.sys.stats["tls_refused"] += 1
+        log.warning("TLS listener: %s speaks plain text; refused", self.peer)
+        raw = self.stream.transport_stream
+        with trio.move_on_after(1):
+            try:
+                await raw.send_all(wire.encode_notification("sys.close", [
+                    "this listener speaks TLS only: connect with tls://HOST:PORT and the "
+                    "kernel's CA file"]))
+                await raw.send_eof()
+                # Drain what it sent (unread, it would turn the close into a reset
+                # that can overtake the reason) until it hangs up.
+                drained = 0
+                while drained < PRE_HELLO_BYTES and (data := await raw.receive_some(RECV_CHUNK)):
+                    drained += len(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+        await trio.aclose_forcefully(self.stream)
+
     async def serve(self) -> None:
         async with trio.open_nursery() as nursery:
             self.nursery = nursery
-            nursery.start_soon(self._hello_deadline)
             try:
+                if not await self._handshake():
+                    return
+                nursery.start_soon(self._hello_deadline)
                 while True:
                     data = await self.stream.receive_some(RECV_CHUNK)
                     if not data:
@@ -247,7 +294,10 @@ def _response(msgid: int, error: dict | None, result: Any) -> bytes:
 
 
 async def serve_listener(services: "Services", listener: trio.SocketListener,
+                         tls: ssl.SSLContext | None = None,
                          task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Accept connections until cancelled; with ``tls``, each speaks TLS (the
+    same calls, the same sys.hello, inside the encrypted channel)."""
     async with trio.open_nursery() as nursery:
         task_status.started()
         while True:
@@ -258,6 +308,8 @@ async def serve_listener(services: "Services", listener: trio.SocketListener,
                 await trio.sleep(0.1)
                 continue
             peer = _peer_name(stream)
+            if tls is not None:
+                stream = trio.SSLStream(stream, tls, server_side=True)
             services.stats["connections"] += 1
             conns, cfg = services.connections, services.config
             why = None
@@ -275,7 +327,7 @@ async def serve_listener(services: "Services", listener: trio.SocketListener,
             nursery.start_soon(conn.serve)
 
 
-async def _refuse(stream: trio.SocketStream, why: str) -> None:
+async def _refuse(stream: trio.abc.Stream, why: str) -> None:
     """Say why, then close: a refused client gets a reason, not a silent reset."""
     with trio.move_on_after(1):
         try:

@@ -239,6 +239,7 @@ class Services:
             "sysname": "LLMAgentOS", "release": VERSION, "pid": os.getpid(),
             "boot_time": self.boot_time, "uptime": time.time() - self.boot_time,
             "socket": str(cfg.socket_path), "tcp": self.procs.tcp_address or None,
+            "tls": self.procs.tls_address or None, "tls_ca": self.procs.tls_ca or None,
             "run_dir": str(cfg.run_dir), "state_dir": str(cfg.state_dir),
             "policy": cfg.policy,
             "isolation": self.procs.isolation.describe(),

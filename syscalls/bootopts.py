@@ -79,6 +79,15 @@ class KernelConfig:
                               "registry ([models])", default=None)
     # connections
     tcp: str | None = opt("also listen on loopback TCP", metavar="HOST:PORT", default=None)
+    listen: str | None = opt("also serve the ABI over TLS on HOST:PORT, for other machines "
+                             "(0.0.0.0: every IPv4 address); a CA and a server certificate are "
+                             "made in the state dir at first boot", metavar="HOST:PORT",
+                             default=None)
+    tls_cert: Path | None = opt("--listen: bring your own server certificate (PEM, with its "
+                                "chain) instead of the one made in the state dir", metavar="FILE",
+                                default=None)
+    tls_key: Path | None = opt("--listen: the private key of --tls-cert (PEM)", metavar="FILE",
+                               default=None)
     max_frame: int = opt("largest accepted message, bytes", default=16 * 1024 * 1024)
     max_connections: int = opt("open connections at once; more are refused", default=1024)
     max_unauthenticated: int = opt("connections that have not said sys.hello yet, at once",
@@ -151,10 +160,31 @@ class KernelConfig:
                               f"{self.log_level!r}")
         if self.max_unauthenticated > self.max_connections:
             raise ConfigError("max_unauthenticated must not exceed max_connections")
+        for name in ("tcp", "listen"):
+            if getattr(self, name) is not None:
+                try:
+                    host_port(getattr(self, name))
+                except ValueError as e:
+                    raise ConfigError(f"{name}: {e}") from None
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert and tls_key go together: give both or neither")
+        if self.tls_cert is not None and self.listen is None:
+            raise ConfigError("tls_cert and tls_key are for the TLS listener: give --listen too")
+
+
+def host_port(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (``[::1]:PORT`` for IPv6) as (host, port); ValueError says why not."""
+    host, sep, port = str(text).rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not (sep and host and port.isascii() and port.isdigit() and int(port) <= 65535):
+        raise ValueError(f"want HOST:PORT with a port in 0..65535, not {text!r}")
+    return host, int(port)
 
 
 def _fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(KernelConfig))
+
+
 
 
 def _base_type(f: dataclasses.Field) -> type:
@@ -162,6 +192,10 @@ def _base_type(f: dataclasses.Field) -> type:
     if isinstance(hint, types.UnionType):  # X | None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return typing.get_origin(hint) or hint  # list[str] -> list
+
+
+# Options naming files: made absolute as given (the kernel program may run elsewhere).
+PATH_OPTIONS = tuple(f.name for f in _fields() if _base_type(f) is Path)
 
 
 def flag(f: dataclasses.Field) -> str:
@@ -288,7 +322,7 @@ def load(options: dict[str, Any]) -> KernelConfig:
         merged.update(read_file(options["config"]))
     merged.update(options)
     cfg = KernelConfig(**merged)
-    for name in ("run_dir", "state_dir", "config"):
+    for name in PATH_OPTIONS:
         value = getattr(cfg, name)
         if value is not None:
             setattr(cfg, name, Path(value).resolve())

@@ -8,6 +8,8 @@ import tempfile
 from pathlib import Path
 
 ENV_SOCKET = "LLMAGENTOS_SOCKET"  # a Unix socket path, or tcp://HOST:PORT
+ENV_ADDRESS = "LLMAGENTOS_ADDRESS"  # set by hand: as ENV_SOCKET, or tls://HOST:PORT; wins
+ENV_CA = "LLMAGENTOS_CA"  # the CA file a tls:// client trusts (the kernel's tls/ca.pem)
 ENV_TOKEN = "LLMAGENTOS_TOKEN"  # a token given by hand (remote processes, tests)
 ENV_TOKEN_FD = "LLMAGENTOS_TOKEN_FD"  # a spawned process's token: an inherited memfd
 ENV_PID = "LLMAGENTOS_PID"
@@ -20,6 +22,7 @@ TOKEN_NAME = "token"  # the shell user's token, mode 0600
 PIDFILE_NAME = "kernel.pid"
 LOCK_NAME = "kernel.lock"
 TCP_NAME = "tcp"  # the TCP listener's address, when one is open
+TLS_NAME = "tls"  # the TLS listener's address (tls://HOST:PORT), when one is open
 LOG_NAME = "kernel.log"
 
 

@@ -107,7 +107,7 @@ class Agent:
         # ENOENT (the kernel's, naming the known models) for a name it has not loaded
         info = self._parent.proc.attach(name, caps, limits, nice, model_name)
         self.pid: int = info["pid"]
-        self.client = Client(_address(self._parent), info["token"])
+        self.client = Client(self._parent.address, info["token"])
         self.model_name: str = self.client.proc.stat()["model"] or \
             self.client.sys.uname()["model"]
         self.name = name or "agent"
@@ -279,11 +279,6 @@ class Agent:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _address(client: Client) -> str:
-    a = client.address
-    return a.path if a.kind == "unix" else f"tcp://{a.host}:{a.port}"
 
 
 def _generation_schema(schema: Any, cap: int = 48) -> Any:

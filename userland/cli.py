@@ -26,6 +26,7 @@ from .cli_kernel import cmd_boot, cmd_call, cmd_metrics, cmd_shutdown, cmd_statu
 from .cli_mcp import add_commands as add_mcp_commands
 from .cli_proc import cmd_kill, cmd_logs, cmd_models, cmd_ps, cmd_spawn, cmd_stat, cmd_top, cmd_wait
 from .cli_records import cmd_audit, cmd_traj_export, cmd_traj_ls, cmd_traj_plot, cmd_traj_show
+from .cli_remote import add_parser as add_join_parser
 from .driver_cli import cmd_driver_run
 from .errors import KernelError
 
@@ -52,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("status", parents=[common], help="kernel status").set_defaults(fn=cmd_status)
     sub.add_parser("metrics", parents=[common], help="the kernel's metrics, Prometheus text "
                    "format").set_defaults(fn=cmd_metrics)
+    add_join_parser(sub, common)
     sub.add_parser("ps", parents=[common], help="process table").set_defaults(fn=cmd_ps)
     sub.add_parser("models", parents=[common], help="the models the kernel knows and has "
                    "loaded, with each device's load").set_defaults(fn=cmd_models)

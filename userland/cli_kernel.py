@@ -24,7 +24,7 @@ def _kernel_options(args: argparse.Namespace) -> list[str]:
     """`llmos boot` options passed on to the kernel program, as given."""
     given = kconfig.given(args)
     given.pop("run_dir", None)
-    for name in ("state_dir", "config"):  # the kernel program may run elsewhere
+    for name in kconfig.PATH_OPTIONS:  # the kernel program may run elsewhere
         if name in given:
             given[name] = Path(given[name]).resolve()
     return kconfig.as_flags(given)
@@ -45,7 +45,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
     info = boot_detached(run_dir, _kernel_options(args), args.timeout, progress)
     out(args, info, lambda i: print(
         f"kernel up: pid {i['pid']}, socket {i['socket']}"
-        + (f", tcp {i['tcp']}" if i.get("tcp") else "")))
+        + (f", tcp {i['tcp']}" if i.get("tcp") else "")
+        + (f", tls {i['tls']} (`llmos join` says how to reach it)" if i.get("tls") else "")))
     return EXIT_OK
 
 
@@ -79,7 +80,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     def human(s: dict) -> None:
         print(f"LLMAgentOS {s['release']}  pid {s['pid']}  up {s['uptime']:.1f}s  "
               f"policy {s['policy']}")
-        print(f"socket {s['socket']}" + (f"  tcp {s['tcp']}" if s.get("tcp") else ""))
+        print(f"socket {s['socket']}" + (f"  tcp {s['tcp']}" if s.get("tcp") else "")
+              + (f"  tls {s['tls']}" if s.get("tls") else ""))
         cont, iso = s.get("containment"), s.get("isolation")
         if cont:
             print(f"containment {cont['level']}  caps "

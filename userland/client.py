@@ -2,8 +2,10 @@
 
 Zero configuration: inside a spawned process the kernel's environment
 (`LLMAGENTOS_SOCKET`, `LLMAGENTOS_TOKEN`) is used; in the shell, the run
-dir's socket and the shell user's token file. Stubs come from the call table:
-`c.proc.spawn(["python", "x.py"])`, `c.sys.uname()`.
+dir's socket and the shell user's token file. From another machine:
+`LLMAGENTOS_ADDRESS=tls://HOST:PORT`, `LLMAGENTOS_CA` (the kernel's CA file)
+and `LLMAGENTOS_TOKEN` (`llmos join` on the kernel's machine says what to set).
+Stubs come from the call table: `c.proc.spawn(["python", "x.py"])`, `c.sys.uname()`.
 
 Streaming calls: the kernel sends notifications `[2, "group.event", [msgid, ...]]`
 before the response; the first param names the request they belong to.
@@ -11,9 +13,11 @@ before the response; the first param names the request they belong to.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import os
 import socket
+import ssl
 import sys
 import threading
 from dataclasses import dataclass
@@ -35,26 +39,42 @@ UNSOLICITED = wire.PROCESS_NOTIFICATIONS
 
 @dataclass(frozen=True)
 class Address:
-    kind: str  # "unix" | "tcp"
+    kind: str  # "unix" | "tcp" | "tls"
     path: str = ""
     host: str = ""
     port: int = 0
+    ca: str = ""  # tls: the CA file that vouches for the kernel ("": the system's CAs)
 
     @classmethod
-    def parse(cls, text: str) -> "Address":
-        if text.startswith("tcp://"):
-            host, _, port = text[len("tcp://"):].rpartition(":")
-            return cls("tcp", host=host.strip("[]"), port=int(port))
+    def parse(cls, text: str, ca: str | None = None) -> "Address":
+        for kind in ("tcp", "tls"):
+            if text.startswith(f"{kind}://"):
+                host, _, port = text[len(kind) + 3:].rpartition(":")
+                host = host.strip("[]")
+                if not host or not (port.isascii() and port.isdigit()) or int(port) > 65535:
+                    raise ERRORS["EINVAL"](f"want {kind}://HOST:PORT, not {text!r}")
+                return cls(kind, host=host, port=int(port), ca=ca or "" if kind == "tls" else "")
         return cls("unix", path=text)
 
+    def __str__(self) -> str:
+        if self.kind == "unix":
+            return self.path
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{self.kind}://{host}:{self.port}"
 
-def resolve(address: str | None = None, token: str | None = None,
-            run_dir: str | Path | None = None) -> tuple[Address, str]:
-    """Where the kernel is and which token to present."""
+
+def resolve(address: "str | Address | None" = None, token: str | None = None,
+            run_dir: str | Path | None = None, ca: str | Path | None = None
+            ) -> tuple[Address, str]:
+    """Where the kernel is and which token to present. The address: as given,
+    else $LLMAGENTOS_ADDRESS (set by hand), else $LLMAGENTOS_SOCKET (set by the
+    kernel in its processes), else the run dir's socket. A tls:// address is
+    checked against ``ca``, else $LLMAGENTOS_CA, else the system's CAs."""
     rd = Path(run_dir) if run_dir else None
     if address is None:
-        if rd is None and os.environ.get(paths.ENV_SOCKET):
-            address = os.environ[paths.ENV_SOCKET]
+        env = os.environ.get(paths.ENV_ADDRESS) or os.environ.get(paths.ENV_SOCKET)
+        if rd is None and env:
+            address = env
         else:
             address = str((rd or paths.default_run_dir()) / paths.SOCKET_NAME)
     if token is None:
@@ -71,7 +91,11 @@ def resolve(address: str | None = None, token: str | None = None,
                     f"no kernel token at {tf}: is a kernel running? (`llmos boot`)") from None
             except PermissionError:
                 raise ERRORS["EACCES"](f"cannot read the token file {tf}") from None
-    return Address.parse(address), token
+    if isinstance(address, Address):
+        return address, token
+    if ca is None:
+        ca = os.environ.get(paths.ENV_CA) or None
+    return Address.parse(address, str(ca) if ca else None), token
 
 
 _inherited: str | None = None
@@ -137,10 +161,10 @@ class _Stubs:
 class Client(_Stubs):
     """A synchronous connection to the kernel. Thread-safe (one call at a time)."""
 
-    def __init__(self, address: str | None = None, token: str | None = None, *,
+    def __init__(self, address: "str | Address | None" = None, token: str | None = None, *,
                  run_dir: str | Path | None = None, timeout: float | None = None,
-                 max_frame: int = wire.DEFAULT_MAX_FRAME):
-        self.address, token = resolve(address, token, run_dir)
+                 max_frame: int = wire.DEFAULT_MAX_FRAME, ca: str | Path | None = None):
+        self.address, token = resolve(address, token, run_dir, ca)
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._decoder = wire.Decoder(max_frame)
@@ -171,6 +195,8 @@ class Client(_Stubs):
             data = self._sock.recv(65536)
         except socket.timeout:
             raise ERRORS["ETIMEDOUT"]("no answer from the kernel") from None
+        except (ssl.SSLError, ConnectionResetError) as e:
+            raise ERRORS["ECONNRESET"](f"the connection to the kernel broke: {e}") from None
         if not data:
             raise ERRORS["ECONNRESET"]("the kernel closed the connection")
         self._decoder.feed(data)
@@ -233,22 +259,70 @@ def _encode(msgid: int, method: str, args: tuple, kwargs: dict) -> bytes:
 
 
 def _open_socket(addr: Address, timeout: float | None) -> socket.socket:
+    ctx = tls_context(addr) if addr.kind == "tls" else None
+    _refuse_clear_text(addr)
     try:
-        if addr.kind == "tcp":
+        if addr.kind in ("tcp", "tls"):
             s = socket.create_connection((addr.host, addr.port), timeout=timeout)
             s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         else:
             s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             s.settimeout(timeout)
             s.connect(addr.path)
-        return s
     except (FileNotFoundError, ConnectionRefusedError) as e:
-        where = addr.path or f"{addr.host}:{addr.port}"
-        raise ERRORS["ENOTCONN"](f"no kernel at {where} ({e.strerror}): `llmos boot` first") \
+        raise ERRORS["ENOTCONN"](f"no kernel at {addr} ({e.strerror}): `llmos boot` first") \
             from None
+    except OSError as e:  # no route, unknown host, timed out
+        raise ERRORS["ENOTCONN"](f"cannot reach the kernel at {addr}: {e}") from None
+    if ctx is None:
+        return s
+    try:
+        return ctx.wrap_socket(s, server_hostname=addr.host)
+    except BaseException as e:
+        s.close()
+        if isinstance(e, OSError):
+            raise _tls_error(addr, e) from None
+        raise
 
 
-def connect(address: str | None = None, token: str | None = None, **kw: Any) -> Client:
+def tls_context(addr: Address) -> ssl.SSLContext:
+    """What a TLS client trusts: the CA file given (and nothing else), or the
+    system's CAs; TLS 1.2 at least, the host name checked."""
+    try:
+        ctx = ssl.create_default_context(cafile=addr.ca or None)
+    except FileNotFoundError:
+        raise ERRORS["ENOENT"](f"no CA file at {addr.ca}") from None
+    except (OSError, ssl.SSLError) as e:
+        raise ERRORS["EINVAL"](f"cannot read the CA file {addr.ca}: {e}") from None
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    return ctx
+
+
+def _tls_error(addr: Address, e: OSError) -> KernelError:
+    if isinstance(e, ssl.SSLCertVerificationError):
+        return ERRORS["EACCES"](
+            f"the kernel at {addr} is not who it claims to be ({e.verify_message}); trusted: "
+            f"{addr.ca or 'the system CAs'} (set {paths.ENV_CA} to the kernel's CA file)")
+    if isinstance(e, socket.timeout):
+        return ERRORS["ETIMEDOUT"](f"no TLS handshake with {addr}")
+    return ERRORS["EPROTO"](f"TLS handshake with {addr} failed: {e}")
+
+
+def _refuse_clear_text(addr: Address) -> None:
+    """A token sent over tcp:// is in clear: only to this machine."""
+    if addr.kind != "tcp" or addr.host == "localhost":
+        return
+    try:
+        loopback = ipaddress.ip_address(addr.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ERRORS["EINVAL"](f"{addr} would carry the token in clear; tcp:// is for this "
+                               "machine only, use the kernel's tls:// address")
+
+
+def connect(address: "str | Address | None" = None, token: str | None = None,
+            **kw: Any) -> Client:
     """A synchronous client; with no arguments it finds the kernel by itself."""
     return Client(address, token, **kw)
 
@@ -260,9 +334,10 @@ class AsyncClient(_Stubs):
     Use as `async with llmagentos.aconnect() as c: await c.proc.ps()`.
     """
 
-    def __init__(self, address: str | None = None, token: str | None = None, *,
-                 run_dir: str | Path | None = None, max_frame: int = wire.DEFAULT_MAX_FRAME):
-        self.address, self._token = resolve(address, token, run_dir)
+    def __init__(self, address: "str | Address | None" = None, token: str | None = None, *,
+                 run_dir: str | Path | None = None, max_frame: int = wire.DEFAULT_MAX_FRAME,
+                 ca: str | Path | None = None):
+        self.address, self._token = resolve(address, token, run_dir, ca)
         self._ids = itertools.count(1)
         self._decoder = wire.Decoder(max_frame)
         self._pending: dict[int, trio.MemorySendChannel] = {}
@@ -278,13 +353,23 @@ class AsyncClient(_Stubs):
     async def __aenter__(self) -> "AsyncClient":
         _require_trio()
         a = self.address
+        ctx = tls_context(a) if a.kind == "tls" else None
+        _refuse_clear_text(a)
         try:
-            if a.kind == "tcp":
+            if a.kind in ("tcp", "tls"):
                 self._stream = await trio.open_tcp_stream(a.host, a.port)
             else:
                 self._stream = await trio.open_unix_socket(a.path)
         except OSError as e:
-            raise ERRORS["ENOTCONN"](f"no kernel at {a.path or a.host}: {e}") from None
+            raise ERRORS["ENOTCONN"](f"no kernel at {a}: {e}") from None
+        if ctx is not None:
+            self._stream = trio.SSLStream(self._stream, ctx, server_hostname=a.host)
+            try:
+                await self._stream.do_handshake()
+            except trio.BrokenResourceError as e:
+                await trio.aclose_forcefully(self._stream)
+                cause = e.__cause__ if isinstance(e.__cause__, OSError) else OSError(str(e))
+                raise _tls_error(a, cause) from None
         self._nursery_cm = trio.open_nursery()
         nursery = await self._nursery_cm.__aenter__()
         nursery.start_soon(self._reader)

@@ -44,6 +44,8 @@ class ProcessTable:
         self.nursery: trio.Nursery | None = None  # where watchers live; set by the kernel
         self.socket_address = ""
         self.tcp_address = ""  # tcp://HOST:PORT where the kernel listens, if it does
+        self.tls_address = ""  # tls://HOST:PORT, for other machines (--listen)
+        self.tls_ca = ""  # the CA file its clients trust ("": the user brought the certificate)
         self.cluster: Any = None  # kernel.cluster.Cluster: where placement="ray" runs
         self.containment: Any = None  # kernel.cgroups.Containment; set by the kernel
         self.on_exit: list = []  # callbacks(pcb) run when a process exits (free resources)
@@ -175,6 +177,8 @@ class ProcessTable:
                      paths.ENV_SOCKET: self.socket_address,
                      paths.ENV_PID: str(pcb.pid)}
         for k in (paths.ENV_TOKEN, paths.ENV_TOKEN_FD):  # the token comes on a memfd
+            child_env.pop(k, None)
+        for k in (paths.ENV_ADDRESS, paths.ENV_CA):  # its kernel is this one, at ENV_SOCKET
             child_env.pop(k, None)
         pcb.group = self._new_group(pcb)
         try:
