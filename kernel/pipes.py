@@ -90,6 +90,10 @@ class PipeEnd:
         self.pipe = pipe
         self.side = side  # "read" | "write"
         self.closed = False
+        # A child's fd 0 when the kernel feeds its OS stdin from it: that one
+        # reader is the feed (pump_in), and fs.read on it would race the feed
+        # for the same bytes, so it is EBUSY; closing it stops the feed.
+        self.feeds_stdin = False
         if side == "read":
             pipe.readers += 1
         else:
@@ -109,6 +113,7 @@ class PipeEnd:
     async def read(self, n: int) -> bytes:
         if not self.readable:
             raise SyscallError("EBADF", "this fd is the write end of a pipe")
+        self.check_open()
         return await self.pipe.read(self, n)
 
     async def write(self, data: bytes) -> int:
@@ -132,7 +137,8 @@ class PipeEnd:
         p = self.pipe
         return {"kind": "pipe", "end": self.side, "buffered": len(p.buffer),
                 "capacity": p.capacity, "peak": p.peak, "readers": p.readers,
-                "writers": p.writers, "bytes": p.bytes_through}
+                "writers": p.writers, "bytes": p.bytes_through,
+                **({"feeds_stdin": True} if self.feeds_stdin else {})}
 
 
 def make_pipe(capacity: int = CAPACITY) -> tuple[PipeEnd, PipeEnd]:
@@ -156,9 +162,10 @@ async def pump_out(os_fd: int, end: PipeEnd) -> None:
 
 
 async def pump_in(end: PipeEnd, os_fd: int, done: trio.Event) -> None:
-    """A pipe's read end into a child's OS stdin (os_fd, our write side of it),
-    until EOF (the child then reads EOF), the child closes its stdin, or the
-    child exits (`done`): then the read end closes and writers see EPIPE."""
+    """A pipe's read end (the child's fd 0) into its OS stdin (os_fd, our write
+    side of it), until EOF (the child then reads EOF), the child closes its
+    stdin or its fd 0, or it exits (`done`): then the read end closes and
+    writers see EPIPE."""
     stream = trio.lowlevel.FdStream(os_fd)
     try:
         async with trio.open_nursery() as nursery:

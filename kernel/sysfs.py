@@ -159,7 +159,7 @@ async def open_(call: Call, path: str, mode: str) -> int:
     return fd
 
 
-async def _pipe_io(call: Call, end: PipeEnd, op: Any) -> Any:
+async def _pipe_io(call: Call, op: Any) -> Any:
     pcb = call.caller
     pcb.waiting_calls += 1  # parked on the pipe: WAITING, as for any I/O
     try:
@@ -172,7 +172,10 @@ async def _pipe_io(call: Call, end: PipeEnd, op: Any) -> Any:
 async def read(call: Call, fd: int, n: int) -> bytes:
     f = call.caller.fds.get(fd)
     if isinstance(f, PipeEnd):
-        return await _pipe_io(call, f, f.read(min(n, READ_MAX) if n >= 0 else -1))
+        if f.feeds_stdin:
+            raise SyscallError("EBUSY", f"fd {fd} feeds this process's OS stdin: read that "
+                                        "(sys.stdin); closing the fd stops the feed")
+        return await _pipe_io(call, f.read(min(n, READ_MAX) if n >= 0 else -1))
     f.check("read", fd)
     return await _in_sandbox(call, Sandbox.read, f.sandbox_fd, n)
 
@@ -183,7 +186,7 @@ async def write(call: Call, fd: int, data: bytes | str) -> int:
     if isinstance(f, PipeEnd):
         if isinstance(data, str):
             data = data.encode("utf-8")
-        return await _pipe_io(call, f, f.write(data))
+        return await _pipe_io(call, f.write(data))
     f.check("write", fd)
     return await _in_sandbox(call, Sandbox.write, f.sandbox_fd, data)
 

@@ -212,8 +212,9 @@ class ProcessTable:
         finally:
             _close(child_in, child_out)  # the child has them now
         if stdin is not None:
+            stdin.feeds_stdin = True
             pcb.fds.install(stdin, fd=0)
-            self.nursery.start_soon(pump_in, stdin.dup(), ours_in, pcb.exit_event)
+            self.nursery.start_soon(pump_in, stdin, ours_in, pcb.exit_event)
         if stdout is not None:
             pcb.fds.install(stdout, fd=1)
             self.nursery.start_soon(pump_out, ours_out, stdout.dup())
