@@ -55,8 +55,8 @@ def pipe_fd(c, pid: int, fd: int) -> dict | None:
     return next((f for f in c.proc.stat(pid)["fds"] if f["fd"] == fd), None)
 
 
-def test_three_processes_move_10mb_in_order_with_backpressure(kernel):
-    with kernel.client() as c:
+def test_three_processes_move_10mb_in_order_with_backpressure(shared_kernel):
+    with shared_kernel.client() as c:
         p1, p2 = c.ipc.pipe(), c.ipc.pipe()
         a = c.proc.spawn([PY, "-c", PRODUCER], stdout=p1["write"])
         b = c.proc.spawn(["cat"], stdin=p1["read"], stdout=p2["write"])
@@ -84,8 +84,8 @@ def test_three_processes_move_10mb_in_order_with_backpressure(kernel):
         assert log == [str(MB10), expected_digest()]
 
 
-def test_writer_gets_epipe_after_the_reader_is_killed(kernel):
-    with kernel.client() as c, kernel.client() as other:
+def test_writer_gets_epipe_after_the_reader_is_killed(shared_kernel):
+    with shared_kernel.client() as c, shared_kernel.client() as other:
         p = c.ipc.pipe()
         r = c.proc.spawn([PY, "-c", "import time; time.sleep(60)"], stdin=p["read"])
         c.fs.close(p["read"])
@@ -112,8 +112,8 @@ def test_writer_gets_epipe_after_the_reader_is_killed(kernel):
         assert other.proc.wait(r, 10)["signal_name"] == "SIGKILL"
 
 
-def test_eof_only_after_every_writer_closed(kernel):
-    with kernel.client() as c, kernel.client() as other:
+def test_eof_only_after_every_writer_closed(shared_kernel):
+    with shared_kernel.client() as c, shared_kernel.client() as other:
         p = c.ipc.pipe()
         kids = [c.proc.spawn(["echo", word], stdout=p["write"]) for word in ("one", "two")]
         for pid in kids:
@@ -133,8 +133,8 @@ def test_eof_only_after_every_writer_closed(kernel):
         assert c.fs.read(p["read"], 100) == b""  # EOF stays EOF
 
 
-def test_seek_is_espipe_and_closed_or_wrong_ends_are_ebadf(kernel):
-    with kernel.client() as c:
+def test_seek_is_espipe_and_closed_or_wrong_ends_are_ebadf(shared_kernel):
+    with shared_kernel.client() as c:
         p = c.ipc.pipe()
         r, w = p["read"], p["write"]
         assert errno_of(c.fs.seek, r, 0, 0) == errno_of(c.fs.seek, w, 0, 0) == "ESPIPE"
@@ -150,8 +150,8 @@ def test_seek_is_espipe_and_closed_or_wrong_ends_are_ebadf(kernel):
         assert errno_of(c.fs.read, 0, 1) == errno_of(c.fs.read, 2**40, 1) == "EBADF"
 
 
-def test_files_and_pipes_share_one_fd_table(kernel):
-    with kernel.client() as c:
+def test_files_and_pipes_share_one_fd_table(shared_kernel):
+    with shared_kernel.client() as c:
         f = c.fs.open("/notes", "w")
         p = c.ipc.pipe()
         assert len({f, p["read"], p["write"]}) == 3
@@ -164,29 +164,29 @@ def test_files_and_pipes_share_one_fd_table(kernel):
         assert kinds == {f: "file", p["read"]: "pipe", p["write"]: "pipe"}
 
 
-def test_fd_table_is_bounded(kernel):
-    with kernel.client() as c:
+def test_fd_table_is_bounded(shared_kernel):
+    with shared_kernel.client() as c:
         for _ in range(32):
             c.ipc.pipe()
         assert errno_of(c.ipc.pipe) == errno_of(c.fs.open, "/x", "w") == "EMFILE"
 
 
-def test_a_shell_commands_fds_close_with_its_connection(kernel):
-    with kernel.client() as c:
+def test_a_shell_commands_fds_close_with_its_connection(shared_kernel):
+    with shared_kernel.client() as c:
         p = c.ipc.pipe()
         reader = c.proc.spawn([PY, "-c", "import sys; print(len(sys.stdin.read()), "
                                           "file=sys.stderr)"], stdin=p["read"])
         c.fs.close(p["read"])
         c.fs.write(p["write"], b"12345")
     # the connection is gone with the write end it held: the child reads EOF
-    with kernel.client() as c:
+    with shared_kernel.client() as c:
         assert c.proc.wait(reader, 10)["exit_code"] == 0
         assert c.proc.logs(reader)["data"].strip() == b"5"
         assert c.proc.stat()["fds"] == []
 
 
-def test_a_child_that_writes_into_a_closed_pipe_stops(kernel):
-    with kernel.client() as c:
+def test_a_child_that_writes_into_a_closed_pipe_stops(shared_kernel):
+    with shared_kernel.client() as c:
         p = c.ipc.pipe()
         a = c.proc.spawn([PY, "-c", "import sys\nwhile True: sys.stdout.write('y' * 4096)"],
                          stdout=p["write"])
@@ -197,14 +197,14 @@ def test_a_child_that_writes_into_a_closed_pipe_stops(kernel):
         assert st["exit_code"] != 0 or st["signal"] is not None
 
 
-def test_a_childs_pipes_are_its_fd_0_and_1(kernel):
+def test_a_childs_pipes_are_its_fd_0_and_1(shared_kernel):
     """fd 1 takes fs.write beside the OS stdout; fd 0 feeds the OS stdin, so
     fs.read on it is EBUSY (it would race the feed for the same bytes)."""
     script = ("import sys, llmagentos\nc = llmagentos.connect()\n"
               "try:\n    c.fs.read(0, 1)\nexcept llmagentos.KernelError as e:\n"
               "    print(e.name, file=sys.stderr)\n"
               "c.fs.write(1, sys.stdin.read().upper())\n")
-    with kernel.client() as c:
+    with shared_kernel.client() as c:
         pin, pout = c.ipc.pipe(), c.ipc.pipe()
         kid = c.proc.spawn([PY, "-c", script], stdin=pin["read"], stdout=pout["write"])
         c.fs.close(pin["read"])
@@ -221,10 +221,10 @@ def test_a_childs_pipes_are_its_fd_0_and_1(kernel):
         assert c.proc.logs(kid)["data"].strip() == b"EBUSY"
 
 
-def test_closing_fd_0_stops_the_feed(kernel):
+def test_closing_fd_0_stops_the_feed(shared_kernel):
     script = ("import sys, llmagentos\nc = llmagentos.connect()\nc.fs.close(0)\n"
               "print(repr(sys.stdin.read()), file=sys.stderr)\n")
-    with kernel.client() as c:
+    with shared_kernel.client() as c:
         p = c.ipc.pipe()
         kid = c.proc.spawn([PY, "-c", script], stdin=p["read"])
         c.fs.close(p["read"])
@@ -233,8 +233,8 @@ def test_closing_fd_0_stops_the_feed(kernel):
         assert errno_of(c.fs.write, p["write"], b"late") == "EPIPE"
 
 
-def test_spawn_takes_only_the_right_pipe_ends(kernel):
-    with kernel.client() as c:
+def test_spawn_takes_only_the_right_pipe_ends(shared_kernel):
+    with shared_kernel.client() as c:
         p = c.ipc.pipe()
         f = c.fs.open("/f", "w")
         argv = ["true"]
@@ -248,11 +248,11 @@ def test_spawn_takes_only_the_right_pipe_ends(kernel):
         assert errno_of(c.fs.write, p["write"], b"x") == "EPIPE"
 
 
-def test_ipc_pipe_needs_the_ipc_capability(kernel):
+def test_ipc_pipe_needs_the_ipc_capability(shared_kernel):
     script = ("import llmagentos\nc = llmagentos.connect()\n"
               "try:\n    c.ipc.pipe()\n    print('ok')\n"
               "except llmagentos.KernelError as e:\n    print(e.name)\n")
-    with kernel.client() as c:
+    with shared_kernel.client() as c:
         without = c.proc.spawn([PY, "-c", script], caps=["fs.read", "fs.write"])
         with_ipc = c.proc.spawn([PY, "-c", script], caps=["ipc"])
         for pid, want in ((without, b"EACCES"), (with_ipc, b"ok")):
