@@ -4,7 +4,7 @@ processes, inherited as a child's stdin/stdout by proc.spawn."""
 from __future__ import annotations
 
 import hashlib
-import sys
+import subprocess
 import threading
 import time
 
@@ -260,5 +260,14 @@ def test_ipc_pipe_needs_the_ipc_capability(shared_kernel):
             assert c.proc.logs(pid)["data"].strip() == want
 
 
-if __name__ == "__main__":
-    sys.exit(pytest.main([__file__, "-q"]))
+
+
+def test_llmos_spawn_makes_a_shell_pipeline_between_processes(shared_kernel):
+    llmos = f"{PY} -m llmagentos.cli"
+    line = (f"{llmos} spawn --pipe-stdout -- {PY} -c 'for i in range(3): print(\"line\", i)'"
+            f" | {llmos} spawn --pipe-stdin --pipe-stdout -- tr a-z A-Z"
+            f" | {llmos} spawn --pipe-stdin --pipe-stdout -- sh -c 'sort -r; exit 3'")
+    r = subprocess.run(["bash", "-c", line + "; echo ${PIPESTATUS[@]}"],
+                       env=shared_kernel.env(), capture_output=True, timeout=60)
+    out = r.stdout.decode().splitlines()
+    assert out == ["LINE 2", "LINE 1", "LINE 0", "0 0 3"], r.stderr.decode()
