@@ -146,3 +146,25 @@ def test_sigint_stops_the_generation_under_way(tmp_path):
             ca.close()
     finally:
         k.stop()
+
+
+def test_the_readme_section_runs_as_written(shared_kernel, tmp_path):
+    import re
+    import subprocess
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Pipes and signals", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(python|sh)\n(.*?)```", section, re.S)
+    assert [lang for lang, _ in blocks] == ["python", "sh", "python"]
+    env = shared_kernel.env()
+    env["PATH"] = f"{Path(PY).parent}:{env['PATH']}"  # llmos and python3 of this venv
+    outs = []
+    for lang, code in blocks:
+        cmd = [PY, "-c", code] if lang == "python" else ["bash", "-c", code]
+        r = subprocess.run(cmd, env=env, capture_output=True, timeout=60, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr.decode()
+        outs.append(r.stdout.decode())
+    assert outs[0] == "HELLO FROM A PIPE\n"
+    assert outs[1].split() == ["A", "B", "C"]
+    assert re.fullmatch(r"SIGUSR1 from pid 1 with \{'job': 7\}\n", outs[2])
