@@ -417,7 +417,8 @@ _def(90, "fs.open", [P("path", "str"), P("mode", "str", "r")], "fs.read",
      "open a file ('r', 'r+', 'w', 'a', 'x'; writing needs fs.write); returns an fd",
      mutates=True)
 _def(91, "fs.read", [P("fd", "int"), P("n", "int", -1, lo=-1)], "fs.read",
-     "read up to n bytes (-1: to the end) from an fd")
+     "read up to n bytes (-1: to the end) from an fd; a pipe returns what it holds (at "
+     "most n), waits while it is empty, and b\"\" at EOF")
 _def(92, "fs.write", [P("fd", "int"), P("data", "bytes|str")], "fs.write",
      "write to an fd; returns the bytes written", mutates=True)
 _def(93, "fs.close", [P("fd", "int")], "fs.read", "close an fd")

@@ -168,3 +168,18 @@ def test_the_readme_section_runs_as_written(shared_kernel, tmp_path):
     assert outs[0] == "HELLO FROM A PIPE\n"
     assert outs[1].split() == ["A", "B", "C"]
     assert re.fullmatch(r"SIGUSR1 from pid 1 with \{'job': 7\}\n", outs[2])
+
+
+def test_a_sync_handler_may_make_calls_and_runs_once_the_call_returns(shared_kernel):
+    with shared_kernel.client() as c:
+        a = c.proc.attach()
+        with llmagentos.connect(run_dir=shared_kernel.run_dir, token=a["token"],
+                                timeout=10) as ca:
+            ran = []
+            ca.on_signal("USR1", lambda sig, payload, sender: ran.append(
+                (payload, ca.proc.getpid())))  # a call from inside the handler
+            c.proc.kill(a["pid"], "SIGUSR1", "first")
+            c.proc.kill(a["pid"], "SIGUSR1", "second")
+            assert ran == []  # nothing runs between calls
+            assert ca.sys.null() is None  # the interrupted call still gets its answer
+            assert ran == [("first", a["pid"]), ("second", a["pid"])]

@@ -17,6 +17,7 @@ import signal as _signal
 import socket
 import sys
 import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -178,9 +179,9 @@ class _Signals:
 class Client(_Stubs, _Signals):
     """A synchronous connection to the kernel. Thread-safe (one call at a time).
 
-    Signal handlers (`on_signal`) run when the signal is read: during the call
-    under way when it came, else at the start of the next one, as Unix delivers
-    a signal on the way back from a system call.
+    Signal handlers (`on_signal`) run when the call under which the signal was
+    read returns (the call under way when it came, else the next one), as Unix
+    delivers a signal on the way back from a system call.
     """
 
     def __init__(self, address: str | None = None, token: str | None = None, *,
@@ -188,6 +189,9 @@ class Client(_Stubs, _Signals):
                  max_frame: int = wire.DEFAULT_MAX_FRAME):
         self.address, token = resolve(address, token, run_dir)
         self._signal_handlers = {}
+        self._signals_due: deque = deque()  # (handler, args) read, to run after the call
+        self._inbox: deque = deque()  # messages read past the answer of a call
+        self._delivering = False
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._decoder = wire.Decoder(max_frame)
@@ -204,14 +208,32 @@ class Client(_Stubs, _Signals):
         with self._lock:
             msgid = next(self._ids) & wire.MAX_MSGID
             self._sock.sendall(_encode(msgid, method, args, kwargs))
-            while True:
-                for msg in self._read():
+            try:
+                while True:
+                    if not self._inbox:  # what came after an answer waits for the next call
+                        self._inbox.extend(self._read())
+                    msg = self._inbox.popleft()
                     if isinstance(msg, wire.Response) and msg.msgid == msgid:
                         if msg.error is not None:
                             raise error_for(msg.error)
                         return msg.result
                     if isinstance(msg, wire.Notification):
                         self._notification(msg, on_notify)
+            finally:
+                self._deliver_signals()
+
+    def _deliver_signals(self) -> None:
+        """Handlers run once the call is answered: one that makes a call of its
+        own must not read the answer the interrupted call waits for."""
+        if self._delivering:  # a handler's own call: the loop below goes on after it
+            return
+        self._delivering = True
+        try:
+            while self._signals_due:
+                handler, args = self._signals_due.popleft()
+                handler(*args)
+        finally:
+            self._delivering = False
 
     def _read(self) -> Any:
         try:
@@ -229,7 +251,7 @@ class Client(_Stubs, _Signals):
         if msg.method == "proc.signal":
             found = self._handler_for(msg.args)
             if found is not None:
-                found[0](*found[1])
+                self._signals_due.append(found)
             return
         if on_notify is not None:
             on_notify(msg.method, msg.args)
