@@ -42,6 +42,7 @@ from . import (  # noqa: F401  (handlers register on import)
     sysenv,
     sysfs,
     sysllm,
+    syspipe,
     sysproc,
     syssys,
     systool,

@@ -25,7 +25,7 @@ import trio
 from llmagentos.syscalls import wire
 from llmagentos.syscalls.errno import SyscallError
 
-from . import dispatch
+from . import dispatch, sysfs
 
 if TYPE_CHECKING:
     from .proc import PCB
@@ -88,6 +88,10 @@ class Connection:
         finally:
             self._outbox.clear()  # (left only when the write failed: nobody reads it)
             self._send_lock.release()
+
+    def backlog(self) -> int:
+        """Bytes queued for the client that the socket has not taken yet."""
+        return sum(map(len, self._outbox))
 
     def _take_outbox(self) -> bytes:
         data = b"".join(self._outbox)
@@ -243,6 +247,8 @@ class Connection:
                 self.sys.connections.discard(self)
                 self.sys.tools.drop_conn(self)
                 pcb = self.pcb
+                if pcb is not None and pcb.pid == sysfs.INIT_PID:
+                    sysfs.drop_conn(self.sys, self)  # a shell command's fds end with it
                 if pcb is not None and pcb.attached:
                     pcb.conns -= 1
                     if pcb.conns == 0:

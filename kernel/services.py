@@ -57,6 +57,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("llmagentos.kernel")
 
 VERSION = "0.1.0"
+MAX_NOTIFY_BACKLOG = 1 << 20  # bytes queued to a connection before notify_process refuses
 
 
 class BootError(Exception):
@@ -93,7 +94,20 @@ class Services:
 
     def __post_init__(self) -> None:
         self.table = ModelTable(self.models, self.config)
+        self.procs.notify = self.notify_process
         self.metrics = metrics.registry(self)
+
+    def notify_process(self, pcb: PCB, method: str, args: list) -> int:
+        """A notification to each open connection of pcb; returns how many it
+        reached (0: the process talks to the kernel on none). EAGAIN when every
+        one has more than MAX_NOTIFY_BACKLOG bytes its client has not read."""
+        conns = [c for c in self.connections if c.pcb is pcb and not c.closed]
+        reading = [c for c in conns if c.backlog() <= MAX_NOTIFY_BACKLOG]
+        if conns and not reading:
+            raise SyscallError("EAGAIN", f"pid {pcb.pid} is not reading its connection")
+        for c in reading:
+            c.notify_nowait(method, args)
+        return len(reading)
 
     @property
     def device(self) -> Any:

@@ -8,6 +8,11 @@ unnamed process's are removed when it is reaped, or at the next boot) and
 walking and never follows a symlink; file descriptors live in it, so they
 die with the process.
 
+The fd numbers are the process's fd table's (kernel/fdtable.py): an fd is an
+open file of the sandbox or an end of a pipe (kernel/pipes.py), and fs.read,
+fs.write and fs.close take either; a pipe's reads and writes wait on the
+event loop (parked, never polled), a file's go to a worker thread.
+
 No sandbox work runs on the event loop: every handler's I/O goes to a worker
 thread within the caller's share of them, and a process's release (closing
 its fds, removing an unnamed process's tree, whatever its size or depth) is a
@@ -23,13 +28,15 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import trio
 
-from llmagentos.drivers.sandbox import Mount, Quota, Sandbox, discard, empty_trash
+from llmagentos.drivers.sandbox import READ_MAX, Mount, Quota, Sandbox, discard, empty_trash
 from llmagentos.syscalls.errno import SyscallError
 
 from . import perms
 from .dispatch import Call, handler
+from .fdtable import OPENING, SandboxFile
 from .names import path_name
-from .proc import PCB
+from .pipes import PipeEnd
+from .proc import INIT_PID, PCB
 from .sysctx import identity
 
 if TYPE_CHECKING:
@@ -67,6 +74,9 @@ def sandbox_of(services: "Services", pcb: PCB) -> Sandbox:
 def release(services: "Services", pcb: PCB) -> None:
     """The process is gone: close its fds; an unnamed process's files go too.
     Called on the event loop (ProcessTable.on_exit): the work is a task."""
+    for obj in pcb.fds.pop_all():
+        if isinstance(obj, PipeEnd):
+            obj.close()  # wakes the peers: EOF or EPIPE now, not at reap
     sandbox, pcb.sandbox = pcb.sandbox, None
     state = services.config.state_dir
     root = None if pcb.agent else state / "fs" / root_name(pcb)
@@ -77,6 +87,30 @@ def release(services: "Services", pcb: PCB) -> None:
         nursery.start_soon(_release, services.fs_trash_lock, state, sandbox, root)
     else:  # shutting down: what is left in the trash goes at the next release
         _release_files(state, sandbox, root, empty=False)
+
+
+def drop_conn(services: "Services", conn: object) -> None:
+    """A connection of init (a shell command) closed: the fds it opened close too."""
+    init = services.procs.procs.get(INIT_PID)
+    files = []
+    for obj in init.fds.pop_owned(conn) if init is not None else []:
+        if isinstance(obj, PipeEnd):
+            obj.close()
+        elif isinstance(obj, SandboxFile):
+            files.append(obj.sandbox_fd)
+    sandbox, nursery = init.sandbox if init else None, services.procs.nursery
+    if files and sandbox is not None and nursery is not None:
+        nursery.start_soon(_close_files, sandbox, files)
+
+
+async def _close_files(sandbox: Sandbox, fds: list[int]) -> None:
+    def close() -> None:
+        for fd in fds:
+            try:
+                sandbox.close(fd)
+            except SyscallError:
+                pass
+    await trio.to_thread.run_sync(close, abandon_on_cancel=True)
 
 
 async def _release(lock: trio.Lock, state: Path, sandbox: Sandbox | None, root) -> None:
@@ -104,30 +138,74 @@ async def _in_sandbox(call: Call, fn: Callable[..., Any], *args: Any) -> Any:
     return await call.in_thread(lambda: fn(sandbox_of(sv, pcb), *args))
 
 
+def _owner(call: Call) -> object:
+    return call.conn if call.caller.pid == INIT_PID else None
+
+
 @handler("fs.open", runs="task")
 async def open_(call: Call, path: str, mode: str) -> int:
     perms.check_open(call.caller, mode)
-    return await _in_sandbox(call, Sandbox.open, path, mode)
+    table = call.caller.fds
+    fd = table.install(OPENING, owner=_owner(call))  # the number, and EMFILE, first
+    try:
+        sandbox_fd = await _in_sandbox(call, Sandbox.open, path, mode)
+    except BaseException:
+        table.discard(fd)
+        raise
+    if table.get_raw(fd) is not OPENING:  # the process exited meanwhile: its files went
+        return fd
+    table.replace(fd, SandboxFile(sandbox_fd, path, readable=mode in ("r", "r+"),
+                                  writable=mode != "r"))
+    return fd
+
+
+async def _pipe_io(call: Call, op: Any) -> Any:
+    pcb = call.caller
+    pcb.waiting_calls += 1  # parked on the pipe: WAITING, as for any I/O
+    try:
+        return await op
+    finally:
+        pcb.waiting_calls -= 1
 
 
 @handler("fs.read", runs="task")
 async def read(call: Call, fd: int, n: int) -> bytes:
-    return await _in_sandbox(call, Sandbox.read, fd, n)
+    f = call.caller.fds.get(fd)
+    if isinstance(f, PipeEnd):
+        if f.feeds_stdin:
+            raise SyscallError("EBUSY", f"fd {fd} feeds this process's OS stdin: read that "
+                                        "(sys.stdin); closing the fd stops the feed")
+        return await _pipe_io(call, f.read(min(n, READ_MAX) if n >= 0 else -1))
+    f.check("read", fd)
+    return await _in_sandbox(call, Sandbox.read, f.sandbox_fd, n)
 
 
 @handler("fs.write", runs="task")
 async def write(call: Call, fd: int, data: bytes | str) -> int:
-    return await _in_sandbox(call, Sandbox.write, fd, data)
+    f = call.caller.fds.get(fd)
+    if isinstance(f, PipeEnd):
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        return await _pipe_io(call, f.write(data))
+    f.check("write", fd)
+    return await _in_sandbox(call, Sandbox.write, f.sandbox_fd, data)
 
 
 @handler("fs.close", runs="task")
 async def close(call: Call, fd: int) -> None:
-    await _in_sandbox(call, Sandbox.close, fd)
+    f = call.caller.fds.pop(fd)
+    if isinstance(f, PipeEnd):
+        f.close()
+        return
+    await _in_sandbox(call, Sandbox.close, f.sandbox_fd)
 
 
 @handler("fs.seek", runs="task")
 async def seek(call: Call, fd: int, offset: int, whence: int) -> int:
-    return await _in_sandbox(call, Sandbox.seek, fd, offset, whence)
+    f = call.caller.fds.get(fd)
+    if isinstance(f, PipeEnd):
+        raise SyscallError("ESPIPE", f"fd {fd} is a pipe: it has no position to seek")
+    return await _in_sandbox(call, Sandbox.seek, f.sandbox_fd, offset, whence)
 
 
 @handler("fs.stat", runs="task")

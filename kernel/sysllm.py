@@ -199,12 +199,19 @@ async def generate(call: Call, prompt: str | None, messages: list | None, params
     params = dict(params or {})
     entry = model_of(call, params.pop("model", None))
     sp = SamplingParams.from_dict(params)
-    if context:
-        gen_ctx = call.sys.context_generation
-        if gen_ctx is None:
-            raise SyscallError("ENOSYS", "context memory is not available in this kernel")
-        return await gen_ctx(call, prompt, messages, sp, stream, entry)
-    return await submit(call, entry, prompt, messages, sp, stream)
+    gen_ctx = call.sys.context_generation
+    if context and gen_ctx is None:
+        raise SyscallError("ENOSYS", "context memory is not available in this kernel")
+    interrupts = call.caller.interrupts
+    with trio.CancelScope() as scope:  # SIGINT cancels it: "stop what you are doing"
+        interrupts.add(scope)
+        try:
+            if context:
+                return await gen_ctx(call, prompt, messages, sp, stream, entry)
+            return await submit(call, entry, prompt, messages, sp, stream)
+        finally:
+            interrupts.discard(scope)
+    raise SyscallError("EINTR", "llm.generate was interrupted by SIGINT")
 
 
 @handler("llm.embed", runs="task")

@@ -2,21 +2,34 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from llmagentos.syscalls.errno import SyscallError
 from llmagentos.syscalls.table import check_limit, check_limit_name
 
 from . import perms
 from .dispatch import Call, handler
-from .proc import INIT_PID, parse_signal
+from .proc import INIT_PID, check_payload, parse_signal
+from .syspipe import end_for
 
 
 @handler("proc.spawn", runs="task")
 async def spawn(call: Call, argv: list, name: str | None, env: dict | None, cwd: str | None,
                 caps: list | None, limits: dict | None, nice: int, placement: str,
-                model: str | None) -> int:
+                model: str | None, stdin: int | None, stdout: int | None) -> int:
     model = call.sys.table.check(model) or call.caller.model  # ENOENT naming the known ones
-    pcb = await call.sys.procs.spawn(call.caller, argv, name, env, cwd, caps, limits, nice,
-                                     placement, model)
+    # The child's ends are taken now, before anything waits: the caller may close
+    # its own fds while the child starts.
+    ends = [end_for(call, stdin, "read", "stdin"), end_for(call, stdout, "write", "stdout")]
+    child_in, child_out = [e.dup() if e else None for e in ends]
+    try:
+        pcb = await call.sys.procs.spawn(call.caller, argv, name, env, cwd, caps, limits, nice,
+                                         placement, model, stdin=child_in, stdout=child_out)
+    except BaseException:
+        for end in (child_in, child_out):
+            if end is not None:
+                end.close()
+        raise
     return pcb.pid
 
 
@@ -53,8 +66,11 @@ async def wait(call: Call, pid: int, timeout: float | None) -> dict:
 
 
 @handler("proc.kill")
-async def kill(call: Call, pid: int, signal: int | str) -> None:
-    call.sys.procs.kill(call.caller, pid, parse_signal(signal))
+async def kill(call: Call, pid: int, signal: int | str, payload: Any) -> None:
+    sig = parse_signal(signal)
+    if payload is not None:
+        check_payload(sig, payload)
+    call.sys.procs.kill(call.caller, pid, sig, payload)
 
 
 @handler("proc.nice")

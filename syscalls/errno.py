@@ -31,6 +31,7 @@ ERRNO: dict[str, tuple[int, str]] = {
     "EMFILE": (24, "too many open files"),
     "EFBIG": (27, "file too large"),
     "ENOSPC": (28, "no space left"),
+    "ESPIPE": (29, "illegal seek"),
     "EROFS": (30, "read-only file system"),
     "EPIPE": (32, "broken pipe"),
     "ENAMETOOLONG": (36, "name too long"),

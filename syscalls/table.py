@@ -310,10 +310,12 @@ _def(20, "proc.spawn", [
     P("argv", "list"), P("name", "str?", None), P("env", "dict?", None),
     P("cwd", "str?", None), P("caps", "list?", None), P("limits", "dict?", None),
     P("nice", "int", 0, lo=-20, hi=19), P("placement", "str", "local", choices=("local", "ray")),
-    P("model", "str?", None),
+    P("model", "str?", None), P("stdin", "int?", None), P("stdout", "int?", None),
 ], "proc.spawn", "start a real OS process as a child of the caller; returns its pid "
    "(placement=\"ray\": on a node of the kernel's Ray cluster, reaching the kernel over TCP; "
-   "model: its default model, else the caller's, inherited by its children)",
+   "model: its default model, else the caller's, inherited by its children; "
+   "stdin/stdout: a pipe end of the caller that becomes the child's OS stdin/stdout "
+   "and its fd 0/1)",
      mutates=True)
 _def(21, "proc.getpid", [], None, "the caller's pid")
 _def(22, "proc.ps", [], None, "the process table, one row per process")
@@ -321,8 +323,12 @@ _def(23, "proc.stat", [P("pid", "int?", None)], None,
      "control block, CPU/RSS and usage of one process (default: the caller)")
 _def(24, "proc.wait", [P("pid", "int", lo=-1), P("timeout", "float?", None, lo=0)], None,
      "wait for a child to exit and reap it; returns its exit status")
-_def(25, "proc.kill", [P("pid", "int"), P("signal", "int|str", "SIGTERM")], None,
-     "send a signal (SIGSTOP, SIGCONT, SIGTERM, SIGKILL, ...) to a process", mutates=True)
+_def(25, "proc.kill", [P("pid", "int"), P("signal", "int|str", "SIGTERM"),
+                      P("payload", "any?", None)], None,
+     "send a signal (SIGSTOP, SIGCONT, SIGTERM, SIGKILL, ...) to a process; SIGINT, SIGUSR1 "
+     "and SIGUSR2 reach a process with a connection as a [signal, payload, sender pid] "
+     "proc.signal notification (SIGINT also ends its llm.generate calls with EINTR)",
+     mutates=True)
 _def(26, "proc.nice", [P("pid", "int"), P("value", "int", lo=-20, hi=19)], None,
      "set a process's nice value (-20..19); lowering it needs proc.renice", mutates=True)
 _def(27, "proc.setlimit", [P("pid", "int"), P("name", "str"),
@@ -414,7 +420,8 @@ _def(90, "fs.open", [P("path", "str"), P("mode", "str", "r")], "fs.read",
      "open a file ('r', 'r+', 'w', 'a', 'x'; writing needs fs.write); returns an fd",
      mutates=True)
 _def(91, "fs.read", [P("fd", "int"), P("n", "int", -1, lo=-1)], "fs.read",
-     "read up to n bytes (-1: to the end) from an fd")
+     "read up to n bytes (-1: to the end) from an fd; a pipe returns what it holds (at "
+     "most n), waits while it is empty, and b\"\" at EOF")
 _def(92, "fs.write", [P("fd", "int"), P("data", "bytes|str")], "fs.write",
      "write to an fd; returns the bytes written", mutates=True)
 _def(93, "fs.close", [P("fd", "int")], "fs.read", "close an fd")
@@ -485,3 +492,9 @@ _def(145, "traj.search", [P("query", "str"), P("family", "str?", None), P("kind"
      "episodes whose task text best matches the query (demonstrations for few-shot)")
 _def(146, "traj.stats", [P("family", "str")], None,
      "per-family statistics: episodes, success rate, mean reward, per-choice outcomes")
+
+# --- ipc pipes: 150-155 -----------------------------------------------------------
+_def(150, "ipc.pipe", [], "ipc",
+     "make a pipe (a 64 KiB buffer); returns {read, write}: two fds of the caller for "
+     "fs.read/fs.write/fs.close (a full pipe blocks the writer; EPIPE without readers; "
+     "EOF once every write end is closed)", mutates=True)

@@ -67,8 +67,12 @@ NOTIFICATIONS = {
     "llm.token": "[msgid, text]: a streamed piece of llm.generate's answer",
     "drv.request": "[req_id, tool, args, caller_pid]: a tool call for this driver",
     "drv.unregistered": "[namespace, reason]: this driver's tools are gone (killed, exited)",
+    "proc.signal": "[signal, payload, sender_pid]: SIGINT, SIGUSR1 or SIGUSR2 for this process",
 }
-PROCESS_NOTIFICATIONS = frozenset({"drv.request", "drv.unregistered"})
+PROCESS_NOTIFICATIONS = frozenset({"drv.request", "drv.unregistered", "proc.signal"})
+# The signals that reach a process with a connection as proc.signal (SIGINT,
+# SIGUSR1, SIGUSR2 by their Linux numbers); others act on its OS process.
+SIGNALS_NOTIFIED = frozenset({2, 10, 12})
 
 
 def _pack(obj: Any) -> bytes:

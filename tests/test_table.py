@@ -37,7 +37,7 @@ def test_bind_fills_defaults_and_checks_types():
 
 def test_bind_keywords():
     sc = TABLE["proc.kill"]
-    assert sc.bind([5], {"signal": "STOP"}) == {"pid": 5, "signal": "STOP"}
+    assert sc.bind([5], {"signal": "STOP"}) == {"pid": 5, "signal": "STOP", "payload": None}
     with pytest.raises(SyscallError, match="unknown argument"):
         sc.bind([5], {"sig": 9})
     with pytest.raises(SyscallError, match="given twice"):

@@ -24,6 +24,7 @@ from llmagentos.syscalls import bootopts as kconfig
 from .cli_io import EXIT_ERR, EXIT_NOKERNEL, EXIT_TIMEOUT, EXIT_USAGE, UsageError
 from .cli_kernel import cmd_boot, cmd_call, cmd_metrics, cmd_shutdown, cmd_status, cmd_syscalls
 from .cli_mcp import add_commands as add_mcp_commands
+from .cli_pipe import add_spawn_arguments
 from .cli_proc import cmd_kill, cmd_logs, cmd_models, cmd_ps, cmd_spawn, cmd_stat, cmd_top, cmd_wait
 from .cli_records import cmd_audit, cmd_traj_export, cmd_traj_ls, cmd_traj_plot, cmd_traj_show
 from .cli_remote import add_parser as add_join_parser
@@ -70,11 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--env", action="append", metavar="KEY=VALUE")
     sp.add_argument("--nice", type=int, default=0)
     sp.add_argument("--model", help="its default model (a loaded name); default: inherited")
+    add_spawn_arguments(sp)
     sp.add_argument("cmd", nargs=argparse.REMAINDER)
     sp.set_defaults(fn=cmd_spawn)
 
     k = sub.add_parser("kill", parents=[common], help="kill [-SIG] PID...")
     k.add_argument("--signal", "-s", default="SIGTERM")
+    k.add_argument("--payload", help="JSON (or text) for SIGINT/SIGUSR1/SIGUSR2 to carry")
     k.add_argument("pids", nargs="+", type=int)
     k.set_defaults(fn=cmd_kill)
 

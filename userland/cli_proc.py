@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
 
 from .cli_io import EXIT_OK, UsageError, client, console, out, rich_table, table
+from .cli_pipe import spawn_piped
 from .client import Client
 
 PS_COLS = ["pid", "ppid", "state", "nice", "name", "uptime", "tokens_in", "tokens_out",
@@ -54,17 +56,27 @@ def cmd_spawn(args: argparse.Namespace) -> int:
     if not cmd:
         raise UsageError("spawn needs a command: llmos spawn -- CMD ARGS...")
     limits = {k: float(v) for k, v in _kv(args.limit, "--limit").items()}
+    kw = {"name": args.name, "env": _kv(args.env, "--env") or None, "cwd": os.getcwd(),
+          "caps": args.cap or None, "limits": limits or None, "nice": args.nice,
+          "model": args.model}
+    if args.pipe_stdin or args.pipe_stdout:
+        return spawn_piped(args, cmd, kw)
     with client(args) as c:
-        pid = c.proc.spawn(cmd, args.name, _kv(args.env, "--env") or None, os.getcwd(),
-                           args.cap or None, limits or None, args.nice, model=args.model)
+        pid = c.proc.spawn(cmd, **kw)
     out(args, {"pid": pid}, lambda d: print(d["pid"]))
     return EXIT_OK
 
 
 def cmd_kill(args: argparse.Namespace) -> int:
+    payload = None
+    if args.payload is not None:
+        try:
+            payload = json.loads(args.payload)
+        except ValueError:
+            payload = args.payload  # not JSON: the text itself
     with client(args) as c:
         for pid in args.pids:
-            c.proc.kill(pid, args.signal)
+            c.proc.kill(pid, args.signal, payload)
     return EXIT_OK
 
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 import ipaddress
 import itertools
 import os
+import signal as _signal
 import socket
 import ssl
 import sys
 import threading
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -32,6 +34,8 @@ from llmagentos.syscalls.table import TABLE, Syscall
 from .errors import ERRORS, KernelError, error_for
 
 Notify = Callable[[str, list], Any]
+# A signal handler: handler(sig, payload, sender_pid); a coroutine function under trio.
+SignalHandler = Callable[[int, Any, int], Any]
 
 # Notifications that belong to the process, not to one of its calls.
 UNSOLICITED = wire.PROCESS_NOTIFICATIONS
@@ -158,13 +162,60 @@ class _Stubs:
         return g
 
 
-class Client(_Stubs):
-    """A synchronous connection to the kernel. Thread-safe (one call at a time)."""
+def _signum(sig: int | str) -> int:
+    """9, "USR1", "SIGUSR1" -> the signal's number; ValueError for anything else."""
+    if isinstance(sig, str):
+        name = sig.strip().upper()
+        sig = getattr(_signal.Signals, name if name.startswith("SIG") else "SIG" + name, None)
+        if sig is None:
+            raise ValueError(f"unknown signal {name!r}")
+    return int(_signal.Signals(sig))
+
+
+class _Signals:
+    """What both clients share about proc.signal: SIGINT, SIGUSR1 and SIGUSR2
+    sent with `proc.kill(pid, sig, payload)` arrive as [sig, payload, sender pid]
+    (the sender's pid is the kernel's word, never the sender's). Without a
+    handler a signal is ignored; SIGINT has already done its default by then:
+    the kernel ended this process's llm.generate calls with EINTR."""
+
+    _signal_handlers: dict[int, SignalHandler]
+
+    def on_signal(self, sig: int | str, handler: SignalHandler | None) -> None:
+        """Run handler(sig, payload, sender_pid) when sig arrives (None: ignore it)."""
+        num = _signum(sig)
+        if num not in wire.SIGNALS_NOTIFIED:
+            names = sorted(_signal.Signals(n).name for n in wire.SIGNALS_NOTIFIED)
+            raise ValueError(f"only {names} reach a client; {_signal.Signals(num).name} "
+                             "acts on the process itself")
+        if handler is None:
+            self._signal_handlers.pop(num, None)
+        else:
+            self._signal_handlers[num] = handler
+
+    def _handler_for(self, args: list) -> tuple[SignalHandler, list] | None:
+        if len(args) != 3 or not isinstance(args[0], int):
+            return None
+        handler = self._signal_handlers.get(args[0])
+        return (handler, args) if handler is not None else None
+
+
+class Client(_Stubs, _Signals):
+    """A synchronous connection to the kernel. Thread-safe (one call at a time).
+
+    Signal handlers (`on_signal`) run when the call under which the signal was
+    read returns (the call under way when it came, else the next one), as Unix
+    delivers a signal on the way back from a system call.
+    """
 
     def __init__(self, address: "str | Address | None" = None, token: str | None = None, *,
                  run_dir: str | Path | None = None, timeout: float | None = None,
                  max_frame: int = wire.DEFAULT_MAX_FRAME, ca: str | Path | None = None):
         self.address, token = resolve(address, token, run_dir, ca)
+        self._signal_handlers = {}
+        self._signals_due: deque = deque()  # (handler, args) read, to run after the call
+        self._inbox: deque = deque()  # messages read past the answer of a call
+        self._delivering = False
         self._lock = threading.RLock()
         self._ids = itertools.count(1)
         self._decoder = wire.Decoder(max_frame)
@@ -181,14 +232,32 @@ class Client(_Stubs):
         with self._lock:
             msgid = next(self._ids) & wire.MAX_MSGID
             self._sock.sendall(_encode(msgid, method, args, kwargs))
-            while True:
-                for msg in self._read():
+            try:
+                while True:
+                    while not self._inbox:  # what came after an answer waits for the next call
+                        self._inbox.extend(self._read())  # a part of a frame gives none
+                    msg = self._inbox.popleft()
                     if isinstance(msg, wire.Response) and msg.msgid == msgid:
                         if msg.error is not None:
                             raise error_for(msg.error)
                         return msg.result
                     if isinstance(msg, wire.Notification):
                         self._notification(msg, on_notify)
+            finally:
+                self._deliver_signals()
+
+    def _deliver_signals(self) -> None:
+        """Handlers run once the call is answered: one that makes a call of its
+        own must not read the answer the interrupted call waits for."""
+        if self._delivering:  # a handler's own call: the loop below goes on after it
+            return
+        self._delivering = True
+        try:
+            while self._signals_due:
+                handler, args = self._signals_due.popleft()
+                handler(*args)
+        finally:
+            self._delivering = False
 
     def _read(self) -> Any:
         try:
@@ -202,10 +271,14 @@ class Client(_Stubs):
         self._decoder.feed(data)
         return list(self._decoder.messages())
 
-    @staticmethod
-    def _notification(msg: wire.Notification, on_notify: Notify | None) -> None:
+    def _notification(self, msg: wire.Notification, on_notify: Notify | None) -> None:
         if msg.method == "sys.close":
             raise ERRORS["ECONNRESET"](f"kernel closed the connection: {msg.args}")
+        if msg.method == "proc.signal":
+            found = self._handler_for(msg.args)
+            if found is not None:
+                self._signals_due.append(found)
+            return
         if on_notify is not None:
             on_notify(msg.method, msg.args)
 
@@ -328,16 +401,20 @@ def connect(address: "str | Address | None" = None, token: str | None = None,
 
 
 # --- async (trio) -------------------------------------------------------------
-class AsyncClient(_Stubs):
+class AsyncClient(_Stubs, _Signals):
     """A trio client; many calls may be in flight at once on one connection.
 
     Use as `async with llmagentos.aconnect() as c: await c.proc.ps()`.
+    Signal handlers (`on_signal`, plain functions or coroutine functions) run
+    as tasks of the client's nursery as soon as the signal arrives; what one
+    raises comes out of the `async with`, as an uncaught error of any task.
     """
 
     def __init__(self, address: "str | Address | None" = None, token: str | None = None, *,
                  run_dir: str | Path | None = None, max_frame: int = wire.DEFAULT_MAX_FRAME,
                  ca: str | Path | None = None):
         self.address, self._token = resolve(address, token, run_dir, ca)
+        self._signal_handlers = {}
         self._ids = itertools.count(1)
         self._decoder = wire.Decoder(max_frame)
         self._pending: dict[int, trio.MemorySendChannel] = {}
@@ -416,6 +493,11 @@ class AsyncClient(_Stubs):
             if msg.method == "sys.close":
                 self._closed_reason = f"kernel closed the connection: {msg.args}"
                 return
+            if msg.method == "proc.signal":
+                found = self._handler_for(msg.args)
+                if found is not None:
+                    self._nursery.start_soon(_run_handler, *found)
+                return
             if msg.method in UNSOLICITED:
                 await self._events_send.send(msg)
                 return
@@ -460,6 +542,12 @@ class AsyncClient(_Stubs):
             args, kwargs = _caller_defaults(sc, self.address, args, kwargs)
             return await self.call(sc.name, *args, **kwargs)
         return stub
+
+
+async def _run_handler(handler: SignalHandler, args: list) -> None:
+    res = handler(*args)
+    if hasattr(res, "__await__"):
+        await res
 
 
 def aconnect(address: str | None = None, token: str | None = None, **kw: Any) -> AsyncClient:

@@ -11,7 +11,8 @@ Invariants:
 
 
 from .osproc import signal_tree
-from .pcb import INIT_PID, PCB, Usage, parse_signal
+from .pcb import INIT_PID, PCB, Usage, check_payload, parse_signal
 from .table import ProcessTable
 
-__all__ = ["INIT_PID", "PCB", "ProcessTable", "Usage", "parse_signal", "signal_tree"]
+__all__ = ["INIT_PID", "PCB", "ProcessTable", "Usage", "check_payload", "parse_signal",
+           "signal_tree"]

@@ -16,9 +16,12 @@ from .pcb import PCB
 
 
 async def launch(isolation: Isolation, exe: str, argv: list[str], env: dict[str, str],
-                 pcb: PCB, procs_files: list[str]) -> trio.Process:
+                 pcb: PCB, procs_files: list[str], stdin: int | None = None,
+                 stdout: int | None = None) -> trio.Process:
     """Start the launcher (kernel/confine.py) for pcb and return once it has
-    exec'd the program; EIO with the launcher's reason if it could not."""
+    exec'd the program; EIO with the launcher's reason if it could not.
+    stdin/stdout: OS fds for the child's (pipes the kernel pumps); without
+    them stdin is /dev/null and stdout goes to the log with stderr."""
     ready_r, ready_w = os.pipe()
     cfg = isolation.config(exe, argv, env, pcb.token, procs_files)
     cfg["ready_fd"] = ready_w
@@ -26,8 +29,11 @@ async def launch(isolation: Isolation, exe: str, argv: list[str], env: dict[str,
     try:
         with open(pcb.log_path, "wb") as log:
             proc = await trio.lowlevel.open_process(
-                isolation.command(cfg_fd), stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, cwd=pcb.cwd, start_new_session=True,
+                isolation.command(cfg_fd),
+                stdin=subprocess.DEVNULL if stdin is None else stdin,
+                stdout=log if stdout is None else stdout,
+                stderr=subprocess.STDOUT if stdout is None else log,
+                cwd=pcb.cwd, start_new_session=True,
                 pass_fds=[cfg_fd, ready_w])
     except OSError as e:
         os.close(ready_r)

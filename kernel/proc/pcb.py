@@ -7,9 +7,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import msgpack
 import trio
 
 from llmagentos.syscalls.errno import SyscallError
+from llmagentos.syscalls.wire import SIGNALS_NOTIFIED
+
+from ..fdtable import FdTable
 
 INIT_PID = 1
 SHELL_ZOMBIE_AFTER_WAIT = 30.0  # seconds a shell child's zombie stays once waited for
@@ -63,7 +67,8 @@ class PCB:
     sandbox: Any = None  # its file system view, opened at first use (kernel/sysfs.py)
     attached: bool = False  # lives in another process's OS process (proc.attach)
     conns: int = 0  # open connections that said hello as this pid
-    fds: dict[int, Any] = field(default_factory=dict)
+    fds: FdTable = field(default_factory=FdTable)  # its files and pipe ends
+    interrupts: set = field(default_factory=set)  # cancel scopes of calls SIGINT ends
     node: str | None = None  # the cluster node it runs on (placement="ray"); None: here
     remote: Any = None  # its kernel.cluster.RemoteProcess: signals and exit go through it
     group: Any = None  # its kernel.cgroups.Group: every OS process that dies with it
@@ -103,6 +108,23 @@ class PCB:
             "device_time": round(self.usage.device_time, 4),
             "syscalls": self.usage.syscalls,
         }
+
+
+# Signals with a meaning to a program that talks to the kernel: a process with a
+# connection hears them as a proc.signal notification [sig, payload, sender pid]
+# (SIGINT: "stop what you are doing"); one without gets the OS signal.
+NOTIFIED = SIGNALS_NOTIFIED
+MAX_SIGNAL_PAYLOAD = 64 * 1024  # bytes of the payload, encoded
+
+
+def check_payload(sig: int, payload: Any) -> None:
+    if sig not in NOTIFIED:
+        raise SyscallError("EINVAL", f"only SIGINT, SIGUSR1 and SIGUSR2 carry a payload, "
+                                     f"not signal {sig}")
+    size = len(msgpack.packb(payload, use_bin_type=True))
+    if size > MAX_SIGNAL_PAYLOAD:
+        raise SyscallError("E2BIG", f"a signal's payload is {size} bytes encoded, over the "
+                                    f"bound of {MAX_SIGNAL_PAYLOAD}")
 
 
 def parse_signal(sig: int | str) -> int:

@@ -18,9 +18,11 @@ from llmagentos.syscalls.errno import SyscallError
 
 from .. import perms
 from ..isolation import Isolation, resolve_executable
+from ..pipes import PipeEnd, os_pipe, pump_in, pump_out
 from .osproc import launch, parent_pid, signal_tree
 from .pcb import (
     INIT_PID,
+    NOTIFIED,
     PCB,
     SHELL_ZOMBIE_AFTER_WAIT,
     SHELL_ZOMBIE_LINGER,
@@ -53,6 +55,9 @@ class ProcessTable:
         self.log_readers: dict[int, frozenset[int]] = {}  # exited pid -> who may read its log
         self.on_renice: list = []  # callbacks(pcb) after a nice value changed
         self.on_signal: list = []  # callbacks(pcb, sig) after the kernel sent a signal
+        # notify(pcb, method, args) -> connections reached: how a signal with a
+        # meaning (NOTIFIED) reaches a process that talks to the kernel; set by it
+        self.notify: Any = None
         self.names: Any = None  # kernel.names.NameTable: who may take up an agent name
         self.init = self._new_pcb(ppid=0, name="init", argv=[], caps=["*"])
         self.init.os_pid = os.getpid()
@@ -141,7 +146,11 @@ class ProcessTable:
 
     async def spawn(self, parent: PCB, argv: list, name: str | None, env: dict | None,
                     cwd: str | None, caps: list | None, limits: dict | None,
-                    nice: int, placement: str = "local", model: str | None = None) -> PCB:
+                    nice: int, placement: str = "local", model: str | None = None,
+                    stdin: PipeEnd | None = None, stdout: PipeEnd | None = None) -> PCB:
+        """stdin/stdout: pipe ends that become the child's, taken over on success
+        (its fd 0/1, and its OS stdin/stdout through pumps); the caller closes
+        them when this raises."""
         if not argv or not all(isinstance(a, str) for a in argv):
             raise SyscallError("EINVAL", "argv must be a non-empty list of strings")
         if any("\0" in a for a in argv):
@@ -151,6 +160,9 @@ class ProcessTable:
             raise SyscallError("EINVAL", "env must map strings to strings")
         if placement not in ("local", "ray"):
             raise SyscallError("EINVAL", f"placement must be 'local' or 'ray', not {placement!r}")
+        if placement == "ray" and (stdin or stdout):
+            raise SyscallError("EINVAL", "stdin/stdout pipes connect local processes only, "
+                                         "not placement='ray'")
         if placement == "ray" and self.cluster is None:
             raise SyscallError("EINVAL", "placement='ray' needs a kernel booted with --ray")
         if placement == "ray" and not self.tcp_address:
@@ -189,13 +201,27 @@ class ProcessTable:
         except PermissionError:
             self._unspawn(pcb)
             raise SyscallError("EACCES", f"cannot execute {argv[0]!r}") from None
+        child_in, ours_in = os_pipe() if stdin else (None, None)
+        ours_out, child_out = os_pipe() if stdout else (None, None)
         try:
             # the launcher joins the group before anything can fork
             proc = await launch(self.isolation, exe, list(argv), child_env, pcb,
-                                list(pcb.group.procs_files) if pcb.group else [])
-        except SyscallError:
-            self._unspawn(pcb)
+                                list(pcb.group.procs_files) if pcb.group else [],
+                                stdin=child_in, stdout=child_out)
+        except BaseException as e:
+            _close(ours_in, ours_out)
+            if isinstance(e, SyscallError):
+                self._unspawn(pcb)
             raise
+        finally:
+            _close(child_in, child_out)  # the child has them now
+        if stdin is not None:
+            stdin.feeds_stdin = True
+            pcb.fds.install(stdin, fd=0)
+            self.nursery.start_soon(pump_in, stdin, ours_in, pcb.exit_event)
+        if stdout is not None:
+            pcb.fds.install(stdout, fd=1)
+            self.nursery.start_soon(pump_out, ours_out, stdout.dup())
         pcb.os_proc = proc
         pcb.os_pid = proc.pid
         if pcb.group is not None:  # until the launcher joins it itself before exec
@@ -357,10 +383,16 @@ class ProcessTable:
     def may_signal(self, caller: PCB, target: PCB) -> bool:
         return perms.may_signal(self, caller, target)
 
-    def kill(self, caller: PCB, pid: int, sig: int) -> None:
+    def kill(self, caller: PCB, pid: int, sig: int, payload: Any = None) -> None:
         target = self.get(pid)
         perms.check_signal(self, caller, target)
         if sig == 0 or target.exited:
+            return
+        if sig in NOTIFIED and self.notify is not None \
+                and self.notify(target, "proc.signal", [sig, payload, caller.pid]):
+            if sig == _signal.SIGINT:  # stop what you are doing: its generations end
+                for scope in list(target.interrupts):
+                    scope.cancel()
             return
         if target.attached:  # no OS process of its own: the kernel side is all there is
             if sig in (_signal.SIGKILL, _signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP):
@@ -454,6 +486,7 @@ class ProcessTable:
             "start_time": pcb.start_time, "cwd": pcb.cwd, "log": pcb.log_path,
             "usage": vars(pcb.usage).copy(), "ctx_id": pcb.ctx_id, "agent": pcb.agent,
             "children": [c.pid for c in self.children(pcb.pid)],
+            "fds": pcb.fds.describe(),
             "exit": pcb.status() if pcb.exited else None,
             "cpu_user": None, "cpu_system": None, "rss": None, "threads": None,
         }
@@ -468,6 +501,12 @@ class ProcessTable:
             except psutil.Error:
                 pass
         return out
+
+
+def _close(*fds: int | None) -> None:
+    for fd in fds:
+        if fd is not None:
+            os.close(fd)
 
 
 async def _wait_then_cancel(event: trio.Event, scope: trio.CancelScope) -> None:
