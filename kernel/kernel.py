@@ -33,11 +33,13 @@ from llmagentos.syscalls.bootopts import ConfigError, KernelConfig  # noqa: F401
 
 from . import (  # noqa: F401  (handlers register on import)
     dispatch,
+    sysblocks,
     sysctx,
     sysenv,
     sysfs,
     sysllm,
     sysproc,
+    syssvc,
     syssys,
     systool,
     systraj,
@@ -181,10 +183,12 @@ class Kernel:
                     root.start_soon(self._embed_archive)
                 for lst in listeners:
                     await root.start(serve_listener, sv, lst)
+                sv.supervisor.start(root)  # the config file's services, once calls are served
                 log.info("kernel up on %s (pid %d)", self.config.socket_path, os.getpid())
                 task_status.started(self)
                 await sv.shutdown_requested.wait()
                 log.info("shutting down: TERM, %.1fs grace, KILL", self.config.grace)
+                sv.supervisor.shutdown()  # nothing is restarted from here on
                 sv.procs.nursery = None  # no new processes from here on
                 await sv.procs.terminate_all(self.config.grace)
                 sv.containment.sweep()  # what is left of any group dies now
