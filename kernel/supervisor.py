@@ -145,7 +145,8 @@ class Service:
     restarts: int = 0  # starts after the first
     starts: int = 0  # start attempts, failed spawns included
     last_exit: dict | None = None
-    delay: float = 0.0  # the next backoff
+    delay: float = 0.0  # the delay before the latest (or coming) restart
+    short_runs: int = 0  # runs in a row that ended before lasting `stable` seconds
     since: float = field(default_factory=time.time)  # when the state last changed
     wanted: bool = True  # False: stop (svc.stop, remove, shutdown)
     restart_now: bool = False  # svc.restart: end the process, start at once
@@ -239,7 +240,7 @@ class Supervisor:
             svc.restart_now, svc.grace, svc.wanted = True, grace, True
             svc.wake.set()
         else:
-            svc.wanted, svc.delay = True, svc.spec.backoff
+            svc.wanted, svc.delay, svc.short_runs = True, svc.spec.backoff, 0
             svc.restarts += 1
             self._launch(svc)
         await self._until(svc, lambda: svc.starts > starts or not svc.running)
@@ -281,27 +282,24 @@ class Supervisor:
                     svc.pcb = None
                 if not svc.wanted:
                     break
-                if svc.restart_now:
-                    svc.delay = spec.backoff
-                    svc.restarts += 1
-                    continue
-                if spec.restart == "on-failure" and pcb is not None and pcb.exit_code == 0:
-                    svc.wanted = False
-                    self._set(svc, "exited")
-                    return
-                if up >= spec.stable:
-                    svc.delay = spec.backoff
-                log.info("service %s ended (%s); restarting in %.2fs", spec.name,
-                         svc.last_exit, svc.delay)
-                self._set(svc, "backoff")
-                svc.wake = trio.Event()
-                if svc.wanted and not svc.restart_now:
-                    with trio.move_on_after(svc.delay):
-                        await svc.wake.wait()
-                if svc.restart_now:
-                    svc.delay = spec.backoff
-                elif svc.wanted:
-                    svc.delay = min(svc.delay * 2, spec.backoff_max)
+                if not svc.restart_now:
+                    if spec.restart == "on-failure" and pcb is not None and pcb.exit_code == 0:
+                        svc.wanted = False
+                        self._set(svc, "exited")
+                        return
+                    svc.short_runs = 0 if up >= spec.stable else svc.short_runs
+                    svc.short_runs += 1
+                    svc.delay = min(spec.backoff * 2 ** min(svc.short_runs - 1, 64),
+                                    spec.backoff_max)
+                    log.info("service %s ended (%s); restarting in %.2fs", spec.name,
+                             svc.last_exit, svc.delay)
+                    self._set(svc, "backoff")
+                    svc.wake = trio.Event()
+                    if svc.wanted and not svc.restart_now:
+                        with trio.move_on_after(svc.delay):
+                            await svc.wake.wait()
+                if svc.restart_now:  # svc.restart: at once, and the delays start over
+                    svc.short_runs, svc.delay = 0, spec.backoff
                 if svc.wanted:
                     svc.restarts += 1
             self._set(svc, "stopped")
