@@ -136,17 +136,14 @@ def mem_namespace(pcb: "PCB", own: str, ns: str | None) -> str:
 
 # --- shared blocks ------------------------------------------------------------------------
 def check_block(pcb: "PCB", name: str, write: bool) -> None:
-    if holds(pcb, capmod.BLOCK_WRITE + name):
-        return
-    if not write and holds(pcb, capmod.BLOCK_READ + name):
-        return
     need = (capmod.BLOCK_WRITE if write else capmod.BLOCK_READ) + name
-    raise SyscallError("EACCES", f"{'writing' if write else 'reading'} block {name!r} needs "
-                                 f"capability {need!r}")
+    if not holds(pcb, need):  # a write right covers reading (syscalls/caps.py)
+        raise SyscallError("EACCES", f"{'writing' if write else 'reading'} block {name!r} "
+                                     f"needs capability {need!r}")
 
 
 def may_read_block(pcb: "PCB", name: str) -> bool:
-    return holds(pcb, capmod.BLOCK_READ + name) or holds(pcb, capmod.BLOCK_WRITE + name)
+    return holds(pcb, capmod.BLOCK_READ + name)
 
 
 # --- files --------------------------------------------------------------------------------

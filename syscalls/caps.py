@@ -36,7 +36,12 @@ def covers(held: Iterable[str], need: str) -> bool:
     """True when some held entry (glob) covers the needed capability.
 
     A needed glob (``tool:calc.*``) is covered by an equal or wider held glob.
+    ``ctx.block.read:NAME`` is also covered by ``ctx.block.write:NAME``.
     """
+    if need.startswith(BLOCK_READ):  # the right to write a block is the right to read it too
+        held = list(held)
+        if covers(held, BLOCK_WRITE + need[len(BLOCK_READ):]):
+            return True
     return any(h == need or fnmatchcase(need, h) for h in held)
 
 
