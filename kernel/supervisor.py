@@ -208,6 +208,8 @@ class Supervisor:
     async def add(self, spec: ServiceSpec) -> dict[str, Any]:
         """Start a new service; its row once its first process runs. A first
         start that fails (no such executable, say) adds nothing."""
+        if self.nursery is None:
+            raise SyscallError("ESHUTDOWN", "the kernel is not accepting new services")
         if spec.name in self.services:
             raise SyscallError("EEXIST", f"a service named {spec.name!r} exists")
         if len(self.services) >= MAX_SERVICES:

@@ -10,6 +10,9 @@ access to the block and the context's ownership, as every ctx call.
 
 from __future__ import annotations
 
+from llmagentos.syscalls import caps as capmod
+from llmagentos.syscalls.errno import SyscallError
+
 from . import perms
 from .dispatch import Call, handler
 from .memory.blocks import check_name
@@ -26,9 +29,14 @@ def _checked(call: Call, name: str, write: bool) -> str:
 @handler("ctx.block_open")
 async def block_open(call: Call, name: str, create: bool) -> dict:
     pcb, blocks = call.caller, call.sys.memory.blocks
-    check_name(name)
-    if not create or not perms.holds(pcb, "ctx.block.write:" + name):
-        _checked(call, name, write=False)  # opening what exists needs read access
+    _checked(call, name, write=False)
+    if create and not perms.holds(pcb, capmod.BLOCK_WRITE + name):
+        try:  # one who may only read opens what exists, and creates nothing
+            return blocks.open(name, False, identity(pcb))
+        except SyscallError as e:
+            if e.name != "ENOENT":
+                raise
+            perms.check_block(pcb, name, write=True)  # EACCES naming the right
     return blocks.open(name, create, identity(pcb))
 
 

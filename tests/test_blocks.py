@@ -136,6 +136,11 @@ def test_rights_come_from_capabilities(sim_kernel):
         with pytest.raises(ERRORS["EACCES"]):
             reader.ctx.block_read("secret")
         assert [b["name"] for b in reader.ctx.block_list()] == ["team-plan"]
+    with as_process(sim_kernel, ["ctx", "ctx.block.read:team-*"]) as reader:
+        with pytest.raises(ERRORS["EACCES"], match="ctx.block.write:team-new"):
+            reader.ctx.block_open("team-new", True)  # reading is not creating
+        with pytest.raises(ERRORS["ENOENT"]):
+            reader.ctx.block_read("team-new")
     with as_process(sim_kernel, ["ctx", "proc.spawn", "ctx.block.write:team-*"]) as lead:
         lead.ctx.block_write("team-plan", "ship monday")  # a glob covers the name
         lead.ctx.block_open("team-notes", True)
