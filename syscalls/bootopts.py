@@ -15,6 +15,9 @@ keys of a kernel config file (`--config FILE`, TOML)::
     [models.qwen-0.5b]             # (drivers/models.py documents [models])
     path = "qwen2.5-0.5b-instruct-q4_k_m.gguf"
 
+    [services.weather]             # started at boot and kept running
+    argv = ["python", "-m", "llmagentos.driver", "weather.py"]  # (kernel/supervisor.py)
+
 Precedence: flags over the file over the defaults. An unknown key, or a value
 of the wrong type, is a boot error naming the key.
 """
