@@ -143,7 +143,8 @@ class Service:
     state: str = "starting"  # starting running backoff stopped exited
     pcb: PCB | None = None
     restarts: int = 0  # starts after the first
-    starts: int = 0  # start attempts, failed spawns included
+    starts: int = 0  # start attempts made, failed spawns included
+    begun: int = 0  # start attempts begun (one may be in flight)
     last_exit: dict | None = None
     delay: float = 0.0  # the delay before the latest (or coming) restart
     short_runs: int = 0  # runs in a row that ended before lasting `stable` seconds
@@ -237,7 +238,7 @@ class Supervisor:
         svc = self.get(name)
         if self.nursery is None:
             raise SyscallError("ESHUTDOWN", "the kernel is shutting down")
-        starts = svc.starts
+        begun = svc.begun  # wait for a start that begins after this request
         if svc.running:
             svc.restart_now, svc.grace, svc.wanted = True, grace, True
             svc.wake.set()
@@ -245,7 +246,7 @@ class Supervisor:
             svc.wanted, svc.delay, svc.short_runs = True, svc.spec.backoff, 0
             svc.restarts += 1
             self._launch(svc)
-        await self._until(svc, lambda: svc.starts > starts or not svc.running)
+        await self._until(svc, lambda: svc.starts > begun or not svc.running)
         return svc.row()
 
     async def remove(self, name: str, grace: float) -> None:
@@ -312,6 +313,7 @@ class Supervisor:
 
     async def _start(self, svc: Service) -> PCB | None:
         spec, procs = svc.spec, self.procs
+        svc.begun += 1
         try:
             pcb = await procs.spawn(procs.init, list(spec.argv), None, spec.env, spec.cwd,
                                     None if spec.caps is None else list(spec.caps), None, 0)
