@@ -236,3 +236,13 @@ def test_blocks_survive_a_kernel_crash(tmp_path):
             assert (b["version"], b["text"]) == (2, "v2")
     finally:
         k.stop()
+
+
+def test_a_write_right_covers_reading_and_none_is_inherited_by_default():
+    from llmagentos.syscalls.caps import covers, default_child
+    assert covers(["ctx.block.write:team-*"], "ctx.block.read:team-plan")
+    assert covers(["ctx.block.write:team-*"], "ctx.block.read:team-*")
+    assert not covers(["ctx.block.read:team-*"], "ctx.block.write:team-plan")
+    assert not covers(["ctx.block.write:a"], "ctx.block.read:b")
+    assert default_child(["ctx", "ctx.block.read:x", "ctx.block.write:y"]) == ["ctx"]
+    assert not any(c.startswith("ctx.block") for c in default_child(["*"]))

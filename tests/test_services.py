@@ -123,7 +123,7 @@ def test_backoff_doubles_on_repeated_crashes_up_to_its_cap(shared_kernel):
 
 def test_the_delay_starts_over_once_a_run_lasted_stable_seconds(shared_kernel):
     with shared_kernel.client() as c:
-        c.svc.add("steady", ["sh", "-c", "sleep 0.4; exit 1"], "always", None, None, None,
+        c.svc.add("steady", ["sh", "-c", "sleep 0.7; exit 1"], "always", None, None, None,
                   0.1, 5.0, 0.3)
         wait_for(lambda: row(c, "steady")["restarts"] >= 3, timeout=20)
         assert row(c, "steady")["backoff"] == 0.1  # every run outlasted `stable`
