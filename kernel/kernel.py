@@ -38,12 +38,14 @@ from llmagentos.syscalls.bootopts import (  # noqa: F401  (KernelConfig re-expor
 
 from . import (  # noqa: F401  (handlers register on import)
     dispatch,
+    sysblocks,
     sysctx,
     sysenv,
     sysfs,
     sysllm,
     syspipe,
     sysproc,
+    syssvc,
     syssys,
     systool,
     systraj,
@@ -204,10 +206,12 @@ class Kernel:
                     root.start_soon(self._embed_archive)
                 for lst, tls in listeners:
                     await root.start(serve_listener, sv, lst, tls)
+                sv.supervisor.start(root)  # the config file's services, once calls are served
                 log.info("kernel up on %s (pid %d)", self.config.socket_path, os.getpid())
                 task_status.started(self)
                 await sv.shutdown_requested.wait()
                 log.info("shutting down: TERM, %.1fs grace, KILL", self.config.grace)
+                sv.supervisor.shutdown()  # nothing is restarted from here on
                 sv.procs.nursery = None  # no new processes from here on
                 await sv.procs.terminate_all(self.config.grace)
                 sv.containment.sweep()  # what is left of any group dies now

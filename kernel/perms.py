@@ -15,6 +15,11 @@ inherits) are the ABI's: syscalls/caps.py. The rules:
   owner, init, or a holder of `agent.adopt`; never while held.
 - **contexts and long-term memory**: a process's own identity; `shared:*`
   namespaces with `mem.shared`; init everything.
+- **shared blocks**: reading block NAME needs `ctx.block.read:NAME` or
+  `ctx.block.write:NAME`; writing, creating and deleting it the latter (NAME
+  may be a glob in the held capability: `ctx.block.write:team-*`).
+- **services**: `svc.admin` starts, stops and restarts them; a service's
+  capabilities are within its starter's bounding set.
 - **files**: opening for writing needs `fs.write`; `/shared` is writable
   with `fs.shared`.
 - **tools and drivers**: calling (and seeing) a tool needs `tool:<name>`
@@ -127,6 +132,18 @@ def mem_namespace(pcb: "PCB", own: str, ns: str | None) -> str:
     if pcb.pid == INIT_PID:
         return ns
     raise SyscallError("EACCES", f"namespace {ns!r} is private to another process or agent")
+
+
+# --- shared blocks ------------------------------------------------------------------------
+def check_block(pcb: "PCB", name: str, write: bool) -> None:
+    need = (capmod.BLOCK_WRITE if write else capmod.BLOCK_READ) + name
+    if not holds(pcb, need):  # a write right covers reading (syscalls/caps.py)
+        raise SyscallError("EACCES", f"{'writing' if write else 'reading'} block {name!r} "
+                                     f"needs capability {need!r}")
+
+
+def may_read_block(pcb: "PCB", name: str) -> bool:
+    return holds(pcb, capmod.BLOCK_READ + name)
 
 
 # --- files --------------------------------------------------------------------------------

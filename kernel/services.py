@@ -44,6 +44,7 @@ from .isolation import Isolation
 from .memory import ContextStore
 from .modeltable import Loaded, ModelTable
 from .proc import PCB, ProcessTable
+from .supervisor import Supervisor, specs_from_config
 from .threads import ThreadShares
 from .tools import ToolTable
 from .trajectories import TrajectoryStore
@@ -74,6 +75,7 @@ class Services:
     models: ModelRegistry  # the models this kernel may load
     procs: ProcessTable
     table: ModelTable = field(init=False)  # the loaded ones: name -> device and run queue
+    supervisor: Supervisor = field(init=False)  # the supervised services (svc.*)
     boot_time: float = field(default_factory=time.time)
     stats: Counter[str] = field(default_factory=Counter)
     threads: ThreadShares = field(default_factory=ThreadShares)  # each process's share
@@ -96,6 +98,10 @@ class Services:
         self.table = ModelTable(self.models, self.config)
         self.procs.notify = self.notify_process
         self.metrics = metrics.registry(self)
+        try:  # the config file's [services]: a bad one is a boot error before anything runs
+            self.supervisor = Supervisor(self.procs, specs_from_config(self.config.config))
+        except SyscallError as e:
+            raise BootError(e.message) from None
 
     def notify_process(self, pcb: PCB, method: str, args: list) -> int:
         """A notification to each open connection of pcb; returns how many it

@@ -16,6 +16,7 @@ from typing import Any
 
 from llmagentos.drivers.sampling import SamplingParams
 from llmagentos.syscalls.errno import SyscallError
+from llmagentos.syscalls.table import INT64_MAX
 
 from . import perms
 from .dispatch import Call, handler
@@ -75,7 +76,7 @@ async def read(call: Call, start: int, end: int | None, archived: bool, ctx: int
 
 @handler("ctx.window")
 async def window(call: Call, reserve: int, ctx: int | None) -> list:
-    return call.sys.memory.window(current(call, ctx), reserve, owner=owner_arg(call.caller))
+    return generation_window(call, current(call, ctx), reserve)
 
 
 @handler("ctx.stats")
@@ -189,6 +190,35 @@ async def list_(call: Call) -> list:
 
 
 # --- generation from context (llm.generate(context=true)) ----------------------------
+def block_messages(call: Call, cid: int) -> list[dict]:
+    """The shared blocks attached to context ``cid``, each its current version
+    whole (one snapshot of all of them), as system messages of kind 'block'.
+    A block the caller may no longer read is EACCES, not left out silently."""
+    pcb, sv = call.caller, call.sys
+    out = []
+    for b in sv.memory.blocks.attached(cid, owner=owner_arg(pcb)):
+        if not perms.may_read_block(pcb, b["name"]):
+            raise SyscallError("EACCES", f"block {b['name']!r} is attached to context {cid} "
+                                         f"but reading it needs capability "
+                                         f"'ctx.block.read:{b['name']}' (or detach it)")
+        text = f"[shared block {b['name']}, version {b['version']}]\n{b['text']}"
+        out.append({"seq": None, "role": "system", "kind": "block", "content": text,
+                    "tokens": sv.count_tokens(text), "pinned": True, "state": "live",
+                    "created": b["updated"], "block": b["name"], "version": b["version"]})
+    return out
+
+
+def generation_window(call: Call, cid: int, reserve: int) -> list[dict]:
+    """What a generation from ``cid`` shows the model: the window, with the
+    attached blocks after its leading system messages (where a chat template
+    makes them part of the system prompt); room is kept for the blocks too."""
+    blocks = block_messages(call, cid)
+    room = min(reserve + sum(b["tokens"] for b in blocks), INT64_MAX)
+    win = call.sys.memory.window(cid, room, owner=owner_arg(call.caller))
+    at = next((i for i, m in enumerate(win) if m["role"] != "system"), len(win))
+    return win[:at] + blocks + win[at:]
+
+
 def chat_messages(window: list[dict]) -> list[dict]:
     """The window as messages a chat template accepts: leading system text
     first, later notes and tool results as user turns, same roles merged
@@ -215,8 +245,9 @@ def chat_messages(window: list[dict]) -> list[dict]:
 
 async def context_generation(call: Call, prompt: str | None, messages: list | None,
                              params: SamplingParams, stream: bool, entry: Any) -> dict:
-    """Append the new turn, build the prompt from the window through the chat
-    template of the model ``entry`` (any loaded one), generate, append the reply.
+    """Append the new turn, build the prompt from the window (and the attached
+    shared blocks) through the chat template of the model ``entry`` (any loaded
+    one), generate, append the reply.
     The process's device sequence holds the same tokens as its window, so only
     the new turn is prefilled."""
     sv, pcb = call.sys, call.caller
@@ -230,8 +261,7 @@ async def context_generation(call: Call, prompt: str | None, messages: list | No
         new += messages
     for m in new:
         mem.append(cid, m["role"], m["content"], owner=owner)
-    win = mem.window(cid, params.max_tokens, owner=owner)
-    msgs = chat_messages(win)
+    msgs = chat_messages(generation_window(call, cid, params.max_tokens))
     if not msgs or msgs[-1]["role"] == "assistant":
         raise SyscallError("EINVAL", "the context has no new user turn to answer")
     res = await submit(call, entry, None, msgs, params, stream)

@@ -15,6 +15,9 @@ keys of a kernel config file (`--config FILE`, TOML)::
     [models.qwen-0.5b]             # (drivers/models.py documents [models])
     path = "qwen2.5-0.5b-instruct-q4_k_m.gguf"
 
+    [services.weather]             # started at boot and kept running
+    argv = ["python", "-m", "llmagentos.driver", "weather.py"]  # (kernel/supervisor.py)
+
 Precedence: flags over the file over the defaults. An unknown key, or a value
 of the wrong type, is a boot error naming the key.
 """
@@ -67,6 +70,7 @@ def gpu_layers(value: Any) -> int:
         raise ValueError(f"gpu layers must be a count or 'all', not {value!r}")
     return n
 REGISTRY_KEYS = ("models", "default", "aliases")  # the model registry's part of a config file
+SERVICES_KEY = "services"  # [services.NAME]: supervised services (kernel/supervisor.py)
 
 
 @dataclass
@@ -278,13 +282,13 @@ def read_file(path: Path) -> dict[str, Any]:
         by_key[flag(f)[2:]] = f
     out: dict[str, Any] = {}
     for key, value in data.items():
-        if key in REGISTRY_KEYS:
+        if key in REGISTRY_KEYS or key == SERVICES_KEY:
             continue
         f = by_key.get(key)
         if f is None or f.name == "config":
             known = ", ".join(sorted(fl.name for fl in _fields() if fl.name != "config"))
             raise ConfigError(f"{path}: unknown option {key!r}; options: {known}, and the "
-                              "model registry's [models] and default")
+                              "model registry's [models] and default, and [services]")
         out[f.name] = _coerce(path, key, f, value)
     return out
 

@@ -12,17 +12,23 @@ from typing import Iterable
 # What a process gets when its spawner names no set: everything its parent holds
 # except the powers over other processes and the kernel itself. agent.adopt
 # takes up an agent name (its context, memory, files) that another identity owns;
-# llm.admin loads and unloads the kernel's models.
+# llm.admin loads and unloads the kernel's models; svc.admin starts and stops the
+# supervised services (processes of init).
 PRIVILEGED = frozenset({"proc.kill_any", "sys.shutdown", "proc.renice", "sys.audit",
-                        "agent.adopt", "llm.admin"})
-# Sharing with other agents is asked for by name, never inherited by default.
+                        "agent.adopt", "llm.admin", "svc.admin"})
+# Sharing with other agents is asked for by name, never inherited by default:
+# these, and every shared-block capability (ctx.block.read:NAME, ctx.block.write:NAME;
+# write implies read; NAME may be a glob).
 SHARING = frozenset({"fs.shared", "mem.shared"})
+SHARING_PREFIXES = ("ctx.block.",)
+BLOCK_READ, BLOCK_WRITE = "ctx.block.read:", "ctx.block.write:"
 
 KNOWN = (
     "llm", "llm.admin", "ctx", "mem", "mem.shared", "fs.read", "fs.write", "fs.shared", "exec",
     "tool:*",
     "proc.spawn", "proc.kill_any", "proc.renice", "drv.register", "env",
     "sys.shutdown", "sys.audit", "ipc", "agent.adopt",
+    "ctx.block.read:*", "ctx.block.write:*", "svc.admin",
 )
 
 
@@ -30,7 +36,12 @@ def covers(held: Iterable[str], need: str) -> bool:
     """True when some held entry (glob) covers the needed capability.
 
     A needed glob (``tool:calc.*``) is covered by an equal or wider held glob.
+    ``ctx.block.read:NAME`` is also covered by ``ctx.block.write:NAME``.
     """
+    if need.startswith(BLOCK_READ):  # the right to write a block is the right to read it too
+        held = list(held)
+        if covers(held, BLOCK_WRITE + need[len(BLOCK_READ):]):
+            return True
     return any(h == need or fnmatchcase(need, h) for h in held)
 
 
@@ -45,6 +56,9 @@ def default_child(parent: Iterable[str]) -> list[str]:
     privileged and the sharing capabilities."""
     parent = list(parent)
     withheld = PRIVILEGED | SHARING
+
+    def kept(c: str) -> bool:
+        return c not in withheld and not c.startswith(SHARING_PREFIXES)
     if "*" in parent:
-        return [c for c in KNOWN if c not in withheld]
-    return [c for c in parent if c not in withheld]
+        return [c for c in KNOWN if kept(c)]
+    return [c for c in parent if kept(c)]

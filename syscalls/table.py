@@ -498,3 +498,48 @@ _def(150, "ipc.pipe", [], "ipc",
      "make a pipe (a 64 KiB buffer); returns {read, write}: two fds of the caller for "
      "fs.read/fs.write/fs.close (a full pipe blocks the writer; EPIPE without readers; "
      "EOF once every write end is closed)", mutates=True)
+
+# --- ctx blocks: 71-79 (shared context blocks; access by capability, see caps.py) ----
+_def(71, "ctx.block_open", [P("name", "str"), P("create", "bool", True)], "ctx",
+     "open a named shared block, creating it empty (version 0) if asked; needs "
+     "ctx.block.read:NAME (to create: ctx.block.write:NAME); returns its stat",
+     mutates=True)
+_def(72, "ctx.block_read", [P("name", "str")], "ctx",
+     "one whole version of a block: {name, version, text, updated, writer}")
+_def(73, "ctx.block_write", [P("name", "str"), P("text", "str"),
+                             P("expect_version", "int?", None, lo=0)], "ctx",
+     "replace a block's text (needs ctx.block.write:NAME); with expect_version, only if "
+     "that is still the current version, else EAGAIN (compare-and-set); returns its stat",
+     mutates=True)
+_def(74, "ctx.block_attach", [P("name", "str"), P("ctx", "int?", None)], "ctx",
+     "attach a block to a context (default: the caller's): llm.generate(context=true) "
+     "then shows its current version before the conversation", mutates=True)
+_def(75, "ctx.block_detach", [P("name", "str"), P("ctx", "int?", None)], "ctx",
+     "detach a block from a context", mutates=True)
+_def(76, "ctx.block_list", [P("ctx", "int?", None)], "ctx",
+     "the blocks the caller may read, each with whether it is attached to the context")
+_def(77, "ctx.block_delete", [P("name", "str")], "ctx",
+     "delete a block (needs ctx.block.write:NAME); it is detached everywhere", mutates=True)
+
+# --- svc: 180-189 (supervised services: processes the kernel restarts) -------------
+_def(180, "svc.add", [
+    P("name", "str"), P("argv", "list"),
+    P("restart", "str", "always", choices=("always", "on-failure")),
+    P("caps", "list?", None), P("env", "dict?", None), P("cwd", "str?", None),
+    P("backoff", "float", 0.1, lo=0.01, hi=3600),
+    P("backoff_max", "float", 30.0, lo=0.01, hi=86400),
+    P("stable", "float", 10.0, lo=0, hi=86400),
+], "svc.admin", "start a command as a supervised service: a process the kernel restarts when "
+   "it dies (restart 'on-failure': not after exit 0), after backoff seconds doubling to "
+   "backoff_max, back to backoff once a run lasted stable seconds; returns its row",
+     mutates=True)
+_def(181, "svc.list", [], None,
+     "the services: name, pid, state, restarts, last exit, backoff, argv")
+_def(182, "svc.stop", [P("name", "str"), P("grace", "float", 3.0, lo=0, hi=3600)],
+     "svc.admin", "stop a service: TERM its process, KILL after grace seconds; it is not "
+                  "restarted until svc.restart", mutates=True)
+_def(183, "svc.restart", [P("name", "str"), P("grace", "float", 3.0, lo=0, hi=3600)],
+     "svc.admin", "start a service's process afresh (TERM, KILL after grace, start at once); "
+                  "starts a stopped one", mutates=True)
+_def(184, "svc.remove", [P("name", "str"), P("grace", "float", 3.0, lo=0, hi=3600)],
+     "svc.admin", "stop a service and forget it", mutates=True)

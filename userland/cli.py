@@ -28,6 +28,7 @@ from .cli_pipe import add_spawn_arguments
 from .cli_proc import cmd_kill, cmd_logs, cmd_models, cmd_ps, cmd_spawn, cmd_stat, cmd_top, cmd_wait
 from .cli_records import cmd_audit, cmd_traj_export, cmd_traj_ls, cmd_traj_plot, cmd_traj_show
 from .cli_remote import add_parser as add_join_parser
+from .cli_svc import add_parsers as add_service_parsers
 from .driver_cli import cmd_driver_run
 from .errors import KernelError
 
@@ -129,6 +130,8 @@ def build_parser() -> argparse.ArgumentParser:
     au.add_argument("--since", type=float, metavar="SECONDS", help="only the last N seconds")
     au.add_argument("--limit", type=int, default=50)
     au.set_defaults(fn=cmd_audit)
+
+    add_service_parsers(sub, common)  # llmos service ..., llmos block ...
 
     sy = sub.add_parser("syscalls", parents=[common], help="the call table")
     sy.add_argument("--markdown", action="store_true", help="as the docs/syscalls.md reference")

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Self
 
 from llmagentos.kernel.memory.archive import Archive, Embed
+from llmagentos.kernel.memory.blocks import BlockStore
 from llmagentos.kernel.memory.db import (
     MAX_NAME,
     MSG_COLS,
@@ -97,6 +98,7 @@ class ContextStore:
         self.archive = Archive(self._db, embed)
         self.longterm = LongTermMemory(self._db)
         self.owner_records = OwnerRecords(self._db)
+        self.blocks = BlockStore(self._db, self._ctx)  # shared blocks and their attachments
         # The parts' calls under the names the kernel uses (mem.*, names, cleanup).
         lt, rec = self.longterm, self.owner_records
         self.mem_put, self.mem_get, self.mem_delete = lt.put, lt.get, lt.delete

@@ -27,6 +27,11 @@ Layout (version 1):
 
 Version 2 adds ``agent_names``: each agent name and the identity that owns it
 (``init``, ``agent:NAME`` or an unnamed process's one-boot identity).
+
+Version 3 adds shared blocks (blocks.py): ``blocks``, one row per block with
+its current version and text, replaced whole by each write; and
+``block_attachments``, which blocks each context shows to the model, gone with
+the context or the block.
 """
 
 from __future__ import annotations
@@ -146,6 +151,23 @@ MIGRATIONS: list[tuple[str, ...]] = [
         """INSERT OR IGNORE INTO agent_names(name, owner, created)
             SELECT substr(namespace, 7), 'init', CAST(strftime('%s', 'now') AS REAL) FROM memories
             WHERE namespace GLOB 'agent:?*'""",
+    ),
+    (
+        """CREATE TABLE blocks (
+            name    TEXT PRIMARY KEY,
+            version INTEGER NOT NULL CHECK (version >= 0),
+            text    TEXT NOT NULL,
+            created REAL NOT NULL,
+            updated REAL NOT NULL,
+            writer  TEXT NOT NULL
+        ) WITHOUT ROWID""",
+        """CREATE TABLE block_attachments (
+            ctx      INTEGER NOT NULL REFERENCES contexts(id) ON DELETE CASCADE,
+            block    TEXT NOT NULL REFERENCES blocks(name) ON DELETE CASCADE,
+            attached REAL NOT NULL,
+            PRIMARY KEY (ctx, block)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX block_attachments_block ON block_attachments(block)",
     ),
 ]
 
