@@ -54,7 +54,6 @@ from .cgroups import SWEEP_S
 from .isolation import make_kernel_undumpable
 from .server import serve_listener
 from .services import BootError, Services
-from .tls import WILDCARDS, credentials, server_context
 
 log = logging.getLogger("llmagentos.kernel")
 
@@ -147,6 +146,7 @@ class Kernel:
             procs.tcp_address = f"tcp://{_url_host(addr[0])}:{addr[1]}"
             listeners += [(lst, None) for lst in tcp]
         if cfg.listen:
+            from .tls import WILDCARDS, credentials, server_context  # cryptography: only here
             host, port = host_port(cfg.listen)
             creds = await trio.to_thread.run_sync(credentials, cfg.state_dir, host,
                                                   cfg.tls_cert, cfg.tls_key)

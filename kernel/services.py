@@ -30,14 +30,13 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import trio
-from prometheus_client import CollectorRegistry
 
 from llmagentos.drivers.models import ModelRegistry
 from llmagentos.syscalls import paths
 from llmagentos.syscalls.bootopts import KernelConfig
 from llmagentos.syscalls.errno import SyscallError
 
-from . import metrics, names, sysctx, sysfs, sysllm, systool
+from . import names, sysctx, sysfs, sysllm, systool
 from .audit import AuditLog
 from .cgroups import Containment, kernel_name
 from .isolation import Isolation
@@ -50,6 +49,8 @@ from .tools import ToolTable
 from .trajectories import TrajectoryStore
 
 if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
     from llmagentos.drivers.gymenv import EnvTable
 
     from .cluster import Cluster
@@ -92,12 +93,11 @@ class Services:
     containment: Containment | None = None
     cluster: Cluster | None = None  # booted with --ray
     _envs: EnvTable | None = None
-    metrics: CollectorRegistry = field(init=False)  # Prometheus, read at scrape time
+    _metrics: CollectorRegistry | None = None
 
     def __post_init__(self) -> None:
         self.table = ModelTable(self.models, self.config)
         self.procs.notify = self.notify_process
-        self.metrics = metrics.registry(self)
         try:  # the config file's [services]: a bad one is a boot error before anything runs
             self.supervisor = Supervisor(self.procs, specs_from_config(self.config.config))
         except SyscallError as e:
@@ -114,6 +114,15 @@ class Services:
         for c in reading:
             c.notify_nowait(method, args)
         return len(reading)
+
+    @property
+    def metrics(self) -> "CollectorRegistry":
+        """The kernel's Prometheus registry, made at the first scrape (prometheus-client
+        is not imported by a kernel nobody scrapes)."""
+        if self._metrics is None:
+            from . import metrics
+            self._metrics = metrics.registry(self)
+        return self._metrics
 
     @property
     def device(self) -> Any:

@@ -8,7 +8,6 @@ import trio
 from llmagentos.syscalls.errno import SyscallError
 from llmagentos.syscalls.table import TABLE
 
-from . import metrics
 from .dispatch import Call, handler
 
 
@@ -79,4 +78,5 @@ async def audit(call: Call, pid: int | None, syscall: str | None, errno: str | N
 @handler("sys.metrics")
 async def metrics_text(call: Call) -> str:
     # The same numbers proc.ps and sys.stats show any process: no capability needed.
+    from . import metrics  # prometheus-client: imported at the first scrape
     return metrics.render(call.sys)[0].decode()
