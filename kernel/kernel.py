@@ -6,6 +6,7 @@ runs the lifecycle around them; nothing else in kernel/ but the entry point
 
     boot
      ├── listeners (Unix socket, optional TCP)  ── connections ── calls
+     ├── HTTP gateway (optional: --http)        ── requests, each as a key's process
      ├── process watchers (one per child)
      └── device loop (from the compute-device issue on)
 
@@ -36,6 +37,7 @@ from . import (  # noqa: F401  (handlers register on import)
     sysctx,
     sysenv,
     sysfs,
+    syskey,
     sysllm,
     sysproc,
     syssys,
@@ -99,10 +101,13 @@ class Kernel:
         _write_private(rd / paths.PIDFILE_NAME, f"{os.getpid()}\n")
         if procs.tcp_address:
             _write_private(rd / paths.TCP_NAME, procs.tcp_address + "\n")
+        if self.sys.http_address:
+            _write_private(rd / paths.HTTP_NAME, self.sys.http_address + "\n")
 
     def _remove_run_files(self) -> None:
         rd = self.config.run_dir
-        for name in (paths.SOCKET_NAME, paths.PIDFILE_NAME, paths.TOKEN_NAME, paths.TCP_NAME):
+        for name in (paths.SOCKET_NAME, paths.PIDFILE_NAME, paths.TOKEN_NAME, paths.TCP_NAME,
+                     paths.HTTP_NAME):
             try:
                 (rd / name).unlink()
             except FileNotFoundError:
@@ -167,10 +172,10 @@ class Kernel:
         try:
             await sv.load_device()
             listeners = await self._open_listeners()
-            self._write_run_files()
             async with trio.open_nursery() as root:
                 sv.procs.nursery = root
                 sv.tools.nursery = root
+                sv.keys.start(root)  # each API key's process, as it was
                 root.start_soon(self._signals)
                 root.start_soon(sv.audit.writer)
                 if sv.containment.level == "subreaper":
@@ -181,6 +186,10 @@ class Kernel:
                     root.start_soon(self._embed_archive)
                 for lst in listeners:
                     await root.start(serve_listener, sv, lst)
+                if self.config.http:
+                    from .gateway.serve import serve_http  # Starlette: only when asked for
+                    sv.http_address = await root.start(serve_http, sv, self.config)
+                self._write_run_files()
                 log.info("kernel up on %s (pid %d)", self.config.socket_path, os.getpid())
                 task_status.started(self)
                 await sv.shutdown_requested.wait()

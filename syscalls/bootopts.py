@@ -84,6 +84,11 @@ class KernelConfig:
     max_unauthenticated: int = opt("connections that have not said sys.hello yet, at once",
                                    default=64)
     grace: float = opt("seconds between TERM and KILL at shutdown", default=3.0)
+    http: str | None = opt("serve the OpenAI-compatible HTTP gateway here (API keys: llmos key "
+                           "create); port 0 picks a free one, written to the run dir's 'http'",
+                           metavar="HOST:PORT", default=None)
+    http_insecure: bool = opt("let --http listen on an address other than loopback, in plain "
+                              "HTTP: API keys then cross the network readable", default=False)
     # the compute device
     model: str = opt("model name from the registry, a GGUF path, or 'none' (no device); "
                      "given again, each further one is loaded too (as --load)",
@@ -151,6 +156,23 @@ class KernelConfig:
                               f"{self.log_level!r}")
         if self.max_unauthenticated > self.max_connections:
             raise ConfigError("max_unauthenticated must not exceed max_connections")
+        if self.http is not None:
+            http_address(self.http, self.http_insecure)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def http_address(text: str, insecure: bool = False) -> tuple[str, int]:
+    """--http HOST:PORT as (host, port): loopback unless --http-insecure."""
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ConfigError(f"--http must be HOST:PORT, not {text!r}")
+    if host not in LOOPBACK and not insecure:
+        raise ConfigError(f"--http {text}: {host} is not a loopback address; API keys would "
+                          "cross the network in plain HTTP (add --http-insecure to accept that)")
+    return host, int(port)
 
 
 def _fields() -> list[dataclasses.Field]:

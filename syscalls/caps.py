@@ -12,9 +12,10 @@ from typing import Iterable
 # What a process gets when its spawner names no set: everything its parent holds
 # except the powers over other processes and the kernel itself. agent.adopt
 # takes up an agent name (its context, memory, files) that another identity owns;
-# llm.admin loads and unloads the kernel's models.
+# llm.admin loads and unloads the kernel's models; key.admin makes and revokes the
+# HTTP gateway's API keys (each a process of its own).
 PRIVILEGED = frozenset({"proc.kill_any", "sys.shutdown", "proc.renice", "sys.audit",
-                        "agent.adopt", "llm.admin"})
+                        "agent.adopt", "llm.admin", "key.admin"})
 # Sharing with other agents is asked for by name, never inherited by default.
 SHARING = frozenset({"fs.shared", "mem.shared"})
 
@@ -22,7 +23,7 @@ KNOWN = (
     "llm", "llm.admin", "ctx", "mem", "mem.shared", "fs.read", "fs.write", "fs.shared", "exec",
     "tool:*",
     "proc.spawn", "proc.kill_any", "proc.renice", "drv.register", "env",
-    "sys.shutdown", "sys.audit", "ipc", "agent.adopt",
+    "sys.shutdown", "sys.audit", "ipc", "agent.adopt", "key.admin",
 )
 
 

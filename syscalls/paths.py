@@ -20,6 +20,7 @@ TOKEN_NAME = "token"  # the shell user's token, mode 0600
 PIDFILE_NAME = "kernel.pid"
 LOCK_NAME = "kernel.lock"
 TCP_NAME = "tcp"  # the TCP listener's address, when one is open
+HTTP_NAME = "http"  # the HTTP gateway's base URL, when one is open
 LOG_NAME = "kernel.log"
 
 
