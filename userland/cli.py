@@ -23,6 +23,7 @@ from llmagentos.syscalls import bootopts as kconfig
 
 from .cli_io import EXIT_ERR, EXIT_NOKERNEL, EXIT_TIMEOUT, EXIT_USAGE, UsageError
 from .cli_kernel import cmd_boot, cmd_call, cmd_shutdown, cmd_status, cmd_syscalls
+from .cli_key import add_parser as add_key_parser
 from .cli_proc import cmd_kill, cmd_logs, cmd_models, cmd_ps, cmd_spawn, cmd_stat, cmd_top, cmd_wait
 from .cli_records import cmd_audit, cmd_traj_export, cmd_traj_ls, cmd_traj_plot, cmd_traj_show
 from .driver_cli import cmd_driver_run
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     sy = sub.add_parser("syscalls", parents=[common], help="the call table")
     sy.add_argument("--markdown", action="store_true", help="as the docs/syscalls.md reference")
     sy.set_defaults(fn=cmd_syscalls)
+
+    add_key_parser(sub, common)
 
     c = sub.add_parser("call", parents=[common], help="call NAME ARGS... (JSON or text)")
     c.add_argument("name")

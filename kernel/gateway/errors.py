@@ -48,8 +48,11 @@ class ApiError(Exception):
     @classmethod
     def of(cls, e: SyscallError, param: str | None = None) -> ApiError:
         status, type, code = _BY_ERRNO.get(e.name, (500, "server_error", None))
-        if e.name == "ENOENT" and "model" not in e.message:
-            code = "not_found"
+        if e.name == "ENOENT":
+            if "model" in e.message:
+                param = param or "model"
+            else:
+                code = "not_found"
         return cls(status, f"{e.name}: {e.message}", type, param, code)
 
 
