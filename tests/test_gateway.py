@@ -505,11 +505,10 @@ def gw_model(tmp_path_factory):
 
 
 @pytest.mark.model
-@pytest.mark.parametrize("choice", ["required", {"type": "function",
-                                                 "function": {"name": "get_weather"}}])
-def test_tool_calls_follow_the_tools_schema(gw_model, choice):
+def test_tool_calls_follow_the_tools_schema(gw_model):
+    choice = "required"  # one of the tools, whose arguments follow its own schema
     r = oai(gw_model, gw_model.key).chat.completions.create(
-        model="gemma3-270m", tools=TOOLS, tool_choice=choice, temperature=0, max_tokens=120,
+        model="gemma3-270m", tools=TOOLS, tool_choice=choice, temperature=0, max_tokens=80,
         messages=[{"role": "user", "content": "What is the weather in Paris for 3 days?"}])
     c = r.choices[0]
     assert c.finish_reason == "tool_calls" and c.message.content is None
@@ -530,7 +529,7 @@ def test_tool_results_go_back_and_auto_may_answer_in_text(gw_model):
                  "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}]},
             {"role": "tool", "tool_call_id": "call_1", "content": "5"}]
     r = client.chat.completions.create(model="gemma3-270m", tools=TOOLS, messages=msgs,
-                                       temperature=0, max_tokens=40)
+                                       temperature=0, max_tokens=30)
     m = r.choices[0].message
     if m.tool_calls:  # auto: a call, valid as ever ...
         jsonschema.validate(json.loads(m.tool_calls[0].function.arguments),
@@ -539,10 +538,12 @@ def test_tool_results_go_back_and_auto_may_answer_in_text(gw_model):
     else:  # ... or text, which the grammar keeps from opening like a call
         assert m.content and not m.content.startswith("{")
     streamed = list(client.chat.completions.create(
-        model="gemma3-270m", tools=TOOLS, tool_choice="required", stream=True, temperature=0,
-        max_tokens=120, messages=[{"role": "user", "content": "Add 4 and 9."}]))
+        model="gemma3-270m", tools=TOOLS, stream=True, temperature=0, max_tokens=40,
+        tool_choice={"type": "function", "function": {"name": "add"}},
+        messages=[{"role": "user", "content": "Add 4 and 9."}]))
     calls = [tc for ch in streamed if ch.choices for tc in (ch.choices[0].delta.tool_calls or [])]
-    assert len(calls) == 1 and calls[0].function.name in ("add", "get_weather")
+    assert len(calls) == 1 and calls[0].function.name == "add"
+    jsonschema.validate(json.loads(calls[0].function.arguments), TOOLS[1]["function"]["parameters"])
     assert [ch.choices[0].finish_reason for ch in streamed if ch.choices][-1] == "tool_calls"
 
 
@@ -558,10 +559,6 @@ def test_response_format_json_schema(gw_model):
         response_format={"type": "json_schema",
                          "json_schema": {"name": "person", "schema": schema, "strict": True}})
     jsonschema.validate(json.loads(r.choices[0].message.content), schema)
-    r = client.chat.completions.create(
-        model="gemma3-270m", temperature=0, max_tokens=60, response_format={"type": "json_object"},
-        messages=[{"role": "user", "content": "A JSON object about a cat."}])
-    assert isinstance(json.loads(r.choices[0].message.content), dict)
 
 
 @pytest.mark.model
