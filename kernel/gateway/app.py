@@ -371,7 +371,7 @@ def build_app(gw: Gateway, max_body: int) -> Starlette:
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
         Route("/v1/embeddings", endpoint(embeddings), methods=["POST"]),
     ]
-    # /metrics: mounted here once the kernel has a Prometheus registry (kernel/metrics.py).
+    # TODO(metrics): Route("/metrics", ...) serving kernel/metrics.py's render(gw.sys) goes here.
     return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
 
 
