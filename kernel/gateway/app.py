@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -220,14 +220,17 @@ class EventStream:
         gone: list = []
         tx, rx = trio.open_memory_channel[tuple](math.inf)
 
-        def on_token(text: str) -> None:  # from the device loop: never waits
-            tx.send_nowait(("piece", text))
+        def put(item: tuple) -> None:  # never waits: the device loop calls it
+            try:
+                tx.send_nowait(item)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the answer is over (the client left, or an error went out)
 
         async def run() -> None:
             try:
-                tx.send_nowait(("done", await self.work(on_token)))
+                put(("done", await self.work(lambda text: put(("piece", text)))))
             except ApiError as e:
-                tx.send_nowait(("error", e))
+                put(("error", e))
             finally:
                 tx.close()
 
@@ -239,7 +242,8 @@ class EventStream:
                 async for kind, value in rx:
                     if kind == "error" and not started:
                         await error_response(value)(scope, receive, send)
-                        return
+                        gone.append(True)  # answered: no stream to end
+                        break
                     if not started:
                         started = True
                         await send({"type": "http.response.start", "status": 200,
@@ -278,6 +282,10 @@ def build_app(gw: Gateway, max_body: int) -> Starlette:
                 return await fn(request)
             except ApiError as e:
                 return error_response(e)
+            except SyscallError as e:  # from a check made before any syscall (a tool schema)
+                return error_response(ApiError.of(e))
+            except ClientDisconnect:  # gone while sending the body: nobody to answer
+                return Response(status_code=400)
         return wrapped
 
     async def health(request: Request) -> Response:
