@@ -486,6 +486,7 @@ def test_key_cli(gw):
     mine = next(x for x in ls if x["name"] == "cli-key")
     assert mine["nice"] == 5 and mine["limits"] == {"tokens": 500} and mine["caps"] == ["llm"]
     assert "cli-key" in llmos("ps").stdout
+    assert f"http {gw.url}" in llmos("status").stdout
     assert llmos("key", "revoke", "cli-key").returncode == 0
     with pytest.raises(openai.AuthenticationError):
         oai(gw, key).models.list()

@@ -45,7 +45,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
     info = boot_detached(run_dir, _kernel_options(args), args.timeout, progress)
     out(args, info, lambda i: print(
         f"kernel up: pid {i['pid']}, socket {i['socket']}"
-        + (f", tcp {i['tcp']}" if i.get("tcp") else "")))
+        + (f", tcp {i['tcp']}" if i.get("tcp") else "")
+        + (f", OpenAI API {i['http']}/v1" if i.get("http") else "")))
     return EXIT_OK
 
 
@@ -79,7 +80,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     def human(s: dict) -> None:
         print(f"LLMAgentOS {s['release']}  pid {s['pid']}  up {s['uptime']:.1f}s  "
               f"policy {s['policy']}")
-        print(f"socket {s['socket']}" + (f"  tcp {s['tcp']}" if s.get("tcp") else ""))
+        print(f"socket {s['socket']}" + (f"  tcp {s['tcp']}" if s.get("tcp") else "")
+              + (f"  http {s['http']}" if s.get("http") else ""))
         cont, iso = s.get("containment"), s.get("isolation")
         if cont:
             print(f"containment {cont['level']}  caps "
