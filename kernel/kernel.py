@@ -6,6 +6,7 @@ runs the lifecycle around them; nothing else in kernel/ but the entry point
 
     boot
      ├── listeners (Unix socket, optional TCP and TLS)  ── connections ── calls
+     ├── HTTP gateway (optional: --http)                ── requests, each as a key's process
      ├── process watchers (one per child)
      └── device loop (from the compute-device issue on)
 
@@ -42,6 +43,7 @@ from . import (  # noqa: F401  (handlers register on import)
     sysctx,
     sysenv,
     sysfs,
+    syskey,
     sysllm,
     syspipe,
     sysproc,
@@ -109,11 +111,13 @@ class Kernel:
             _write_private(rd / paths.TCP_NAME, procs.tcp_address + "\n")
         if procs.tls_address:
             _write_private(rd / paths.TLS_NAME, procs.tls_address + "\n")
+        if self.sys.http_address:
+            _write_private(rd / paths.HTTP_NAME, self.sys.http_address + "\n")
 
     def _remove_run_files(self) -> None:
         rd = self.config.run_dir
         for name in (paths.SOCKET_NAME, paths.PIDFILE_NAME, paths.TOKEN_NAME, paths.TCP_NAME,
-                     paths.TLS_NAME):
+                     paths.TLS_NAME, paths.HTTP_NAME):
             try:
                 (rd / name).unlink()
             except FileNotFoundError:
@@ -192,10 +196,10 @@ class Kernel:
         try:
             await sv.load_device()
             listeners = await self._open_listeners()
-            self._write_run_files()
             async with trio.open_nursery() as root:
                 sv.procs.nursery = root
                 sv.tools.nursery = root
+                sv.keys.start(root)  # each API key's process, as it was
                 root.start_soon(self._signals)
                 root.start_soon(sv.audit.writer)
                 if sv.containment.level == "subreaper":
@@ -206,6 +210,10 @@ class Kernel:
                     root.start_soon(self._embed_archive)
                 for lst, tls in listeners:
                     await root.start(serve_listener, sv, lst, tls)
+                if self.config.http:
+                    from .gateway.serve import serve_http  # Starlette: only when asked for
+                    sv.http_address = await root.start(serve_http, sv, self.config)
+                self._write_run_files()
                 sv.supervisor.start(root)  # the config file's services, once calls are served
                 log.info("kernel up on %s (pid %d)", self.config.socket_path, os.getpid())
                 task_status.started(self)

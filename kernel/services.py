@@ -39,6 +39,7 @@ from llmagentos.syscalls.errno import SyscallError
 from . import names, sysctx, sysfs, sysllm, systool
 from .audit import AuditLog
 from .cgroups import Containment, kernel_name
+from .gateway.keys import KeyTable
 from .isolation import Isolation
 from .memory import ContextStore
 from .modeltable import Loaded, ModelTable
@@ -92,6 +93,8 @@ class Services:
     trajectories: TrajectoryStore | None = None
     containment: Containment | None = None
     cluster: Cluster | None = None  # booted with --ray
+    keys: KeyTable | None = None  # the HTTP gateway's API keys, each a process
+    http_address: str = ""  # http://HOST:PORT of the gateway, when it listens
     _envs: EnvTable | None = None
     _metrics: CollectorRegistry | None = None
 
@@ -177,6 +180,7 @@ class Services:
         self._open_memory()
         self.tools = systool.kernel_tools(self, state)
         self.trajectories = TrajectoryStore(state / "trajectories.db")
+        self.keys = KeyTable(self, state / "keys.db")
         names.forget_unnamed(self)
         procs.on_exit.append(lambda pcb: names.forget(self, pcb))
         procs.on_exit.append(lambda pcb: self.tools.drop_pid(pcb.pid, "exited"))
@@ -246,7 +250,8 @@ class Services:
         the device; whatever boot got to."""
         if self.containment is not None:
             self.containment.close()
-        for part in (self.audit, self.memory, self.trajectories, self.table, self.cluster):
+        for part in (self.keys, self.audit, self.memory, self.trajectories, self.table,
+                     self.cluster):
             if part is not None:
                 part.close()
 
@@ -269,6 +274,7 @@ class Services:
             "boot_time": self.boot_time, "uptime": time.time() - self.boot_time,
             "socket": str(cfg.socket_path), "tcp": self.procs.tcp_address or None,
             "tls": self.procs.tls_address or None, "tls_ca": self.procs.tls_ca or None,
+            "http": self.http_address or None,
             "run_dir": str(cfg.run_dir), "state_dir": str(cfg.state_dir),
             "policy": cfg.policy,
             "isolation": self.procs.isolation.describe(),

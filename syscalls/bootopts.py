@@ -97,6 +97,11 @@ class KernelConfig:
     max_unauthenticated: int = opt("connections that have not said sys.hello yet, at once",
                                    default=64)
     grace: float = opt("seconds between TERM and KILL at shutdown", default=3.0)
+    http: str | None = opt("serve the OpenAI-compatible HTTP gateway here (API keys: llmos key "
+                           "create); port 0 picks a free one, written to the run dir's 'http'",
+                           metavar="HOST:PORT", default=None)
+    http_insecure: bool = opt("let --http listen on an address other than loopback, in plain "
+                              "HTTP: API keys then cross the network readable", default=False)
     # the compute device
     model: str = opt("model name from the registry, a GGUF path, or 'none' (no device); "
                      "given again, each further one is loaded too (as --load)",
@@ -174,6 +179,8 @@ class KernelConfig:
             raise ConfigError("tls_cert and tls_key go together: give both or neither")
         if self.tls_cert is not None and self.listen is None:
             raise ConfigError("tls_cert and tls_key are for the TLS listener: give --listen too")
+        if self.http is not None:
+            http_address(self.http, self.http_insecure)
 
 
 def host_port(text: str) -> tuple[str, int]:
@@ -183,6 +190,21 @@ def host_port(text: str) -> tuple[str, int]:
     if not (sep and host and port.isascii() and port.isdigit() and int(port) <= 65535):
         raise ValueError(f"want HOST:PORT with a port in 0..65535, not {text!r}")
     return host, int(port)
+
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def http_address(text: str, insecure: bool = False) -> tuple[str, int]:
+    """--http HOST:PORT as (host, port): loopback unless --http-insecure."""
+    try:
+        host, port = host_port(text)
+    except ValueError as e:
+        raise ConfigError(f"--http: {e}") from None
+    if host not in LOOPBACK and not insecure:
+        raise ConfigError(f"--http {text}: {host} is not a loopback address; API keys would "
+                          "cross the network in plain HTTP (add --http-insecure to accept that)")
+    return host, port
 
 
 def _fields() -> list[dataclasses.Field]:

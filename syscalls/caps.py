@@ -13,9 +13,10 @@ from typing import Iterable
 # except the powers over other processes and the kernel itself. agent.adopt
 # takes up an agent name (its context, memory, files) that another identity owns;
 # llm.admin loads and unloads the kernel's models; svc.admin starts and stops the
-# supervised services (processes of init).
+# supervised services (processes of init); key.admin makes and revokes the HTTP
+# gateway's API keys (each a process of its own).
 PRIVILEGED = frozenset({"proc.kill_any", "sys.shutdown", "proc.renice", "sys.audit",
-                        "agent.adopt", "llm.admin", "svc.admin"})
+                        "agent.adopt", "llm.admin", "svc.admin", "key.admin"})
 # Sharing with other agents is asked for by name, never inherited by default:
 # these, and every shared-block capability (ctx.block.read:NAME, ctx.block.write:NAME;
 # write implies read; NAME may be a glob).
@@ -28,7 +29,7 @@ KNOWN = (
     "tool:*",
     "proc.spawn", "proc.kill_any", "proc.renice", "drv.register", "env",
     "sys.shutdown", "sys.audit", "ipc", "agent.adopt",
-    "ctx.block.read:*", "ctx.block.write:*", "svc.admin",
+    "ctx.block.read:*", "ctx.block.write:*", "svc.admin", "key.admin",
 )
 
 

@@ -23,6 +23,7 @@ PIDFILE_NAME = "kernel.pid"
 LOCK_NAME = "kernel.lock"
 TCP_NAME = "tcp"  # the TCP listener's address, when one is open
 TLS_NAME = "tls"  # the TLS listener's address (tls://HOST:PORT), when one is open
+HTTP_NAME = "http"  # the HTTP gateway's base URL, when one is open
 LOG_NAME = "kernel.log"
 
 

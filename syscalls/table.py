@@ -543,3 +543,16 @@ _def(183, "svc.restart", [P("name", "str"), P("grace", "float", 3.0, lo=0, hi=36
                   "starts a stopped one", mutates=True)
 _def(184, "svc.remove", [P("name", "str"), P("grace", "float", 3.0, lo=0, hi=3600)],
      "svc.admin", "stop a service and forget it", mutates=True)
+
+# --- key: 170-179 (the HTTP gateway's API keys; each key is a named process) -------------
+_def(170, "key.create", [P("name", "str"), P("caps", "list?", None), P("nice", "int", 0, lo=-20,
+                                                                            hi=19),
+                         P("limits", "dict?", None), P("model", "str?", None)], "key.admin",
+     "make an API key for the HTTP gateway: a named process (as proc.attach makes) that its "
+     "requests run as; returns {name, pid, key} (the key is shown this once; the kernel "
+     "keeps only its hash, durably)", mutates=True)
+_def(171, "key.list", [], "key.admin",
+     "the API keys: name, pid, key prefix, caps, nice, limits, model, created, usage")
+_def(172, "key.revoke", [P("name", "str|int")], "key.admin",
+     "revoke an API key by name or pid: it stops working at once and its process exits",
+     mutates=True)

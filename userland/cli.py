@@ -23,6 +23,7 @@ from llmagentos.syscalls import bootopts as kconfig
 
 from .cli_io import EXIT_ERR, EXIT_NOKERNEL, EXIT_TIMEOUT, EXIT_USAGE, UsageError
 from .cli_kernel import cmd_boot, cmd_call, cmd_metrics, cmd_shutdown, cmd_status, cmd_syscalls
+from .cli_key import add_parser as add_key_parser
 from .cli_mcp import add_commands as add_mcp_commands
 from .cli_pipe import add_spawn_arguments
 from .cli_proc import cmd_kill, cmd_logs, cmd_models, cmd_ps, cmd_spawn, cmd_stat, cmd_top, cmd_wait
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     sy.set_defaults(fn=cmd_syscalls)
 
     add_mcp_commands(sub, common)
+    add_key_parser(sub, common)
 
     c = sub.add_parser("call", parents=[common], help="call NAME ARGS... (JSON or text)")
     c.add_argument("name")

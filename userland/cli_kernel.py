@@ -46,7 +46,8 @@ def cmd_boot(args: argparse.Namespace) -> int:
     out(args, info, lambda i: print(
         f"kernel up: pid {i['pid']}, socket {i['socket']}"
         + (f", tcp {i['tcp']}" if i.get("tcp") else "")
-        + (f", tls {i['tls']} (`llmos join` says how to reach it)" if i.get("tls") else "")))
+        + (f", tls {i['tls']} (`llmos join` says how to reach it)" if i.get("tls") else "")
+        + (f", OpenAI API {i['http']}/v1" if i.get("http") else "")))
     return EXIT_OK
 
 
@@ -81,7 +82,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"LLMAgentOS {s['release']}  pid {s['pid']}  up {s['uptime']:.1f}s  "
               f"policy {s['policy']}")
         print(f"socket {s['socket']}" + (f"  tcp {s['tcp']}" if s.get("tcp") else "")
-              + (f"  tls {s['tls']}" if s.get("tls") else ""))
+              + (f"  tls {s['tls']}" if s.get("tls") else "")
+              + (f"  http {s['http']}" if s.get("http") else ""))
         cont, iso = s.get("containment"), s.get("isolation")
         if cont:
             print(f"containment {cont['level']}  caps "
