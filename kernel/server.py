@@ -52,6 +52,7 @@ class Connection:
                                     max_depth=wire.MAX_DEPTH)
         self.pre_hello = 0  # bytes received while not yet authenticated
         self.pcb: "PCB | None" = None
+        self.holds_pcb = False  # counted in an attached pcb's conns: it ends with the last
         self._send_lock = trio.Lock()
         self._outbox: list[bytes] = []  # queued frames, written before anything later
         self._flushing = False          # a task is on its way to write the outbox
@@ -249,7 +250,7 @@ class Connection:
                 pcb = self.pcb
                 if pcb is not None and pcb.pid == sysfs.INIT_PID:
                     sysfs.drop_conn(self.sys, self)  # a shell command's fds end with it
-                if pcb is not None and pcb.attached:
+                if pcb is not None and self.holds_pcb:
                     pcb.conns -= 1
                     if pcb.conns == 0:
                         self.sys.procs.end_attached(pcb, 0)

@@ -15,13 +15,15 @@ from .dispatch import Call, handler
 async def hello(call: Call, token: str) -> dict:
     conn = call.conn
     procs = call.sys.procs
-    pcb = procs.authenticate(token)
+    keyed = call.sys.keys.authenticate(token)  # an API key says hello as its process
+    pcb = keyed or procs.authenticate(token)
     if not procs.may_present(pcb, conn.peer_pid()):
         raise SyscallError("EACCES", "bad or expired token")  # the same answer: no oracle
     if conn.pcb is not None and conn.pcb.pid != pcb.pid:
         raise SyscallError("EPERM", f"connection is already pid {conn.pcb.pid}")
-    if conn.pcb is None and pcb.attached:
+    if conn.pcb is None and pcb.attached and keyed is None:
         pcb.conns += 1  # an attached process lives as long as a connection of it does
+        conn.holds_pcb = True  # (a key's lives as long as its key)
     conn.pcb = pcb
     return {"pid": pcb.pid, "name": pcb.name, "kernel": call.sys.uname()["release"]}
 

@@ -595,3 +595,55 @@ def test_embeddings_on_the_real_model(gw_model):
 def test_no_key_file_or_secret_left_readable(gw):
     mode = os.stat(gw.state_dir / "keys.db").st_mode & 0o777
     assert mode == 0o600
+
+
+# --- the other faces on the same port: Prometheus and MCP --------------------------------
+
+
+def test_metrics_are_scraped_without_a_key(gw):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    key = new_key(gw)
+    oai(gw, key["key"]).chat.completions.create(model="sim", messages=HI, max_tokens=5)
+    r = httpx.get(gw.url + "/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(r.text)}
+    out = {s.labels["pid"]: s.value for s in families["llmos_process_tokens_out"].samples
+           if s.name.endswith("_total")}
+    assert out[str(key["pid"])] == row(gw, key["pid"])["tokens_out"] > 0
+
+
+async def test_a_gateway_key_is_an_mcp_server_over_stdio_and_on_the_gateway(gw):
+    """`llmos mcp serve --key KEY` and POST /mcp take the same API key as /v1: the
+    key's process calls the tools; an MCP session ending does not end the key."""
+    from mcp import Client, StdioServerParameters
+    from mcp.client.streamable_http import streamable_http_client
+    from mcp.shared._httpx_utils import create_mcp_http_client
+
+    key = new_key(gw, caps=["llm", "tool:calc.*", "fs.read"])
+    params = StdioServerParameters(command=sys.executable,
+                                   args=["-m", "llmagentos.cli", "mcp", "serve"],
+                                   env={"LLMAGENTOS_RUN_DIR": str(gw.run_dir),
+                                        "LLMAGENTOS_KEY": key["key"]})
+    async with Client(params) as mcp:
+        names = {t.name for t in (await mcp.list_tools()).tools}
+        assert "calc.eval" in names and "fs_read" in names and "fs_write" not in names
+        res = await mcp.call_tool("calc.eval", {"expression": "6 * 7"})
+        assert not res.is_error and res.structured_content["value"] == 42
+        res = await mcp.call_tool("fs_write", {"path": "x", "text": "y"})
+        assert res.is_error
+    time.sleep(0.3)  # the server's connection has closed
+    assert row(gw, key["pid"])["state"] != "ZOMBIE"  # the key outlives its MCP session
+    answer = oai(gw, key["key"]).chat.completions.create(model="sim", messages=HI,
+                                                         max_tokens=3)
+    assert answer.usage.completion_tokens == 3
+
+    http = create_mcp_http_client(headers={"Authorization": f"Bearer {key['key']}"})
+    async with http, Client(streamable_http_client(gw.url + "/mcp", http_client=http)) as mcp:
+        res = await mcp.call_tool("calc.eval", {"expression": "2 ** 10"})
+        assert not res.is_error and res.structured_content["value"] == 1024
+    async with httpx.AsyncClient() as raw:
+        r = await raw.post(gw.url + "/mcp", json={"jsonrpc": "2.0", "id": 1,
+                                                  "method": "tools/list"},
+                           headers={"accept": "application/json, text/event-stream"})
+        assert r.status_code == 401

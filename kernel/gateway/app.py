@@ -275,7 +275,9 @@ async def _events(send: Any, events: list[dict], done: bool = False) -> None:
 # --- the endpoints ------------------------------------------------------------------------------
 
 
-def build_app(gw: Gateway, max_body: int) -> Starlette:
+def build_app(gw: Gateway, max_body: int, mcp: Starlette | None = None) -> Starlette:
+    """The API's routes; ``mcp`` (the MCP server face's streamable-HTTP app, whose
+    bearer key picks the process as here) is served at /mcp."""
     def endpoint(fn: Callable[[Request], Awaitable[Any]]) -> Callable:
         async def wrapped(request: Request) -> Any:
             try:
@@ -367,6 +369,12 @@ def build_app(gw: Gateway, max_body: int) -> Starlette:
 
         return Answer(work)
 
+    async def metrics(request: Request) -> Response:
+        # What sys.metrics shows any process: no key, so a Prometheus scrape needs none.
+        from .. import metrics as prom  # prometheus-client: imported at the first scrape
+        body, content_type = prom.render(gw.sys)
+        return Response(body, headers={"Content-Type": content_type})
+
     async def not_found(request: Request, exc: HTTPException) -> Response:
         return error_response(ApiError(exc.status_code, f"{request.method} {request.url.path}: "
                                                         f"{exc.detail}", "invalid_request_error",
@@ -378,9 +386,15 @@ def build_app(gw: Gateway, max_body: int) -> Starlette:
         Route("/v1/chat/completions", endpoint(chat), methods=["POST"]),
         Route("/v1/completions", endpoint(completions), methods=["POST"]),
         Route("/v1/embeddings", endpoint(embeddings), methods=["POST"]),
+        Route("/metrics", endpoint(metrics), methods=["GET"]),
     ]
-    # TODO(metrics): Route("/metrics", ...) serving kernel/metrics.py's render(gw.sys) goes here.
-    return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    if mcp is None:
+        return Starlette(routes=routes, exception_handlers={HTTPException: not_found})
+    routes.append(Route("/mcp", mcp))  # an ASGI app: it sees the path /mcp, its own route
+    # Starlette runs no lifespan of an app it routes to: the MCP face's session manager
+    # and kernel connections live in the gateway's.
+    return Starlette(routes=routes, exception_handlers={HTTPException: not_found},
+                     lifespan=lambda app: mcp.router.lifespan_context(mcp))
 
 
 async def _then(work: Awaitable[dict], shape: Callable[[dict], dict]) -> dict:

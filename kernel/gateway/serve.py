@@ -32,7 +32,11 @@ async def serve_http(services: "Services", config: KernelConfig,
     hc.errorlog = logging.getLogger("llmagentos.kernel.http")
     hc.graceful_timeout = config.grace
     hc.include_server_header = False
-    app = build_app(Gateway(services), config.max_frame)
+    # The MCP face is a client of this kernel like any MCP server process: each request's
+    # bearer key says hello on the kernel's socket as the key's process (tool.call, fs.*).
+    from llmagentos.mcp_server import streamable_http_app
+    mcp = streamable_http_app(run_dir=config.run_dir, host=host)
+    app = build_app(Gateway(services), config.max_frame, mcp)
     async with trio.open_nursery() as nursery:
         try:
             binds = await nursery.start(lambda task_status: serve(
