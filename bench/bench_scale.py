@@ -26,7 +26,8 @@ and the agents are simulated.
 (d) Kernel memory per agent: tracemalloc over ``--agents`` process-table
     entries (the real PCB, made by the real ProcessTable) plus what the
     scheduler and the DeviceSet keep per process (its Owner, one queued
-    Request, the DeviceSet's maps).
+    Request, the DeviceSet's maps); and on disk, a context in the memory
+    database (the real ContextStore).
 
     python bench/bench_scale.py [--devices 1000] [--agents 100000] [--seconds 20]
                                 [--loads 0.5 0.9 1.5] [--quick]
@@ -36,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+import math
 import random
 import statistics
 import sys
@@ -446,6 +448,32 @@ def memory_per_agent(agents: int) -> dict[str, float]:
             "total_bytes": total / agents, "total_mb": total / 2**20}
 
 
+def context_bytes(contexts: int = 300, messages: int = 30) -> dict[str, float]:
+    """On disk, per agent: a context of ``messages`` messages (~80 tokens each, as
+    counted by whitespace words x 1.3) in the memory database, with its FTS index."""
+    from llmagentos.kernel.memory import ContextStore
+
+    rng = random.Random(3)
+    words = ["".join(rng.choices("abcdefghijklmnoprstuvw", k=rng.randint(3, 9)))
+             for _ in range(5000)]
+    tokens = 0
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "memory.db"
+        with ContextStore(path, lambda t: math.ceil(len(t.split()) * 1.3)) as store:
+            empty = path.stat().st_size
+            for i in range(contexts):
+                ctx = store.create(f"agent:a{i}", budget=WINDOW)
+                batch = [(("user", "assistant")[m % 2], " ".join(rng.choices(words, k=60)))
+                         for m in range(messages)]
+                tokens += sum(math.ceil(len(t.split()) * 1.3) for _, t in batch)
+                store.import_archive(ctx, batch)
+            with store._db.lock:
+                store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            size = path.stat().st_size - empty
+    return {"context_bytes": size / contexts, "bytes_per_token": size / tokens,
+            "tokens": tokens / contexts}
+
+
 # -- the bench ---------------------------------------------------------------------------------
 
 def run(devices: int = 1000, agents: int = 100_000, seconds: float = 20.0,
@@ -459,7 +487,7 @@ def run(devices: int = 1000, agents: int = 100_000, seconds: float = 20.0,
     for i, load in enumerate(loads):
         losses = (seconds * 0.5, seconds * 0.6) if i == len(loads) // 2 else ()
         out["sim"][load] = Sim(devices, agents, load, seconds, losses=losses).run()
-    out["memory"] = memory_per_agent(agents)
+    out["memory"] = memory_per_agent(agents) | context_bytes()
     return out
 
 
@@ -497,6 +525,9 @@ def report(r: dict[str, Any]) -> None:
           f"{m['pcb_bytes']:,.0f} B, scheduler Owner + a queued Request + DeviceSet maps "
           f"{m['sched_bytes']:,.0f} B; {m['total_bytes']:,.0f} B in all "
           f"({m['total_mb']:.0f} MiB)")
+    print(f"  on disk per agent: a context of {m['tokens']:,.0f} tokens in the memory database "
+          f"(with its search index) {m['context_bytes'] / 1024:,.0f} KiB, "
+          f"{m['bytes_per_token']:.1f} B a token")
 
 
 def main() -> None:
