@@ -84,7 +84,7 @@ class DeviceSet:
         if k not in self._benched:
             heapq.heappush(self._by_load, (self._load[k], k))
         if len(self._by_load) > 4 * len(self._load) + 64:  # mostly stale: rebuild
-            self._by_load = [(n, k) for k, n in enumerate(self._load) if k not in self._benched]
+            self._by_load = [(m, d) for d, m in enumerate(self._load) if d not in self._benched]
             heapq.heapify(self._by_load)
 
     def _least(self, prefer: int | None) -> int:
@@ -184,9 +184,9 @@ class DeviceSet:
 
     def usage(self, owner: int) -> dict[str, Any]:
         total: dict[str, Any] | None = None
-        for k in sorted(self._held.get(owner, ())):
+        for d in sorted(self._held.get(owner, ())):
             try:
-                u = self.schedulers[k].usage(owner)
+                u = self.schedulers[d].usage(owner)
             except SyscallError:
                 continue
             total = u if total is None else {k: total[k] + u[k] for k in total}
