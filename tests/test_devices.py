@@ -68,6 +68,21 @@ async def test_a_dead_device_gets_no_process_until_it_answers_again(nursery):
     assert homes(ds)[0] == [12]
 
 
+async def test_placement_stays_right_across_many_requests(nursery):
+    """Hundreds of load changes (the heap of loads is rebuilt on the way), with a
+    device dead all along: it comes back and takes the next new process."""
+    ds = device_set(2)
+    await nursery.start(ds.run)
+    ds.schedulers[0].device.alive = False
+    for i in range(120):
+        await ds.generate(10 + i % 3, [5, 6, 7, i], GREEDY)
+    assert homes(ds)[0] == [] and ds.stats()["devices"][1]["tokens_out"] == 120 * 4
+    ds.schedulers[0].device.alive = True
+    await ds.generate(99, [5, 6, 7], GREEDY)
+    assert homes(ds)[0] == [99]
+    assert ds.usage(99)["tokens_out"] == 4 and ds.usage(10)["tokens_out"] == 40 * 4
+
+
 async def test_with_every_device_dead_a_request_still_gets_an_answer(nursery):
     ds = device_set(2)
     await nursery.start(ds.run)
