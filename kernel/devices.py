@@ -20,10 +20,17 @@ Placement, per process (owner pid):
 A sequence never moves between devices while it runs; a process moves only
 between requests, and then only by re-prefilling (no KV state crosses devices
 here; snapshots stay with the Scheduler that took them).
+
+At a thousand devices and a hundred thousand processes nothing here walks every
+device or every process per request: the least loaded device comes from a heap
+of loads (the set counts the requests it has handed each device and not yet had
+back), a process's exit touches only the devices that have held it, and stats
+groups processes by device in one pass (bench/bench_scale.py measures it).
 """
 
 from __future__ import annotations
 
+import heapq
 import logging
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -53,6 +60,12 @@ class DeviceSet:
         self.policy = self.schedulers[0].policy
         self.quantum = self.schedulers[0].quantum
         self._home: dict[int, int] = {}   # owner pid -> index of its device
+        self._held: dict[int, set[int]] = {}  # owner pid -> devices that may hold some of it
+        self._load = [0] * len(self.schedulers)  # requests handed to each and not yet back
+        # (load, device) entries, least first; one is current while its load is the
+        # device's: the others are dropped as they come to the top.
+        self._by_load = [(0, k) for k in range(len(self.schedulers))]
+        self._benched: set[int] = set()   # dead devices taken off the heap
         self._nice: dict[int, int] = {}
         self._stopped: set[int] = set()
         self.moves = 0                    # processes placed away from their old device
@@ -66,23 +79,56 @@ class DeviceSet:
 
     # -- placement --------------------------------------------------------------------------
 
-    async def _place(self, owner: int) -> Scheduler:
+    def _add_load(self, k: int, n: int) -> None:
+        self._load[k] += n
+        if k not in self._benched:
+            heapq.heappush(self._by_load, (self._load[k], k))
+        if len(self._by_load) > 4 * len(self._load) + 64:  # mostly stale: rebuild
+            self._by_load = [(m, d) for d, m in enumerate(self._load) if d not in self._benched]
+            heapq.heapify(self._by_load)
+
+    def _least(self, prefer: int | None) -> int:
+        """The live device with the least load; ties go to ``prefer``, then to the
+        lowest index. O(log devices) amortized, plus a look at each dead one."""
+        heap, load = self._by_load, self._load
+        for k in [k for k in self._benched if self.alive(k)]:  # back from the dead
+            self._benched.discard(k)
+            heapq.heappush(heap, (load[k], k))
+        while heap:
+            n, k = heap[0]
+            if n != load[k]:
+                heapq.heappop(heap)  # stale
+            elif not self.alive(k):
+                heapq.heappop(heap)
+                self._benched.add(k)
+            else:
+                break
+        if not heap:  # every device is dead: the least loaded answers (with EIO)
+            return min(range(len(load)), key=lambda k: (load[k], k != prefer, k))
+        j = heap[0][1]
+        if prefer is not None and prefer != j and load[prefer] == load[j] \
+                and self.alive(prefer):
+            return prefer
+        return j
+
+    async def _place(self, owner: int) -> int:
+        """The index of the device ``owner``'s next request goes to (see the module doc)."""
         i = self._home.get(owner)
         if i is not None and self.alive(i) and self.schedulers[i].holds(owner):
-            return self.schedulers[i]
-        live = [k for k in range(len(self.schedulers)) if self.alive(k)] or \
-            list(range(len(self.schedulers)))
-        j = min(live, key=lambda k: (self.schedulers[k].load(), k != i, k))
+            return i
+        j = self._least(i)
         if i is not None and i != j:
             self.moves += 1
             await self.schedulers[i].release(owner)  # its leftovers there are of no use
+            self._held.get(owner, set()).discard(i)
         self._home[owner] = j
+        self._held.setdefault(owner, set()).add(j)
         sched = self.schedulers[j]
         if owner in self._nice:
             sched.set_nice(owner, self._nice[owner])
         if owner in self._stopped:
             sched.stop(owner)
-        return sched
+        return j
 
     # -- the Scheduler API --------------------------------------------------------------------
 
@@ -97,14 +143,17 @@ class DeviceSet:
     ) -> Result:
         if nice is not None:
             self.set_nice(owner, nice)
-        sched = await self._place(owner)
+        j = await self._place(owner)
+        self._add_load(j, 1)
         try:
-            return await sched.generate(owner, prompt_tokens, params, nice=nice,
-                                        on_token=on_token)
+            return await self.schedulers[j].generate(owner, prompt_tokens, params, nice=nice,
+                                                     on_token=on_token)
         except SyscallError as exc:
-            if exc.name == "EIO" and self._home.get(owner) == self.schedulers.index(sched):
+            if exc.name == "EIO" and self._home.get(owner) == j:
                 self._home.pop(owner, None)  # next time: wherever is alive and least loaded
             raise
+        finally:
+            self._add_load(j, -1)
 
     def stop(self, owner: int) -> None:
         self._stopped.add(owner)
@@ -122,8 +171,8 @@ class DeviceSet:
         self._home.pop(owner, None)
         self._nice.pop(owner, None)
         self._stopped.discard(owner)
-        for sched in self.schedulers:
-            await sched.release(owner)
+        for k in sorted(self._held.pop(owner, ())):
+            await self.schedulers[k].release(owner)
 
     def set_nice(self, owner: int, nice: int) -> None:
         if not isinstance(nice, int) or isinstance(nice, bool) or not NICE_MIN <= nice <= NICE_MAX:
@@ -135,9 +184,9 @@ class DeviceSet:
 
     def usage(self, owner: int) -> dict[str, Any]:
         total: dict[str, Any] | None = None
-        for sched in self.schedulers:
+        for d in sorted(self._held.get(owner, ())):
             try:
-                u = sched.usage(owner)
+                u = self.schedulers[d].usage(owner)
             except SyscallError:
                 continue
             total = u if total is None else {k: total[k] + u[k] for k in total}
@@ -165,6 +214,9 @@ class DeviceSet:
             "cell_bytes": pools[0]["cell_bytes"], "bytes": None if None in (
                 q["bytes"] for q in pools) else sum(q["bytes"] for q in pools)}
         out["moves"] = self.moves
+        homed: list[list[int]] = [[] for _ in self.schedulers]
+        for o, k in self._home.items():
+            homed[k].append(o)
         out["devices"] = []
         for i, (sched, p) in enumerate(zip(self.schedulers, per)):
             dev = sched.device
@@ -175,7 +227,7 @@ class DeviceSet:
                 "running": p["running"], "queue_length": p["queue_length"],
                 "tokens_per_s": p["tokens_per_s"], "utilization": p["utilization"],
                 "tokens_out": p["tokens_out"], "kv_pool": p.get("kv_pool"),
-                "processes": sorted(o for o, k in self._home.items() if k == i)})
+                "processes": sorted(homed[i])})
         return out
 
     # -- the device loops -------------------------------------------------------------------
@@ -194,6 +246,7 @@ class DeviceSet:
         quiet are checked too, so a lost node shows in stats without waiting for a tick."""
         while True:
             await trio.sleep(PROBE_INTERVAL)
+            lost: set[int] = set()
             for i, sched in enumerate(self.schedulers):
                 dev = sched.device
                 if not hasattr(dev, "probe") or (dev.alive and sched.load()):
@@ -202,6 +255,8 @@ class DeviceSet:
                 ok = await trio.to_thread.run_sync(dev.probe, abandon_on_cancel=True)
                 if ok != was:
                     log.warning("device %d is %s", i, "back" if ok else "dead")
-                if not ok:  # its processes go elsewhere from their next request on
-                    for owner in [o for o, k in self._home.items() if k == i]:
-                        self._home.pop(owner, None)
+                if not ok:
+                    lost.add(i)
+            if lost:  # their processes go elsewhere from their next request on
+                for owner in [o for o, k in self._home.items() if k in lost]:
+                    self._home.pop(owner, None)
