@@ -37,6 +37,7 @@ from . import (  # noqa: F401  (handlers register on import)
     sysenv,
     sysfs,
     sysllm,
+    sysmail,
     sysproc,
     syssys,
     systool,

@@ -40,6 +40,7 @@ from . import names, sysctx, sysfs, sysllm, systool
 from .audit import AuditLog
 from .cgroups import Containment, kernel_name
 from .isolation import Isolation
+from .mailbox import Mailboxes
 from .memory import ContextStore
 from .modeltable import Loaded, ModelTable
 from .proc import PCB, ProcessTable
@@ -85,6 +86,7 @@ class Services:
     memory: ContextStore | None = None
     tools: ToolTable | None = None
     trajectories: TrajectoryStore | None = None
+    mail: Mailboxes | None = None
     containment: Containment | None = None
     cluster: Cluster | None = None  # booted with --ray
     _envs: EnvTable | None = None
@@ -150,6 +152,9 @@ class Services:
         procs.on_exit.append(lambda pcb: self.tools.drop_pid(pcb.pid, "exited"))
         procs.on_exit.append(lambda pcb: sysfs.release(self, pcb))
         procs.on_exit.append(lambda pcb: self._envs and self._envs.close_owner(pcb.pid))
+        self.mail = Mailboxes(procs, self.memory.mail, procs.names.boot,
+                              self.config.mailbox_depth, self.config.max_frame)
+        procs.on_exit.append(self.mail.drop)
 
     def _open_memory(self) -> None:
         embed = None

@@ -84,6 +84,8 @@ class KernelConfig:
     max_unauthenticated: int = opt("connections that have not said sys.hello yet, at once",
                                    default=64)
     grace: float = opt("seconds between TERM and KILL at shutdown", default=3.0)
+    mailbox_depth: int = opt("messages one sender may have waiting in one mailbox (ipc.send "
+                             "beyond it is EAGAIN)", default=256)
     # the compute device
     model: str = opt("model name from the registry, a GGUF path, or 'none' (no device); "
                      "given again, each further one is loaded too (as --load)",
@@ -138,7 +140,7 @@ class KernelConfig:
     def check(self) -> None:
         """Ranges no flag type can say."""
         positive = ("max_frame", "max_connections", "max_unauthenticated", "slots", "n_ctx",
-                    "quantum", "devices", "exec_memory", "exec_pids", "kv_memory")
+                    "quantum", "devices", "exec_memory", "exec_pids", "kv_memory", "mailbox_depth")
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")

@@ -9,7 +9,8 @@ One SQLite file holds it all; one module a concern:
 - ``paging``: holding a window to its budget, the archive and its note;
 - ``archive``: search by words (FTS5) and by meaning (embeddings);
 - ``longterm``: mem.* key-value records with tags;
-- ``owners``: agent names on record, and who owns state.
+- ``owners``: agent names on record, and who owns state;
+- ``mail``: messages to named agents, kept until received.
 
 Threads: calls are serialised on one lock, so they may come from the trio
 thread and from ``trio.to_thread`` workers. Cheap calls (append, window, read

@@ -27,6 +27,11 @@ Layout (version 1):
 
 Version 2 adds ``agent_names``: each agent name and the identity that owns it
 (``init``, ``agent:NAME`` or an unnamed process's one-boot identity).
+
+Version 3 adds ``mail``: messages sent to a named agent and not yet received
+(kernel/memory/mail.py). ``id`` is AUTOINCREMENT: it orders mail and is never
+handed out twice, so a kernel that has seen a row id once never mistakes a
+later message for it.
 """
 
 from __future__ import annotations
@@ -146,6 +151,20 @@ MIGRATIONS: list[tuple[str, ...]] = [
         """INSERT OR IGNORE INTO agent_names(name, owner, created)
             SELECT substr(namespace, 7), 'init', CAST(strftime('%s', 'now') AS REAL) FROM memories
             WHERE namespace GLOB 'agent:?*'""",
+    ),
+    (
+        """CREATE TABLE mail (
+            id      INTEGER PRIMARY KEY AUTOINCREMENT,
+            agent   TEXT NOT NULL,
+            sender  TEXT NOT NULL,
+            pid     INTEGER NOT NULL,
+            boot    TEXT NOT NULL,
+            type    TEXT,
+            body    BLOB NOT NULL,
+            created REAL NOT NULL
+        )""",
+        "CREATE INDEX mail_agent ON mail(agent, sender, boot, id)",
+        "CREATE INDEX mail_sender ON mail(sender, boot)",
     ),
 ]
 
