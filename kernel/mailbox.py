@@ -45,7 +45,7 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 import msgpack
 import trio
@@ -181,6 +181,16 @@ class Mailbox:
         self._room.set()
 
 
+async def _wait(pcb: PCB, event: Callable[[], Awaitable[None]], deadline: float) -> None:
+    """Sleep until the event or the deadline, the process shown WAITING meanwhile."""
+    pcb.waiting_calls += 1
+    try:
+        with trio.move_on_at(deadline):
+            await event()
+    finally:
+        pcb.waiting_calls -= 1
+
+
 def check_topic(topic: str) -> str:
     if not topic or len(topic) > MAX_TOPIC or not topic.isprintable():
         raise SyscallError("EINVAL", f"a topic is 1..{MAX_TOPIC} printable characters")
@@ -275,16 +285,15 @@ class Mailboxes:
         target = self.procs.procs.get(dest)
         if target is None or target.exited:
             raise SyscallError("ESRCH", f"no process with pid {dest}")
-        box = self.box(target)
         me = call.caller
+        box = self.box(target)
         queue = ("pid", me.pid)
         while not box.has_room(queue, len(body), self.depth, self.queue_bytes):
             if trio.current_time() >= deadline:
                 raise SyscallError("EAGAIN", f"the mailbox of pid {dest} holds all the unread "
                                              f"messages it takes from you ({self.depth} or "
                                              f"{self.queue_bytes} bytes)")
-            with trio.move_on_at(deadline):
-                await box.room()
+            await _wait(me, box.room, deadline)
             if box.closed:
                 raise SyscallError("ESRCH", f"pid {dest} exited")
         letter = Letter(next(self._ids), queue, identity(me), me.pid, dest, kind, None,
@@ -308,8 +317,7 @@ class Mailboxes:
             except SyscallError as e:
                 if e.name != "EAGAIN" or trio.current_time() >= deadline:
                     raise
-            with trio.move_on_at(deadline):
-                await taken.wait()
+            await _wait(me, taken.wait, deadline)
         holder = self.procs.names.holder(name)
         if holder is not None:
             self._deliver_stored(self.box(holder), h)
@@ -334,12 +342,7 @@ class Mailboxes:
             if trio.current_time() >= deadline:
                 raise SyscallError("ETIMEDOUT", f"no message{' matching' if match else ''} "
                                                 f"within {timeout}s")
-            me.waiting_calls += 1
-            try:
-                with trio.move_on_at(deadline):
-                    await box.arrival()
-            finally:
-                me.waiting_calls -= 1
+            await _wait(me, box.arrival, deadline)
 
     async def _take_stored(self, call: Call, box: Mailbox, letter: Letter) -> bytes | None:
         """Delete a stored letter's row and return its body (None: it was gone)."""

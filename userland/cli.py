@@ -9,7 +9,7 @@ Exit codes scripts can rely on:
 `llmos wait PID` exits with the child's exit status (128+N if killed by signal N).
 
 This module is the command line: its parser and the dispatch to the command
-groups (cli_kernel, cli_proc, cli_records, driver_cli), whose shared output
+groups (cli_kernel, cli_proc, cli_records, cli_ipc, driver_cli), whose shared output
 and exit codes are in cli_io.
 """
 
@@ -21,6 +21,7 @@ import sys
 
 from llmagentos.syscalls import bootopts as kconfig
 
+from . import cli_ipc
 from .cli_io import EXIT_ERR, EXIT_NOKERNEL, EXIT_TIMEOUT, EXIT_USAGE, UsageError
 from .cli_kernel import cmd_boot, cmd_call, cmd_shutdown, cmd_status, cmd_syscalls
 from .cli_proc import cmd_kill, cmd_logs, cmd_models, cmd_ps, cmd_spawn, cmd_stat, cmd_top, cmd_wait
@@ -125,6 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     sy = sub.add_parser("syscalls", parents=[common], help="the call table")
     sy.add_argument("--markdown", action="store_true", help="as the docs/syscalls.md reference")
     sy.set_defaults(fn=cmd_syscalls)
+
+    cli_ipc.add_parsers(sub, common)  # send, recv, publish
 
     c = sub.add_parser("call", parents=[common], help="call NAME ARGS... (JSON or text)")
     c.add_argument("name")
