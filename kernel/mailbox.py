@@ -276,7 +276,7 @@ class Mailboxes:
     # --- send -----------------------------------------------------------------------
     async def send(self, call: Call, dest: int | str, message: Any, timeout: float) -> dict:
         body, kind = self._pack(message)
-        deadline = trio.current_time() + timeout
+        deadline = trio.current_time() + timeout  # for room in a full mailbox
         if isinstance(dest, str):
             if not dest.startswith(AGENT):
                 raise SyscallError("EINVAL", f"dest is a pid or 'agent:NAME', not {dest!r:.80}")
@@ -343,6 +343,16 @@ class Mailboxes:
                 raise SyscallError("ETIMEDOUT", f"no message{' matching' if match else ''} "
                                                 f"within {timeout}s")
             await _wait(me, box.arrival, deadline)
+
+    async def sendrecv(self, call: Call, dest: int | str, message: Any, timeout: float | None,
+                       match: dict | None) -> dict:
+        """A request and its answer in one call (as L4's call and reply-and-wait):
+        half the trips of ipc.send then ipc.recv."""
+        match = check_match(match)  # before anything is sent
+        start = trio.current_time()
+        await self.send(call, dest, message, 1e9 if timeout is None else timeout)
+        left = None if timeout is None else max(0.0, timeout - (trio.current_time() - start))
+        return await self.recv(call, left, match)
 
     async def _take_stored(self, call: Call, box: Mailbox, letter: Letter) -> bytes | None:
         """Delete a stored letter's row and return its body (None: it was gone)."""

@@ -17,6 +17,12 @@ async def recv(call: Call, timeout: float | None, match: dict | None) -> dict:
     return await call.sys.mail.recv(call, timeout, match)
 
 
+@handler("ipc.sendrecv", runs="task")
+async def sendrecv(call: Call, dest: int | str, message: Any, timeout: float | None,
+                   match: dict | None) -> dict:
+    return await call.sys.mail.sendrecv(call, dest, message, timeout, match)
+
+
 @handler("ipc.peek", runs="task")  # stored bodies are read in a worker thread
 async def peek(call: Call, match: dict | None, limit: int) -> list:
     return await call.sys.mail.peek(call, match, limit)

@@ -506,3 +506,9 @@ _def(161, "ipc.publish", [P("topic", "str"), P("message", "any?")], "ipc",
      "(a subscriber whose mailbox is full of yours misses it)")
 _def(162, "ipc.mailbox", [], "ipc",
      "the caller's mailbox: messages waiting by sender, its bounds, its topics")
+_def(163, "ipc.sendrecv", [P("dest", "int|str"), P("message", "any?"),
+                           P("timeout", "float?", None, lo=0, hi=86400),
+                           P("match", "dict?", None)], "ipc",
+     "ipc.send, then ipc.recv, in one call (a request and its answer; a reply and the next "
+     "request); timeout bounds both (nil: for ever); ETIMEDOUT means the message went and "
+     "nothing came back")
