@@ -11,7 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 # (module, title); a module missing a dependency is reported, not fatal.
 BENCHES = ["bench_syscall", "bench_overhead", "bench_device", "bench_kernel_llm", "bench_memory",
-           "bench_tools", "bench_remote",
+           "bench_tools", "bench_remote", "bench_mailbox",
            "bench_learn", "bench_ray"]
 
 

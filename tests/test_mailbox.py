@@ -316,3 +316,64 @@ def test_the_shell_sends_and_receives(mk):
         assert r.returncode == 4  # timed out
         assert llmos("send", "nobody", "x").returncode == 2  # usage
         assert llmos("send", "424242", "x").returncode == 1  # ESRCH
+
+
+def test_sendrecv_is_a_request_and_its_answer(mk):
+    with mk.client() as c, process(mk, c) as client, process(mk, c) as server:
+        done = {}
+
+        def serve():
+            env = server.ipc.recv(30)
+            # the reply, and the wait for the next request, in one call
+            done["next"] = server.ipc.sendrecv(env["from"], {"type": "answer",
+                                                             "n": env["message"]["n"] + 1}, 30)
+        th = threading.Thread(target=serve)
+        th.start()
+        client.ipc.send(client.pid, "noise")  # not from the server: left for later
+        env = client.ipc.sendrecv(server.pid, {"type": "question", "n": 1}, 30,
+                                  {"from": server.pid})
+        assert env["message"] == {"type": "answer", "n": 2} and env["from"] == server.pid
+        client.ipc.send(server.pid, "bye")
+        th.join(30)
+        assert done["next"]["message"] == "bye"
+        assert client.ipc.recv(0)["message"] == "noise"
+        # the message goes even when no answer comes; a bad match sends nothing
+        assert errno_of(client.ipc.sendrecv, server.pid, "unanswered", 0.1) == "ETIMEDOUT"
+        assert server.ipc.recv(0)["message"] == "unanswered"
+        assert errno_of(client.ipc.sendrecv, server.pid, "x", 0, {"bad": 1}) == "EINVAL"
+        assert errno_of(server.ipc.recv, 0) == "ETIMEDOUT"
+
+
+def test_customer_service_example_end_to_end(llm_kernel):
+    """The seed's scenario with the real model: a human's message from the shell
+    (sent before the router even runs: it waits, durably), routed by the model,
+    answered by a specialist with a tool, every step in the trajectory store."""
+    from pathlib import Path
+    example = str(Path(__file__).resolve().parent.parent / "examples" / "customer_service.py")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        r = subprocess.run([PY, *args], env=llm_kernel.env(), capture_output=True, text=True,
+                           timeout=180)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r
+
+    request = "I was charged 19.99 twice for my plan, please refund it"
+    run("-m", "llmagentos.cli", "send", "agent:router", request)
+    run(example, "--serve")
+    try:
+        env = json.loads(run("-m", "llmagentos.cli", "recv", "--timeout", "150", "--json",
+                             "--type", "reply").stdout)
+    finally:
+        run(example, "--stop")
+    reply = env["message"]
+    assert reply["team"] in ("billing", "orders", "tech") and reply["text"]
+    assert reply["request"] == request and env["sender"] == f"agent:{reply['team']}"
+    with llm_kernel.client() as c:
+        eps = c.traj.list("customer-service")
+        routed = [c.traj.get(e["id"]) for e in eps if e["task"] == request]
+        owners = [e["owner"] for e in routed]
+        assert owners == ["agent:router", f"agent:{reply['team']}"], owners
+        router, team = ([s["action"] for s in ep["trajectory"]] for ep in routed)
+        assert router == [{"route": reply["team"]}]
+        assert team[-1] == {"reply": reply["text"]} and routed[1]["success"]
+        assert len(team) == 2 and "tool" in team[0]
