@@ -377,3 +377,26 @@ def test_customer_service_example_end_to_end(llm_kernel):
         assert router == [{"route": reply["team"]}]
         assert team[-1] == {"reply": reply["text"]} and routed[1]["success"]
         assert len(team) == 2 and "tool" in team[0]
+
+
+def test_the_readme_section_runs_as_written(mk, tmp_path):
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Agents talking: mailboxes", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(python|sh)\n(.*?)```", section, re.S)
+    assert [lang for lang, _ in blocks] == ["python", "sh"]
+    env = mk.env()
+    env["PATH"] = f"{Path(PY).parent}:{env['PATH']}"  # llmos and python3 of this venv
+    outs = []
+    for lang, code in blocks:
+        cmd = [PY, "-c", code] if lang == "python" else ["bash", "-c", code]
+        r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60,
+                           cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        outs.append(r.stdout)
+    assert re.fullmatch(r"pid:\d+ \{'type': 'hello', 'text': 'hi'\}\n"
+                        r"pid:1 kept for greeter, durably\n1 extra!\nNone\n", outs[0]), outs[0]
+    assert outs[1].endswith('from agent:helpdesk: {"type": "reply", "text": '
+                            '"on its way: my order 1234 is late"}\n'), outs[1]
