@@ -185,8 +185,11 @@ async def _wait(pcb: PCB, event: Callable[[], Awaitable[None]], deadline: float)
     """Sleep until the event or the deadline, the process shown WAITING meanwhile."""
     pcb.waiting_calls += 1
     try:
-        with trio.move_on_at(deadline):
+        if deadline == float("inf"):
             await event()
+        else:
+            with trio.move_on_at(deadline):
+                await event()
     finally:
         pcb.waiting_calls -= 1
 
@@ -304,20 +307,26 @@ class Mailboxes:
     async def _send_stored(self, call: Call, name: str, body: bytes, kind: str | None,
                            deadline: float) -> dict:
         me = call.caller
-        while True:
-            taken = self._taken.setdefault(name, trio.Event())
-            try:
-                # Once committed it is acknowledged mail: the process that holds
-                # the name must get it, whatever happens to this call meanwhile.
-                with trio.CancelScope(shield=True):
-                    h = await call.in_thread(self.store.put, name, identity(me), me.pid,
-                                             self.boot, kind, body, self.depth,
-                                             self.queue_bytes)
-                break
-            except SyscallError as e:
-                if e.name != "EAGAIN" or trio.current_time() >= deadline:
-                    raise
-            await _wait(me, taken.wait, deadline)
+        taken = None
+        try:
+            while True:
+                # made before the try, so a take while the put runs is not missed
+                taken = self._taken.setdefault(name, trio.Event())
+                try:
+                    # Once committed it is acknowledged mail: the process that holds
+                    # the name must get it, whatever happens to this call meanwhile.
+                    with trio.CancelScope(shield=True):
+                        h = await call.in_thread(self.store.put, name, identity(me), me.pid,
+                                                 self.boot, kind, body, self.depth,
+                                                 self.queue_bytes)
+                    break
+                except SyscallError as e:
+                    if e.name != "EAGAIN" or trio.current_time() >= deadline:
+                        raise
+                await _wait(me, taken.wait, deadline)
+        finally:  # no event left behind for a name nobody waits on
+            if self._taken.get(name) is taken and not taken.statistics().tasks_waiting:
+                del self._taken[name]
         holder = self.procs.names.holder(name)
         if holder is not None:
             self._deliver_stored(self.box(holder), h)

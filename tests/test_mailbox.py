@@ -400,3 +400,20 @@ def test_the_readme_section_runs_as_written(mk, tmp_path):
                         r"pid:1 kept for greeter, durably\n1 extra!\nNone\n", outs[0]), outs[0]
     assert outs[1].endswith('from agent:helpdesk: {"type": "reply", "text": '
                             '"on its way: my order 1234 is late"}\n'), outs[1]
+
+
+def test_a_sender_waiting_for_room_in_stored_mail_goes_on_when_some_is_taken(mk):
+    with mk.client() as c, process(mk, c) as s:
+        for i in range(DEPTH):
+            s.ipc.send("agent:mail-slow-reader", i)
+        done = {}
+        th = threading.Thread(target=lambda: done.setdefault(
+            "r", s.ipc.send("agent:mail-slow-reader", "waited", 30)))
+        th.start()
+        wait_for(lambda: c.proc.stat(s.pid)["state"] == "WAITING")
+        with process(mk, c, "mail-slow-reader") as reader:
+            assert reader.ipc.recv(5)["message"] == 0
+            th.join(30)
+            assert done["r"]["durable"]
+            got = [reader.ipc.recv(5)["message"] for _ in range(DEPTH)]
+        assert got == [*range(1, DEPTH), "waited"]

@@ -9,8 +9,9 @@ hold only each row's header (kernel/mailbox.py).
 
 Bounds, per sender identity: ``depth`` messages and ``max_bytes`` waiting for
 one agent (so a flood from one sender never fills another's share), and
-``MAX_STORED`` messages waiting for all agents together (so mail to made-up
-names cannot fill the disk). Beyond them ``put`` is EAGAIN.
+``MAX_STORED`` messages and ``MAX_STORED_BYTES`` waiting for all agents
+together (so mail to made-up names cannot fill the disk). Beyond them ``put``
+is EAGAIN.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from llmagentos.kernel.memory.db import Database
 from llmagentos.syscalls.errno import SyscallError
 
 MAX_STORED = 4096
+MAX_STORED_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -60,11 +62,13 @@ class MailStore:
             if size + len(body) > max_bytes:
                 raise SyscallError("EAGAIN", f"agent {agent!r} holds {size} unread bytes from "
                                              f"you; this message would pass {max_bytes}")
-            total = db.execute("SELECT count(*) FROM mail WHERE sender = ? AND boot = ?",
-                               (sender, boot)).fetchone()[0]
-            if total >= MAX_STORED:
-                raise SyscallError("EAGAIN", f"{total} messages you sent to named agents are "
-                                             f"still unread, the most one sender may have")
+            total, stored = db.execute(
+                "SELECT count(*), coalesce(sum(length(body)), 0) FROM mail"
+                " WHERE sender = ? AND boot = ?", (sender, boot)).fetchone()
+            if total >= MAX_STORED or stored + len(body) > MAX_STORED_BYTES:
+                raise SyscallError("EAGAIN", f"{total} messages ({stored} bytes) you sent to "
+                                             f"named agents are still unread; one sender may "
+                                             f"have {MAX_STORED} ({MAX_STORED_BYTES} bytes)")
             now = time.time()
             cur = db.execute("INSERT INTO mail(agent, sender, pid, boot, type, body, created)"
                              " VALUES (?, ?, ?, ?, ?, ?, ?)",
