@@ -9,14 +9,19 @@ about, and with separate ipc.send and ipc.recv calls on both sides.
 
     python bench/bench_mailbox.py
 
-Goal (issue 15): mailbox round trip / null syscall round trip <= 2.5.
+Goal (issue 15): mailbox round trip / null syscall round trip <= 2.5. The same
+ratio between two bare trio + msgpack servers (relay_server.py relaying, and
+echo_server.py answering at once) is the floor on the machine at hand: what
+three processes passing a message cost against two, with no kernel at all.
 """
 
 from __future__ import annotations
 
 import multiprocessing as mp
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -85,32 +90,34 @@ def _stats(lat: list[float]) -> dict:
             "mean_us": statistics.fmean(lat) * 1e6}
 
 
-def measure_null(k: BenchKernel) -> dict:
-    c = k.client()
-    info = c.proc.attach("bench-null")
+def measure_null(sock: str, token: str) -> dict:
     q: mp.Queue = mp.Queue()
-    p = mp.Process(target=_null, args=(str(k.run_dir / "kernel.sock"), info["token"], N, q))
+    p = mp.Process(target=_null, args=(sock, token, N, q))
     p.start()
     lat = q.get()
     p.join()
-    c.close()
     return _stats(lat)
 
 
-def measure_round_trip(k: BenchKernel, combined: bool) -> dict:
-    c = k.client()
-    a, b = c.proc.attach(None), c.proc.attach(None)
-    sock = str(k.run_dir / "kernel.sock")
+def measure_round_trip(sock: str, a: tuple[int, str], b: tuple[int, str],
+                       combined: bool) -> dict:
+    """a, b: (pid, token) of the two processes."""
     q: mp.Queue = mp.Queue()
-    echo = mp.Process(target=_echo, args=(sock, b["token"], N, combined))
-    ping = mp.Process(target=_ping, args=(sock, a["token"], b["pid"], N, combined, q))
+    echo = mp.Process(target=_echo, args=(sock, b[1], N, combined))
+    ping = mp.Process(target=_ping, args=(sock, a[1], b[0], N, combined, q))
     echo.start()
     ping.start()
     lat = q.get()
     ping.join()
     echo.join()
-    c.close()
     return _stats(lat)
+
+
+def _server(script: str, path: str) -> subprocess.Popen:
+    p = subprocess.Popen([sys.executable, str(Path(__file__).parent / script), path],
+                         stdout=subprocess.PIPE, text=True)
+    p.stdout.readline()
+    return p
 
 
 def measure_publish(k: BenchKernel) -> dict:
@@ -140,18 +147,34 @@ def measure_publish(k: BenchKernel) -> dict:
 
 
 def run() -> dict:
-    out: dict = {"null": [], "mail": [], "split": []}
-    with BenchKernel("--model", "none") as k:
-        for _ in range(ROUNDS):
-            out["null"].append(measure_null(k))
-            out["mail"].append(measure_round_trip(k, True))
-            out["split"].append(measure_round_trip(k, False))
+    out: dict = {k: [] for k in ("null", "mail", "split", "echo", "relay")}
+    with tempfile.TemporaryDirectory() as tmp, BenchKernel("--model", "none") as k:
+        c = k.client()
+        sock = str(k.run_dir / "kernel.sock")
+        def proc() -> tuple[int, str]:  # a process for one measurement (it ends with it)
+            p = c.proc.attach(None)
+            return p["pid"], p["token"]
+        echo = _server("echo_server.py", str(Path(tmp) / "echo.sock"))
+        relay = _server("relay_server.py", str(Path(tmp) / "relay.sock"))
+        try:
+            for _ in range(ROUNDS):
+                out["null"].append(measure_null(sock, proc()[1]))
+                out["mail"].append(measure_round_trip(sock, proc(), proc(), True))
+                out["split"].append(measure_round_trip(sock, proc(), proc(), False))
+                out["echo"].append(measure_null(str(Path(tmp) / "echo.sock"), "x"))
+                out["relay"].append(measure_round_trip(str(Path(tmp) / "relay.sock"),
+                                                       (2, "2"), (3, "3"), True))
+        finally:
+            for p in (echo, relay):
+                p.kill()
+                p.wait()
         out["publish"] = measure_publish(k)
-    for name, key in (("mail", "ratios"), ("split", "split_ratios")):
-        out[key] = [m["p50_us"] / n["p50_us"] for m, n in zip(out[name], out["null"])]
-    out["ratio"] = statistics.median(out["ratios"])
-    out["split_ratio"] = statistics.median(out["split_ratios"])
-    for name in ("null", "mail", "split"):
+        c.close()
+    for name, base, key in (("mail", "null", "ratios"), ("split", "null", "split_ratios"),
+                            ("relay", "echo", "floor_ratios")):
+        out[key] = [m["p50_us"] / n["p50_us"] for m, n in zip(out[name], out[base])]
+        out[key[:-1]] = statistics.median(out[key])
+    for name in ("null", "mail", "split", "echo", "relay"):
         out[name] = {key: statistics.median(m[key] for m in out[name])
                      for key in ("p50_us", "p99_us", "mean_us")}
     return out
@@ -159,16 +182,20 @@ def run() -> dict:
 
 def report(r: dict) -> str:
     n, m, sp, p = r["null"], r["mail"], r["split"], r["publish"]
+    e, rl = r["echo"], r["relay"]
     verdict = "PASS" if r["ratio"] <= GOAL else "FAIL"
     return "\n".join([
         "== mailboxes (medians of alternating rounds) ==",
         *(f"  {what:32s} p50 {x['p50_us']:7.1f} us   p99 {x['p99_us']:8.1f} us"
           for what, x in (("null syscall round trip", n), ("mailbox round trip, sendrecv", m),
-                          ("mailbox round trip, send + recv", sp))),
+                          ("mailbox round trip, send + recv", sp), ("bare echo server", e),
+                          ("bare relay, round trip", rl))),
         f"  sendrecv / null: {r['ratio']:.2f} {[round(x, 2) for x in r['ratios']]}   "
         f"(goal <= {GOAL}) {verdict}",
         f"  send + recv / null: {r['split_ratio']:.2f} "
         f"{[round(x, 2) for x in r['split_ratios']]}",
+        f"  floor on this machine, bare relay / bare echo: {r['floor_ratio']:.2f} "
+        f"{[round(x, 2) for x in r['floor_ratios']]}",
         f"  publish to {SUBSCRIBERS} subscribers: {p['publish_us']:.0f} us per publish, "
         f"{p['per_delivery_us']:.2f} us per delivery; each copy taken by ipc.recv in "
         f"{p['recv_us']:.0f} us",
