@@ -12,7 +12,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 # (module, title); a module missing a dependency is reported, not fatal.
 BENCHES = ["bench_syscall", "bench_tls", "bench_overhead", "bench_device", "bench_kernel_llm",
            "bench_gateway", "bench_memory", "bench_tools", "bench_remote", "bench_ipc",
-           "bench_learn", "bench_ray", "bench_scale"]
+           "bench_mailbox", "bench_learn", "bench_ray", "bench_scale"]
 
 
 def main() -> int:

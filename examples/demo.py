@@ -1,6 +1,8 @@
 """`make demo`: boot a kernel on the embedded model, run three agents at once
 (one on a Gymnasium environment, one using tools, one learning), show the
-process table while they run, the results after, and shut down."""
+process table while they run, the results after; then agents talking: a
+customer's message from the shell, routed by one agent to a specialist over
+mailboxes (examples/customer_service.py); and shut down."""
 
 from __future__ import annotations
 
@@ -33,6 +35,8 @@ def main() -> int:
         c = llmagentos.connect()
         agents = {name: c.proc.spawn([PY, str(HERE / "agents" / f"{name}.py")], name)
                   for name in ("env_agent", "tool_agent", "learning_agent")}
+        # the customer-service agents start now and wait in their mailboxes
+        subprocess.run([PY, str(HERE / "customer_service.py"), "--serve"], check=True)
         time.sleep(4)
         sh("ps")
         sh("top", "-n", "1")
@@ -50,6 +54,11 @@ def main() -> int:
         sh("traj", "ls", "--limit", "8")
         out = tmp / "learning_curve.png"
         sh("traj", "plot", "--family", "frozenlake-q", "--window", "10", "-o", str(out))
+        print("\nagents talking: the router hands the customer to a specialist, who answers")
+        sh("send", "agent:router", "Where is my order 1234? It is late")
+        sh("recv", "--timeout", "120")
+        subprocess.run([PY, str(HERE / "customer_service.py"), "--stop"], check=True)
+        sh("traj", "ls", "--family", "customer-service")
         c.close()
     finally:
         sh("shutdown")

@@ -45,6 +45,7 @@ from . import (  # noqa: F401  (handlers register on import)
     sysfs,
     syskey,
     sysllm,
+    sysmail,
     syspipe,
     sysproc,
     syssvc,

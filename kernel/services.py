@@ -41,6 +41,7 @@ from .audit import AuditLog
 from .cgroups import Containment, kernel_name
 from .gateway.keys import KeyTable
 from .isolation import Isolation
+from .mailbox import Mailboxes
 from .memory import ContextStore
 from .modeltable import Loaded, ModelTable
 from .proc import PCB, ProcessTable
@@ -91,6 +92,7 @@ class Services:
     memory: ContextStore | None = None
     tools: ToolTable | None = None
     trajectories: TrajectoryStore | None = None
+    mail: Mailboxes | None = None
     containment: Containment | None = None
     cluster: Cluster | None = None  # booted with --ray
     keys: KeyTable | None = None  # the HTTP gateway's API keys, each a process
@@ -186,6 +188,9 @@ class Services:
         procs.on_exit.append(lambda pcb: self.tools.drop_pid(pcb.pid, "exited"))
         procs.on_exit.append(lambda pcb: sysfs.release(self, pcb))
         procs.on_exit.append(lambda pcb: self._envs and self._envs.close_owner(pcb.pid))
+        self.mail = Mailboxes(procs, self.memory.mail, procs.names.boot,
+                              self.config.mailbox_depth, self.config.max_frame)
+        procs.on_exit.append(self.mail.drop)
 
     def _open_memory(self) -> None:
         embed = None

@@ -102,6 +102,8 @@ class KernelConfig:
                            metavar="HOST:PORT", default=None)
     http_insecure: bool = opt("let --http listen on an address other than loopback, in plain "
                               "HTTP: API keys then cross the network readable", default=False)
+    mailbox_depth: int = opt("messages one sender may have waiting in one mailbox (ipc.send "
+                             "beyond it is EAGAIN)", default=256)
     # the compute device
     model: str = opt("model name from the registry, a GGUF path, or 'none' (no device); "
                      "given again, each further one is loaded too (as --load)",
@@ -156,7 +158,7 @@ class KernelConfig:
     def check(self) -> None:
         """Ranges no flag type can say."""
         positive = ("max_frame", "max_connections", "max_unauthenticated", "slots", "n_ctx",
-                    "quantum", "devices", "exec_memory", "exec_pids", "kv_memory")
+                    "quantum", "devices", "exec_memory", "exec_pids", "kv_memory", "mailbox_depth")
         for name in positive:
             if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, not {getattr(self, name)}")

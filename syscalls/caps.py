@@ -43,7 +43,10 @@ def covers(held: Iterable[str], need: str) -> bool:
         held = list(held)
         if covers(held, BLOCK_WRITE + need[len(BLOCK_READ):]):
             return True
-    return any(h == need or fnmatchcase(need, h) for h in held)
+    held = held if isinstance(held, (list, set, frozenset, tuple)) else list(held)
+    # the exact entry first: it is the common case, and globbing every entry costs
+    # more than the rest of a short call (ipc.send, ipc.recv)
+    return need in held or any(fnmatchcase(need, h) for h in held)
 
 
 def bounded(parent: Iterable[str], requested: Iterable[str]) -> list[str]:

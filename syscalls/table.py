@@ -499,6 +499,37 @@ _def(150, "ipc.pipe", [], "ipc",
      "fs.read/fs.write/fs.close (a full pipe blocks the writer; EPIPE without readers; "
      "EOF once every write end is closed)", mutates=True)
 
+
+# --- ipc mailboxes: 156-169 (cap ipc; docs in kernel/mailbox.py) -------------------
+# A message is any MessagePack value; the kernel stamps who sent it. Sending and
+# receiving are data, like fs.read/fs.write: not written to the audit log.
+_def(156, "ipc.send", [P("dest", "int|str"), P("message", "any?"),
+                       P("timeout", "float", 0.0, lo=0, hi=3600)], "ipc",
+     "send a message to a pid's mailbox, or durably to agent:NAME (its running process, "
+     "else its next one); a full mailbox is EAGAIN after waiting up to timeout seconds; "
+     "returns {id, durable}")
+_def(157, "ipc.recv", [P("timeout", "float?", None, lo=0, hi=86400), P("match", "dict?", None)],
+     "ipc",
+     "take the next message (senders served in turn), waiting up to timeout seconds (nil: "
+     "for ever; then ETIMEDOUT); match: {from: pid or 'agent:NAME', type, topic}")
+_def(158, "ipc.peek", [P("match", "dict?", None), P("limit", "int", 1, lo=1, hi=64)], "ipc",
+     "the next messages ipc.recv would take, without taking them or waiting")
+_def(159, "ipc.subscribe", [P("topic", "str")], "ipc",
+     "receive every message published to a topic", mutates=True)
+_def(160, "ipc.unsubscribe", [P("topic", "str")], "ipc",
+     "stop receiving a topic's messages", mutates=True)
+_def(161, "ipc.publish", [P("topic", "str"), P("message", "any?")], "ipc",
+     "send a message to every subscriber of a topic; returns how many received it "
+     "(a subscriber whose mailbox is full of yours misses it)")
+_def(162, "ipc.mailbox", [], "ipc",
+     "the caller's mailbox: messages waiting by sender, its bounds, its topics")
+_def(163, "ipc.sendrecv", [P("dest", "int|str"), P("message", "any?"),
+                           P("timeout", "float?", None, lo=0, hi=86400),
+                           P("match", "dict?", None)], "ipc",
+     "ipc.send, then ipc.recv, in one call (a request and its answer; a reply and the next "
+     "request); timeout bounds both (nil: for ever); ETIMEDOUT means the message went and "
+     "nothing came back")
+
 # --- ctx blocks: 71-79 (shared context blocks; access by capability, see caps.py) ----
 _def(71, "ctx.block_open", [P("name", "str"), P("create", "bool", True)], "ctx",
      "open a named shared block, creating it empty (version 0) if asked; needs "

@@ -279,11 +279,17 @@ def test_every_syscall_with_hostile_arguments_gets_an_errno_not_a_crash(tmp_path
                 "traj.end": [ep, None, None],
                 "tool.call": ["calc.eval", {"expression": "1+1"}, 5.0],
                 "proc.wait": [999999, 0.1], "proc.kill": [999999, 0],
+                "ipc.recv": [0.1, None], "ipc.sendrecv": [999999, 1, 0.1, None],
             }
             calls = [sc for sc in TABLE if sc.name != "sys.shutdown"]
+            # ipc.recv and ipc.sendrecv without a timeout wait for mail: each
+            # fuzzer has plenty to take, so they answer at once
+            child = c.proc.attach("fuzzer")
+            for pid in (1, child["pid"]):
+                for i in range(200):
+                    c.ipc.send(pid, i)
             internal = fuzz(c, calls, benign)
             assert internal == []
-            child = c.proc.attach("fuzzer")
             with llmagentos.connect(token=child["token"], run_dir=k.run_dir, timeout=60) as cc:
                 internal = fuzz(cc, list(TABLE), benign, rounds=3, seed=1)
             assert internal == []

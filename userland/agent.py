@@ -11,6 +11,11 @@ capabilities, context, device slot and usage, living inside this program's
 OS process (`llmos ps` shows it as a child of whoever made it). With no
 kernel running, the first Agent boots a private one for this program.
 
+Agents talk through their mailboxes: `agent.send(dest, msg)`,
+`agent.recv(timeout, match)`, `agent.publish(topic, msg)` and
+`agent.subscribe(topic)`; a dest of ``"agent:NAME"`` reaches a named agent
+now or, durably, when it next runs.
+
 `agent.run(task)` is one episode of the loop observe → act → reward, every
 step recorded in the kernel's trajectory store:
 
@@ -125,6 +130,38 @@ class Agent:
 
     def tool(self, name: str, **args: Any) -> Any:
         return self.client.tool.call(name, args)
+
+    # --- talking to other agents (mailboxes: kernel/mailbox.py) ----------------
+    def send(self, dest: "int | str | Agent", message: Any, timeout: float = 0.0) -> dict:
+        """Send a message (any MessagePack value) to a pid, an Agent, or
+        ``"agent:NAME"`` (durable: kept until a process of that name takes it).
+        A full mailbox raises EAGAIN after waiting up to ``timeout`` seconds."""
+        if isinstance(dest, Agent):
+            dest = dest.pid
+        return self.client.ipc.send(dest, message, timeout)
+
+    def recv(self, timeout: float | None = None, match: dict | None = None) -> dict | None:
+        """The next message for this agent, as an envelope (``message``,
+        ``from``: the sender's pid, ``sender``: ``agent:NAME`` or ``pid:N``,
+        ``type``, ``topic``); None if none came within ``timeout`` seconds
+        (None: wait for ever). ``match`` picks by ``from``, ``type`` or ``topic``."""
+        try:
+            return self.client.ipc.recv(timeout, match)
+        except KernelError as e:
+            if e.name == "ETIMEDOUT":
+                return None
+            raise
+
+    def publish(self, topic: str, message: Any) -> int:
+        """Send to every subscriber of ``topic``; returns how many got it."""
+        return self.client.ipc.publish(topic, message)
+
+    def subscribe(self, topic: str) -> list[str]:
+        """Receive what is published to ``topic``; returns this agent's topics."""
+        return self.client.ipc.subscribe(topic)
+
+    def unsubscribe(self, topic: str) -> list[str]:
+        return self.client.ipc.unsubscribe(topic)
 
     # --- the episode loop ----------------------------------------------------
     def run(self, task: Task | Callable, *, seed: int | None = None) -> EpisodeResult:

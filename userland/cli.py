@@ -9,7 +9,7 @@ Exit codes scripts can rely on:
 `llmos wait PID` exits with the child's exit status (128+N if killed by signal N).
 
 This module is the command line: its parser and the dispatch to the command
-groups (cli_kernel, cli_proc, cli_records, driver_cli), whose shared output
+groups (cli_kernel, cli_proc, cli_records, cli_ipc, driver_cli), whose shared output
 and exit codes are in cli_io.
 """
 
@@ -21,6 +21,7 @@ import sys
 
 from llmagentos.syscalls import bootopts as kconfig
 
+from . import cli_ipc
 from .cli_io import EXIT_ERR, EXIT_NOKERNEL, EXIT_TIMEOUT, EXIT_USAGE, UsageError
 from .cli_kernel import cmd_boot, cmd_call, cmd_metrics, cmd_shutdown, cmd_status, cmd_syscalls
 from .cli_key import add_parser as add_key_parser
@@ -140,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_mcp_commands(sub, common)
     add_key_parser(sub, common)
+    cli_ipc.add_parsers(sub, common)  # send, recv, publish
 
     c = sub.add_parser("call", parents=[common], help="call NAME ARGS... (JSON or text)")
     c.add_argument("name")

@@ -12,6 +12,7 @@ One SQLite file holds it all; one module a concern:
 - ``owners``: agent names on record, and who owns state;
 - ``blocks``: shared blocks several agents read, write (versioned,
   compare-and-set) and attach to their contexts.
+- ``mail``: messages to named agents, kept until received.
 
 Threads: calls are serialised on one lock, so they may come from the trio
 thread and from ``trio.to_thread`` workers. Cheap calls (append, window, read

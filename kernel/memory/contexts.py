@@ -40,6 +40,7 @@ from llmagentos.kernel.memory.db import (
     message,
 )
 from llmagentos.kernel.memory.longterm import LongTermMemory
+from llmagentos.kernel.memory.mail import MailStore
 from llmagentos.kernel.memory.owners import OwnerRecords
 from llmagentos.kernel.memory.paging import NOTE_SEQ, Pager
 from llmagentos.syscalls.errno import SyscallError
@@ -99,6 +100,7 @@ class ContextStore:
         self.longterm = LongTermMemory(self._db)
         self.owner_records = OwnerRecords(self._db)
         self.blocks = BlockStore(self._db, self._ctx)  # shared blocks and their attachments
+        self.mail = MailStore(self._db)  # durable mail to named agents (kernel/mailbox.py)
         # The parts' calls under the names the kernel uses (mem.*, names, cleanup).
         lt, rec = self.longterm, self.owner_records
         self.mem_put, self.mem_get, self.mem_delete = lt.put, lt.get, lt.delete

@@ -32,6 +32,11 @@ Version 3 adds shared blocks (blocks.py): ``blocks``, one row per block with
 its current version and text, replaced whole by each write; and
 ``block_attachments``, which blocks each context shows to the model, gone with
 the context or the block.
+
+Version 4 adds ``mail``: messages sent to a named agent and not yet received
+(kernel/memory/mail.py). ``id`` is AUTOINCREMENT: it orders mail and is never
+handed out twice, so a kernel that has seen a row id once never mistakes a
+later message for it.
 """
 
 from __future__ import annotations
@@ -168,6 +173,20 @@ MIGRATIONS: list[tuple[str, ...]] = [
             PRIMARY KEY (ctx, block)
         ) WITHOUT ROWID""",
         "CREATE INDEX block_attachments_block ON block_attachments(block)",
+    ),
+    (
+        """CREATE TABLE mail (
+            id      INTEGER PRIMARY KEY AUTOINCREMENT,
+            agent   TEXT NOT NULL,
+            sender  TEXT NOT NULL,
+            pid     INTEGER NOT NULL,
+            boot    TEXT NOT NULL,
+            type    TEXT,
+            body    BLOB NOT NULL,
+            created REAL NOT NULL
+        )""",
+        "CREATE INDEX mail_agent ON mail(agent, sender, boot, id)",
+        "CREATE INDEX mail_sender ON mail(sender, boot)",
     ),
 ]
 
