@@ -100,8 +100,12 @@ class DeviceActor:
                 "n_vocab": d.n_vocab, "chat_stop": d.chat_stop, "node_id": ctx.get_node_id(),
                 "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
-    def ping(self) -> int:
-        return os.getpid()
+    def ping(self) -> tuple[int, str, str]:
+        """Who answers: (pid, node id, node address); a restart may have moved it."""
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id(), \
+            ray.util.get_node_ip_address()
 
     def tick(self, closed: list[int], new: dict[int, tuple], wire: list[tuple],
              plan: list[int]) -> tuple[list[Any], StepResult, dict, list[tuple], tuple | None]:
@@ -191,6 +195,7 @@ class RemoteDevice:
         self.node_id = info["node_id"]
         self.node_ip = info["node_ip"]
         self.actor_pid = info["pid"]
+        self.nodes_lost: list[str] = []  # nodes the actor lived on before a restart moved it
         self.alive = True
         self.failures = 0
         self.last_error: str | None = None
@@ -286,7 +291,7 @@ class RemoteDevice:
         """Is the actor answering (again)? Blocking: call from a worker thread."""
         ray = require_ray()
         try:
-            pid = ray.get(self.actor.ping.remote(), timeout=timeout)
+            pid, node_id, node_ip = ray.get(self.actor.ping.remote(), timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             return False
         except ray.exceptions.RayError as exc:
@@ -297,6 +302,11 @@ class RemoteDevice:
             if self.alive:
                 self._lost(RuntimeError("restarted"))
             self.actor_pid = pid
+        if node_id != self.node_id:  # re-placed: Ray restarted it on another node
+            log.warning("device actor %d moved from node %s to %s", self.index, self.node_ip,
+                        node_ip)
+            self.nodes_lost.append(self.node_id)
+            self.node_id, self.node_ip = node_id, node_ip
         self.alive = True
         return True
 
@@ -339,7 +349,7 @@ class RemoteDevice:
     def describe(self) -> dict[str, Any]:
         return {"kind": "ray", "node_id": self.node_id, "node": self.node_ip,
                 "actor_pid": self.actor_pid, "alive": self.alive, "failures": self.failures,
-                "last_error": self.last_error}
+                "last_error": self.last_error, "nodes_lost": list(self.nodes_lost)}
 
     def close(self) -> None:
         ray = require_ray()
