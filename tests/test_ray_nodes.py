@@ -223,3 +223,22 @@ def test_a_lost_node_fails_its_requests_and_processes_and_nothing_else(nodes):
                           capture_output=True, text=True, timeout=60).stdout
     assert "LOST node" in text and f"processes [{doomed}]" in text, text
     assert os.path.exists(k.socket)  # the kernel is still up
+
+
+def test_the_token_crosses_ray_sealed_to_its_host():
+    from cryptography.exceptions import InvalidTag
+    from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+    from llmagentos.kernel.cluster import AgentHost, seal, unseal
+
+    host, other = AgentHost(), X25519PrivateKey.generate()
+    token = "t0k3n-" + "x" * 40
+    sealed = seal(token, host.public_key())
+    assert not any(token.encode() in part or b"x" * 40 in part for part in sealed)
+    assert unseal(host._key, sealed) == token
+    assert seal(token, host.public_key()) != sealed  # a fresh key and nonce each time
+    with pytest.raises(InvalidTag):  # only the host that asked can open it
+        unseal(other, sealed)
+    eph, nonce, box = sealed
+    with pytest.raises(InvalidTag):  # and nobody can alter it on the way
+        unseal(host._key, (eph, nonce, box[:-1] + bytes([box[-1] ^ 1])))
