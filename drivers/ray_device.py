@@ -108,9 +108,10 @@ class DeviceActor:
             ray.util.get_node_ip_address()
 
     def tick(self, closed: list[int], new: dict[int, tuple], wire: list[tuple],
-             plan: list[int]) -> tuple[list[Any], StepResult, dict, list[tuple], tuple | None]:
+             plan: list[int]) -> tuple[list[Any], StepResult, dict, list[tuple], tuple | None,
+                                       int | None]:
         """Run the ops (in wire form) then one step; never raises (what ran before a
-        failure is reported with it)."""
+        failure is reported with it). Last: the KV pool's free cells after it."""
         with self._lock:
             d = self.device
             for gid in closed:
@@ -123,7 +124,7 @@ class DeviceActor:
                     gen.rid = gid
                     self.gens[gid] = gen
             except Exception as exc:
-                return [], _EMPTY_STEP, {}, self._diff(), _error_to_wire(exc)
+                return [], _EMPTY_STEP, {}, self._diff(), _error_to_wire(exc), self._kv_free()
             results, step, exc = run_tick(d, (op_from_wire(w, self.gens) for w in wire), plan)
             finished = {}
             for ev in step.events:
@@ -131,7 +132,11 @@ class DeviceActor:
                 if ev.finished and gen is not None:
                     finished[ev.slot] = (gen.text, gen.reason)
             error = None if exc is None else _error_to_wire(exc)
-            return results, step, finished, self._diff(), error
+            return results, step, finished, self._diff(), error, self._kv_free()
+
+    def _kv_free(self) -> int | None:
+        d = self.device
+        return d.kv_size - d.kv_used() if hasattr(d, "kv_used") else None
 
     def _diff(self) -> list[tuple[int, int, list[int]]]:
         """(slot, kept, appended) for every slot whose resident tokens changed."""
@@ -205,6 +210,7 @@ class RemoteDevice:
         self._closed: list[int] = []
         self._slots: list[list[int]] = [[] for _ in range(self.n_seq_max)]
         self._attached: list[RemoteGeneration | None] = [None] * self.n_seq_max
+        self._kv_free_cells: int | None = None  # as the actor reported after its last tick
 
     # -- answered locally ------------------------------------------------------------------
 
@@ -223,6 +229,10 @@ class RemoteDevice:
     def slot_tokens(self, slot: int) -> list[int]:
         return list(self._slots[slot])
 
+    def kv_free(self) -> int | None:
+        """Free cells of the actor's KV pool after its last tick (None: unknown)."""
+        return self._kv_free_cells
+
     # -- one round trip ----------------------------------------------------------------------
 
     def tick(self, ops: Sequence[Op], plan: list[int]) -> tuple[list[Any], StepResult,
@@ -238,7 +248,7 @@ class RemoteDevice:
         for gid in closed:
             self._gens.pop(gid, None)
         try:
-            results, step, finished, diff, error = ray.get(
+            results, step, finished, diff, error, self._kv_free_cells = ray.get(
                 self.actor.tick.remote([g for g in closed if g in self._known], new, wire, plan))
         except ray.exceptions.RayError as exc:
             self._lost(exc)
@@ -284,6 +294,7 @@ class RemoteDevice:
         self.failures += 1
         self.last_error = type(exc).__name__
         self._known.clear()
+        self._kv_free_cells = None
         self._slots = [[] for _ in range(self.n_seq_max)]
         self._attached = [None] * self.n_seq_max
 

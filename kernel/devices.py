@@ -11,7 +11,10 @@ Placement, per process (owner pid):
   request, its conversation in a slot, a saved snapshot) goes there again, so
   a multi-turn agent keeps reusing its prefix.
 * Otherwise, and for new processes, the live device with the least load
-  (queued + running requests) takes it.
+  (queued + running requests) takes it; among equally loaded ones, the one
+  with the most free KV cells (as of its last tick; one that does not say
+  comes last): a device whose pool is held by idle conversations would have
+  to evict (and save) them before it could take the prompt.
 * A device that fails loses its processes' residency: their in-flight requests
   got EIO from its Scheduler, and their next request is placed afresh and
   prefills from the context on whichever device takes it. A dead device gets
@@ -72,7 +75,13 @@ class DeviceSet:
             return self.schedulers[i]
         live = [k for k in range(len(self.schedulers)) if self.alive(k)] or \
             list(range(len(self.schedulers)))
-        j = min(live, key=lambda k: (self.schedulers[k].load(), k != i, k))
+
+        def rank(k: int) -> tuple:
+            sched = self.schedulers[k]
+            free = sched.kv_free()
+            return (sched.load(), 1 if free is None else -free, k != i, k)
+
+        j = min(live, key=rank)
         if i is not None and i != j:
             self.moves += 1
             await self.schedulers[i].release(owner)  # its leftovers there are of no use
@@ -175,6 +184,7 @@ class DeviceSet:
                 "running": p["running"], "queue_length": p["queue_length"],
                 "tokens_per_s": p["tokens_per_s"], "utilization": p["utilization"],
                 "tokens_out": p["tokens_out"], "kv_pool": p.get("kv_pool"),
+                "kv_free": sched.kv_free(),
                 "processes": sorted(o for o, k in self._home.items() if k == i)})
         return out
 
