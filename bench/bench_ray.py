@@ -12,9 +12,19 @@ once; aggregate tok/s is measured from the first request to the last answer:
     shows the overhead of splitting the batch rather than a speedup; on
     separate nodes (or GPUs) each device brings its own compute.
 
+(4) agents on another node: a Ray cluster made on this machine
+    (ray.cluster_utils: a head holding one device actor, and a worker node for
+    the agents), one kernel on it listening with TLS. 16 agent processes
+    spawned with placement="node:ID" on the worker node, calling back over
+    TLS, against 16 spawned locally (Unix socket), through the same device:
+    the ratio remote/local (goal >= 0.9) is the cost of the TLS connection
+    and of Ray's signal relay. Each side runs twice, alternating; the best
+    of each counts.
+
 The configurations run one after another, never at once. Skipped without Ray.
 
-    python bench/bench_ray.py
+    python bench/bench_ray.py            # all four
+    python bench/bench_ray.py --placed   # (4) alone
 """
 
 from __future__ import annotations
@@ -27,7 +37,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from _kernel import BenchKernel  # noqa: E402
+from _kernel import BenchKernel, run_agents  # noqa: E402
+from _kernel import aggregate as aggregate_runs  # noqa: E402
 
 import llmagentos  # noqa: E402
 
@@ -68,6 +79,35 @@ def aggregate(*flags: str) -> dict:
                 "batch": dev["batch_size"], "per_device_tokens": per_device}
 
 
+def placed_agents() -> dict:
+    """(4): 16 agents on a worker node over TLS / 16 local agents, one device."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 1})
+    try:
+        worker = cluster.add_node(num_cpus=0, resources={"agents": AGENTS})
+        cluster.wait_for_nodes()
+        with BenchKernel("--ray", cluster.address, "--devices", "1", "--slots", str(AGENTS),
+                         "--n-ctx", "256", "--listen", "127.0.0.1:0", wait=300) as k:
+            c = k.client()
+            c.llm.generate("Warm up.", None, {"max_tokens": 4, "temperature": 0})
+            jobs = [(["Tell me about the sea."], {"max_tokens": TOKENS, "temperature": 0.8,
+                                                   "seed": i, "stop": []})
+                    for i in range(AGENTS)]
+            best: dict[str, dict] = {}
+            for _ in range(2):
+                for side, placement in (("local", "local"),
+                                        ("remote", f"node:{worker.node_id}")):
+                    runs = run_agents(c, jobs, placement=placement)
+                    m = aggregate_runs([r for job in runs for r in job])
+                    if side not in best or m["tok_s"] > best[side]["tok_s"]:
+                        best[side] = m
+            c.close()
+    finally:
+        cluster.shutdown()
+    return {**best, "ratio": best["remote"]["tok_s"] / best["local"]["tok_s"]}
+
+
 def run() -> dict:
     if importlib.util.find_spec("ray") is None:
         return {"skipped": "Ray is not installed (pip install 'llmagentos[ray]')"}
@@ -76,9 +116,10 @@ def run() -> dict:
     # Two devices on one 2-core node must split the cores: 2 x 2 OpenMP threads on 2
     # cores spin at every barrier (measured: 17 tok/s instead of 135).
     ray2 = aggregate("--ray", "auto", "--devices", "2", "--threads", "1")
+    placed = placed_agents()
     return {"local": local, "ray1": ray1, "ray2": ray2,
             "ratio_ray1_local": ray1["tok_s"] / local["tok_s"],
-            "ratio_ray2_ray1": ray2["tok_s"] / ray1["tok_s"]}
+            "ratio_ray2_ray1": ray2["tok_s"] / ray1["tok_s"], "placed": placed}
 
 
 def report(r: dict) -> None:
@@ -95,7 +136,22 @@ def report(r: dict) -> None:
     print(f"  one Ray device / one local device: {r['ratio_ray1_local']:.2f} (goal >= 0.9)")
     print(f"  two Ray devices / one Ray device:  {r['ratio_ray2_ray1']:.2f} "
           "(same 2 cores here: no speedup expected)")
+    report_placed(r["placed"])
+
+
+def report_placed(p: dict) -> None:
+    print("== agents on another Ray node, over TLS (one device) ==")
+    for side, title in (("local", "on the kernel's node (Unix socket)"),
+                        ("remote", "on a worker node (node:ID, TLS)")):
+        m = p[side]
+        print(f"  {AGENTS} agents {title + ':':36s} {m['tok_s']:6.1f} tok/s aggregate "
+              f"({m['tokens']} tokens in {m['wall_s']:.1f}s)")
+    verdict = "PASS" if p["ratio"] >= 0.9 else "FAIL"
+    print(f"  remote agents / local agents: {p['ratio']:.2f} (goal >= 0.9) {verdict}")
 
 
 if __name__ == "__main__":
-    report(run())
+    if sys.argv[1:] == ["--placed"]:  # (4) alone
+        report_placed(placed_agents())
+    else:
+        report(run())

@@ -15,6 +15,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 
@@ -110,6 +111,18 @@ def test_agent_on_a_worker_node_generates_through_a_device_on_another(nodes):
     assert after[0]["node_id"] != elsewhere.node_id
 
 
+def test_the_readme_node_placement_example_runs(nodes):
+    from pathlib import Path
+
+    text = (Path(__file__).parent.parent / "README.md").read_text()
+    start = text.index("```python\n", text.index('`placement="node:ID"`'))
+    code = textwrap.dedent(text[start + len("```python\n"):text.index("```", start + 9)])
+    out = subprocess.run([sys.executable, "-c", code], env=nodes.kernel.env(),
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "'exit_code': 0" in out.stdout, out.stdout
+
+
 def test_node_placement_is_checked_before_anything_runs(nodes):
     with nodes.kernel.client() as c:
         # a short unique prefix of the id is enough, as `llmos status` shows it
@@ -131,6 +144,36 @@ def test_node_placement_is_checked_before_anything_runs(nodes):
 
 
 SLEEPER = "import time\nprint('up', flush=True)\nwhile True: time.sleep(0.05)\n"
+
+
+HOST_AGENT = """
+import time, llmagentos
+c = llmagentos.connect()
+child = c.proc.attach(name="inner")
+inner = llmagentos.connect(token=child["token"])
+inner.sys.null()
+while True: time.sleep(0.05)
+"""
+
+
+def test_stop_and_cont_of_a_remote_process_reach_the_agents_it_hosts(nodes):
+    with nodes.kernel.client() as c:
+        host = c.proc.spawn([sys.executable, "-c", HOST_AGENT],
+                            placement=f"node:{nodes.a.node_id}")
+
+        def inner() -> dict | None:
+            return next((r for r in c.proc.ps() if r["ppid"] == host and r["attached"]), None)
+
+        wait_for(lambda: inner() and inner()["syscalls"] > 0, timeout=30)
+        assert inner()["node"] == row(c, host)["node"] and inner()["os_pid"] == \
+            row(c, host)["os_pid"]
+        c.proc.kill(host, "SIGSTOP")
+        assert inner()["state"] == "STOPPED"
+        c.proc.kill(host, "SIGCONT")
+        assert inner()["state"] != "STOPPED"
+        c.proc.kill(host, "SIGKILL")
+        assert c.proc.wait(host, timeout=30)["signal"] == signal.SIGKILL
+        wait_for(lambda: inner() is None or inner()["state"] == "ZOMBIE", timeout=30)
 
 
 def test_stop_cont_term_kill_reach_the_remote_os_process(nodes):

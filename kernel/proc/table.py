@@ -257,6 +257,8 @@ class ProcessTable:
                             nice=nice, limits=lim, cwd=parent.cwd, agent=name, attached=True,
                             model=model)
         pcb.os_pid = os_pid
+        if os_pid is not None and os_pid == parent.os_pid:
+            pcb.node = parent.node  # it lives in its parent's OS process, on that node
         # The shell user never waits for its agents: init reaps them at exit.
         pcb.orphan = parent.pid == INIT_PID
         if "wall_time" in lim:
@@ -384,7 +386,7 @@ class ProcessTable:
         # Attached processes (Agents) living in that OS process are stopped and
         # continued with it: their device requests park and resume too.
         hosted = [p for p in self.procs.values() if p.attached and not p.exited
-                  and p.os_pid == target.os_pid]
+                  and p.os_pid == target.os_pid and p.node == target.node]  # pids are per node
         for p in [target, *hosted]:
             if sig == _signal.SIGSTOP:
                 p.stopped = True
