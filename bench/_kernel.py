@@ -82,7 +82,8 @@ def aggregate(runs: list[dict]) -> dict:
     to the last finish."""
     tokens = sum(r["usage"]["completion_tokens"] for r in runs)
     wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
-    return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall}
+    return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall,
+            "start_spread_s": max(r["start"] for r in runs) - min(r["start"] for r in runs)}
 
 
 def run_agents(c: llmagentos.Client, jobs: list[tuple[list[str], dict]],

@@ -145,7 +145,8 @@ def report_placed(p: dict) -> None:
                         ("remote", "on a worker node (node:ID, TLS)")):
         m = p[side]
         print(f"  {AGENTS} agents {title + ':':36s} {m['tok_s']:6.1f} tok/s aggregate "
-              f"({m['tokens']} tokens in {m['wall_s']:.1f}s)")
+              f"({m['tokens']} tokens in {m['wall_s']:.1f}s, started within "
+              f"{m['start_spread_s']:.2f}s)")
     verdict = "PASS" if p["ratio"] >= 0.9 else "FAIL"
     print(f"  remote agents / local agents: {p['ratio']:.2f} (goal >= 0.9) {verdict}")
 

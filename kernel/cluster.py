@@ -311,16 +311,21 @@ class AgentHost:
             self.proc = subprocess.Popen(argv, env=child_env, stdin=subprocess.DEVNULL,
                                          stdout=self.out, stderr=subprocess.STDOUT,
                                          start_new_session=True, pass_fds=(tfd,),
-                                         preexec_fn=self._die_with_host)
+                                         preexec_fn=self._prepare_child)
         finally:
             os.close(tfd)
         return {"node_ip": ray.util.get_node_ip_address(),
                 "node_id": ray.get_runtime_context().get_node_id(), "pid": self.proc.pid}
 
-    def _die_with_host(self) -> None:
+    def _prepare_child(self) -> None:
         """In the child before exec: SIGKILL when the host's worker dies (a lost node,
-        a killed actor), so no agent outlives the kernel's handle on it."""
+        a killed actor), so no agent outlives the kernel's handle on it; and the
+        priority of a program rather than of Ray's niced worker, as a local spawn."""
         self._prctl(_PR_SET_PDEATHSIG, int(_signal.SIGKILL), 0, 0, 0)
+        try:
+            os.setpriority(os.PRIO_PROCESS, 0, 0)
+        except OSError:  # not permitted: keep the worker's niceness
+            pass
 
     def wait(self) -> tuple[int, bytes]:
         assert self.proc is not None
