@@ -141,6 +141,17 @@ def test_node_placement_is_checked_before_anything_runs(nodes):
             c.proc.spawn(["/no/such/program"], placement=f"node:{nodes.b.node_id}")
         assert e.value.name == "ENOENT"
         assert not [r for r in c.proc.ps() if r["state"] == "NEW"]
+    # the same from the shell
+    cli = [sys.executable, "-m", "llmagentos.cli", "spawn"]
+    env = nodes.kernel.env()
+    out = subprocess.run([*cli, "--placement", f"node:{nodes.b.node_id[:10]}", "--", "true"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    with nodes.kernel.client() as c:
+        assert row(c, int(out.stdout))["node_id"] == nodes.b.node_id
+    out = subprocess.run([*cli, "--placement", "node:" + "0" * 56, "--", "true"], env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "ESRCH" in out.stderr, out
 
 
 SLEEPER = "import time\nprint('up', flush=True)\nwhile True: time.sleep(0.05)\n"

@@ -56,7 +56,8 @@ def cmd_spawn(args: argparse.Namespace) -> int:
     limits = {k: float(v) for k, v in _kv(args.limit, "--limit").items()}
     with client(args) as c:
         pid = c.proc.spawn(cmd, args.name, _kv(args.env, "--env") or None, os.getcwd(),
-                           args.cap or None, limits or None, args.nice, model=args.model)
+                           args.cap or None, limits or None, args.nice,
+                           placement=args.placement, model=args.model)
     out(args, {"pid": pid}, lambda d: print(d["pid"]))
     return EXIT_OK
 
