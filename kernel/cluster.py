@@ -47,15 +47,13 @@ from llmagentos.syscalls.errno import SyscallError
 
 from .confine import token_fd
 from .devices import DeviceSet
+from .proc.remote import KERNEL_ENV
 from .scheduler import Scheduler
 
 log = logging.getLogger(__name__)
 
 MAX_REMOTE_OUTPUT = 4 << 20  # bytes of a remote process's output brought back to its log
 SPAWN_TIMEOUT = 60.0  # seconds for a host actor to start on its node and run the program
-# What a remote program must not inherit from its Ray worker: the kernel says where it is.
-_KERNEL_ENV = (paths.ENV_ADDRESS, paths.ENV_SOCKET, paths.ENV_CA, paths.ENV_TOKEN,
-               paths.ENV_TOKEN_FD, paths.ENV_PID)
 
 
 class Cluster:
@@ -295,7 +293,7 @@ class AgentHost:
 
     def start(self, argv: list[str], env: dict[str, str], sealed: tuple[bytes, bytes, bytes],
               ca_pem: bytes) -> dict[str, Any]:
-        child_env = {k: v for k, v in os.environ.items() if k not in _KERNEL_ENV}
+        child_env = {k: v for k, v in os.environ.items() if k not in KERNEL_ENV}
         child_env.update(env)
         if child_env[paths.ENV_SOCKET].startswith("tls://"):
             # LLMAGENTOS_ADDRESS would win over LLMAGENTOS_SOCKET: say the same

@@ -97,7 +97,10 @@ def test_agent_on_a_worker_node_generates_through_a_device_on_another(nodes):
     # The agent runs on the other worker node, so it reaches device 0 across nodes.
     elsewhere = next(n for n in (nodes.a, nodes.b) if n.node_id != before[0]["node_id"])
     with nodes.kernel.client() as c:
-        pid = c.proc.spawn([sys.executable, "-c", REMOTE_AGENT], name="faraway",
+        # whatever the spawner's env says, the kernel says where it is and whose token
+        forged = {"LLMAGENTOS_TOKEN": "forged", "LLMAGENTOS_ADDRESS": "tls://127.0.0.1:1",
+                  "LLMAGENTOS_CA": "/nonexistent.pem", "LLMAGENTOS_PID": "1"}
+        pid = c.proc.spawn([sys.executable, "-c", REMOTE_AGENT], name="faraway", env=forged,
                            placement=f"node:{elsewhere.node_id}")
         r = row(c, pid)
         assert r["node_id"] == elsewhere.node_id and r["node"], r

@@ -19,6 +19,10 @@ from .pcb import PCB
 if TYPE_CHECKING:
     from .table import ProcessTable
 
+# What a remote program must not take from its spawner's env or its Ray worker's:
+# the kernel says where it is, and whose token it holds.
+KERNEL_ENV = (paths.ENV_ADDRESS, paths.ENV_SOCKET, paths.ENV_CA, paths.ENV_TOKEN,
+              paths.ENV_TOKEN_FD, paths.ENV_PID)
 NODE_PREFIX = "node:"
 NODE_ID_LEN = 56  # hex digits of a Ray node id
 
@@ -42,7 +46,8 @@ async def spawn_remote(table: "ProcessTable", pcb: PCB, argv: list, env: dict,
                        node: str | None = None) -> PCB:
     """Start the program on a cluster node (``node``: that one, else any)."""
     address = table.remote_address
-    remote_env = {**env, paths.ENV_SOCKET: address, paths.ENV_PID: str(pcb.pid)}
+    remote_env = {k: v for k, v in env.items() if k not in KERNEL_ENV}
+    remote_env.update({paths.ENV_SOCKET: address, paths.ENV_PID: str(pcb.pid)})
     ca_pem = b""
     if address.startswith("tls://") and table.tls_ca:
         try:
