@@ -93,6 +93,8 @@ print("pid", c.proc.getpid(), "generated", r["usage"]["completion_tokens"], flus
 
 def test_agent_on_a_worker_node_generates_through_a_device_on_another(nodes):
     before = devices(nodes.kernel)
+    # The device actors report their free KV cells (placement weighs them after load).
+    assert [d["kv_free"] for d in before] == [4 * 1024] * 2, before
     # A new process goes to the least-loaded device, the first of equals: device 0.
     # The agent runs on the other worker node, so it reaches device 0 across nodes.
     elsewhere = next(n for n in (nodes.a, nodes.b) if n.node_id != before[0]["node_id"])
