@@ -82,24 +82,29 @@ def aggregate(runs: list[dict]) -> dict:
     to the last finish."""
     tokens = sum(r["usage"]["completion_tokens"] for r in runs)
     wall = max(r["end"] for r in runs) - min(r["start"] for r in runs)
-    return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall}
+    return {"tok_s": tokens / wall, "tokens": tokens, "wall_s": wall,
+            "start_spread_s": max(r["start"] for r in runs) - min(r["start"] for r in runs)}
 
 
 def run_agents(c: llmagentos.Client, jobs: list[tuple[list[str], dict]],
-               timeout: float = 600, on_start: Callable[[], None] | None = None
-               ) -> list[list[dict]]:
+               timeout: float = 600, on_start: Callable[[], None] | None = None,
+               placement: str = "local") -> list[list[dict]]:
     """One agent process per job (prompts generated one after another, with the
     job's sampling params), all started at once by a barrier, so process start-up
     is not what is timed. Returns, per job, per prompt: start and end (wall
-    clock), usage, text and finish_reason. ``on_start`` runs as the barrier opens."""
-    pids = [c.proc.spawn([sys.executable, "-c", AGENT, json.dumps(job)], f"agent{i}")
+    clock), usage, text and finish_reason. ``on_start`` runs as the barrier opens.
+    ``placement``: where the agents run (proc.spawn's); a remote agent's output
+    comes back only when it exits, so it is ready once it has made a syscall."""
+    pids = [c.proc.spawn([sys.executable, "-c", AGENT, json.dumps(job)], f"agent{i}",
+                         placement=placement)
             for i, job in enumerate(jobs)]
     deadline = time.monotonic() + timeout
     waiting = set(pids)
     while waiting:
+        rows = {r["pid"]: r for r in c.proc.ps()} if placement != "local" else {}
         for pid in list(waiting):
             log = c.proc.logs(pid)
-            if log["data"].startswith(b"ready"):
+            if log["data"].startswith(b"ready") or rows.get(pid, {}).get("syscalls", 0) > 0:
                 waiting.discard(pid)
             elif log["state"] in ("ZOMBIE", "REAPED") or time.monotonic() > deadline:
                 raise RuntimeError(f"agent pid {pid} did not get ready:\n"

@@ -131,6 +131,9 @@ class SimQueue:
     def load(self) -> int:
         return len(self.queue) + len(self.running)
 
+    def kv_free(self) -> int:
+        return KV_CELLS - self.kv_used
+
     def holds(self, owner: int) -> bool:
         return (owner in self.running or owner in self.queued or owner in self.resident
                 or owner in self.saved)

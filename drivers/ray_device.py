@@ -100,13 +100,18 @@ class DeviceActor:
                 "n_vocab": d.n_vocab, "chat_stop": d.chat_stop, "node_id": ctx.get_node_id(),
                 "node_ip": ray.util.get_node_ip_address(), "pid": os.getpid()}
 
-    def ping(self) -> int:
-        return os.getpid()
+    def ping(self) -> tuple[int, str, str]:
+        """Who answers: (pid, node id, node address); a restart may have moved it."""
+        import ray
+
+        return os.getpid(), ray.get_runtime_context().get_node_id(), \
+            ray.util.get_node_ip_address()
 
     def tick(self, closed: list[int], new: dict[int, tuple], wire: list[tuple],
-             plan: list[int]) -> tuple[list[Any], StepResult, dict, list[tuple], tuple | None]:
+             plan: list[int]) -> tuple[list[Any], StepResult, dict, list[tuple], tuple | None,
+                                       int | None]:
         """Run the ops (in wire form) then one step; never raises (what ran before a
-        failure is reported with it)."""
+        failure is reported with it). Last: the KV pool's free cells after it."""
         with self._lock:
             d = self.device
             for gid in closed:
@@ -119,7 +124,7 @@ class DeviceActor:
                     gen.rid = gid
                     self.gens[gid] = gen
             except Exception as exc:
-                return [], _EMPTY_STEP, {}, self._diff(), _error_to_wire(exc)
+                return [], _EMPTY_STEP, {}, self._diff(), _error_to_wire(exc), self._kv_free()
             results, step, exc = run_tick(d, (op_from_wire(w, self.gens) for w in wire), plan)
             finished = {}
             for ev in step.events:
@@ -127,7 +132,11 @@ class DeviceActor:
                 if ev.finished and gen is not None:
                     finished[ev.slot] = (gen.text, gen.reason)
             error = None if exc is None else _error_to_wire(exc)
-            return results, step, finished, self._diff(), error
+            return results, step, finished, self._diff(), error, self._kv_free()
+
+    def _kv_free(self) -> int | None:
+        d = self.device
+        return d.kv_size - d.kv_used() if hasattr(d, "kv_used") else None
 
     def _diff(self) -> list[tuple[int, int, list[int]]]:
         """(slot, kept, appended) for every slot whose resident tokens changed."""
@@ -191,6 +200,7 @@ class RemoteDevice:
         self.node_id = info["node_id"]
         self.node_ip = info["node_ip"]
         self.actor_pid = info["pid"]
+        self.nodes_lost: list[str] = []  # nodes the actor lived on before a restart moved it
         self.alive = True
         self.failures = 0
         self.last_error: str | None = None
@@ -200,6 +210,7 @@ class RemoteDevice:
         self._closed: list[int] = []
         self._slots: list[list[int]] = [[] for _ in range(self.n_seq_max)]
         self._attached: list[RemoteGeneration | None] = [None] * self.n_seq_max
+        self._kv_free_cells: int | None = None  # as the actor reported after its last tick
 
     # -- answered locally ------------------------------------------------------------------
 
@@ -218,6 +229,10 @@ class RemoteDevice:
     def slot_tokens(self, slot: int) -> list[int]:
         return list(self._slots[slot])
 
+    def kv_free(self) -> int | None:
+        """Free cells of the actor's KV pool after its last tick (None: unknown)."""
+        return self._kv_free_cells
+
     # -- one round trip ----------------------------------------------------------------------
 
     def tick(self, ops: Sequence[Op], plan: list[int]) -> tuple[list[Any], StepResult,
@@ -233,7 +248,7 @@ class RemoteDevice:
         for gid in closed:
             self._gens.pop(gid, None)
         try:
-            results, step, finished, diff, error = ray.get(
+            results, step, finished, diff, error, self._kv_free_cells = ray.get(
                 self.actor.tick.remote([g for g in closed if g in self._known], new, wire, plan))
         except ray.exceptions.RayError as exc:
             self._lost(exc)
@@ -279,6 +294,7 @@ class RemoteDevice:
         self.failures += 1
         self.last_error = type(exc).__name__
         self._known.clear()
+        self._kv_free_cells = None
         self._slots = [[] for _ in range(self.n_seq_max)]
         self._attached = [None] * self.n_seq_max
 
@@ -286,7 +302,7 @@ class RemoteDevice:
         """Is the actor answering (again)? Blocking: call from a worker thread."""
         ray = require_ray()
         try:
-            pid = ray.get(self.actor.ping.remote(), timeout=timeout)
+            pid, node_id, node_ip = ray.get(self.actor.ping.remote(), timeout=timeout)
         except ray.exceptions.GetTimeoutError:
             return False
         except ray.exceptions.RayError as exc:
@@ -297,6 +313,11 @@ class RemoteDevice:
             if self.alive:
                 self._lost(RuntimeError("restarted"))
             self.actor_pid = pid
+        if node_id != self.node_id:  # re-placed: Ray restarted it on another node
+            log.warning("device actor %d moved from node %s to %s", self.index, self.node_ip,
+                        node_ip)
+            self.nodes_lost.append(self.node_id)
+            self.node_id, self.node_ip = node_id, node_ip
         self.alive = True
         return True
 
@@ -339,7 +360,7 @@ class RemoteDevice:
     def describe(self) -> dict[str, Any]:
         return {"kind": "ray", "node_id": self.node_id, "node": self.node_ip,
                 "actor_pid": self.actor_pid, "alive": self.alive, "failures": self.failures,
-                "last_error": self.last_error}
+                "last_error": self.last_error, "nodes_lost": list(self.nodes_lost)}
 
     def close(self) -> None:
         ray = require_ray()

@@ -11,7 +11,10 @@ Placement, per process (owner pid):
   request, its conversation in a slot, a saved snapshot) goes there again, so
   a multi-turn agent keeps reusing its prefix.
 * Otherwise, and for new processes, the live device with the least load
-  (queued + running requests) takes it.
+  (queued + running requests) takes it; among equally loaded ones, the one
+  with the most free KV cells (as of its last tick; one that does not say
+  comes last): a device whose pool is held by idle conversations would have
+  to evict (and save) them before it could take the prompt.
 * A device that fails loses its processes' residency: their in-flight requests
   got EIO from its Scheduler, and their next request is placed afresh and
   prefills from the context on whichever device takes it. A dead device gets
@@ -48,6 +51,9 @@ PROBE_INTERVAL = 1.0  # seconds between liveness probes of dead devices
 SUMMED = ("steps", "tokens_out", "tokens_in", "device_time", "preemptions", "restores",
           "restore_failures", "prefix_copies", "copied_tokens", "idle_saves", "running",
           "parked", "queue_length", "n_slots", "tokens_per_s")
+
+
+KV_CANDIDATES = 8  # equally loaded devices compared by free KV cells at one placement
 
 
 class DeviceSet:
@@ -105,11 +111,32 @@ class DeviceSet:
                 break
         if not heap:  # every device is dead: the least loaded answers (with EIO)
             return min(range(len(load)), key=lambda k: (load[k], k != prefer, k))
-        j = heap[0][1]
-        if prefer is not None and prefer != j and load[prefer] == load[j] \
+        # Among a few of the least loaded, the one with the most free KV cells (as of its
+        # last tick; one that does not say comes last), then prefer, then the lowest index.
+        n, ties, seen = heap[0][0], [], set()
+        while heap and len(ties) < KV_CANDIDATES:
+            m, k = heap[0]
+            if m != load[k] or k in seen:
+                heapq.heappop(heap)  # stale, or a second entry of one already taken
+            elif m != n:
+                break
+            else:
+                heapq.heappop(heap)
+                seen.add(k)
+                if self.alive(k):
+                    ties.append(k)
+                else:
+                    self._benched.add(k)
+        for k in ties:
+            heapq.heappush(heap, (n, k))
+        if prefer is not None and prefer not in ties and load[prefer] == n \
                 and self.alive(prefer):
-            return prefer
-        return j
+            ties.append(prefer)
+
+        def rank(k: int) -> tuple:
+            free = self.schedulers[k].kv_free()
+            return (1 if free is None else -free, k != prefer, k)
+        return min(ties, key=rank)
 
     async def _place(self, owner: int) -> int:
         """The index of the device ``owner``'s next request goes to (see the module doc)."""
@@ -227,6 +254,7 @@ class DeviceSet:
                 "running": p["running"], "queue_length": p["queue_length"],
                 "tokens_per_s": p["tokens_per_s"], "utilization": p["utilization"],
                 "tokens_out": p["tokens_out"], "kv_pool": p.get("kv_pool"),
+                "kv_free": sched.kv_free(),
                 "processes": sorted(homed[i])})
         return out
 

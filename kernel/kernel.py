@@ -150,17 +150,23 @@ class Kernel:
             addr = tcp[0].socket.getsockname()
             procs.tcp_address = f"tcp://{_url_host(addr[0])}:{addr[1]}"
             listeners += [(lst, None) for lst in tcp]
+            procs.remote_address = procs.tcp_address  # this machine's nodes only
         if cfg.listen:
             from .tls import WILDCARDS, credentials, server_context  # cryptography: only here
             host, port = host_port(cfg.listen)
+            node_ip = self.sys.cluster.node_ip if self.sys.cluster else ""
             creds = await trio.to_thread.run_sync(credentials, cfg.state_dir, host,
-                                                  cfg.tls_cert, cfg.tls_key)
+                                                  cfg.tls_cert, cfg.tls_key,
+                                                  (node_ip,) if node_ip else ())
             ctx = server_context(creds)
             tls = await _tcp_listeners(cfg.listen, host, port)
             bound = tls[0].socket.getsockname()[1]
             shown = socket.gethostname() if host in WILDCARDS else host
             procs.tls_address = f"tls://{_url_host(shown)}:{bound}"
             procs.tls_ca = str(creds.ca) if creds.ca else ""
+            # cluster nodes dial the address Ray knows this machine by
+            dialed = node_ip if host in WILDCARDS and node_ip else shown
+            procs.remote_address = f"tls://{_url_host(dialed)}:{bound}"
             log.info("TLS listener on %s (CA %s)", procs.tls_address,
                      creds.ca or f"the one that signed {creds.cert}")
             listeners += [(lst, ctx) for lst in tls]

@@ -50,10 +50,12 @@ class Credentials:
     ca: Path | None  # what clients should trust; None: a certificate brought by the user
 
 
-def server_names(listen_host: str) -> list[str]:
+def server_names(listen_host: str, also: tuple[str, ...] = ()) -> list[str]:
     """Every name a client may reach this kernel by: the listen host (unless a
-    wildcard), loopback, and the machine's names and their addresses."""
+    wildcard), loopback, the machine's names and their addresses, and ``also``
+    (the address Ray cluster nodes know this machine by)."""
     names = [listen_host] if listen_host not in WILDCARDS else []
+    names += list(also)
     host = socket.gethostname()
     names += ["localhost", "127.0.0.1", "::1", host, socket.getfqdn()]
     try:  # the addresses the host name stands for (what cluster nodes often dial)
@@ -64,7 +66,7 @@ def server_names(listen_host: str) -> list[str]:
 
 
 def credentials(state_dir: Path, listen_host: str, cert: Path | None = None,
-                key: Path | None = None) -> Credentials:
+                key: Path | None = None, also: tuple[str, ...] = ()) -> Credentials:
     """The certificate and key to serve with: the user's own, or this kernel's
     CA and server certificate (made or remade as needed)."""
     if cert is not None and key is not None:
@@ -73,7 +75,7 @@ def credentials(state_dir: Path, listen_host: str, cert: Path | None = None,
     d.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.chmod(d, 0o700)
     ca_cert, ca_key = _ca(d)
-    names = server_names(listen_host)
+    names = server_names(listen_host, also)
     why = _stale(d, ca_cert, names)
     if why:
         log.info("making a TLS server certificate (%s) for %s", why, ", ".join(names))

@@ -309,10 +309,11 @@ _def(7, "sys.metrics", [], None,
 _def(20, "proc.spawn", [
     P("argv", "list"), P("name", "str?", None), P("env", "dict?", None),
     P("cwd", "str?", None), P("caps", "list?", None), P("limits", "dict?", None),
-    P("nice", "int", 0, lo=-20, hi=19), P("placement", "str", "local", choices=("local", "ray")),
+    P("nice", "int", 0, lo=-20, hi=19), P("placement", "str", "local"),
     P("model", "str?", None), P("stdin", "int?", None), P("stdout", "int?", None),
 ], "proc.spawn", "start a real OS process as a child of the caller; returns its pid "
-   "(placement=\"ray\": on a node of the kernel's Ray cluster, reaching the kernel over TCP; "
+   "(placement \"local\", \"ray\": any node of the kernel's Ray cluster, or \"node:ID\": that "
+   "node; a remote process calls back over the kernel's TLS listener, else its loopback TCP; "
    "model: its default model, else the caller's, inherited by its children; "
    "stdin/stdout: a pipe end of the caller that becomes the child's OS stdin/stdout "
    "and its fd 0/1)",

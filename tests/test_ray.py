@@ -159,6 +159,12 @@ def test_remote_agent_process_is_killed_through_its_node(ray_kernel):
 
 def test_ray_placement_needs_a_ray_kernel(kernel):
     with kernel.client() as c:
-        with pytest.raises(KernelError) as e:
-            c.proc.spawn(["true"], placement="ray")
-        assert e.value.name == "EINVAL" and "--ray" in str(e.value)
+        for placement in ("ray", "node:ab12"):
+            with pytest.raises(KernelError) as e:
+                c.proc.spawn(["true"], placement=placement)
+            assert e.value.name == "EINVAL" and "--ray" in str(e.value)
+        for placement in ("elsewhere", "node:", "node:not-hex", "", "LOCAL"):
+            with pytest.raises(KernelError) as e:
+                c.proc.spawn(["true"], placement=placement)
+            assert e.value.name == "EINVAL" and "placement" in str(e.value)
+        assert [r["pid"] for r in c.proc.ps()] == [1]  # nothing half-made was left

@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--nice", type=int, default=0)
     sp.add_argument("--model", help="its default model (a loaded name); default: inherited")
     add_spawn_arguments(sp)
+    sp.add_argument("--placement", default="local",
+                    help="local (default), ray (any node of the kernel's Ray cluster) or "
+                         "node:ID (that node, as `llmos status` lists it)")
     sp.add_argument("cmd", nargs=argparse.REMAINDER)
     sp.set_defaults(fn=cmd_spawn)
 

@@ -114,6 +114,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             for d in cl["devices"]:
                 print(f"  device {d['device']} on {d['node']} (actor pid {d['actor_pid']}) "
                       f"{'alive' if d['alive'] else 'DEAD'}  failures {d['failures']}")
+            for lost in cl.get("lost", []):
+                print(f"  LOST node {lost['node']} {lost['node_id'][:12]}: devices "
+                      f"{lost['devices'] or 'none'}, processes {lost['processes'] or 'none'}")
     out(args, st, human)
     return EXIT_OK
 

@@ -58,7 +58,7 @@ def cmd_spawn(args: argparse.Namespace) -> int:
     limits = {k: float(v) for k, v in _kv(args.limit, "--limit").items()}
     kw = {"name": args.name, "env": _kv(args.env, "--env") or None, "cwd": os.getcwd(),
           "caps": args.cap or None, "limits": limits or None, "nice": args.nice,
-          "model": args.model}
+          "model": args.model, "placement": args.placement}
     if args.pipe_stdin or args.pipe_stdout:
         return spawn_piped(args, cmd, kw)
     with client(args) as c:

@@ -69,7 +69,7 @@ class PCB:
     conns: int = 0  # open connections that said hello as this pid
     fds: FdTable = field(default_factory=FdTable)  # its files and pipe ends
     interrupts: set = field(default_factory=set)  # cancel scopes of calls SIGINT ends
-    node: str | None = None  # the cluster node it runs on (placement="ray"); None: here
+    node: str | None = None  # the cluster node's address it runs on (placement="ray"); None: here
     remote: Any = None  # its kernel.cluster.RemoteProcess: signals and exit go through it
     group: Any = None  # its kernel.cgroups.Group: every OS process that dies with it
     exec_group: Any = None  # the Group of its exec runs (caps over all of them)
@@ -101,7 +101,8 @@ class PCB:
         return {
             "pid": self.pid, "ppid": self.ppid, "name": self.name, "state": self.state,
             "nice": self.nice, "os_pid": self.os_pid, "attached": self.attached,
-            "node": self.node, "model": self.model,
+            "node": self.node, "node_id": self.remote.node_id if self.remote else None,
+            "model": self.model,
             "uptime": round(time.time() - self.start_time, 3),
             "tokens_in": self.usage.tokens_in, "tokens_out": self.usage.tokens_out,
             "cached_tokens": self.usage.cached_tokens,

@@ -27,7 +27,7 @@ from .pcb import (
     SHELL_ZOMBIE_AFTER_WAIT,
     SHELL_ZOMBIE_LINGER,
 )
-from .remote import spawn_remote
+from .remote import parse_placement, spawn_remote
 
 _KERNEL_TREE = object()  # _os_owner: started by the kernel, but by no live process
 
@@ -48,7 +48,8 @@ class ProcessTable:
         self.tcp_address = ""  # tcp://HOST:PORT where the kernel listens, if it does
         self.tls_address = ""  # tls://HOST:PORT, for other machines (--listen)
         self.tls_ca = ""  # the CA file its clients trust ("": the user brought the certificate)
-        self.cluster: Any = None  # kernel.cluster.Cluster: where placement="ray" runs
+        self.remote_address = ""  # what processes on other cluster nodes dial (tls:// if any)
+        self.cluster: Any = None  # kernel.cluster.Cluster: where placement="ray"/"node:ID" run
         self.containment: Any = None  # kernel.cgroups.Containment; set by the kernel
         self.on_exit: list = []  # callbacks(pcb) run when a process exits (free resources)
         self.log_paths: dict[int, str] = {}  # every pid of this boot -> its log file
@@ -158,19 +159,22 @@ class ProcessTable:
         env = env or {}
         if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
             raise SyscallError("EINVAL", "env must map strings to strings")
-        if placement not in ("local", "ray"):
-            raise SyscallError("EINVAL", f"placement must be 'local' or 'ray', not {placement!r}")
-        if placement == "ray" and (stdin or stdout):
+        remote = placement != "local"
+        node = parse_placement(placement)  # None: any node; else a node id (prefix)
+        if remote and self.cluster is None:
+            raise SyscallError("EINVAL", f"placement={placement!r} needs a kernel booted with "
+                                         "--ray")
+        if remote and not self.remote_address:
+            raise SyscallError("EINVAL", f"placement={placement!r} needs a listener other nodes "
+                                         "reach: --listen HOST:PORT (TLS), or --tcp "
+                                         "127.0.0.1:PORT for this machine's nodes only")
+        if remote and (stdin or stdout):
             raise SyscallError("EINVAL", "stdin/stdout pipes connect local processes only, "
-                                         "not placement='ray'")
-        if placement == "ray" and self.cluster is None:
-            raise SyscallError("EINVAL", "placement='ray' needs a kernel booted with --ray")
-        if placement == "ray" and not self.tcp_address:
-            raise SyscallError("EINVAL", "placement='ray' needs the kernel's TCP listener "
-                                         "(boot with --tcp 127.0.0.1:PORT): remote processes "
-                                         "reach the kernel over it")
+                                         f"not placement={placement!r}")
+        if node is not None:  # a dead or unknown node fails here, not in a 60 s Ray timeout
+            node = await self.cluster.resolve_node(node)
         caps, lim = self._child_rights(parent, caps, limits, nice)
-        if placement == "ray":
+        if remote:
             cwd = None  # the node's own file system; the remote host picks its directory
         if cwd is not None and not os.path.isdir(cwd):
             raise SyscallError("ENOENT", f"cwd {cwd!r} is not a directory")
@@ -183,8 +187,8 @@ class ProcessTable:
                             cwd=cwd or os.getcwd(), agent=name, model=model)
         pcb.log_path = str(self.log_dir / f"{pcb.pid}.log")
         self.log_paths[pcb.pid] = pcb.log_path
-        if placement == "ray":
-            return await spawn_remote(self, pcb, argv, env)
+        if remote:
+            return await spawn_remote(self, pcb, argv, env, node)
         child_env = {**self.base_env, **env,
                      paths.ENV_SOCKET: self.socket_address,
                      paths.ENV_PID: str(pcb.pid)}
@@ -279,6 +283,8 @@ class ProcessTable:
                             nice=nice, limits=lim, cwd=parent.cwd, agent=name, attached=True,
                             model=model)
         pcb.os_pid = os_pid
+        if os_pid is not None and os_pid == parent.os_pid:
+            pcb.node = parent.node  # it lives in its parent's OS process, on that node
         # The shell user never waits for its agents: init reaps them at exit.
         pcb.orphan = parent.pid == INIT_PID
         if "wall_time" in lim:
@@ -412,7 +418,7 @@ class ProcessTable:
         # Attached processes (Agents) living in that OS process are stopped and
         # continued with it: their device requests park and resume too.
         hosted = [p for p in self.procs.values() if p.attached and not p.exited
-                  and p.os_pid == target.os_pid]
+                  and p.os_pid == target.os_pid and p.node == target.node]  # pids are per node
         for p in [target, *hosted]:
             if sig == _signal.SIGSTOP:
                 p.stopped = True

@@ -164,6 +164,7 @@ class Scheduler:
         # Where the ticks run: the device's own compute thread (else a trio worker).
         self._compute = None if self._remote_tick else getattr(device, "compute_thread", None)
         self._samplers: set[Request] = set()  # requests whose sampling may make them costly
+        self._kv_free: int | None = None  # free KV cells after the last tick (None: unknown)
         self._ahead: Tick | None = None  # the next tick, queued while one computes
         self._ids = itertools.count(1)
         self._embed_seqs = itertools.count()
@@ -321,6 +322,12 @@ class Scheduler:
         """Requests queued or running: what a DeviceSet balances new processes by."""
         return len(self.placement.queue) + len(self._embeds) + len(self.placement.running())
 
+    def kv_free(self) -> int | None:
+        """Free cells of the device's KV pool as of its last tick (None: it does not
+        say): what a DeviceSet places new processes by, beside load. Read from the
+        last tick, never from the device, which may be computing now."""
+        return self._kv_free
+
     def holds(self, owner: int) -> bool:
         """Has ``owner`` anything here: a request, a resident slot or saved state?"""
         return self.placement.holds(owner) or any(e.owner.pid == owner for e in self._embeds)
@@ -463,13 +470,25 @@ class Scheduler:
     def _reset_device(self) -> None:
         for s in range(self.n_slots):
             self.device.release(s)
+        self._note_kv()
+
+    def _note_kv(self) -> None:
+        """Compute thread, after the device's work: how much of its KV pool is free."""
+        dev = self.device
+        if hasattr(dev, "kv_free"):  # a Ray proxy: as the actor reported it
+            self._kv_free = dev.kv_free()
+        elif hasattr(dev, "kv_used"):
+            self._kv_free = dev.kv_size - dev.kv_used()
 
     def _tick(self, ops: list[Op], plan: list[int]) -> tuple[list[Any], StepResult,
                                                             Exception | None]:
         """Compute thread: the planned operations, then one step (never raises)."""
         if self._remote_tick is not None:
-            return self._remote_tick(ops, plan)
-        return run_tick(self.device, ops, plan)
+            out = self._remote_tick(ops, plan)
+        else:
+            out = run_tick(self.device, ops, plan)
+        self._note_kv()
+        return out
 
     def _embed_chunk(self, job: Any) -> tuple[int, float, Exception | None]:
         """Compute thread: one chunk of an embed request. Never raises."""
