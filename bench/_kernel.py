@@ -57,16 +57,16 @@ class BenchKernel:
         self.log.close()
 
 
-# An agent process: connect, say ready, wait for SIGUSR1 (blocked before anything
-# starts a thread, so no thread takes it), then llm.generate each prompt in turn.
+# An agent process: connect, say ready, wait for "go" in its mailbox (SIGUSR1 would
+# come as a proc.signal notification to a process with a connection, not as an OS
+# signal), then llm.generate each prompt in turn.
 AGENT = """
-import json, signal, sys, time, llmagentos
-signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+import json, sys, time, llmagentos
 prompts, params = json.loads(sys.argv[1])
 c = llmagentos.connect()
 c.sys.null()
 print("ready", flush=True)
-signal.sigwait({signal.SIGUSR1})
+c.ipc.recv(900)  # the start line: every agent's "go" is sent at once
 out = []
 for p in prompts:
     t0 = time.time()
@@ -113,7 +113,7 @@ def run_agents(c: llmagentos.Client, jobs: list[tuple[list[str], dict]],
     if on_start is not None:
         on_start()
     for pid in pids:
-        c.proc.kill(pid, "SIGUSR1")
+        c.ipc.send(pid, "go")
     results = []
     for pid in pids:
         status = c.proc.wait(pid, max(1.0, deadline - time.monotonic()))
