@@ -94,39 +94,30 @@ class DeviceSet:
             heapq.heapify(self._by_load)
 
     def _least(self, prefer: int | None) -> int:
-        """The live device with the least load; ties go to ``prefer``, then to the
-        lowest index. O(log devices) amortized, plus a look at each dead one."""
+        """The live device with the least load; among up to KV_CANDIDATES equally
+        loaded ones, the one with the most free KV cells (as of its last tick; one that
+        does not say comes last), then ``prefer``, then the lowest index.
+        O(log devices) amortized, plus a look at each dead one."""
         heap, load = self._by_load, self._load
         for k in [k for k in self._benched if self.alive(k)]:  # back from the dead
             self._benched.discard(k)
             heapq.heappush(heap, (load[k], k))
-        while heap:
-            n, k = heap[0]
-            if n != load[k]:
-                heapq.heappop(heap)  # stale
-            elif not self.alive(k):
-                heapq.heappop(heap)
-                self._benched.add(k)
-            else:
-                break
-        if not heap:  # every device is dead: the least loaded answers (with EIO)
-            return min(range(len(load)), key=lambda k: (load[k], k != prefer, k))
-        # Among a few of the least loaded, the one with the most free KV cells (as of its
-        # last tick; one that does not say comes last), then prefer, then the lowest index.
-        n, ties, seen = heap[0][0], [], set()
+        ties: list[int] = []
         while heap and len(ties) < KV_CANDIDATES:
             m, k = heap[0]
-            if m != load[k] or k in seen:
+            if m != load[k] or k in ties:
                 heapq.heappop(heap)  # stale, or a second entry of one already taken
-            elif m != n:
-                break
+            elif ties and m != load[ties[0]]:
+                break  # the next load up
             else:
                 heapq.heappop(heap)
-                seen.add(k)
                 if self.alive(k):
                     ties.append(k)
                 else:
                     self._benched.add(k)
+        if not ties:  # every device is dead: the least loaded answers (with EIO)
+            return min(range(len(load)), key=lambda k: (load[k], k != prefer, k))
+        n = load[ties[0]]
         for k in ties:
             heapq.heappush(heap, (n, k))
         if prefer is not None and prefer not in ties and load[prefer] == n \
