@@ -370,8 +370,7 @@ class Scheduler:
                           "disk_bytes": self.snapshots.disk_bytes,
                           "ram_budget": self.snapshots.ram_budget,
                           "spills": self.snapshots.spills, "drops": self.snapshots.drops},
-            "owners": {pid: dict(vars(o.usage), nice=o.nice, stopped=o.stopped)
-                       for pid, o in self._owners.items()},
+            "owners": self._owners.rows(),
         }
 
     # -- the device loop -----------------------------------------------------------------

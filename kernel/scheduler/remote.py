@@ -243,8 +243,7 @@ class RemoteQueue:
             "tokens_per_s": w_tokens / span,
             "utilization": min(1.0, w_busy / span / self.max_concurrency),
             "backend": self.backend.describe(),
-            "owners": {pid: dict(vars(o.usage), nice=o.nice, stopped=o.stopped)
-                       for pid, o in self._owners.items()},
+            "owners": self._owners.rows(),
         }
 
     # -- admission -----------------------------------------------------------------------

@@ -96,6 +96,12 @@ class Owners(dict[int, Owner]):
             raise SyscallError("ESRCH", f"no usage recorded for process {pid}")
         return dict(vars(acct.usage))
 
+    def rows(self) -> dict[int, dict[str, Any]]:
+        """Each owner's usage, nice value and stopped flag: the run queue's stats."""
+        return {pid: dict(vars(o.usage), nice=o.nice, stopped=o.stopped)
+                for pid, o in self.items()}
+
+
 class Mailbox:
     """What the device loop hands the task waiting on a request: the pieces of text
     it streams (only when the caller streams them itself) and, last, the outcome.
