@@ -32,6 +32,7 @@ import trio
 
 from llmagentos.syscalls import paths
 from llmagentos.syscalls.bootopts import (  # noqa: F401  (KernelConfig re-exported)
+    LOOPBACK,
     ConfigError,
     KernelConfig,
     host_port,
@@ -143,7 +144,7 @@ class Kernel:
         procs.socket_address = sock_path
         if cfg.tcp:  # in clear, so loopback only: the token must not cross a network so
             host, port = host_port(cfg.tcp)
-            if host not in ("127.0.0.1", "localhost", "::1"):
+            if host not in LOOPBACK:
                 raise BootError(f"--tcp must be a loopback address, got {host!r} "
                                 "(--listen serves other machines, over TLS)")
             tcp = await _tcp_listeners(cfg.tcp, host, port)

@@ -194,7 +194,7 @@ def host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
+LOOPBACK = ("127.0.0.1", "localhost", "::1")  # the hosts a clear-text listener may bind
 
 
 def http_address(text: str, insecure: bool = False) -> tuple[str, int]:
