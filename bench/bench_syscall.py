@@ -90,14 +90,21 @@ def run() -> dict:
             echo.kill()
             echo.wait()
         out["spawn_wait_ms"] = bench_spawn(k, 100)
+    summarize(out, "kernel", "echo")
+    return out
+
+
+def summarize(out: dict, top: str, bottom: str) -> None:
+    """Rounds of `measure` under out["<side>_<clients>"] (clients 1 and 8): each
+    round's calls/s of top ÷ bottom and their median (ratios_N, ratio_N), then each
+    side's medians in place of its rounds."""
     for n in ("1", "8"):
-        out[f"ratios_{n}"] = [kr["calls_per_s"] / er["calls_per_s"]
-                              for kr, er in zip(out[f"kernel_{n}"], out[f"echo_{n}"])]
+        out[f"ratios_{n}"] = [a["calls_per_s"] / b["calls_per_s"]
+                              for a, b in zip(out[f"{top}_{n}"], out[f"{bottom}_{n}"])]
         out[f"ratio_{n}"] = statistics.median(out[f"ratios_{n}"])
-    for name in ("echo_1", "echo_8", "kernel_1", "kernel_8"):
+    for name in (f"{side}_{n}" for side in (top, bottom) for n in ("1", "8")):
         out[name] = {key: statistics.median(m[key] for m in out[name])
                      for key in ("calls_per_s", "p50_us", "p99_us")}
-    return out
 
 
 def report(r: dict) -> None:

@@ -7,7 +7,6 @@ connection costs (connect, handshake, sys.hello, close) on each.
 
 from __future__ import annotations
 
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _kernel import BenchKernel  # noqa: E402
-from bench_syscall import measure  # noqa: E402
+from bench_syscall import measure, summarize  # noqa: E402
 
 import llmagentos  # noqa: E402
 
@@ -48,13 +47,7 @@ def run() -> dict:
             out["tls_8"].append(measure(tls, token, 8, CALLS // 4, ca=ca))
         out["connect_unix_ms"] = connect_ms(sock, token, None)
         out["connect_tls_ms"] = connect_ms(tls, token, ca)
-    for n in ("1", "8"):  # round trip: how many times longer a call takes over TLS
-        out[f"ratios_{n}"] = [u["calls_per_s"] / t["calls_per_s"]
-                              for u, t in zip(out[f"unix_{n}"], out[f"tls_{n}"])]
-        out[f"ratio_{n}"] = statistics.median(out[f"ratios_{n}"])
-    for name in ("unix_1", "tls_1", "unix_8", "tls_8"):
-        out[name] = {key: statistics.median(m[key] for m in out[name])
-                     for key in ("calls_per_s", "p50_us", "p99_us")}
+    summarize(out, "unix", "tls")  # round trip: how many times longer a call takes over TLS
     out["pass"] = out["ratio_1"] <= GOAL
     return out
 

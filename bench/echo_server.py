@@ -22,12 +22,13 @@ async def handle(stream: trio.SocketStream) -> None:
         pass
 
 
-async def main(path: str) -> None:
+async def main(path: str, handler=handle) -> None:
+    """Serve ``handler`` on a Unix socket at ``path``; "ready" once it listens."""
     sock = trio.socket.socket(trio.socket.AF_UNIX)
     await sock.bind(path)
     sock.listen(128)
     print("ready", flush=True)
-    await trio.serve_listeners(handle, [trio.SocketListener(sock)])
+    await trio.serve_listeners(handler, [trio.SocketListener(sock)])
 
 
 if __name__ == "__main__":

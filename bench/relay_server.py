@@ -6,6 +6,7 @@ processes and one relay cost on this machine."""
 
 import sys
 
+import echo_server  # the listener it shares (run from bench/, which is on sys.path)
 import msgpack
 import trio
 
@@ -46,13 +47,5 @@ async def handle(stream: trio.SocketStream) -> None:
         pass
 
 
-async def main(path: str) -> None:
-    sock = trio.socket.socket(trio.socket.AF_UNIX)
-    await sock.bind(path)
-    sock.listen(128)
-    print("ready", flush=True)
-    await trio.serve_listeners(handle, [trio.SocketListener(sock)])
-
-
 if __name__ == "__main__":
-    trio.run(main, sys.argv[1])
+    trio.run(echo_server.main, sys.argv[1], handle)
