@@ -6,7 +6,11 @@ STAMP   := $(VENV)/.installed
 
 .PHONY: setup demo test soak bench bench-peer learn lint clean
 
+# Bytecode for the package, as pip writes it for an installed one: every agent
+# program, CLI command and kernel imports it, and where the environment says
+# not to write bytecode (PYTHONDONTWRITEBYTECODE) each would compile it again.
 setup: $(STAMP)
+	$(BIN)/python -m compileall -q kernel syscalls userland drivers
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)

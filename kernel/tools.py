@@ -28,11 +28,8 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import jsonschema
 import re2
-import referencing.exceptions
 import trio
-from jsonschema import ValidationError
 
 from llmagentos.syscalls.errno import ERRNO, SyscallError
 
@@ -72,6 +69,8 @@ def compile_pattern(pattern: str) -> Any:
 
 
 def _pattern(validator: Any, patrn: str, instance: Any, schema: dict) -> Iterator:
+    from jsonschema import ValidationError
+
     if validator.is_type(instance, "string") and not compile_pattern(patrn).search(instance):
         yield ValidationError(f"{instance[:80]!r} does not match {patrn!r}")
 
@@ -97,20 +96,31 @@ def _additional_properties(validator: Any, ap: Any, instance: Any, schema: dict)
         for k in extras:
             yield from validator.descend(instance[k], ap, path=k)
     elif not ap and extras:
+        from jsonschema import ValidationError
+
         listed = ", ".join(repr(k) for k in sorted(extras)[:10])
         yield ValidationError(f"Additional properties are not allowed ({listed} "
                               f"{'was' if len(extras) == 1 else 'were'} unexpected)")
 
 
-SchemaValidator = jsonschema.validators.extend(
-    jsonschema.Draft202012Validator,
-    {"pattern": _pattern, "patternProperties": _pattern_properties,
-     "additionalProperties": _additional_properties})
+@functools.cache
+def schema_validator() -> Any:
+    """Draft 2020-12 with RE2 for every regular expression. Made on first use:
+    jsonschema takes a tenth of a second to import, and a kernel that runs no
+    tool should not boot slower for it."""
+    import jsonschema
+
+    return jsonschema.validators.extend(
+        jsonschema.Draft202012Validator,
+        {"pattern": _pattern, "patternProperties": _pattern_properties,
+         "additionalProperties": _additional_properties})
 
 
 def check_schema(schema: dict) -> None:
     """A schema a driver registers: valid Draft 2020-12, and every regular
     expression in it compiled by RE2 (EINVAL otherwise)."""
+    import jsonschema
+
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as e:
@@ -160,10 +170,13 @@ class Tool:
     # The handler takes a third argument, a threading.Event set when the call
     # times out or is cancelled; it must then stop its work (the thread is abandoned).
     cancellable: bool = False
-    validator: Any = None
+    _validator: Any = None
 
-    def __post_init__(self) -> None:
-        self.validator = SchemaValidator(self.schema)
+    @property
+    def validator(self) -> Any:
+        if self._validator is None:
+            self._validator = schema_validator()(self.schema)
+        return self._validator
 
     def describe(self) -> dict:
         return {"name": self.name, "description": self.description, "schema": self.schema,
@@ -172,6 +185,9 @@ class Tool:
     def check(self, args: dict) -> None:
         """EINVAL unless args match the schema. Blocking (CPU): the kernel runs
         it in a worker thread."""
+        import jsonschema
+        import referencing.exceptions
+
         try:
             err = jsonschema.exceptions.best_match(self.validator.iter_errors(args))
         except (referencing.exceptions.Unresolvable, RecursionError) as e:

@@ -9,7 +9,7 @@
 """
 
 from .agent import Agent, EpisodeResult, Observation
-from .client import AsyncClient, Client, aconnect, connect
+from .client import Client, connect
 from .errors import ERRORS, KernelError
 from .tasks import Task
 
@@ -20,6 +20,9 @@ __all__ = ["Agent", "AsyncClient", "Client", "EpisodeResult", "Observation", "Ta
 def __getattr__(name: str):
     # Driver and tool load on first use, so `python -m llmagentos.driver` does
     # not find its own module already imported (runpy warns about that).
+    if name in ("AsyncClient", "aconnect"):  # trio loads with the first async client
+        from . import aclient
+        return getattr(aclient, name)
     if name in ("Driver", "tool"):
         from . import driver
         return getattr(driver, name)

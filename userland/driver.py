@@ -48,7 +48,7 @@ import trio
 
 from llmagentos.syscalls.wire import DEFAULT_MAX_FRAME
 
-from .client import AsyncClient, aconnect
+from .aclient import AsyncClient, aconnect
 from .convert import from_wire, to_wire
 from .driver_cli import cli_run, load_driver_class, main
 from .errors import ERRORS, KernelError, exception_to_error, sole_error

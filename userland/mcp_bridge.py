@@ -45,7 +45,7 @@ from mcp.shared.exceptions import MCPError
 
 from llmagentos.syscalls.errno import ERRNO
 
-from .client import AsyncClient
+from .aclient import AsyncClient
 from .driver import own_process, reply, requests
 from .errors import KernelError, sole_error
 from .schema import SCHEMA_DIALECT

@@ -52,7 +52,7 @@ from starlette.applications import Starlette
 
 from llmagentos.syscalls import caps as capmod
 
-from .client import AsyncClient
+from .aclient import AsyncClient
 from .errors import KernelError, exception_to_error
 from .schema import SCHEMA_DIALECT
 
