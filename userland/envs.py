@@ -23,7 +23,8 @@ import gymnasium as gym
 from llmagentos.syscalls.errno import SyscallError
 from llmagentos.syscalls.spaces import space_from_wire, value_from_wire, value_to_wire
 
-from .client import AsyncClient, Client, connect
+from .aclient import AsyncClient
+from .client import Client, connect
 from .errors import ERRORS, KernelError
 
 
