@@ -15,6 +15,12 @@ Where a handler runs is declared with it, never left to chance:
   on serving while it waits; its blocking work goes to a worker thread through
   `Call.in_thread`, within the caller's fair share of threads
   (kernel/threads.py).
+
+An inline handler that finds it must wait after all hands the rest of its
+work to a task with `Call.defer`; or it leaves the call to be answered by
+another step with `Call.answer_nowait` (ipc: a receiver with nothing to take
+waits with no task at all, and the sender's step answers it). Either way it
+returns `LATER`: nothing goes back to the caller from this return.
 """
 
 from __future__ import annotations
@@ -32,6 +38,14 @@ if TYPE_CHECKING:
     from .services import Services
 
 
+class _Later:
+    def __repr__(self) -> str:
+        return "LATER"
+
+
+LATER = _Later()  # what a handler returns for a call that is answered elsewhere
+
+
 @dataclass
 class Call:
     """What a handler gets besides its checked arguments: the kernel's
@@ -42,6 +56,7 @@ class Call:
     conn: "Connection"
     syscall: Syscall
     msgid: int
+    deferred: bool = False  # an inline call that goes on in a task (defer)
 
     async def notify(self, method: str, args: list) -> None:
         """Send a notification to the calling connection."""
@@ -52,11 +67,30 @@ class Call:
         socket (streamed tokens: the device loop calls this)."""
         self.conn.notify_nowait(method, args)
 
+    def answer_nowait(self, result: Any = None, error: SyscallError | None = None) -> bool:
+        """Answer this call now, from whichever step holds its result (a sender
+        handing a message to a waiting ipc.recv) or its errno; False if the
+        caller is gone. Only for calls that change nothing: those are answered
+        after their audit row."""
+        if self.syscall.mutates:
+            raise RuntimeError(f"{self.syscall.name} is audited: it cannot be answered early")
+        return self.conn.answer_nowait(self.msgid, result, error)
+
+    def defer(self, fn: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+        """From an inline handler: finish in a task of the connection, whose
+        result (or errno) is the answer. The handler returns what this returns."""
+        if self.syscall.mutates:
+            raise RuntimeError(f"{self.syscall.name} is audited: declare it runs='task'")
+        self.deferred = True
+        self.conn.nursery.start_soon(self.conn.finish, self, fn, args)
+        return LATER
+
     async def in_thread(self, fn: Callable[..., Any], *args: Any,
                         abandon_on_cancel: bool = False) -> Any:
         """Run blocking work in a worker thread, within the caller's fair share
         of them (kernel/threads.py): the event loop only routes."""
-        if HANDLERS[self.syscall.name].runs == "inline":  # it would hold its connection
+        # An inline call waiting on a thread would hold up its connection.
+        if HANDLERS[self.syscall.name].runs == "inline" and not self.deferred:
             raise RuntimeError(f"{self.syscall.name} runs inline but waits on a worker "
                                "thread: declare it runs='task'")
         return await self.sys.threads.run_sync(self.caller.pid, fn, *args,

@@ -26,9 +26,15 @@ mailbox_depth) and `queue_bytes` bytes waiting in one mailbox: a flood fills
 only the flooder's own share. Past it ipc.send waits up to its timeout for
 room, then is EAGAIN.
 
-Waiting. ipc.recv sleeps on its mailbox's arrival event and is woken by an
-arrival, never by polling; a timeout that passes is ETIMEDOUT. A process's
-exit wakes its own waiters and its blocked senders with ESRCH.
+Waiting. An ipc.recv with nothing to take waits in its mailbox's list of
+waiters, with no task: the sender of the next message it matches answers it
+in its own step, so the message goes from the sender's connection to the
+receiver's socket with no task switch in between, as L4 hands a message to
+a thread blocked in receive. send, recv and sendrecv run inline; only a
+sender facing a full mailbox and durable mail (its row is taken in a worker
+thread) go on in a task. Nothing polls: one timer answers ETIMEDOUT when a
+wait's timeout passes. A process's exit answers its waiting calls and wakes
+its blocked senders with ESRCH.
 
 Size. A message is any MessagePack value whose encoding fits `max_message`:
 the frame limit less room for the envelope its receiver gets. A larger one is
@@ -41,6 +47,7 @@ misses it) and answers how many got one.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import time
 from collections import deque
@@ -53,6 +60,7 @@ import trio
 from llmagentos.syscalls.errno import SyscallError
 from llmagentos.syscalls.table import check_name
 
+from .dispatch import LATER
 from .memory.mail import Header, MailStore
 from .names import identity
 from .proc import PCB
@@ -102,6 +110,19 @@ class Letter:
                 "message": msgpack.unpackb(body, raw=False, strict_map_key=False)}
 
 
+@dataclass(eq=False)
+class Waiter:
+    """An ipc.recv with nothing to take, waiting with no task: the next message
+    it matches is its answer (or ETIMEDOUT at the deadline, ESRCH at exit)."""
+
+    box: "Mailbox"
+    call: "Call"
+    match: dict | None
+    deadline: float
+    timeout: float | None
+    done: bool = False
+
+
 class Mailbox:
     """One process's waiting mail: a queue per sender, served in turn."""
 
@@ -112,7 +133,7 @@ class Mailbox:
         self.rows: set[int] = set()  # store rows ever put here (never twice)
         self.topics: set[str] = set()
         self.closed = False
-        self._arrived = trio.Event()
+        self.waiters: list[Waiter] = []  # oldest first
         self._room = trio.Event()
 
     def waiting(self) -> int:
@@ -138,8 +159,6 @@ class Mailbox:
         else:
             q.append(letter)
         self.bytes[letter.queue] += letter.size
-        self._arrived.set()
-        self._arrived = trio.Event()
 
     def take(self, match: dict | None) -> Letter | None:
         """The first matching letter of the first queue that has one; that
@@ -169,15 +188,11 @@ class Mailbox:
                 break
         return out[:n]
 
-    async def arrival(self) -> None:
-        await self._arrived.wait()
-
     async def room(self) -> None:
         await self._room.wait()
 
     def close(self) -> None:
         self.closed = True
-        self._arrived.set()
         self._room.set()
 
 
@@ -232,6 +247,9 @@ class Mailboxes:
         self.topics: dict[str, set[int]] = {}
         self._ids = itertools.count(1)
         self._taken: dict[str, trio.Event] = {}  # agent name -> set when its stored mail shrinks
+        self._timeouts: list[tuple[float, int, Waiter]] = []  # a heap; done ones left in it
+        self._timed = 0  # waiters in it not yet done
+        self._timer_wake = trio.Event()
 
     # --- mailboxes ------------------------------------------------------------------
     def box(self, pcb: PCB) -> Mailbox:
@@ -250,7 +268,7 @@ class Mailboxes:
         if h.id in box.rows:
             return
         box.rows.add(h.id)
-        box.put(Letter(h.id, ("agent", h.sender, h.boot), h.sender,
+        self._deliver(box, Letter(h.id, ("agent", h.sender, h.boot), h.sender,
                        h.pid if h.boot == self.boot else None, AGENT + h.agent, h.type, None,
                        h.size, h.created, None, h.id))
 
@@ -261,6 +279,8 @@ class Mailboxes:
         if box is None:
             return
         box.close()
+        for w in list(box.waiters):
+            self._answer(w, error=SyscallError("ESRCH", f"pid {pcb.pid} has exited"))
         for topic in box.topics:
             subs = self.topics.get(topic)
             if subs is not None:
@@ -277,6 +297,16 @@ class Mailboxes:
         return body, kind if isinstance(kind, str) else None
 
     # --- send -----------------------------------------------------------------------
+    def send_now(self, call: Call, dest: int | str, message: Any, timeout: float) -> Any:
+        """ipc.send's inline step: mail to a pid with room is put (and handed to
+        a waiting receiver) at once; a full mailbox or durable mail goes on in a task."""
+        if isinstance(dest, int):
+            body, kind = self._pack(message)
+            sent = self._put(call.caller, dest, body, kind)
+            if sent is not None:
+                return sent
+        return call.defer(self.send, call, dest, message, timeout)
+
     async def send(self, call: Call, dest: int | str, message: Any, timeout: float) -> dict:
         body, kind = self._pack(message)
         deadline = trio.current_time() + timeout  # for room in a full mailbox
@@ -285,13 +315,12 @@ class Mailboxes:
                 raise SyscallError("EINVAL", f"dest is a pid or 'agent:NAME', not {dest!r:.80}")
             return await self._send_stored(call, check_name(dest[len(AGENT):]), body, kind,
                                            deadline)
-        target = self.procs.procs.get(dest)
-        if target is None or target.exited:
-            raise SyscallError("ESRCH", f"no process with pid {dest}")
         me = call.caller
-        box = self.box(target)
-        queue = ("pid", me.pid)
-        while not box.has_room(queue, len(body), self.depth, self.queue_bytes):
+        while True:
+            sent = self._put(me, dest, body, kind)
+            if sent is not None:
+                return sent
+            box = self.boxes[dest]
             if trio.current_time() >= deadline:
                 raise SyscallError("EAGAIN", f"the mailbox of pid {dest} holds all the unread "
                                              f"messages it takes from you ({self.depth} or "
@@ -299,10 +328,88 @@ class Mailboxes:
             await _wait(me, box.room, deadline)
             if box.closed:
                 raise SyscallError("ESRCH", f"pid {dest} exited")
+
+    def _put(self, me: PCB, dest: int, body: bytes, kind: str | None) -> dict | None:
+        """Mail to a pid, if its mailbox has room for it (None: it has not)."""
+        target = self.procs.procs.get(dest)
+        if target is None or target.exited:
+            raise SyscallError("ESRCH", f"no process with pid {dest}")
+        box = self.box(target)
+        queue = ("pid", me.pid)
+        if not box.has_room(queue, len(body), self.depth, self.queue_bytes):
+            return None
         letter = Letter(next(self._ids), queue, identity(me), me.pid, dest, kind, None,
                         len(body), time.time(), body)
-        box.put(letter)
+        self._deliver(box, letter)
         return {"id": letter.id, "durable": False}
+
+    def _deliver(self, box: Mailbox, letter: Letter, front: bool = False) -> None:
+        """Hand a letter to the oldest call waiting in the box that it matches,
+        else queue it. Mail in memory is that call's answer at once; durable mail
+        is queued and the call goes on in a task that takes its row."""
+        if letter.row is None and not front:
+            for w in list(box.waiters):
+                if letter.matches(w.match) and self._answer(w, letter.envelope(letter.body)):
+                    return  # (False: its caller hung up; the next one, or the queue)
+        box.put(letter, front)
+        if letter.row is not None:
+            for w in list(box.waiters):
+                if letter.matches(w.match):
+                    self._unwait(w)
+                    if not w.call.conn.closed:
+                        w.call.defer(self._recv, w.call, box, w.match, w.deadline, w.timeout,
+                                     None)
+                        return
+
+    # --- waiting without a task -------------------------------------------------------
+    def _park(self, call: Call, box: Mailbox, match: dict | None, deadline: float,
+              timeout: float | None) -> Any:
+        """Nothing to take: the call waits in the box (the process shown WAITING)."""
+        w = Waiter(box, call, match, deadline, timeout)
+        box.waiters.append(w)
+        call.caller.waiting_calls += 1
+        if deadline != float("inf"):
+            if not self._timeouts or deadline < self._timeouts[0][0]:
+                self._timer_wake.set()  # an earlier deadline than the timer sleeps to
+            heapq.heappush(self._timeouts, (deadline, next(self._ids), w))
+            self._timed += 1
+        return LATER
+
+    def _unwait(self, w: Waiter) -> None:
+        w.done = True
+        w.box.waiters.remove(w)
+        w.call.caller.waiting_calls -= 1
+        if w.deadline != float("inf"):
+            self._timed -= 1
+            if len(self._timeouts) > 2 * self._timed + 64:  # mostly answered: rebuild
+                self._timeouts = [x for x in self._timeouts if not x[2].done]
+                heapq.heapify(self._timeouts)
+
+    def _answer(self, w: Waiter, result: Any = None, error: SyscallError | None = None) -> bool:
+        """End a wait with its answer; False if its caller has hung up."""
+        self._unwait(w)
+        return w.call.answer_nowait(result, error)
+
+    def hang_up(self, conn: Any) -> None:
+        """A connection closed: its calls waiting for mail wait no more."""
+        box = self.boxes.get(conn.pcb.pid)
+        for w in list(box.waiters) if box is not None else ():
+            if w.call.conn is conn:
+                self._unwait(w)
+
+    async def timer(self) -> None:
+        """The kernel's mail timer task: ETIMEDOUT for each wait whose time is up."""
+        while True:
+            now = trio.current_time()
+            while self._timeouts and self._timeouts[0][0] <= now:
+                w = heapq.heappop(self._timeouts)[2]
+                if not w.done:
+                    self._answer(w, error=SyscallError(
+                        "ETIMEDOUT", f"no message{' matching' if w.match else ''} within "
+                                     f"{w.timeout}s"))
+            with trio.move_on_at(self._timeouts[0][0] if self._timeouts else float("inf")):
+                await self._timer_wake.wait()
+            self._timer_wake = trio.Event()
 
     async def _send_stored(self, call: Call, name: str, body: bytes, kind: str | None,
                            deadline: float) -> dict:
@@ -333,31 +440,67 @@ class Mailboxes:
         return {"id": h.id, "durable": True}
 
     # --- receive ----------------------------------------------------------------------
-    async def recv(self, call: Call, timeout: float | None, match: dict | None) -> dict:
-        me = call.caller
-        box = self.box(me)
+    def recv_now(self, call: Call, timeout: float | None, match: dict | None) -> Any:
+        """ipc.recv's inline step: mail waiting in memory is the answer at once;
+        otherwise a task waits for it (or takes the durable letter's row)."""
         match = check_match(match)
         deadline = trio.current_time() + (float("inf") if timeout is None else timeout)
+        return self._recv_now(call, self.box(call.caller), match, deadline, timeout)
+
+    def _recv_now(self, call: Call, box: Mailbox, match: dict | None, deadline: float,
+                  timeout: float | None) -> Any:
+        letter = box.take(match)
+        if letter is not None and letter.row is None:
+            return letter.envelope(letter.body)
+        if letter is not None:
+            return call.defer(self._recv, call, box, match, deadline, timeout, letter)
+        self._check_wait(box, match, deadline, timeout)
+        return self._park(call, box, match, deadline, timeout)
+
+    async def recv(self, call: Call, timeout: float | None, match: dict | None) -> Any:
+        match = check_match(match)
+        deadline = trio.current_time() + (float("inf") if timeout is None else timeout)
+        return await self._recv(call, self.box(call.caller), match, deadline, timeout, None)
+
+    async def _recv(self, call: Call, box: Mailbox, match: dict | None, deadline: float,
+                    timeout: float | None, letter: Letter | None) -> Any:
         while True:
-            letter = box.take(match)
-            if letter is not None:
-                body = letter.body if letter.row is None else await self._take_stored(
-                    call, box, letter)
-                if body is not None:
-                    return letter.envelope(body)
-                continue  # (taken meanwhile; cannot happen while names are held singly)
-            if box.closed:
-                raise SyscallError("ESRCH", f"pid {me.pid} has exited")
-            if trio.current_time() >= deadline:
-                raise SyscallError("ETIMEDOUT", f"no message{' matching' if match else ''} "
-                                                f"within {timeout}s")
-            await _wait(me, box.arrival, deadline)
+            if letter is None:
+                letter = box.take(match)
+            if letter is None:
+                self._check_wait(box, match, deadline, timeout)
+                return self._park(call, box, match, deadline, timeout)
+            body = letter.body if letter.row is None else await self._take_stored(
+                call, box, letter)
+            if body is not None:
+                return letter.envelope(body)
+            letter = None  # (taken meanwhile; cannot happen while names are held singly)
+
+    @staticmethod
+    def _check_wait(box: Mailbox, match: dict | None, deadline: float,
+                    timeout: float | None) -> None:
+        """Nothing to take: ESRCH if the process is gone, ETIMEDOUT past the deadline."""
+        if box.closed:
+            raise SyscallError("ESRCH", f"pid {box.pid} has exited")
+        if trio.current_time() >= deadline:
+            raise SyscallError("ETIMEDOUT", f"no message{' matching' if match else ''} "
+                                            f"within {timeout}s")
+
+    def sendrecv_now(self, call: Call, dest: int | str, message: Any, timeout: float | None,
+                     match: dict | None) -> Any:
+        """A request and its answer in one call (as L4's call and reply-and-wait):
+        half the trips of ipc.send then ipc.recv. Inline while neither waits."""
+        match = check_match(match)  # before anything is sent
+        if isinstance(dest, int):
+            start = trio.current_time()
+            body, kind = self._pack(message)
+            if self._put(call.caller, dest, body, kind) is not None:
+                deadline = start + (float("inf") if timeout is None else timeout)
+                return self._recv_now(call, self.box(call.caller), match, deadline, timeout)
+        return call.defer(self.sendrecv, call, dest, message, timeout, match)
 
     async def sendrecv(self, call: Call, dest: int | str, message: Any, timeout: float | None,
-                       match: dict | None) -> dict:
-        """A request and its answer in one call (as L4's call and reply-and-wait):
-        half the trips of ipc.send then ipc.recv."""
-        match = check_match(match)  # before anything is sent
+                       match: dict | None) -> Any:
         start = trio.current_time()
         await self.send(call, dest, message, 1e9 if timeout is None else timeout)
         left = None if timeout is None else max(0.0, timeout - (trio.current_time() - start))
@@ -369,7 +512,7 @@ class Mailboxes:
             with trio.CancelScope(shield=True):  # the delete and the answer go together
                 body = await call.in_thread(self.store.take, letter.row)
         except BaseException:
-            box.put(letter, front=True)
+            self._deliver(box, letter, front=True)
             raise
         name = str(letter.to)[len(AGENT):]
         ev = self._taken.pop(name, None)
@@ -417,8 +560,8 @@ class Mailboxes:
         for pid in sorted(self.topics.get(check_topic(topic), ())):
             box = self.boxes[pid]
             if box.has_room(queue, len(body), self.depth, self.queue_bytes):
-                box.put(Letter(next(self._ids), queue, sender, pcb.pid, pid, kind, topic,
-                               len(body), now, body))  # one body, shared by every copy
+                self._deliver(box, Letter(next(self._ids), queue, sender, pcb.pid, pid, kind,
+                                          topic, len(body), now, body))  # one body, every copy
                 n += 1
         return n
 

@@ -104,12 +104,21 @@ class Connection:
 
     def notify_nowait(self, method: str, args: list) -> None:
         """Queue a notification; never waits (see the module doc)."""
+        if not self.closed:
+            self._write_nowait(wire.encode_notification(method, args))
+
+    def answer_nowait(self, msgid: int, result: Any, error: SyscallError | None = None) -> bool:
+        """Queue a call's answer the same way (dispatch.Call.answer_nowait)."""
         if self.closed:
-            return
-        data = wire.encode_notification(method, args)
+            return False
+        self.sys.stats["errors" if error is not None else "early_answers"] += 1
+        return self._write_nowait(_response(msgid, error and error.to_wire(), result))
+
+    def _write_nowait(self, data: bytes) -> bool:
+        """False if the client is known to be gone (the connection's reader sees it too)."""
         if self._send_lock.locked() or self._flushing:
             self._outbox.append(data)  # whoever writes now writes it next
-            return
+            return True
         fd = self._fileno()
         if fd is not None:  # the socket is free: one write, no task switch
             try:
@@ -117,13 +126,14 @@ class Connection:
             except BlockingIOError:
                 n = 0
             except OSError:
-                return  # the client is gone; the connection's reader sees it too
+                return False
             if n == len(data):
-                return
+                return True
             data = data[n:]
         self._outbox.append(data)
         self._flushing = True
         self.nursery.start_soon(self._flush)
+        return True
 
     async def _flush(self) -> None:
         try:
@@ -248,6 +258,8 @@ class Connection:
                 self.sys.connections.discard(self)
                 self.sys.tools.drop_conn(self)
                 pcb = self.pcb
+                if pcb is not None and self.sys.mail is not None:
+                    self.sys.mail.hang_up(self)  # its calls waiting for mail wait no more
                 if pcb is not None and pcb.pid == sysfs.INIT_PID:
                     sysfs.drop_conn(self.sys, self)  # a shell command's fds end with it
                 if pcb is not None and self.holds_pcb:
@@ -278,17 +290,25 @@ class Connection:
             await self._run(call, entry, req)
 
     async def _run(self, call: dispatch.Call, entry: dispatch.Entry, req: wire.Request) -> None:
+        await self.finish(call, dispatch.invoke, (call, entry, req.args, req.kwargs))
+
+    async def finish(self, call: dispatch.Call, fn: Any, args: tuple) -> None:
+        """Await the call's result and answer it (unless it was deferred to a
+        task, which answers, or already answered)."""
         try:
-            data = _response(req.msgid, None,
-                             await dispatch.invoke(call, entry, req.args, req.kwargs))
+            result = await fn(*args)
+            if result is dispatch.LATER:
+                return
+            data = _response(call.msgid, None, result)
         except SyscallError as e:
             self.sys.stats["errors"] += 1
-            data = _response(req.msgid, e.to_wire(), None)
+            data = _response(call.msgid, e.to_wire(), None)
         except Exception as e:  # a handler bug must never take the kernel down
+            name = call.syscall.name
             self.sys.stats["errors"] += 1
-            log.error("handler %s failed:\n%s", req.method, traceback.format_exc())
-            data = _response(req.msgid, SyscallError(
-                "EIO", f"internal error in {req.method}: {type(e).__name__}: {e}").to_wire(), None)
+            log.error("handler %s failed:\n%s", name, traceback.format_exc())
+            data = _response(call.msgid, SyscallError(
+                "EIO", f"internal error in {name}: {type(e).__name__}: {e}").to_wire(), None)
         await self._answer(data)
 
 

@@ -7,20 +7,22 @@ from typing import Any
 from .dispatch import Call, handler
 
 
-@handler("ipc.send", runs="task")  # a full mailbox may make it wait; agent mail commits
-async def send(call: Call, dest: int | str, message: Any, timeout: float) -> dict:
-    return await call.sys.mail.send(call, dest, message, timeout)
+# send, recv and sendrecv run inline and go on in a task only when they must
+# wait (a full mailbox, nothing to take, durable mail): kernel/mailbox.py
+@handler("ipc.send")
+async def send(call: Call, dest: int | str, message: Any, timeout: float) -> Any:
+    return call.sys.mail.send_now(call, dest, message, timeout)
 
 
-@handler("ipc.recv", runs="task")
-async def recv(call: Call, timeout: float | None, match: dict | None) -> dict:
-    return await call.sys.mail.recv(call, timeout, match)
+@handler("ipc.recv")
+async def recv(call: Call, timeout: float | None, match: dict | None) -> Any:
+    return call.sys.mail.recv_now(call, timeout, match)
 
 
-@handler("ipc.sendrecv", runs="task")
+@handler("ipc.sendrecv")
 async def sendrecv(call: Call, dest: int | str, message: Any, timeout: float | None,
-                   match: dict | None) -> dict:
-    return await call.sys.mail.sendrecv(call, dest, message, timeout, match)
+                   match: dict | None) -> Any:
+    return call.sys.mail.sendrecv_now(call, dest, message, timeout, match)
 
 
 @handler("ipc.peek", runs="task")  # stored bodies are read in a worker thread

@@ -345,6 +345,114 @@ def test_sendrecv_is_a_request_and_its_answer(mk):
         assert errno_of(server.ipc.recv, 0) == "ETIMEDOUT"
 
 
+def early_answers(c) -> int:
+    return c.sys.stats()["counters"].get("early_answers", 0)
+
+
+def recv_in_thread(client, *args) -> tuple[threading.Thread, dict]:
+    got: dict = {}
+
+    def run():
+        try:
+            got["env"] = client.ipc.recv(*args)
+        except llmagentos.KernelError as e:
+            got["errno"] = e.name
+    th = threading.Thread(target=run)
+    th.start()
+    return th, got
+
+
+def test_a_waiting_receiver_is_answered_in_its_senders_step(mk):
+    """Mail to a receiver blocked in ipc.recv goes from the sender's step to the
+    receiver's socket: never queued, no task switch (kernel/mailbox.py)."""
+    with mk.client() as c, process(mk, c) as r, process(mk, c) as s:
+        th, got = recv_in_thread(r, 30)
+        wait_for(lambda: c.proc.stat(r.pid)["state"] == "WAITING")
+        before = early_answers(c)
+        s.ipc.send(r.pid, {"type": "hi", "n": 1})
+        th.join(30)
+        assert got["env"]["message"] == {"type": "hi", "n": 1} and got["env"]["from"] == s.pid
+        assert early_answers(c) == before + 1
+        assert r.ipc.mailbox()["waiting"] == 0
+        wait_for(lambda: c.proc.stat(r.pid)["state"] != "WAITING")
+
+
+def test_mail_goes_to_the_waiting_receiver_it_matches(mk):
+    """Two calls of one process wait with different matches: each message is the
+    answer of the call it matches, in either order; one nobody matches waits."""
+    with mk.client() as c, process(mk, c) as s:
+        tok = c.proc.attach(None)  # one process, two connections: two calls at once
+        x, y = llmagentos.Client(mk.socket, tok["token"]), llmagentos.Client(mk.socket,
+                                                                             tok["token"])
+        try:
+            tx, gx = recv_in_thread(x, 30, {"type": "x"})
+            ty, gy = recv_in_thread(y, 30, {"type": "y"})
+            wait_for(lambda: c.proc.stat(tok["pid"])["state"] == "WAITING")
+            time.sleep(0.1)  # both calls are in
+            s.ipc.send(tok["pid"], {"type": "other"})  # matches neither: queued
+            s.ipc.send(tok["pid"], {"type": "y", "n": 1})
+            ty.join(30)
+            assert gy["env"]["message"] == {"type": "y", "n": 1} and tx.is_alive()
+            s.ipc.send(tok["pid"], {"type": "x", "n": 2})
+            tx.join(30)
+            assert gx["env"]["message"] == {"type": "x", "n": 2}
+            assert x.ipc.recv(0)["message"] == {"type": "other"}
+        finally:
+            x.close()
+            y.close()
+
+
+def test_a_receiver_that_hung_up_does_not_swallow_mail(mk):
+    """A connection that waited in ipc.recv and went away takes no message with it:
+    mail sent after it is gone waits for the process's next recv."""
+    import socket as so
+
+    with mk.client() as c, process(mk, c) as s:
+        tok = c.proc.attach(None)
+        keep = llmagentos.Client(mk.socket, tok["token"])  # keeps the process alive
+        try:
+            raw = so.socket(so.AF_UNIX)
+            raw.connect(mk.socket)
+            raw.sendall(msgpack.packb([0, 1, "sys.hello", [tok["token"]]]))
+            raw.recv(65536)
+            raw.sendall(msgpack.packb([0, 2, "ipc.recv", [60]]))
+            wait_for(lambda: c.proc.stat(tok["pid"])["state"] == "WAITING")
+            raw.close()
+            wait_for(lambda: c.proc.stat(tok["pid"])["state"] != "WAITING")
+            s.ipc.send(tok["pid"], "still here")
+            assert keep.ipc.recv(5)["message"] == "still here"
+        finally:
+            keep.close()
+
+
+def test_waits_end_by_mail_timeout_or_exit_each_once(mk):
+    """Calls waiting in mailboxes (no task holds them): those sent to get their mail,
+    the others ETIMEDOUT at their own deadline, one whose process is killed ESRCH
+    (or its connection is gone): every call is answered once, none hangs."""
+    with mk.client() as c, process(mk, c) as s:
+        rs = [process(mk, c) for _ in range(12)]
+        try:
+            waits = [recv_in_thread(r, 0.5 + 0.1 * (i % 3)) for i, r in enumerate(rs[:10])]
+            forever = recv_in_thread(rs[10], None)
+            wait_for(lambda: all(c.proc.stat(r.pid)["state"] == "WAITING" for r in rs[:11]))
+            for r in rs[:10:2]:
+                s.ipc.send(r.pid, r.pid)
+            c.proc.kill(rs[10].pid, "KILL")
+            for th, _ in (*waits, forever):
+                th.join(30)
+                assert not th.is_alive()
+            for i, (_, got) in enumerate(waits):
+                assert got == ({"env": got.get("env")} if i % 2 == 0 else {"errno": "ETIMEDOUT"})
+                if i % 2 == 0:
+                    assert got["env"]["message"] == rs[i].pid
+            assert forever[1].get("errno") in ("ESRCH", "ECONNRESET")
+            assert errno_of(s.ipc.send, rs[10].pid, "late") == "ESRCH"
+            assert rs[11].ipc.mailbox()["waiting"] == 0  # (never waited: untouched)
+        finally:
+            for r in rs:
+                r.close()
+
+
 def test_customer_service_example_end_to_end(llm_kernel):
     """The seed's scenario with the real model: a human's message from the shell
     (sent before the router even runs: it waits, durably), routed by the model,
