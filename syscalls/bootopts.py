@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import tomllib
 import types
 import typing
@@ -213,10 +214,13 @@ def _fields() -> list[dataclasses.Field]:
     return list(dataclasses.fields(KernelConfig))
 
 
+@functools.cache
+def _hints() -> dict[str, Any]:
+    return typing.get_type_hints(KernelConfig)  # (resolving them takes a millisecond)
 
 
 def _base_type(f: dataclasses.Field) -> type:
-    hint = typing.get_type_hints(KernelConfig)[f.name]
+    hint = _hints()[f.name]
     if isinstance(hint, types.UnionType):  # X | None
         hint = next(a for a in typing.get_args(hint) if a is not type(None))
     return typing.get_origin(hint) or hint  # list[str] -> list

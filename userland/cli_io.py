@@ -55,4 +55,16 @@ def rich_table(rows: list[dict], cols: list[str], title: str | None = None,
 
 
 def table(rows: list[dict], cols: list[str], title: str | None = None) -> None:
-    console().print(rich_table(rows, cols, title))
+    if sys.stdout.isatty():
+        console().print(rich_table(rows, cols, title))
+        return
+    # Into a pipe or a file: plain columns, as ps(1) writes them (rich takes a
+    # tenth of a second to import and more to lay out a long table).
+    cells = [[HEADERS.get(c, c.upper()) for c in cols]]
+    cells += [["" if r.get(c) is None else str(r.get(c)) for c in cols] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
+    if title:
+        print(title)
+    for row in cells:
+        print("  ".join(v.ljust(w) if c in _TEXT_COLS else v.rjust(w)
+                        for v, w, c in zip(row, widths, cols)).rstrip())
