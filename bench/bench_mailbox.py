@@ -33,7 +33,7 @@ import llmagentos  # noqa: E402
 
 N = 3000
 WARMUP = 200
-ROUNDS = 3  # null and mailbox alternate; medians, since two cores make single runs noisy
+ROUNDS = 5  # null and mailbox alternate; medians, since two cores make single runs noisy
 GOAL = 2.5
 SUBSCRIBERS = 100
 PUBLISHES = 200

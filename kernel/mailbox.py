@@ -331,6 +331,15 @@ class Mailboxes:
 
     def _put(self, me: PCB, dest: int, body: bytes, kind: str | None) -> dict | None:
         """Mail to a pid, if its mailbox has room for it (None: it has not)."""
+        ready = self._letter(me, dest, body, kind)
+        if ready is None:
+            return None
+        self._deliver(*ready)
+        return {"id": ready[1].id, "durable": False}
+
+    def _letter(self, me: PCB, dest: int, body: bytes,
+                kind: str | None) -> tuple[Mailbox, Letter] | None:
+        """The letter for a pid and its box, if the box has room (None: it has not)."""
         target = self.procs.procs.get(dest)
         if target is None or target.exited:
             raise SyscallError("ESRCH", f"no process with pid {dest}")
@@ -338,10 +347,8 @@ class Mailboxes:
         queue = ("pid", me.pid)
         if not box.has_room(queue, len(body), self.depth, self.queue_bytes):
             return None
-        letter = Letter(next(self._ids), queue, identity(me), me.pid, dest, kind, None,
-                        len(body), time.time(), body)
-        self._deliver(box, letter)
-        return {"id": letter.id, "durable": False}
+        return box, Letter(next(self._ids), queue, identity(me), me.pid, dest, kind, None,
+                           len(body), time.time(), body)
 
     def _deliver(self, box: Mailbox, letter: Letter, front: bool = False) -> None:
         """Hand a letter to the oldest call waiting in the box that it matches,
@@ -492,11 +499,15 @@ class Mailboxes:
         half the trips of ipc.send then ipc.recv. Inline while neither waits."""
         match = check_match(match)  # before anything is sent
         if isinstance(dest, int):
-            start = trio.current_time()
             body, kind = self._pack(message)
-            if self._put(call.caller, dest, body, kind) is not None:
-                deadline = start + (float("inf") if timeout is None else timeout)
-                return self._recv_now(call, self.box(call.caller), match, deadline, timeout)
+            ready = self._letter(call.caller, dest, body, kind)
+            if ready is not None:
+                deadline = trio.current_time() + (float("inf") if timeout is None else timeout)
+                try:  # the caller's wait is set up first, so that handing the message
+                    # over (which wakes its receiver) is the last thing this step does
+                    return self._recv_now(call, self.box(call.caller), match, deadline, timeout)
+                finally:  # sent, whatever the receive part answers
+                    self._deliver(*ready)
         return call.defer(self.sendrecv, call, dest, message, timeout, match)
 
     async def sendrecv(self, call: Call, dest: int | str, message: Any, timeout: float | None,

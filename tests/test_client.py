@@ -63,3 +63,27 @@ def test_readme_sequence_wait_then_stat(shared_kernel):
     st = llmos("stat", str(pid), "--json")
     assert st.returncode == 0, st.stderr
     assert '"exit_code": 3' in st.stdout
+
+
+
+def _imported_after(code: str) -> str:
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", f"import sys; {code}"], capture_output=True,
+                       text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip()
+
+
+def test_a_program_starts_without_the_heavy_imports():
+    """Every agent program and `llmos` command imports llmagentos: the sync client
+    and the CLI must not bring trio (the async client, aclient.py, does on first
+    use) nor rich (tables on a terminal only), and the kernel loads jsonschema
+    only when a tool schema is checked."""
+    heavy = "print(sorted(m for m in ('trio', 'jsonschema', 'rich') if m in sys.modules))"
+    assert _imported_after(f"import llmagentos, llmagentos.cli; {heavy}") == "[]"
+    assert _imported_after("import llmagentos; llmagentos.aconnect; "
+                           "print('trio' in sys.modules)") == "True"
+    assert _imported_after("import llmagentos.kernel.kernel; "
+                           "print('jsonschema' in sys.modules)") == "False"
