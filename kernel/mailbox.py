@@ -77,7 +77,7 @@ MAX_TOPICS = 256  # subscriptions of one process
 MATCH_KEYS = frozenset({"from", "type", "topic"})
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Letter:
     """One message waiting in a mailbox."""
 
@@ -110,7 +110,7 @@ class Letter:
                 "message": msgpack.unpackb(body, raw=False, strict_map_key=False)}
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Waiter:
     """An ipc.recv with nothing to take, waiting with no task: the next message
     it matches is its answer (or ETIMEDOUT at the deadline, ESRCH at exit)."""
@@ -354,12 +354,12 @@ class Mailboxes:
         """Hand a letter to the oldest call waiting in the box that it matches,
         else queue it. Mail in memory is that call's answer at once; durable mail
         is queued and the call goes on in a task that takes its row."""
-        if letter.row is None and not front:
+        if letter.row is None and not front and box.waiters:
             for w in list(box.waiters):
                 if letter.matches(w.match) and self._answer(w, letter.envelope(letter.body)):
                     return  # (False: its caller hung up; the next one, or the queue)
         box.put(letter, front)
-        if letter.row is not None:
+        if letter.row is not None and box.waiters:
             for w in list(box.waiters):
                 if letter.matches(w.match):
                     self._unwait(w)

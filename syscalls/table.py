@@ -105,23 +105,25 @@ class Param:
     hi: int | float | None = None
     choices: tuple | None = None  # the only values accepted
 
+    def __post_init__(self) -> None:
+        # The type spec parsed once: every argument of every call is checked here.
+        spec = self.type.removesuffix("?")
+        object.__setattr__(self, "_nullable", spec != self.type or self.default is None)
+        object.__setattr__(self, "_alts", tuple((t, _TYPES[t]) for t in spec.split("|")))
+
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
 
     def check(self, value: Any) -> Any:
-        spec = self.type
-        nullable = spec.endswith("?")
-        if nullable:
-            spec = spec[:-1]
         if value is None:
-            if nullable or self.default is None:
+            if self._nullable:
                 return None
             raise SyscallError("EINVAL", f"parameter {self.name!r} must not be nil")
-        for t in spec.split("|"):
-            accepted = _TYPES[t]
+        is_bool = isinstance(value, bool)
+        for t, accepted in self._alts:
             # bool is an int subclass in Python; never let True pass as a pid.
-            if isinstance(value, bool) and t != "bool" and t != "any":
+            if is_bool and t != "bool" and t != "any":
                 continue
             if isinstance(value, accepted):
                 if t == "float":
@@ -178,7 +180,17 @@ class Syscall:
                 f"{self.name} takes at most {len(self.params)} arguments, got {len(args)}",
             )
         out: dict[str, Any] = {}
-        kwargs = dict(kwargs or {})
+        if not kwargs:  # positional only, as every MessagePack-RPC client sends them
+            n = len(args)
+            for i, p in enumerate(self.params):
+                if i < n:
+                    out[p.name] = p.check(args[i])
+                elif p.default is REQUIRED:
+                    raise SyscallError("EINVAL", f"{self.name}: missing argument {p.name!r}")
+                else:
+                    out[p.name] = p.default
+            return out
+        kwargs = dict(kwargs)
         for i, p in enumerate(self.params):
             if i < len(args):
                 if p.name in kwargs:
