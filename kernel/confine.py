@@ -1,7 +1,7 @@
 """The launcher every spawned agent process starts as: it confines itself, then
 execs the agent's program.
 
-The kernel starts ``python -I -S confine.py CONFIG_FD`` with a JSON config on
+The kernel starts ``python -I -S confine.py CONFIG_FD`` with its config on
 that pipe. It imports only the standard library (it runs without
 site-packages, like ``drivers/execinit.py``) and does, in order:
 
@@ -31,7 +31,7 @@ the machine allows; docs/sandbox.md says what holds at each level.
 from __future__ import annotations
 
 import ctypes
-import json
+import marshal
 import os
 import sys
 
@@ -178,7 +178,7 @@ def confine(cfg: dict) -> None:
 
 def main() -> None:
     with os.fdopen(int(sys.argv[1]), "rb") as f:  # a memfd: the kernel never blocks on it
-        cfg = json.loads(f.read())
+        cfg = marshal.loads(f.read())  # (json would cost each spawn its import)
     env = dict(cfg["env"])
     ready = cfg.get("ready_fd")
     if ready is not None:  # closes on a successful exec: the kernel waits for that EOF

@@ -25,8 +25,8 @@ launcher once at boot. docs/sandbox.md says what holds at each level.
 
 from __future__ import annotations
 
-import json
 import logging
+import marshal
 import os
 import shutil
 import subprocess
@@ -93,9 +93,10 @@ class Isolation:
 
     @staticmethod
     def config_fd(cfg: dict) -> int:
-        """The launcher's config on a memfd: any size, and writing it never blocks."""
+        """The launcher's config on a memfd: any size, and writing it never blocks.
+        In marshal's format: the launcher runs on this same interpreter."""
         fd = os.memfd_create("llmagentos-spawn", 0)
-        os.write(fd, json.dumps(cfg).encode())
+        os.write(fd, marshal.dumps(cfg))
         os.lseek(fd, 0, os.SEEK_SET)
         return fd
 
