@@ -983,7 +983,7 @@ async def test_real_64_greedy_sequences_are_the_same_with_and_without_preemption
                 run = Run(sched, inner)
                 for i in range(64):
                     await run.submit(i + 1, tok(dev, f"Fact {i}: the number {i * 7} is"),
-                                     greedy(12))
+                                     greedy(8))
                 await run.start()
                 while len(run.results) + len(run.errors) < 64:
                     await trio.sleep(0.01)
