@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -139,6 +140,21 @@ def token_of(c, pid: int) -> str:
     fd = psutil.Process(os_pid).environ()["LLMAGENTOS_TOKEN_FD"]
     with open(f"/proc/{os_pid}/fd/{fd}") as f:
         return f.read()
+
+
+def in_thread(fn, *args, **kw) -> tuple[threading.Thread, dict]:
+    """Start fn(*args, **kw) in a thread (a call that blocks while the test acts):
+    its result lands in box["result"], a KernelError in box["error"]."""
+    box: dict = {}
+
+    def run() -> None:
+        try:
+            box["result"] = fn(*args, **kw)
+        except llmagentos.KernelError as e:
+            box["error"] = e
+    t = threading.Thread(target=run)
+    t.start()
+    return t, box
 
 
 def wait_for(pred, timeout: float = 10, interval: float = 0.05):

@@ -11,7 +11,7 @@ import time
 
 import msgpack
 import pytest
-from conftest import PY, boot_kernel, wait_for
+from conftest import PY, boot_kernel, in_thread, wait_for
 
 import llmagentos
 
@@ -349,29 +349,17 @@ def early_answers(c) -> int:
     return c.sys.stats()["counters"].get("early_answers", 0)
 
 
-def recv_in_thread(client, *args) -> tuple[threading.Thread, dict]:
-    got: dict = {}
-
-    def run():
-        try:
-            got["env"] = client.ipc.recv(*args)
-        except llmagentos.KernelError as e:
-            got["errno"] = e.name
-    th = threading.Thread(target=run)
-    th.start()
-    return th, got
-
-
 def test_a_waiting_receiver_is_answered_in_its_senders_step(mk):
     """Mail to a receiver blocked in ipc.recv goes from the sender's step to the
     receiver's socket: never queued, no task switch (kernel/mailbox.py)."""
     with mk.client() as c, process(mk, c) as r, process(mk, c) as s:
-        th, got = recv_in_thread(r, 30)
+        th, got = in_thread(r.ipc.recv, 30)
         wait_for(lambda: c.proc.stat(r.pid)["state"] == "WAITING")
         before = early_answers(c)
         s.ipc.send(r.pid, {"type": "hi", "n": 1})
         th.join(30)
-        assert got["env"]["message"] == {"type": "hi", "n": 1} and got["env"]["from"] == s.pid
+        assert got["result"]["message"] == {"type": "hi", "n": 1}
+        assert got["result"]["from"] == s.pid
         assert early_answers(c) == before + 1
         assert r.ipc.mailbox()["waiting"] == 0
         wait_for(lambda: c.proc.stat(r.pid)["state"] != "WAITING")
@@ -385,17 +373,17 @@ def test_mail_goes_to_the_waiting_receiver_it_matches(mk):
         x, y = llmagentos.Client(mk.socket, tok["token"]), llmagentos.Client(mk.socket,
                                                                              tok["token"])
         try:
-            tx, gx = recv_in_thread(x, 30, {"type": "x"})
-            ty, gy = recv_in_thread(y, 30, {"type": "y"})
+            tx, gx = in_thread(x.ipc.recv, 30, {"type": "x"})
+            ty, gy = in_thread(y.ipc.recv, 30, {"type": "y"})
             wait_for(lambda: c.proc.stat(tok["pid"])["state"] == "WAITING")
             time.sleep(0.1)  # both calls are in
             s.ipc.send(tok["pid"], {"type": "other"})  # matches neither: queued
             s.ipc.send(tok["pid"], {"type": "y", "n": 1})
             ty.join(30)
-            assert gy["env"]["message"] == {"type": "y", "n": 1} and tx.is_alive()
+            assert gy["result"]["message"] == {"type": "y", "n": 1} and tx.is_alive()
             s.ipc.send(tok["pid"], {"type": "x", "n": 2})
             tx.join(30)
-            assert gx["env"]["message"] == {"type": "x", "n": 2}
+            assert gx["result"]["message"] == {"type": "x", "n": 2}
             assert x.ipc.recv(0)["message"] == {"type": "other"}
         finally:
             x.close()
@@ -432,8 +420,8 @@ def test_waits_end_by_mail_timeout_or_exit_each_once(mk):
     with mk.client() as c, process(mk, c) as s:
         rs = [process(mk, c) for _ in range(12)]
         try:
-            waits = [recv_in_thread(r, 0.5 + 0.1 * (i % 3)) for i, r in enumerate(rs[:10])]
-            forever = recv_in_thread(rs[10], None)
+            waits = [in_thread(r.ipc.recv, 0.5 + 0.1 * (i % 3)) for i, r in enumerate(rs[:10])]
+            forever = in_thread(rs[10].ipc.recv, None)
             wait_for(lambda: all(c.proc.stat(r.pid)["state"] == "WAITING" for r in rs[:11]))
             for r in rs[:10:2]:
                 s.ipc.send(r.pid, r.pid)
@@ -442,10 +430,12 @@ def test_waits_end_by_mail_timeout_or_exit_each_once(mk):
                 th.join(30)
                 assert not th.is_alive()
             for i, (_, got) in enumerate(waits):
-                assert got == ({"env": got.get("env")} if i % 2 == 0 else {"errno": "ETIMEDOUT"})
                 if i % 2 == 0:
-                    assert got["env"]["message"] == rs[i].pid
-            assert forever[1].get("errno") in ("ESRCH", "ECONNRESET")
+                    assert list(got) == ["result"] and got["result"]["message"] == rs[i].pid
+                else:
+                    assert list(got) == ["error"] and got["error"].name == "ETIMEDOUT"
+            assert list(forever[1]) == ["error"]
+            assert forever[1]["error"].name in ("ESRCH", "ECONNRESET")
             assert errno_of(s.ipc.send, rs[10].pid, "late") == "ESRCH"
             assert rs[11].ipc.mailbox()["waiting"] == 0  # (never waited: untouched)
         finally:

@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from conftest import boot_kernel, wait_for
+from conftest import boot_kernel, in_thread, wait_for
 
 import llmagentos
 from llmagentos import KernelError
@@ -88,18 +88,8 @@ def test_dead_device_actor_fails_in_flight_with_eio_and_next_request_works(ray_k
         pid = c.proc.getpid()
         c.llm.generate(prompt="Warm up:", params={"max_tokens": 2, "temperature": 0.0})
         home = next(d for d in devices(ray_kernel) if pid in d["processes"])
-        box: dict = {}
-
-        def long_request() -> None:
-            try:
-                box["result"] = c.llm.generate(
-                    prompt="Write a very long story about a dragon:",
-                    params={"max_tokens": 400, "temperature": 0.7, "seed": 1})
-            except KernelError as e:
-                box["error"] = e
-
-        t = threading.Thread(target=long_request)
-        t.start()
+        t, box = in_thread(c.llm.generate, prompt="Write a very long story about a dragon:",
+                           params={"max_tokens": 400, "temperature": 0.7, "seed": 1})
         wait_for(lambda: devices(ray_kernel)[home["device"]]["running"] > 0, timeout=30)
         time.sleep(0.3)
         os.kill(home["actor_pid"], signal.SIGKILL)  # the device's worker process crashes

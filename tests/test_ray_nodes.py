@@ -16,11 +16,10 @@ import signal
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 
 import pytest
-from conftest import boot_kernel, wait_for
+from conftest import boot_kernel, in_thread, wait_for
 
 import llmagentos
 from llmagentos import KernelError
@@ -231,17 +230,8 @@ def test_a_lost_node_fails_its_requests_and_processes_and_nothing_else(nodes):
             spared = sh.proc.spawn([sys.executable, "-c", SLEEPER],
                                    placement=f"node:{kept_node.node_id}")
             doomed_os = row(sh, doomed)["os_pid"]
-        box: dict = {}
-
-        def long_request() -> None:
-            try:
-                box["result"] = c.llm.generate(prompt="A very long story:",
-                                               params={"max_tokens": 900})
-            except KernelError as e:
-                box["error"] = e
-
-        t = threading.Thread(target=long_request)
-        t.start()
+        t, box = in_thread(c.llm.generate, prompt="A very long story:",
+                           params={"max_tokens": 900})
         wait_for(lambda: devices(k)[home["device"]]["running"] > 0, timeout=30)
         time.sleep(0.3)
         nodes.cluster.remove_node(lost_node, allow_graceful=False)
