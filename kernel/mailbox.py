@@ -209,6 +209,15 @@ async def _wait(pcb: PCB, event: Callable[[], Awaitable[None]], deadline: float)
         pcb.waiting_calls -= 1
 
 
+def _deadline(timeout: float | None) -> float:
+    return trio.current_time() + (float("inf") if timeout is None else timeout)
+
+
+def _timed_out(match: dict | None, timeout: float | None) -> SyscallError:
+    return SyscallError("ETIMEDOUT", f"no message{' matching' if match else ''} within "
+                                     f"{timeout}s")
+
+
 def check_topic(topic: str) -> str:
     if not topic or len(topic) > MAX_TOPIC or not topic.isprintable():
         raise SyscallError("EINVAL", f"a topic is 1..{MAX_TOPIC} printable characters")
@@ -411,9 +420,7 @@ class Mailboxes:
             while self._timeouts and self._timeouts[0][0] <= now:
                 w = heapq.heappop(self._timeouts)[2]
                 if not w.done:
-                    self._answer(w, error=SyscallError(
-                        "ETIMEDOUT", f"no message{' matching' if w.match else ''} within "
-                                     f"{w.timeout}s"))
+                    self._answer(w, error=_timed_out(w.match, w.timeout))
             with trio.move_on_at(self._timeouts[0][0] if self._timeouts else float("inf")):
                 await self._timer_wake.wait()
             self._timer_wake = trio.Event()
@@ -451,7 +458,7 @@ class Mailboxes:
         """ipc.recv's inline step: mail waiting in memory is the answer at once;
         otherwise a task waits for it (or takes the durable letter's row)."""
         match = check_match(match)
-        deadline = trio.current_time() + (float("inf") if timeout is None else timeout)
+        deadline = _deadline(timeout)
         return self._recv_now(call, self.box(call.caller), match, deadline, timeout)
 
     def _recv_now(self, call: Call, box: Mailbox, match: dict | None, deadline: float,
@@ -466,7 +473,7 @@ class Mailboxes:
 
     async def recv(self, call: Call, timeout: float | None, match: dict | None) -> Any:
         match = check_match(match)
-        deadline = trio.current_time() + (float("inf") if timeout is None else timeout)
+        deadline = _deadline(timeout)
         return await self._recv(call, self.box(call.caller), match, deadline, timeout, None)
 
     async def _recv(self, call: Call, box: Mailbox, match: dict | None, deadline: float,
@@ -490,8 +497,7 @@ class Mailboxes:
         if box.closed:
             raise SyscallError("ESRCH", f"pid {box.pid} has exited")
         if trio.current_time() >= deadline:
-            raise SyscallError("ETIMEDOUT", f"no message{' matching' if match else ''} "
-                                            f"within {timeout}s")
+            raise _timed_out(match, timeout)
 
     def sendrecv_now(self, call: Call, dest: int | str, message: Any, timeout: float | None,
                      match: dict | None) -> Any:
@@ -502,7 +508,7 @@ class Mailboxes:
             body, kind = self._pack(message)
             ready = self._letter(call.caller, dest, body, kind)
             if ready is not None:
-                deadline = trio.current_time() + (float("inf") if timeout is None else timeout)
+                deadline = _deadline(timeout)
                 try:  # the caller's wait is set up first, so that handing the message
                     # over (which wakes its receiver) is the last thing this step does
                     return self._recv_now(call, self.box(call.caller), match, deadline, timeout)

@@ -180,17 +180,7 @@ class Syscall:
                 f"{self.name} takes at most {len(self.params)} arguments, got {len(args)}",
             )
         out: dict[str, Any] = {}
-        if not kwargs:  # positional only, as every MessagePack-RPC client sends them
-            n = len(args)
-            for i, p in enumerate(self.params):
-                if i < n:
-                    out[p.name] = p.check(args[i])
-                elif p.default is REQUIRED:
-                    raise SyscallError("EINVAL", f"{self.name}: missing argument {p.name!r}")
-                else:
-                    out[p.name] = p.default
-            return out
-        kwargs = dict(kwargs)
+        kwargs = dict(kwargs) if kwargs else {}
         for i, p in enumerate(self.params):
             if i < len(args):
                 if p.name in kwargs:

@@ -49,9 +49,13 @@ def rich_table(rows: list[dict], cols: list[str], title: str | None = None,
     t = Table(title=title, box=None, header_style=header_style)
     for c in cols:
         t.add_column(HEADERS.get(c, c.upper()), justify="left" if c in _TEXT_COLS else "right")
-    for r in rows:
-        t.add_row(*["" if r.get(c) is None else str(r.get(c)) for c in cols])
+    for row in _cells(rows, cols):
+        t.add_row(*row)
     return t
+
+
+def _cells(rows: list[dict], cols: list[str]) -> list[list[str]]:
+    return [["" if r.get(c) is None else str(r.get(c)) for c in cols] for r in rows]
 
 
 def table(rows: list[dict], cols: list[str], title: str | None = None) -> None:
@@ -60,8 +64,7 @@ def table(rows: list[dict], cols: list[str], title: str | None = None) -> None:
         return
     # Into a pipe or a file: plain columns, as ps(1) writes them (rich takes a
     # tenth of a second to import and more to lay out a long table).
-    cells = [[HEADERS.get(c, c.upper()) for c in cols]]
-    cells += [["" if r.get(c) is None else str(r.get(c)) for c in cols] for r in rows]
+    cells = [[HEADERS.get(c, c.upper()) for c in cols], *_cells(rows, cols)]
     widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
     if title:
         print(title)
