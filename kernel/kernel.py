@@ -210,7 +210,7 @@ class Kernel:
                 sv.keys.start(root)  # each API key's process, as it was
                 root.start_soon(self._signals)
                 root.start_soon(sv.audit.writer)
-                root.start_soon(sv.mail.timer)
+                root.start_soon(sv.mail.waits.timer)
                 if sv.containment.level == "subreaper":
                     root.start_soon(self._sweep_orphans)
                 await sv.table.start(root)  # each loaded model's run queue

@@ -33,8 +33,8 @@ receiver's socket with no task switch in between, as L4 hands a message to
 a thread blocked in receive. send, recv and sendrecv run inline; only a
 sender facing a full mailbox and durable mail (its row is taken in a worker
 thread) go on in a task. Nothing polls: one timer answers ETIMEDOUT when a
-wait's timeout passes. A process's exit answers its waiting calls and wakes
-its blocked senders with ESRCH.
+wait's timeout passes (kernel/mailwait.py). A process's exit answers its
+waiting calls and wakes its blocked senders with ESRCH.
 
 Size. A message is any MessagePack value whose encoding fits `max_message`:
 the frame limit less room for the envelope its receiver gets. A larger one is
@@ -47,7 +47,6 @@ misses it) and answers how many got one.
 
 from __future__ import annotations
 
-import heapq
 import itertools
 import time
 from collections import deque
@@ -60,7 +59,7 @@ import trio
 from llmagentos.syscalls.errno import SyscallError
 from llmagentos.syscalls.table import check_name
 
-from .dispatch import LATER
+from .mailwait import Waiter, Waits, deadline_of, timed_out
 from .memory.mail import Header, MailStore
 from .names import identity
 from .proc import PCB
@@ -108,19 +107,6 @@ class Letter:
                 "type": self.type, "topic": self.topic, "time": self.time,
                 "durable": self.row is not None,
                 "message": msgpack.unpackb(body, raw=False, strict_map_key=False)}
-
-
-@dataclass(eq=False, slots=True)
-class Waiter:
-    """An ipc.recv with nothing to take, waiting with no task: the next message
-    it matches is its answer (or ETIMEDOUT at the deadline, ESRCH at exit)."""
-
-    box: "Mailbox"
-    call: "Call"
-    match: dict | None
-    deadline: float
-    timeout: float | None
-    done: bool = False
 
 
 class Mailbox:
@@ -209,15 +195,6 @@ async def _wait(pcb: PCB, event: Callable[[], Awaitable[None]], deadline: float)
         pcb.waiting_calls -= 1
 
 
-def _deadline(timeout: float | None) -> float:
-    return trio.current_time() + (float("inf") if timeout is None else timeout)
-
-
-def _timed_out(match: dict | None, timeout: float | None) -> SyscallError:
-    return SyscallError("ETIMEDOUT", f"no message{' matching' if match else ''} within "
-                                     f"{timeout}s")
-
-
 def check_topic(topic: str) -> str:
     if not topic or len(topic) > MAX_TOPIC or not topic.isprintable():
         raise SyscallError("EINVAL", f"a topic is 1..{MAX_TOPIC} printable characters")
@@ -256,9 +233,7 @@ class Mailboxes:
         self.topics: dict[str, set[int]] = {}
         self._ids = itertools.count(1)
         self._taken: dict[str, trio.Event] = {}  # agent name -> set when its stored mail shrinks
-        self._timeouts: list[tuple[float, int, Waiter]] = []  # a heap; done ones left in it
-        self._timed = 0  # waiters in it not yet done
-        self._timer_wake = trio.Event()
+        self.waits = Waits()  # calls waiting with no task (the kernel runs waits.timer)
 
     # --- mailboxes ------------------------------------------------------------------
     def box(self, pcb: PCB) -> Mailbox:
@@ -289,7 +264,7 @@ class Mailboxes:
             return
         box.close()
         for w in list(box.waiters):
-            self._answer(w, error=SyscallError("ESRCH", f"pid {pcb.pid} has exited"))
+            self.waits.answer(w, error=SyscallError("ESRCH", f"pid {pcb.pid} has exited"))
         for topic in box.topics:
             subs = self.topics.get(topic)
             if subs is not None:
@@ -365,65 +340,23 @@ class Mailboxes:
         is queued and the call goes on in a task that takes its row."""
         if letter.row is None and not front and box.waiters:
             for w in list(box.waiters):
-                if letter.matches(w.match) and self._answer(w, letter.envelope(letter.body)):
+                if letter.matches(w.match) and self.waits.answer(w, letter.envelope(letter.body)):
                     return  # (False: its caller hung up; the next one, or the queue)
         box.put(letter, front)
         if letter.row is not None and box.waiters:
             for w in list(box.waiters):
                 if letter.matches(w.match):
-                    self._unwait(w)
+                    self.waits.unwait(w)
                     if not w.call.conn.closed:
                         w.call.defer(self._recv, w.call, box, w.match, w.deadline, w.timeout,
                                      None)
                         return
 
-    # --- waiting without a task -------------------------------------------------------
-    def _park(self, call: Call, box: Mailbox, match: dict | None, deadline: float,
-              timeout: float | None) -> Any:
-        """Nothing to take: the call waits in the box (the process shown WAITING)."""
-        w = Waiter(box, call, match, deadline, timeout)
-        box.waiters.append(w)
-        call.caller.waiting_calls += 1
-        if deadline != float("inf"):
-            if not self._timeouts or deadline < self._timeouts[0][0]:
-                self._timer_wake.set()  # an earlier deadline than the timer sleeps to
-            heapq.heappush(self._timeouts, (deadline, next(self._ids), w))
-            self._timed += 1
-        return LATER
-
-    def _unwait(self, w: Waiter) -> None:
-        w.done = True
-        w.box.waiters.remove(w)
-        w.call.caller.waiting_calls -= 1
-        if w.deadline != float("inf"):
-            self._timed -= 1
-            if len(self._timeouts) > 2 * self._timed + 64:  # mostly answered: rebuild
-                self._timeouts = [x for x in self._timeouts if not x[2].done]
-                heapq.heapify(self._timeouts)
-
-    def _answer(self, w: Waiter, result: Any = None, error: SyscallError | None = None) -> bool:
-        """End a wait with its answer; False if its caller has hung up."""
-        self._unwait(w)
-        return w.call.answer_nowait(result, error)
-
     def hang_up(self, conn: Any) -> None:
         """A connection closed: its calls waiting for mail wait no more."""
         box = self.boxes.get(conn.pcb.pid)
-        for w in list(box.waiters) if box is not None else ():
-            if w.call.conn is conn:
-                self._unwait(w)
-
-    async def timer(self) -> None:
-        """The kernel's mail timer task: ETIMEDOUT for each wait whose time is up."""
-        while True:
-            now = trio.current_time()
-            while self._timeouts and self._timeouts[0][0] <= now:
-                w = heapq.heappop(self._timeouts)[2]
-                if not w.done:
-                    self._answer(w, error=_timed_out(w.match, w.timeout))
-            with trio.move_on_at(self._timeouts[0][0] if self._timeouts else float("inf")):
-                await self._timer_wake.wait()
-            self._timer_wake = trio.Event()
+        if box is not None:
+            self.waits.hang_up(box, conn)
 
     async def _send_stored(self, call: Call, name: str, body: bytes, kind: str | None,
                            deadline: float) -> dict:
@@ -458,7 +391,7 @@ class Mailboxes:
         """ipc.recv's inline step: mail waiting in memory is the answer at once;
         otherwise a task waits for it (or takes the durable letter's row)."""
         match = check_match(match)
-        deadline = _deadline(timeout)
+        deadline = deadline_of(timeout)
         return self._recv_now(call, self.box(call.caller), match, deadline, timeout)
 
     def _recv_now(self, call: Call, box: Mailbox, match: dict | None, deadline: float,
@@ -469,11 +402,11 @@ class Mailboxes:
         if letter is not None:
             return call.defer(self._recv, call, box, match, deadline, timeout, letter)
         self._check_wait(box, match, deadline, timeout)
-        return self._park(call, box, match, deadline, timeout)
+        return self.waits.park(call, box, match, deadline, timeout)
 
     async def recv(self, call: Call, timeout: float | None, match: dict | None) -> Any:
         match = check_match(match)
-        deadline = _deadline(timeout)
+        deadline = deadline_of(timeout)
         return await self._recv(call, self.box(call.caller), match, deadline, timeout, None)
 
     async def _recv(self, call: Call, box: Mailbox, match: dict | None, deadline: float,
@@ -483,7 +416,7 @@ class Mailboxes:
                 letter = box.take(match)
             if letter is None:
                 self._check_wait(box, match, deadline, timeout)
-                return self._park(call, box, match, deadline, timeout)
+                return self.waits.park(call, box, match, deadline, timeout)
             body = letter.body if letter.row is None else await self._take_stored(
                 call, box, letter)
             if body is not None:
@@ -497,7 +430,7 @@ class Mailboxes:
         if box.closed:
             raise SyscallError("ESRCH", f"pid {box.pid} has exited")
         if trio.current_time() >= deadline:
-            raise _timed_out(match, timeout)
+            raise timed_out(match, timeout)
 
     def sendrecv_now(self, call: Call, dest: int | str, message: Any, timeout: float | None,
                      match: dict | None) -> Any:
@@ -508,7 +441,7 @@ class Mailboxes:
             body, kind = self._pack(message)
             ready = self._letter(call.caller, dest, body, kind)
             if ready is not None:
-                deadline = _deadline(timeout)
+                deadline = deadline_of(timeout)
                 try:  # the caller's wait is set up first, so that handing the message
                     # over (which wakes its receiver) is the last thing this step does
                     return self._recv_now(call, self.box(call.caller), match, deadline, timeout)
