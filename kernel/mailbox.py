@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Awaitable, Callable
 import msgpack
 import trio
 
+from llmagentos.syscalls import wire
 from llmagentos.syscalls.errno import SyscallError
 from llmagentos.syscalls.table import check_name
 
@@ -204,8 +205,8 @@ def check_topic(topic: str) -> str:
 def check_match(match: dict | None) -> dict | None:
     if not match:
         return None
-    unknown = set(match) - MATCH_KEYS
-    if unknown:
+    if not MATCH_KEYS.issuperset(match):
+        unknown = set(match) - MATCH_KEYS
         raise SyscallError("EINVAL", f"match takes the keys {sorted(MATCH_KEYS)}, not "
                                      f"{sorted(unknown)}")
     frm = match.get("from")
@@ -273,7 +274,7 @@ class Mailboxes:
                     del self.topics[topic]
 
     def _pack(self, message: Any) -> tuple[bytes, str | None]:
-        body = msgpack.packb(message, use_bin_type=True)
+        body = wire.pack(message)
         if len(body) > self.max_message:
             raise SyscallError("E2BIG", f"a message is at most {self.max_message} bytes "
                                         f"encoded, this one is {len(body)}")

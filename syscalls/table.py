@@ -110,6 +110,15 @@ class Param:
         spec = self.type.removesuffix("?")
         object.__setattr__(self, "_nullable", spec != self.type or self.default is None)
         object.__setattr__(self, "_alts", tuple((t, _TYPES[t]) for t in spec.split("|")))
+        # What passes as it is, decided by its exact type alone (most arguments)
+        names = spec.split("|")
+        plain = () if self.choices is not None else tuple(
+            _TYPES[t][0] for t in names if t in ("str", "bytes", "bool"))
+        object.__setattr__(self, "_any", "any" in names and self.choices is None)
+        object.__setattr__(self, "_plain", frozenset(plain))
+        object.__setattr__(self, "_ints", None if "int" not in names or self.choices is not None
+                           else (INT64_MIN if self.lo is None else self.lo,
+                                 INT64_MAX if self.hi is None else self.hi))
 
     @property
     def required(self) -> bool:
@@ -120,6 +129,16 @@ class Param:
             if self._nullable:
                 return None
             raise SyscallError("EINVAL", f"parameter {self.name!r} must not be nil")
+        if self._any:
+            return value
+        kind = type(value)
+        if kind in self._plain:
+            return value
+        if kind is int and self._ints is not None and self._ints[0] <= value <= self._ints[1]:
+            return value
+        return self._check(value)
+
+    def _check(self, value: Any) -> Any:
         is_bool = isinstance(value, bool)
         for t, accepted in self._alts:
             # bool is an int subclass in Python; never let True pass as a pid.

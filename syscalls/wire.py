@@ -15,6 +15,7 @@ clients never need it.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -75,8 +76,20 @@ PROCESS_NOTIFICATIONS = frozenset({"drv.request", "drv.unregistered", "proc.sign
 SIGNALS_NOTIFIED = frozenset({2, 10, 12})
 
 
+_packers = threading.local()  # one Packer a thread: msgpack.packb makes a new one each call
+
+
 def _pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    try:
+        return _packers.p.pack(obj)
+    except AttributeError:
+        _packers.p = msgpack.Packer(use_bin_type=True)
+        return _packers.p.pack(obj)
+
+
+def pack(obj: Any) -> bytes:
+    """One MessagePack value, as the wire encodes it."""
+    return _pack(obj)
 
 
 def encode_request(msgid: int, method: str, args: list | tuple,
