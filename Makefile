@@ -22,6 +22,8 @@ demo: setup
 	$(BIN)/python examples/demo.py
 
 # `make test N=3`: pytest-xdist workers; the model's tests stay on one of them (tests/conftest.py).
+# For machines with cores to spare: on two cores the other workers slow the model's tests
+# more than they gain, and the serial run is the faster one.
 test: setup
 	$(BIN)/python -m pytest -q $(if $(N),-n $(N) --dist loadgroup) tests
 

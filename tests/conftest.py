@@ -60,28 +60,27 @@ class BootedKernel:
 MODEL_FIXTURES = {"llm_kernel", "device", "reference"}
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(items):
+def pytest_itemcollected(item):
     """Markers from what a test uses: `model` (it loads the real model), `ray`
     (a Ray cluster); `-m "not model"` runs the fast foundation tests alone.
-    Tests with either, or marked `slow`, share one xdist group."""
+    Tests with either, or marked `slow`, share one xdist group. (Set as each
+    test is collected: xdist reads the groups in its own modifyitems hook.)"""
     import inspect
 
-    for item in items:
-        fixtures = set(getattr(item, "fixturenames", ()))
-        try:
-            boots_model = 'model="gemma3-270m"' in inspect.getsource(item.function)
-        except (OSError, TypeError):
-            boots_model = False
-        if fixtures & MODEL_FIXTURES or boots_model or item.module.__name__ == "test_ray":
-            item.add_marker(pytest.mark.model)
-        if item.module.__name__ == "test_ray":
-            item.add_marker(pytest.mark.ray)
-        # `make test` runs workers in parallel (pytest-xdist, --dist loadgroup): whatever
-        # keeps the two cores busy (the model, Ray, the latency budgets) runs on one
-        # worker, one test at a time, while the others take the tests that mostly wait.
-        if any(item.get_closest_marker(m) for m in ("model", "ray", "slow", "soak")):
-            item.add_marker(pytest.mark.xdist_group("device"))
+    fixtures = set(getattr(item, "fixturenames", ()))
+    try:
+        boots_model = 'model="gemma3-270m"' in inspect.getsource(item.function)
+    except (OSError, TypeError):
+        boots_model = False
+    if fixtures & MODEL_FIXTURES or boots_model or item.module.__name__ == "test_ray":
+        item.add_marker(pytest.mark.model)
+    if item.module.__name__ == "test_ray":
+        item.add_marker(pytest.mark.ray)
+    # `make test N=2` runs workers in parallel (pytest-xdist, --dist loadgroup): whatever
+    # keeps the two cores busy (the model, Ray, the latency budgets) runs on one
+    # worker, one test at a time, while the others take the tests that mostly wait.
+    if any(item.get_closest_marker(m) for m in ("model", "ray", "slow", "soak")):
+        item.add_marker(pytest.mark.xdist_group("device"))
 
 
 def boot_kernel(tmp: Path, *extra: str, wait: float = 60, model: str = "none") -> BootedKernel:
