@@ -142,11 +142,8 @@ class Kernel:
         listeners: list = [(trio.SocketListener(usock), None)]
         cfg, procs = self.config, self.sys.procs
         procs.socket_address = sock_path
-        if cfg.tcp:  # in clear, so loopback only: the token must not cross a network so
+        if cfg.tcp:  # loopback only (KernelConfig.check)
             host, port = host_port(cfg.tcp)
-            if host not in LOOPBACK:
-                raise BootError(f"--tcp must be a loopback address, got {host!r} "
-                                "(--listen serves other machines, over TLS)")
             tcp = await _tcp_listeners(cfg.tcp, host, port)
             addr = tcp[0].socket.getsockname()
             procs.tcp_address = f"tcp://{_url_host(addr[0])}:{addr[1]}"

@@ -184,6 +184,10 @@ class KernelConfig:
             raise ConfigError("tls_cert and tls_key are for the TLS listener: give --listen too")
         if self.http is not None:
             http_address(self.http, self.http_insecure)
+        # in clear, so loopback only: the token must not cross a network so
+        if self.tcp is not None and host_port(self.tcp)[0] not in LOOPBACK:
+            raise ConfigError(f"--tcp must be a loopback address, got {host_port(self.tcp)[0]!r} "
+                              "(--listen serves other machines, over TLS)")
 
 
 def host_port(text: str) -> tuple[str, int]:

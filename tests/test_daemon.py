@@ -95,7 +95,7 @@ def test_tcp_refuses_non_loopback(tmp_path):
     r = subprocess.run([PY, "-m", "llmagentos.kernel", "--run-dir", str(tmp_path / "r"),
                         "--state-dir", str(tmp_path / "s"), "--tcp", "0.0.0.0:0"],
                        capture_output=True, text=True, timeout=30)
-    assert r.returncode == 1 and "loopback" in r.stderr
+    assert r.returncode == 2 and "loopback" in r.stderr  # a usage error, before any model loads
 
 
 def test_cli_end_to_end(tmp_path):
