@@ -973,7 +973,8 @@ async def test_real_64_greedy_sequences_are_the_same_with_and_without_preemption
     and give the same tokens, up to llama.cpp's rounding: on the CPU it follows the
     batch a token is decoded in and where its cells lie among the others'
     (drivers/llama/device.py), so two runs of different batches may part where the
-    two best tokens are a near tie (1 to 10 of 64 here, from run to run).
+    two best tokens are a near tie (1 to 10 of 64 here without flash attention, up
+    to ~20 with it, from run to run).
     So wherever the runs part, the two tokens must be such a tie in the model's own
     logits for the common prefix (llama-cpp-python alone); a lost, stale or wrong
     restore parts them at tokens the model does not rank together."""
@@ -1000,7 +1001,7 @@ async def test_real_64_greedy_sequences_are_the_same_with_and_without_preemption
     assert st_roomy["preemptions"] == 0 and st_roomy["batch_size"] > 32
     assert st_tight["preemptions"] >= 8 and st_tight["restores"] >= 8
     parted = [(i, a, b) for i, (a, b) in enumerate(zip(tight, roomy)) if a != b]
-    assert len(parted) <= 16, f"{len(parted)} of 64 differ"
+    assert len(parted) <= 32, f"{len(parted)} of 64 differ"
     if parted:
         gaps = await trio.to_thread.run_sync(_tie_gaps, parted)
         assert max(gaps) < TIE_LOGITS, (len(parted), gaps)
