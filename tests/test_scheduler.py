@@ -602,25 +602,39 @@ async def test_a_full_step_preempts_the_request_last_in_policy_order(nursery, po
 
 
 async def test_a_parked_request_gives_its_cells_first(nursery):
-    # 10 ms a token, and at most 40 + 55 cells of its own: however late this test's
-    # polling wakes on a busy machine, owner 1 is still running when it is stopped
-    # and never fills the pool by itself.
+    # Owner 1 is stopped from its own 5th token's callback, holding ~45 cells, so
+    # when it stops does not hang on how soon a polling test wakes (its whole run
+    # could be over by then).
     device = SimDevice(8, token_cost_s=0.01, record=True, kv_cap=100)
     sched = Scheduler(device, policy="fair", quantum=1000)
-    run = Run(sched, nursery)
+    await nursery.start(sched.run)
     a, b = _prompts(2, 40)
-    await run.submit(1, a, greedy(55))
-    await run.start()
-    while len(device.emitted) < 5:
-        await trio.sleep(0.005)
-    sched.stop(1)  # parked, holding ~45 cells
-    r = await sched.generate(2, b, greedy(30))  # needs 40 + 16: owner 1 gives way
-    assert len(r.tokens) == 30 and 1 not in run.errors
+    got: list[str] = []
+    out: dict = {}
+    parked = trio.Event()
+
+    async def on_token(piece: str) -> None:
+        got.append(piece)
+        if len(got) == 5:
+            sched.stop(1)
+            parked.set()
+
+    async def owner1() -> None:
+        try:
+            out["result"] = await sched.generate(1, a, greedy(55), on_token=on_token)
+        except SyscallError as e:
+            out["error"] = e
+
+    nursery.start_soon(owner1)
+    await parked.wait()
+    r = await sched.generate(2, b, greedy(30))  # needs 40 + 30: owner 1 gives way
+    assert len(r.tokens) == 30 and "error" not in out
+    # owner 1's request waits, parked, its cells saved and freed
     assert ("req", sched.placement.queue[0].id) in sched.snapshots
     sched.cont(1)
-    while len(device.emitted) < 5 + 30 + 5:
+    while "result" not in out and "error" not in out:
         await trio.sleep(0.005)
-    await sched.release(1)
+    assert len(out["result"].tokens) == 55  # and it went on where it stopped
 
 
 async def test_the_pool_shows_in_stats(nursery):
