@@ -285,7 +285,6 @@ class AgentHost:
         self.proc: subprocess.Popen | None = None
         self.out = tempfile.TemporaryFile()
         self._key = X25519PrivateKey.generate()
-        self._ca: str | None = None
         self._prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved before any fork
 
     def public_key(self) -> bytes:
@@ -298,20 +297,27 @@ class AgentHost:
         if child_env[paths.ENV_SOCKET].startswith("tls://"):
             # LLMAGENTOS_ADDRESS would win over LLMAGENTOS_SOCKET: say the same
             child_env[paths.ENV_ADDRESS] = child_env[paths.ENV_SOCKET]
+        fds = []
+        ca = None
         if ca_pem:  # the kernel's own CA: the program trusts that and nothing else
-            fd, self._ca = tempfile.mkstemp(prefix="llmagentos-ca-", suffix=".pem")  # 0600
-            with os.fdopen(fd, "wb") as f:
-                f.write(ca_pem)
-            child_env[paths.ENV_CA] = self._ca
+            # in a file with no name, read as /dev/fd/N: nothing is left on the node
+            # whatever ends the host (a killed actor never gets to clean up)
+            ca = tempfile.TemporaryFile()
+            ca.write(ca_pem)
+            ca.flush()
+            fds.append(ca.fileno())
+            child_env[paths.ENV_CA] = f"/dev/fd/{ca.fileno()}"
         tfd = token_fd(unseal(self._key, sealed))
         child_env[paths.ENV_TOKEN_FD] = str(tfd)
         try:
             self.proc = subprocess.Popen(argv, env=child_env, stdin=subprocess.DEVNULL,
                                          stdout=self.out, stderr=subprocess.STDOUT,
-                                         start_new_session=True, pass_fds=(tfd,),
+                                         start_new_session=True, pass_fds=(tfd, *fds),
                                          preexec_fn=self._prepare_child)
         finally:
             os.close(tfd)
+            if ca is not None:
+                ca.close()
         return {"node_ip": ray.util.get_node_ip_address(),
                 "node_id": ray.get_runtime_context().get_node_id(), "pid": self.proc.pid}
 
@@ -328,9 +334,6 @@ class AgentHost:
     def wait(self) -> tuple[int, bytes]:
         assert self.proc is not None
         rc = self.proc.wait()
-        if self._ca is not None:
-            os.unlink(self._ca)
-            self._ca = None
         self.out.seek(0)
         return rc, self.out.read(MAX_REMOTE_OUTPUT)
 

@@ -274,6 +274,32 @@ def test_a_lost_node_fails_its_requests_and_processes_and_nothing_else(nodes):
     assert os.path.exists(k.socket)  # the kernel is still up
 
 
+def test_the_kernels_ca_reaches_a_remote_program_in_no_named_file(monkeypatch, tmp_path):
+    """A remote agent trusts the kernel's CA from a file with no name (/dev/fd/N).
+    It was a llmagentos-ca-*.pem in the node's temp dir, removed only when the host
+    waited for the program: a host killed first (a lost node, a stopped kernel)
+    left it behind, one a remote agent."""
+    import tempfile
+    import types
+
+    from llmagentos.kernel import cluster
+    from llmagentos.syscalls import paths
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where a named one would go
+    monkeypatch.setattr(cluster, "ray", types.SimpleNamespace(
+        util=types.SimpleNamespace(get_node_ip_address=lambda: "127.0.0.1"),
+        get_runtime_context=lambda: types.SimpleNamespace(get_node_id=lambda: "n1")))
+    host = cluster.AgentHost()
+    prog = ("import os; p = os.environ['LLMAGENTOS_CA']; "
+            "print(p, open(p).read() == open(p).read() == 'PEM')")
+    host.start([sys.executable, "-c", prog], {paths.ENV_SOCKET: "tls://127.0.0.1:1"},
+               cluster.seal("tok", host.public_key()), b"PEM")
+    assert list(tmp_path.iterdir()) == []  # nothing named, even while it runs
+    rc, out = host.wait()
+    where, same = out.decode().split()
+    assert rc == 0 and where.startswith("/dev/fd/") and same == "True"  # read twice
+
+
 def test_the_token_crosses_ray_sealed_to_its_host():
     from cryptography.exceptions import InvalidTag
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
