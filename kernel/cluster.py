@@ -70,7 +70,11 @@ class Cluster:
     async def start(self, models: Any) -> tuple[Any, DeviceSet | None]:
         """Join the cluster; with a model, place the device actors and build the DeviceSet."""
         cfg = self.cfg
-        await trio.to_thread.run_sync(self._init_ray)
+        # On the event loop's own thread, not a worker thread: Ray starts its head
+        # processes (GCS, raylet) with PR_SET_PDEATHSIG, which fires when the thread
+        # that started them ends, and trio's idle worker threads end after 10 s.
+        # Boot blocks here for Ray's start; nothing is served yet.
+        self._init_ray()
         if cfg.model == "none":
             return None, None
         if cfg.devices < 1:
