@@ -301,7 +301,6 @@ class AgentHost:
         if child_env[paths.ENV_SOCKET].startswith("tls://"):
             # LLMAGENTOS_ADDRESS would win over LLMAGENTOS_SOCKET: say the same
             child_env[paths.ENV_ADDRESS] = child_env[paths.ENV_SOCKET]
-        fds = []
         ca = None
         if ca_pem:  # the kernel's own CA: the program trusts that and nothing else
             # in a file with no name, read as /dev/fd/N: nothing is left on the node
@@ -309,14 +308,14 @@ class AgentHost:
             ca = tempfile.TemporaryFile()
             ca.write(ca_pem)
             ca.flush()
-            fds.append(ca.fileno())
             child_env[paths.ENV_CA] = f"/dev/fd/{ca.fileno()}"
         tfd = token_fd(unseal(self._key, sealed))
         child_env[paths.ENV_TOKEN_FD] = str(tfd)
+        inherited = (tfd,) if ca is None else (tfd, ca.fileno())
         try:
             self.proc = subprocess.Popen(argv, env=child_env, stdin=subprocess.DEVNULL,
                                          stdout=self.out, stderr=subprocess.STDOUT,
-                                         start_new_session=True, pass_fds=(tfd, *fds),
+                                         start_new_session=True, pass_fds=inherited,
                                          preexec_fn=self._prepare_child)
         finally:
             os.close(tfd)

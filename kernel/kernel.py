@@ -32,7 +32,6 @@ import trio
 
 from llmagentos.syscalls import paths
 from llmagentos.syscalls.bootopts import (  # noqa: F401  (KernelConfig re-exported)
-    LOOPBACK,
     ConfigError,
     KernelConfig,
     host_port,

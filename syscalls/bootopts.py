@@ -185,8 +185,8 @@ class KernelConfig:
         if self.http is not None:
             http_address(self.http, self.http_insecure)
         # in clear, so loopback only: the token must not cross a network so
-        if self.tcp is not None and host_port(self.tcp)[0] not in LOOPBACK:
-            raise ConfigError(f"--tcp must be a loopback address, got {host_port(self.tcp)[0]!r} "
+        if self.tcp is not None and (host := host_port(self.tcp)[0]) not in LOOPBACK:
+            raise ConfigError(f"--tcp must be a loopback address, got {host!r} "
                               "(--listen serves other machines, over TLS)")
 
 

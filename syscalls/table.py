@@ -108,10 +108,10 @@ class Param:
     def __post_init__(self) -> None:
         # The type spec parsed once: every argument of every call is checked here.
         spec = self.type.removesuffix("?")
-        object.__setattr__(self, "_nullable", spec != self.type or self.default is None)
-        object.__setattr__(self, "_alts", tuple((t, _TYPES[t]) for t in spec.split("|")))
-        # What passes as it is, decided by its exact type alone (most arguments)
         names = spec.split("|")
+        object.__setattr__(self, "_nullable", spec != self.type or self.default is None)
+        object.__setattr__(self, "_alts", tuple((t, _TYPES[t]) for t in names))
+        # What passes as it is, decided by its exact type alone (most arguments)
         plain = () if self.choices is not None else tuple(
             _TYPES[t][0] for t in names if t in ("str", "bytes", "bool"))
         object.__setattr__(self, "_any", "any" in names and self.choices is None)

@@ -79,7 +79,8 @@ SIGNALS_NOTIFIED = frozenset({2, 10, 12})
 _packers = threading.local()  # one Packer a thread: msgpack.packb makes a new one each call
 
 
-def _pack(obj: Any) -> bytes:
+def pack(obj: Any) -> bytes:
+    """One MessagePack value, as the wire encodes it."""
     try:
         return _packers.p.pack(obj)
     except AttributeError:
@@ -87,25 +88,20 @@ def _pack(obj: Any) -> bytes:
         return _packers.p.pack(obj)
 
 
-def pack(obj: Any) -> bytes:
-    """One MessagePack value, as the wire encodes it."""
-    return _pack(obj)
-
-
 def encode_request(msgid: int, method: str, args: list | tuple,
                    kwargs: dict | None = None) -> bytes:
     msg: list = [REQUEST, msgid, method, list(args)]
     if kwargs:
         msg.append(kwargs)
-    return _pack(msg)
+    return pack(msg)
 
 
 def encode_response(msgid: int, error: Any, result: Any) -> bytes:
-    return _pack([RESPONSE, msgid, error, result])
+    return pack([RESPONSE, msgid, error, result])
 
 
 def encode_notification(method: str, args: list | tuple) -> bytes:
-    return _pack([NOTIFICATION, method, list(args)])
+    return pack([NOTIFICATION, method, list(args)])
 
 
 class RequestError(Exception):
