@@ -144,7 +144,13 @@ def test_soak(tmp_path):
         print(f"soak {took:.1f}s: rss {rss0 >> 20} -> {rss1 >> 20} MiB, fds {fds0} -> {fds1}")
         assert rss1 - rss0 <= RSS_SLACK, (rss0, rss1)
         assert fds1 - fds0 <= FD_SLACK, (fds0, fds1)
-        assert len(soak.c.proc.ps()) == 1  # every process gone and reaped
+        # Every process gone: the spawned ones are zombies whose status was read,
+        # which init reaps a while later (SHELL_ZOMBIE_AFTER_WAIT), so `llmos stat`
+        # after `llmos wait` still finds them; nothing else is left.
+        left = [p for p in soak.c.proc.ps() if p["pid"] != 1]
+        assert all(p["state"] == "ZOMBIE" for p in left), [p for p in left
+                                                           if p["state"] != "ZOMBIE"][:3]
+        assert len(left) <= SPAWN_CYCLES + 10
         soak.c.close()
     finally:
         k.stop()
