@@ -21,11 +21,13 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python examples/demo.py
 
-# `make test N=3`: pytest-xdist workers; the model's tests stay on one of them (tests/conftest.py).
-# For machines with cores to spare: on two cores the other workers slow the model's tests
-# more than they gain, and the serial run is the faster one.
+# pytest-xdist workers, each pinned to one CPU (round robin: tests/conftest.py), so a worker's model
+# runs one llama.cpp thread and none waits on another's; the latency budgets (`latency`)
+# run after, with the machine to themselves. `make test N=0`: one process, in order.
+N ?= 4
 test: setup
-	$(BIN)/python -m pytest -q $(if $(N),-n $(N) --dist loadgroup) tests
+	$(BIN)/python -m pytest -q -n $(N) --dist loadgroup -m "not latency and not soak" tests
+	$(BIN)/python -m pytest -q -m latency tests
 
 soak: setup
 	$(BIN)/python -m pytest -q -m soak tests

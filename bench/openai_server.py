@@ -35,9 +35,12 @@ class OpenAIServer:
     """One llama_cpp.server process; ``start()`` returns once /v1/models answers."""
 
     def __init__(self, *, embedding: bool = False, api_key: str | None = None,
-                 n_ctx: int = 1024, n_threads: int = 2, log: str | Path | None = None,
+                 n_ctx: int = 1024, n_threads: int | None = None, log: str | Path | None = None,
                  extra: list[str] | None = None) -> None:
+        from llmagentos.drivers.llama import default_threads
         from llmagentos.drivers.models import packaged_gemma_path
+
+        n_threads = n_threads or default_threads()  # as many as the kernel's device
 
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"

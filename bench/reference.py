@@ -9,11 +9,11 @@ from typing import Any
 import llama_cpp
 import llama_cpp.llama_cpp as low
 
-from llmagentos.drivers.llama import compute_thread, model_params
+from llmagentos.drivers.llama import compute_thread, default_threads, model_params
 from llmagentos.drivers.models import packaged_gemma_path
 
 
-def reference_llama(n_ctx: int = 2048, n_threads: int = 2, *, n_gpu_layers: int = 0,
+def reference_llama(n_ctx: int = 2048, n_threads: int | None = None, *, n_gpu_layers: int = 0,
                     path: str | None = None, flash_attn: bool = True) -> Any:
     """A ``Llama`` loaded as the Device loads its model (``model_params``: no AMX
     weight repack, which crashes this build), from ``path`` or the packaged GGUF;
@@ -24,6 +24,7 @@ def reference_llama(n_ctx: int = 2048, n_threads: int = 2, *, n_gpu_layers: int 
     It is created on ``compute_thread``; run it there too (``compute_thread.call``),
     since a second OpenMP master thread slows every decode in the process.
     """
+    n_threads = n_threads or default_threads()  # as many as the Device takes
     # Llama() takes its defaults from the low-level module; model_params reads the
     # package's own binding of the same function, which this leaves alone.
     original = low.llama_model_default_params

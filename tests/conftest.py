@@ -60,11 +60,24 @@ class BootedKernel:
 MODEL_FIXTURES = {"llm_kernel", "device", "reference"}
 
 
+def pytest_configure(config):
+    """An xdist worker runs on one CPU of its own (round robin), and so does
+    everything it starts: a kernel's device then takes one llama.cpp thread
+    (drivers/llama/runtime.py: default_threads), where two workers with two
+    threads each would wait on each other at every OpenMP barrier."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    if worker and worker.startswith("gw") and worker[2:].isdigit():
+        cpus = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cpus[int(worker[2:]) % len(cpus)]})
+
+
 def pytest_itemcollected(item):
     """Markers from what a test uses: `model` (it loads the real model), `ray`
     (a Ray cluster); `-m "not model"` runs the fast foundation tests alone.
-    Tests with either, or marked `slow`, share one xdist group. (Set as each
-    test is collected: xdist reads the groups in its own modifyitems hook.)"""
+    A module's tests are one xdist group, so its shared fixtures (a kernel with
+    the model) start once; Ray's are one group, so one cluster runs at a time.
+    (Set as each test is collected: xdist reads the groups in its own
+    modifyitems hook.)"""
     import inspect
 
     fixtures = set(getattr(item, "fixturenames", ()))
@@ -76,11 +89,8 @@ def pytest_itemcollected(item):
         item.add_marker(pytest.mark.model)
     if item.module.__name__ == "test_ray":
         item.add_marker(pytest.mark.ray)
-    # `make test N=2` runs workers in parallel (pytest-xdist, --dist loadgroup): whatever
-    # keeps the two cores busy (the model, Ray, the latency budgets) runs on one
-    # worker, one test at a time, while the others take the tests that mostly wait.
-    if any(item.get_closest_marker(m) for m in ("model", "ray", "slow", "soak")):
-        item.add_marker(pytest.mark.xdist_group("device"))
+    item.add_marker(pytest.mark.xdist_group(
+        "ray" if item.get_closest_marker("ray") else item.module.__name__))
 
 
 def boot_kernel(tmp: Path, *extra: str, wait: float = 60, model: str = "none") -> BootedKernel:
@@ -170,7 +180,7 @@ def wait_for(pred, timeout: float = 10, interval: float = 0.05):
 def device():
     """A real compute device (4 slots), one per test module."""
     from llmagentos.drivers.llama import Device
-    dev = Device(n_seq_max=4, n_ctx=1024, n_batch=512, n_threads=2)
+    dev = Device(n_seq_max=4, n_ctx=1024, n_batch=512)
     yield dev
     dev.close()
 
@@ -187,3 +197,4 @@ def reference_llama(n_ctx: int = 512):
     """llama-cpp-python's own greedy baseline (bench/reference.py)."""
     from reference import reference_llama as load
     return load(n_ctx)
+

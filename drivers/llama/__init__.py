@@ -14,7 +14,12 @@ drivers/device.py.
 from llmagentos.drivers.llama.chat import ChatFormat
 from llmagentos.drivers.llama.device import Device, Generation
 from llmagentos.drivers.llama.embed import Embedding, EmbeddingContext
-from llmagentos.drivers.llama.runtime import ComputeThread, compute_thread, model_params
+from llmagentos.drivers.llama.runtime import (
+    ComputeThread,
+    compute_thread,
+    default_threads,
+    model_params,
+)
 
 __all__ = [
     "ChatFormat",
@@ -24,5 +29,6 @@ __all__ = [
     "EmbeddingContext",
     "Generation",
     "compute_thread",
+    "default_threads",
     "model_params",
 ]

@@ -87,9 +87,20 @@ from llmagentos.drivers.device import (
 )
 from llmagentos.drivers.llama.chat import ChatFormat
 from llmagentos.drivers.llama.embed import Embedding, EmbeddingContext
-from llmagentos.drivers.llama.runtime import compute_thread, init_backend, model_params
+from llmagentos.drivers.llama.runtime import (
+    compute_thread,
+    default_threads,
+    init_backend,
+    model_params,
+)
 from llmagentos.drivers.llama.sampler import Sampler
-from llmagentos.drivers.models import DEFAULT_MODEL, ModelRegistry, ModelSpec, resolve_model
+from llmagentos.drivers.models import (
+    DEFAULT_MODEL,
+    ModelRegistry,
+    ModelSpec,
+    gguf_longest_token,
+    resolve_model,
+)
 from llmagentos.drivers.sampling import SamplingParams, TextStream
 from llmagentos.syscalls.errno import SyscallError
 
@@ -173,7 +184,7 @@ class Device:
         if self.n_seq_max > self.n_batch:
             raise SyscallError("EINVAL", f"n_seq_max {self.n_seq_max} exceeds n_batch "
                                          f"{self.n_batch}: a step must hold a token of each")
-        self.n_threads = n_threads or spec.n_threads or 2
+        self.n_threads = n_threads or spec.n_threads or default_threads()
         n_gpu_layers = n_gpu_layers if n_gpu_layers is not None else (spec.n_gpu_layers or 0)
         if self.n_seq_max < 1 or self.n_seq_max > limit:
             raise SyscallError("EINVAL", f"n_seq_max must be in 1..{limit}")
@@ -216,7 +227,7 @@ class Device:
         eos = llama_cpp.llama_vocab_eos(self.vocab)
         self.eos = eos if eos >= 0 else llama_cpp.llama_vocab_eot(self.vocab)
         self.bos = llama_cpp.llama_vocab_bos(self.vocab)
-        self.max_token_bytes = _max_token_bytes(self.vocab, self.n_vocab)
+        self.max_token_bytes = _max_token_bytes(self.path, self.vocab, self.n_vocab)
 
         cparams = llama_cpp.llama_context_default_params()
         self.kv_cell_bytes = kv_cell_bytes(model_p, cparams)
@@ -743,8 +754,12 @@ def free_memory(gpu: bool = False) -> int:
     return int(psutil.virtual_memory().available * KV_MEMORY_SHARE)
 
 
-def _max_token_bytes(vocab: llama_cpp.llama_vocab_p, n_vocab: int) -> int:
+def _max_token_bytes(path: Path, vocab: llama_cpp.llama_vocab_p, n_vocab: int) -> int:
     """An upper bound on the input bytes one token stands for: the longest vocabulary
-    text (escaped forms such as "▁" or "<0x0A>" are no shorter than what they match)."""
+    text (escaped forms such as "▁" or "<0x0A>" are no shorter than what they match),
+    read off the GGUF, else asked of llama.cpp token by token."""
+    read = gguf_longest_token(path)
+    if read is not None and read[0] == n_vocab:
+        return max(1, read[1])
     get = llama_cpp.llama_vocab_get_text
     return max(1, max(len(get(vocab, t) or b"") for t in range(n_vocab)))

@@ -11,6 +11,11 @@ Device goes through one thread, ``compute_thread``, whichever thread calls it.
 Run other llama.cpp work (e.g. a reference ``Llama``) through its ``call()``
 as well. The scheduler runs each whole tick on it (drivers/device.py).
 
+Threads: llama.cpp's own tools default to the machine's physical cores; a
+process confined to fewer CPUs (taskset, a cpuset cgroup, a test worker pinned
+to one core) gets as many threads as it has CPUs (``default_threads``), since
+OpenMP threads that outnumber their CPUs wait on each other at every barrier.
+
 Model loading: this build of llama.cpp crashes (SIGSEGV in
 ggml_backend_amx_mul_mat) when it repacks weights for the CPU's AMX units on
 this machine, so models load with ``use_extra_bufts=False`` (``model_params``)
@@ -20,9 +25,11 @@ unless a caller asks for the extra buffers.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
 import llama_cpp
+import psutil
 
 from llmagentos.drivers.device import ComputeThread
 
@@ -41,6 +48,13 @@ def init_backend(verbose: bool) -> None:
         if not _backend_ready:
             llama_cpp.llama_backend_init()
             _backend_ready = True
+
+
+def default_threads() -> int:
+    """Compute threads when none are asked for: the physical cores of the CPUs
+    this process may run on (see the module doc)."""
+    cpus = len(os.sched_getaffinity(0))
+    return max(1, min(cpus, psutil.cpu_count(logical=False) or cpus))
 
 
 def model_params(extra_buffers: bool = False) -> llama_cpp.llama_model_params:
