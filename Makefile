@@ -21,9 +21,9 @@ $(STAMP): pyproject.toml
 demo: setup
 	$(BIN)/python examples/demo.py
 
-# pytest-xdist workers, each pinned to one CPU (round robin: tests/conftest.py), so a worker's model
-# runs one llama.cpp thread and none waits on another's; the latency budgets (`latency`)
-# run after, with the machine to themselves. `make test N=0`: one process, in order.
+# pytest-xdist workers, whose models run one llama.cpp thread each (tests/conftest.py), so
+# none waits on another's; the latency budgets (`latency`) run after, with the machine to
+# themselves. `make test N=0`: one process, in order.
 N ?= 4
 test: setup
 	$(BIN)/python -m pytest -q -n $(N) --dist loadgroup -m "not latency and not soak" tests

@@ -121,8 +121,8 @@ class KernelConfig:
                                 "(default: a share of the free RAM, or of the GPU's memory "
                                 "with --gpu-layers)", metavar="BYTES", default=None)
     n_ctx: int = opt("tokens per slot", default=2048)
-    threads: int | None = opt("llama.cpp threads (default: the physical cores of the "
-                                "CPUs the kernel may run on)", default=None)
+    threads: int | None = opt("llama.cpp threads (default: $LLMAGENTOS_THREADS, else the physical "
+                                "cores of the CPUs the kernel may run on)", default=None)
     n_gpu_layers: int | None = opt("layers to offload to the GPU, or 'all' (needs llama-cpp-python "
                                    "built for the GPU: README)", flag="--gpu-layers",
                                    metavar="N|all", parse=gpu_layers, default=None)

@@ -16,6 +16,7 @@ ENV_PID = "LLMAGENTOS_PID"
 ENV_RUN_DIR = "LLMAGENTOS_RUN_DIR"
 ENV_STATE_DIR = "LLMAGENTOS_STATE_DIR"
 ENV_CONFIG = "LLMAGENTOS_CONFIG"  # the config file (model registry) a private kernel boots with
+ENV_THREADS = "LLMAGENTOS_THREADS"  # llama.cpp threads of a device not given --threads
 
 SOCKET_NAME = "kernel.sock"
 TOKEN_NAME = "token"  # the shell user's token, mode 0600

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import llmagentos
+from llmagentos.syscalls.paths import ENV_THREADS
 
 PY = sys.executable
 # The baseline the tests compare against lives with the benchmarks (bench/ is no package).
@@ -61,14 +62,11 @@ MODEL_FIXTURES = {"llm_kernel", "device", "reference"}
 
 
 def pytest_configure(config):
-    """An xdist worker runs on one CPU of its own (round robin), and so does
-    everything it starts: a kernel's device then takes one llama.cpp thread
-    (drivers/llama/runtime.py: default_threads), where two workers with two
-    threads each would wait on each other at every OpenMP barrier."""
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    if worker and worker.startswith("gw") and worker[2:].isdigit():
-        cpus = sorted(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {cpus[int(worker[2:]) % len(cpus)]})
+    """Under xdist every model the workers start (kernels, devices, the reference)
+    runs one llama.cpp thread: two workers' models with two threads each on two
+    cores would wait on each other at every OpenMP barrier."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        os.environ[ENV_THREADS] = "1"
 
 
 def pytest_itemcollected(item):

@@ -82,6 +82,27 @@ def test_missing_or_corrupt_model_files_say_so(tmp_path):
     assert exc.value.name == "EINVAL" and "not a GGUF" in exc.value.message
 
 
+def test_default_threads_are_the_environments_else_the_cpus_this_process_has(monkeypatch):
+    import os
+
+    from llmagentos.drivers.llama import default_threads
+    monkeypatch.setenv("LLMAGENTOS_THREADS", "3")
+    assert default_threads() == 3
+    for bad in ("0", "-1", "two", "1e3", "9999", " 2"):
+        monkeypatch.setenv("LLMAGENTOS_THREADS", bad)
+        with pytest.raises(SyscallError) as e:
+            default_threads()
+        assert e.value.name == "EINVAL" and "LLMAGENTOS_THREADS" in e.value.message, bad
+    monkeypatch.delenv("LLMAGENTOS_THREADS")
+    cpus = os.sched_getaffinity(0)
+    assert 1 <= default_threads() <= len(cpus)
+    os.sched_setaffinity(0, {min(cpus)})  # as under taskset -c N
+    try:
+        assert default_threads() == 1
+    finally:
+        os.sched_setaffinity(0, cpus)
+
+
 def test_the_longest_token_is_read_off_the_gguf_as_llama_cpp_has_it(device, tmp_path):
     import llama_cpp
     get = llama_cpp.llama_vocab_get_text

@@ -12,9 +12,11 @@ Run other llama.cpp work (e.g. a reference ``Llama``) through its ``call()``
 as well. The scheduler runs each whole tick on it (drivers/device.py).
 
 Threads: llama.cpp's own tools default to the machine's physical cores; a
-process confined to fewer CPUs (taskset, a cpuset cgroup, a test worker pinned
-to one core) gets as many threads as it has CPUs (``default_threads``), since
-OpenMP threads that outnumber their CPUs wait on each other at every barrier.
+process confined to fewer CPUs (taskset, a cpuset cgroup) gets as many threads
+as it has CPUs (``default_threads``), since OpenMP threads that outnumber their
+CPUs wait on each other at every barrier. ``$LLMAGENTOS_THREADS`` sets the
+default for a process and what it starts (several kernels sharing the cores,
+as the test suite's workers do).
 
 Model loading: this build of llama.cpp crashes (SIGSEGV in
 ggml_backend_amx_mul_mat) when it repacks weights for the CPU's AMX units on
@@ -32,6 +34,8 @@ import llama_cpp
 import psutil
 
 from llmagentos.drivers.device import ComputeThread
+from llmagentos.syscalls.errno import SyscallError
+from llmagentos.syscalls.paths import ENV_THREADS
 
 _backend_lock = threading.Lock()
 _backend_ready = False
@@ -51,8 +55,14 @@ def init_backend(verbose: bool) -> None:
 
 
 def default_threads() -> int:
-    """Compute threads when none are asked for: the physical cores of the CPUs
-    this process may run on (see the module doc)."""
+    """Compute threads when none are asked for: ``$LLMAGENTOS_THREADS``, else the
+    physical cores of the CPUs this process may run on (see the module doc)."""
+    given = os.environ.get(ENV_THREADS)
+    if given:
+        if not given.isdigit() or not 0 < int(given) <= 512:
+            raise SyscallError("EINVAL", f"{ENV_THREADS} is a number of threads (1..512), "
+                                         f"not {given!r:.40}")
+        return int(given)
     cpus = len(os.sched_getaffinity(0))
     return max(1, min(cpus, psutil.cpu_count(logical=False) or cpus))
 
