@@ -102,9 +102,13 @@ def packaged_gemma_path() -> Path:
         ) from exc
     target = Path(default_output_path())
     stamp = target.with_name(target.name + ".verified")
+
+    def checked(path: Path) -> str:  # what the stamp says of a file whose hash was checked
+        st = path.stat()
+        return f"{EXPECTED_SHA256} {st.st_size} {st.st_mtime_ns}"
+
     try:
-        st = target.stat()
-        if stamp.read_text() == f"{EXPECTED_SHA256} {st.st_size} {st.st_mtime_ns}":
+        if stamp.read_text() == checked(target):
             return target
     except OSError:
         pass
@@ -113,8 +117,7 @@ def packaged_gemma_path() -> Path:
     except (OSError, ValueError) as exc:
         raise SyscallError("EIO", f"could not assemble {DEFAULT_MODEL!r}: {exc}") from exc
     try:
-        st = path.stat()
-        stamp.write_text(f"{EXPECTED_SHA256} {st.st_size} {st.st_mtime_ns}")
+        stamp.write_text(checked(path))
     except OSError:
         pass  # a read-only install: hash it each time
     return path

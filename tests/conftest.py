@@ -195,4 +195,3 @@ def reference_llama(n_ctx: int = 512):
     """llama-cpp-python's own greedy baseline (bench/reference.py)."""
     from reference import reference_llama as load
     return load(n_ctx)
-
