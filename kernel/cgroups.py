@@ -750,10 +750,11 @@ class Containment:
         """Boot: what a crashed kernel of this run dir left is killed, then removed."""
         leftovers = []
         for h, base in self.bases.items():
-            for entry in sorted(os.listdir(base)):
-                d = os.path.join(base, entry)
-                if os.path.isdir(d):
-                    leftovers.append(entry)
+            try:
+                entries = sorted(os.listdir(base))
+            except FileNotFoundError:  # another holder of the name removed it: nothing left
+                continue
+            leftovers += [e for e in entries if os.path.isdir(os.path.join(base, e))]
         for entry in sorted(set(leftovers)):
             dirs = {h: os.path.join(b, entry) for h, b in self.bases.items()
                     if os.path.isdir(os.path.join(b, entry))}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -89,6 +90,34 @@ def pytest_itemcollected(item):
         item.add_marker(pytest.mark.ray)
     item.add_marker(pytest.mark.xdist_group(
         "ray" if item.get_closest_marker("ray") else item.module.__name__))
+
+
+def probe_name(what: str = "probe") -> str:
+    """A containment group name of this test process's own: xdist workers probe
+    at the same time, and a shared name let one remove what another was listing."""
+    return f"llmagentos-test{what}-{os.getpid()}"
+
+
+@functools.lru_cache(maxsize=1)
+def containment_levels() -> tuple[str, tuple[str, ...]]:
+    """(the level auto picks here, the weaker levels this machine can be forced to)."""
+    from llmagentos.kernel.cgroups import LEVELS, Containment
+
+    auto = Containment.probe(probe_name())
+    auto.close()
+    forced = []
+    for lv in LEVELS:
+        if lv == auto.level:
+            continue
+        if lv == "subreaper":  # always there (probing it would make us a subreaper)
+            forced.append(lv)
+            continue
+        try:
+            Containment.probe(probe_name(), lv).close()
+            forced.append(lv)
+        except ValueError:
+            pass
+    return auto.level, tuple(forced)
 
 
 def boot_kernel(tmp: Path, *extra: str, wait: float = 60, model: str = "none") -> BootedKernel:

@@ -13,27 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import PY, boot_kernel, wait_for
+from conftest import PY, boot_kernel, containment_levels, probe_name, wait_for
 
-from llmagentos.kernel.cgroups import LEVELS, Containment, kernel_name
+from llmagentos.kernel.cgroups import Containment, kernel_name
 
-_PROBE = Containment.probe("llmagentos-testprobe")
-_PROBE.close()
-AUTO_LEVEL = _PROBE.level
-
-
-def _available(level: str) -> bool:
-    if level == "subreaper":  # always; probing it would make this process a subreaper
-        return True
-    try:
-        Containment.probe("llmagentos-testprobe", level).close()
-        return True
-    except ValueError:
-        return False
-
-
-# auto (the strongest here) and every weaker level this machine can be forced to
-FORCED = [lv for lv in LEVELS if lv != AUTO_LEVEL and _available(lv)]
+AUTO_LEVEL, FORCED = containment_levels()  # FORCED: the weaker levels this machine has
 LEVEL_PARAMS = ["auto", *FORCED]
 
 
@@ -212,7 +196,9 @@ def test_next_boot_kills_what_a_crashed_kernel_left(tmp_path, leftovers):
     finally:
         k.stop()
     name = kernel_name(tmp_path / "run")
-    for base in _PROBE.bases.values():  # the per-kernel parent group is gone at shutdown
+    probe = Containment.probe(probe_name())
+    probe.close()
+    for base in probe.bases.values():  # the per-kernel parent group is gone at shutdown
         assert not os.path.exists(os.path.join(os.path.dirname(base), name))
 
 
@@ -297,3 +283,30 @@ def test_a_subreaper_sweep_spares_children_in_no_group():
     other children to a sweep."""
     r = subprocess.run([PY, "-c", SWEEP_SPARES], capture_output=True, text=True, timeout=30)
     assert r.stdout.split() == ["None", "-9"], r.stdout + r.stderr
+
+
+@pytest.mark.skipif(AUTO_LEVEL == "subreaper", reason="no cgroup dirs at the subreaper level")
+def test_a_probe_whose_group_dir_another_removed_still_boots():
+    """Two holders of one group name (test workers probing at once) could remove
+    the parent dir while the other listed it for leftovers: FileNotFoundError
+    out of probe. A dir gone means nothing is left to clear."""
+    c = Containment.probe(probe_name("gone"))
+    c._drop_bases()  # what the other holder's close does
+    c._clear_leftovers()
+    c.close()
+    threads_err: list[BaseException] = []
+
+    def probe_often():
+        try:
+            for _ in range(20):
+                Containment.probe(probe_name("race")).close()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            threads_err.append(e)
+
+    import threading
+    ts = [threading.Thread(target=probe_often) for _ in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not threads_err, threads_err

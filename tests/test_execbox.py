@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import boot_kernel, containment_levels
 
 from llmagentos.drivers.execbox import (
     NOBODY,
@@ -491,28 +492,8 @@ def test_a_killed_callers_container_dies_at_once(shared_kernel):
     _killed_callers_container_dies(shared_kernel)
 
 
-def _forced_levels() -> list[str]:
-    from llmagentos.kernel.cgroups import LEVELS, Containment
-    auto = Containment.probe("llmagentos-testprobe")
-    auto.close()
-    out = []
-    for lv in LEVELS:
-        if lv == auto.level:
-            continue
-        if lv == "subreaper":  # always there (probing would make us a subreaper)
-            out.append(lv)
-            continue
-        try:
-            Containment.probe("llmagentos-testprobe", lv).close()
-            out.append(lv)
-        except ValueError:
-            pass
-    return out
-
-
-@pytest.mark.parametrize("level", _forced_levels())
+@pytest.mark.parametrize("level", containment_levels()[1])
 def test_a_killed_callers_container_dies_at_the_weaker_levels(tmp_path, level):
-    from conftest import boot_kernel
     k = boot_kernel(tmp_path, "--containment", level)
     try:
         _killed_callers_container_dies(k)
