@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import mcp_types as mt
+import pytest
 import trio
 from conftest import wait_for
 from mcp import Client, StdioServerParameters
@@ -242,7 +243,11 @@ def test_the_server_ends_when_the_kernel_goes_away(tmp_path):
             "clientInfo": {"name": "t", "version": "0"}}}
         server.stdin.write(json.dumps(init) + "\n")
         server.stdin.flush()
-        assert json.loads(server.stdout.readline())["id"] == 1  # serving, as the key
+        line = server.stdout.readline()
+        if not line:  # it ended before serving: say how
+            server.wait(10)
+            pytest.fail(f"mcp serve exited {server.returncode}: {server.stderr.read()[-2000:]}")
+        assert json.loads(line)["id"] == 1  # serving, as the key
     finally:
         k.stop()
     try:

@@ -366,3 +366,15 @@ def test_logs_of_another_process_need_the_right_to_signal_it(shared_kernel):
         finally:
             c.proc.kill(other, "SIGKILL")
             c.proc.wait(other, 30)
+
+
+def test_no_token_reads_as_a_command_line_option(tmp_path):
+    """A process token is passed as `llmos mcp serve --key TOKEN`; one in 64
+    began with "-" and argparse took it for an option ("expected one
+    argument"), so the server did not start."""
+    from llmagentos.kernel.proc.table import ProcessTable
+
+    table = ProcessTable(tmp_path / "logs")
+    tokens = [table._new_pcb(ppid=1, name="t", argv=[], caps=[]).token for _ in range(3000)]
+    assert not [t for t in tokens if t.startswith("-")]
+    assert len(set(tokens)) == len(tokens) and {len(t) for t in tokens} == {32}

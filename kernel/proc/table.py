@@ -68,6 +68,8 @@ class ProcessTable:
         pid = self._next_pid
         self._next_pid += 1
         token = secrets.token_urlsafe(24)
+        while token.startswith("-"):  # `--key TOKEN` must not read as an option
+            token = secrets.token_urlsafe(24)
         pcb = PCB(pid=pid, token=token, **kw)
         self.procs[pid] = pcb
         self.by_token[token] = pid
