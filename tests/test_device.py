@@ -453,6 +453,39 @@ def test_penalty_samplers_are_built_and_used(device, penalty):
     assert gen.tokens != plain.tokens
 
 
+def test_greedy_by_argmax_picks_what_llama_cpp_greedy_sampler_picks(device, monkeypatch):
+    """Plain greedy takes numpy's argmax of the logits row instead of llama.cpp's
+    greedy sampler (which copies every logit first): the same token at every
+    step of real generations, and the first of tied logits, as llama.cpp picks."""
+    import llama_cpp
+    import numpy as np
+
+    picks = []
+    plain = sampler.Sampler.sample
+
+    def both(self, ctx, idx):
+        ours = plain(self, ctx, idx)
+        picks.append((self.argmax, ours, int(llama_cpp.llama_sampler_sample(self.chain, ctx, idx))))
+        return ours
+
+    monkeypatch.setattr(sampler.Sampler, "sample", both)
+    for text in ("The capital of France is", "def fibonacci(n):", "1, 2, 3, 4,"):
+        run_slot(device, 0, device.tokenize(text), greedy(24))
+    assert len(picks) >= 60 and all(fast for fast, _, _ in picks)
+    assert [ours for _, ours, _ in picks] == [theirs for _, _, theirs in picks]
+
+    gen = device.generation(device.tokenize("x"), greedy(1))
+    cand = np.zeros(device.n_vocab, dtype=sampler._TOKEN_DATA)
+    cand["id"] = np.arange(device.n_vocab)
+    cand["logit"][[9000, 7, 300]] = 5.0  # a three-way tie
+    assert gen.sampler._apply_chain(cand) == 7 == int(cand["logit"].argmax())
+    gen.close()
+    for kw in ({"repeat_penalty": 1.3}, {"temperature": 0.7}, {"grammar": 'root ::= "a"'}):
+        g = device.generation(device.tokenize("x"), greedy(1, **kw))
+        assert not g.sampler.argmax, kw  # a sampler with state or chance keeps llama.cpp's
+        g.close()
+
+
 def test_a_grammar_over_the_cost_probe_is_refused(device, monkeypatch):
     monkeypatch.setattr(sampler, "GRAMMAR_MAX_PASS_SECONDS", 0.0)
     with pytest.raises(SyscallError) as exc:

@@ -96,6 +96,12 @@ class Sampler:
             ]
             for stage in stages:
                 llama_cpp.llama_sampler_chain_add(chain, stage)
+        # Greedy with no state to keep (no penalties, no grammar): the first largest
+        # logit, by numpy's vectorised argmax, as llama.cpp's greedy sampler picks it
+        # (ties included) but without first copying every logit into a candidate
+        # array: ~0.8 ms a token with Gemma 3's 262,144, on one core while the
+        # device's other threads wait.
+        self.argmax = False
         self.grammar_fallbacks = 0  # how often the single-token check failed (for tuning)
         self.grammar_pass_seconds = 0.0  # the measured cost of one pass over the vocabulary
         try:
@@ -113,6 +119,8 @@ class Sampler:
         except BaseException:
             self.close()
             raise
+        penalized = p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
+        self.argmax = p.temperature <= 0 and not penalized and self.grammar is None
 
     def _probe_cost(self) -> None:
         """Refuse a grammar whose full pass over the vocabulary would hold the device
@@ -135,6 +143,9 @@ class Sampler:
 
     def sample(self, ctx: llama_cpp.llama_context_p, idx: int) -> int:
         """Sample from output row ``idx`` of the last decode and accept the token."""
+        if self.argmax:
+            row = llama_cpp.llama_get_logits_ith(ctx, idx)
+            return int(np.ctypeslib.as_array(row, shape=(self.n_vocab,)).argmax())
         if self.grammar is None:
             return int(llama_cpp.llama_sampler_sample(self.chain, ctx, idx))
         row = llama_cpp.llama_get_logits_ith(ctx, idx)
