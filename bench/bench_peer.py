@@ -10,6 +10,10 @@ packaged Gemma-3-270M), the same prompts, 48 greedy tokens per request:
 (2) single stream: one client, one agent process, the prompts in turn
     (goal >= 1.0).
 
+A ratio is the median of the rounds' own ratios: each round runs the sides
+back to back, so load from outside that drifts over minutes moves both sides
+of a round alike.
+
 The kernel runs twice: booted with its defaults, and with `--slots 16
 --n-ctx 512` (the peer's KV: 16 sequences of 512 tokens). The sides
 alternate, peer / kernel / kernel, for --rounds rounds; each side runs alone
@@ -215,12 +219,16 @@ def table(res: dict[str, list[dict]], key: str, title: str, goal: float | None) 
     print(f"  {'':32} {CLIENTS} at once{'':26} single stream")
     print(f"  {'':32} {'median':>7} {'runs':14} {'÷ peer':11}   {'median':>7} {'runs':12} "
           f"{'÷ peer':11}".rstrip())
+    print(f"  {'':32} (÷ peer: the median of the rounds' own ratios)")
     for side in res:
         cells = []
         for kind, width in (("multi", 14), ("single", 12)):
             v = median_of(res[side], kind, key)
             runs = " ".join(f"{x[kind][key]:.1f}" for x in res[side])
-            ratio = v / median_of(peer, kind, key)
+            # each round's own ratio (its runs are a minute apart; load that drifts
+            # over the run moves both sides of one), then their median
+            ratio = statistics.median(x[kind][key] / p[kind][key]
+                                      for x, p in zip(res[side], peer))
             verdict = "" if side == PEER or goal is None else (
                 "PASS" if ratio >= goal else "FAIL")
             cells.append(f"{v:7.1f} {runs:{width}} {ratio:4.2f} {verdict:6}")
