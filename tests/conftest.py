@@ -74,7 +74,9 @@ def pytest_itemcollected(item):
     """Markers from what a test uses: `model` (it loads the real model), `ray`
     (a Ray cluster); `-m "not model"` runs the fast foundation tests alone.
     A module's tests are one xdist group, so its shared fixtures (a kernel with
-    the model) start once; Ray's are one group, so one cluster runs at a time.
+    the model) start once; Ray's are one group, so one cluster runs at a time. A
+    long test that uses none of its module's shared fixtures may name a group of
+    its own (`@pytest.mark.xdist_group`) and run beside the rest of its module.
     (Set as each test is collected: xdist reads the groups in its own
     modifyitems hook.)"""
     import inspect
@@ -88,8 +90,9 @@ def pytest_itemcollected(item):
         item.add_marker(pytest.mark.model)
     if item.module.__name__ == "test_ray":
         item.add_marker(pytest.mark.ray)
-    item.add_marker(pytest.mark.xdist_group(
-        "ray" if item.get_closest_marker("ray") else item.module.__name__))
+    if item.get_closest_marker("xdist_group") is None:  # a test may name a group of its own
+        item.add_marker(pytest.mark.xdist_group(
+            "ray" if item.get_closest_marker("ray") else item.module.__name__))
 
 
 def probe_name(what: str = "probe") -> str:

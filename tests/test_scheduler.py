@@ -981,6 +981,7 @@ async def test_real_withdrawn_embed_gives_its_cells_back(device, nursery):
 
 @pytest.mark.slow
 @pytest.mark.timeout(600)  # 64 sequences twice: ~30 s quiet, minutes on a busy machine
+@pytest.mark.xdist_group("scheduler-64")  # devices of its own: beside the module's other tests
 async def test_real_64_greedy_sequences_are_the_same_with_and_without_preemption(nursery):
     """64 concurrent greedy requests on the real model: a KV pool that holds them all,
     and one so small that they are saved, requeued and restored by turns, all finish
