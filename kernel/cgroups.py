@@ -81,11 +81,17 @@ class Unavailable(Exception):
 # --- small file helpers ------------------------------------------------------
 
 def _read(path: str) -> str:
+    """A cgroup or /proc file's text; "" once it is gone. (A cgroup removed
+    between opening its file and reading it answers ENODEV.)"""
     try:
         with open(path) as f:
             return f.read()
     except (FileNotFoundError, ProcessLookupError, NotADirectoryError):
         return ""
+    except OSError as e:
+        if e.errno == errno.ENODEV:
+            return ""
+        raise
 
 
 def _write(path: str, text: str) -> None:
@@ -256,9 +262,16 @@ class Group:
         raise NotImplementedError
 
     def signal(self, sig: int, also: int | None = None) -> None:
-        """Send sig to every member (and to the pid ``also``, the process's root,
-        should it not have joined yet)."""
-        for pid in self.pids() | ({also} if also else set()):
+        """Send sig to every member, the process's root ``also`` first (it may not
+        have joined yet). First, so that its handler runs before it sees its
+        children die of the same signal: one that saw them die first might be
+        exiting, its handlers gone, when its own copy came (an MCP bridge died
+        of a SIGTERM it handles)."""
+        members = self.pids()
+        if also:
+            _kill(also, sig)
+            members.discard(also)
+        for pid in sorted(members):
             _kill(pid, sig)
 
     def kill(self) -> None:

@@ -310,3 +310,51 @@ def test_a_probe_whose_group_dir_another_removed_still_boots():
     for t in ts:
         t.join(60)
     assert not threads_err, threads_err
+
+
+def test_a_signal_reaches_the_groups_root_before_its_children(monkeypatch):
+    """The members were signalled in set order, so a child could die of SIGTERM
+    before its parent got it; the parent (an MCP bridge) saw its server die,
+    began to exit, and then died of the SIGTERM it handles."""
+    from llmagentos.kernel import cgroups
+
+    sent = []
+    monkeypatch.setattr(cgroups, "_kill", lambda pid, sig: sent.append((pid, sig)))
+
+    class Members:  # a group whose root (10) iterates after its child (1) in a set
+        def pids(self):
+            return {1, 10, 33}
+
+    cgroups.Group.signal(Members(), signal.SIGTERM, also=10)
+    assert sent == [(10, signal.SIGTERM), (1, signal.SIGTERM), (33, signal.SIGTERM)]
+    sent.clear()
+    cgroups.Group.signal(Members(), signal.SIGTERM, also=99)  # a root not yet joined
+    assert [p for p, _ in sent] == [99, 1, 10, 33]
+
+
+@pytest.mark.skipif(AUTO_LEVEL == "subreaper", reason="no cgroup dirs at the subreaper level")
+def test_a_group_removed_while_it_is_read_has_no_members(monkeypatch):
+    """Killing a process read its group's cgroup.procs while an exec run's own
+    cleanup removed a subgroup: the read answered ENODEV and proc.kill was an
+    EIO "internal error". A group that is gone has no members."""
+    import errno
+
+    from llmagentos.kernel import cgroups
+
+    c = Containment.probe(probe_name("enodev"))
+    try:
+        g = c.create("p1")
+        real_open = open
+
+        def gone(path, *a, **kw):
+            if str(path).endswith("cgroup.procs"):
+                raise OSError(errno.ENODEV, "No such device")
+            return real_open(path, *a, **kw)
+
+        monkeypatch.setattr(cgroups, "open", gone, raising=False)
+        assert g.pids() == set()
+        g.kill()  # finds it empty at once
+        monkeypatch.undo()
+        g.remove()
+    finally:
+        c.close()

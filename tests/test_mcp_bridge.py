@@ -158,7 +158,8 @@ def test_sigterm_stops_the_bridge_and_its_server(shared_kernel):
     bridge = psutil.Process(c.proc.stat(pid)["os_pid"])
     (server,) = bridge.children()
     c.proc.kill(pid, "SIGTERM")
-    assert c.proc.wait(pid, 20)["exit_code"] == 0
+    status = c.proc.wait(pid, 20)
+    assert status["exit_code"] == 0, (status, c.proc.logs(pid)["data"].decode()[-2000:])
     assert c.tool.list("brief") == []
     server.wait(10)  # gone too (psutil raises TimeoutExpired otherwise)
     c.close()
@@ -198,5 +199,6 @@ def test_an_oversized_result_is_emsgsize_and_the_bridge_keeps_serving(shared_ker
         c.tool.call("bulky.text", {"n": 17_000_000})
     assert c.tool.call("bulky.add", {"a": 2, "b": 3}) == {"result": 5}
     c.proc.kill(pid, "SIGTERM")
-    assert c.proc.wait(pid, 20)["exit_code"] == 0
+    status = c.proc.wait(pid, 20)
+    assert status["exit_code"] == 0, (status, c.proc.logs(pid)["data"].decode()[-2000:])
     c.close()
