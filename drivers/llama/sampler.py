@@ -72,7 +72,8 @@ class Sampler:
             raise SyscallError("ENOMEM", "llama_sampler_chain_init failed")
         self.chain = chain
         p = params
-        if p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+        penalized = p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
+        if penalized:
             # This llama.cpp takes n_vocab first (see its llama.h); without it the call is a
             # TypeError, and a 4-argument call through a stale binding would shift every value.
             pen = llama_cpp.llama_sampler_init_penalties(
@@ -96,12 +97,6 @@ class Sampler:
             ]
             for stage in stages:
                 llama_cpp.llama_sampler_chain_add(chain, stage)
-        # Greedy with no state to keep (no penalties, no grammar): the first largest
-        # logit, by numpy's vectorised argmax, as llama.cpp's greedy sampler picks it
-        # (ties included) but without first copying every logit into a candidate
-        # array: ~0.8 ms a token with Gemma 3's 262,144, on one core while the
-        # device's other threads wait.
-        self.argmax = False
         self.grammar_fallbacks = 0  # how often the single-token check failed (for tuning)
         self.grammar_pass_seconds = 0.0  # the measured cost of one pass over the vocabulary
         try:
@@ -119,7 +114,11 @@ class Sampler:
         except BaseException:
             self.close()
             raise
-        penalized = p.repeat_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
+        # Greedy with no state to keep (no penalties, no grammar): the first largest
+        # logit, by numpy's vectorised argmax, as llama.cpp's greedy sampler picks it
+        # (ties included) but without first copying every logit into a candidate
+        # array: ~0.8 ms a token with Gemma 3's 262,144, on one core while the
+        # device's other threads wait.
         self.argmax = p.temperature <= 0 and not penalized and self.grammar is None
 
     def _probe_cost(self) -> None:
