@@ -59,6 +59,8 @@ import time
 from pathlib import Path
 from typing import Callable, Iterable
 
+from .procfs import children_map, proc_table
+
 LEVELS = ("cgroup2", "cgroup1", "subreaper")
 V1_HIERARCHIES = ("memory", "pids", "freezer")
 CAPS = ("memory", "pids")  # the controllers that bound a group
@@ -184,34 +186,6 @@ def _rmdir(path: str) -> bool:
     return False
 
 
-# --- /proc for the subreaper sweep -------------------------------------------
-
-def _proc_table() -> dict[int, tuple[int, int, str]]:
-    """pid -> (ppid, start time, state) of every process."""
-    table = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/stat", "rb") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        rest = stat[stat.rfind(b")") + 2:].split()
-        try:
-            table[int(name)] = (int(rest[1]), int(rest[19]), rest[0].decode())
-        except (IndexError, ValueError):
-            continue
-    return table
-
-
-def _children_map(table: dict[int, tuple[int, int, str]]) -> dict[int, list[int]]:
-    kids: dict[int, list[int]] = {}
-    for pid, (ppid, _, _) in table.items():
-        kids.setdefault(ppid, []).append(pid)
-    return kids
-
-
 def _stop_then_kill(members: Callable[[], set[int]]) -> None:
     """Kill a set of processes that may be forking: SIGSTOP every member until
     a round finds none new (a stopped process can't fork), then SIGKILL all."""
@@ -335,8 +309,8 @@ class _CgroupGroup(Group):
         gets here); what it forks after the move is born inside."""
         if not self._move(pid):
             return False
-        table = _proc_table()
-        kids = _children_map(table)
+        table = proc_table()
+        kids = children_map(table)
         stack = list(kids.get(pid, ()))
         while stack:
             p = stack.pop()
@@ -432,7 +406,7 @@ class _SweepGroup(Group):
         self.known: set[tuple[int, int]] = set()
 
     def add(self, pid: int) -> bool:
-        table = _proc_table()
+        table = proc_table()
         if pid not in table:
             return False
         self.root = (pid, table[pid][1])
@@ -454,8 +428,8 @@ class _SweepGroup(Group):
         return members
 
     def pids(self) -> set[int]:
-        table = _proc_table()
-        kids = _children_map(table)
+        table = proc_table()
+        kids = children_map(table)
         adopted = self.owner.adopted(table, kids)
         out: set[int] = set()
         for g in self.walk():
@@ -731,8 +705,8 @@ class Containment:
             g.remove()
         if self.level == "subreaper" and self.own_all_children:
             def orphans() -> set[int]:  # every adopted child of ours, and theirs
-                table = _proc_table()
-                kids = _children_map(table)
+                table = proc_table()
+                kids = children_map(table)
                 out: set[int] = set()
                 stack = self.adopted(table, kids)
                 while stack:
@@ -792,8 +766,8 @@ class Containment:
         show them, and reap the orphans that died here."""
         if self.level != "subreaper":
             return
-        table = _proc_table()
-        kids = _children_map(table)
+        table = proc_table()
+        kids = children_map(table)
         adopted = self.adopted(table, kids)
         groups = self._sweep_groups()
         for g in groups:

@@ -65,30 +65,6 @@ async def _exec_outcome(ready_fd: int, timeout: float = 30.0) -> str | None:
     return data.decode(errors="replace") or None
 
 
-def _stat_fields(os_pid: int) -> list[bytes] | None:
-    """/proc/PID/stat's fields after the command name (state first), or None."""
-    try:
-        with open(f"/proc/{os_pid}/stat", "rb") as f:
-            stat = f.read()
-        return stat[stat.rindex(b")") + 2:].split()  # comm may hold spaces and ')'
-    except (OSError, ValueError):
-        return None
-
-
-def parent_pid(os_pid: int) -> int:
-    fields = _stat_fields(os_pid)
-    try:
-        return int(fields[1]) if fields else 0
-    except (ValueError, IndexError):
-        return 0
-
-
-def os_state(os_pid: int) -> str | None:
-    """The process's state letter ("T": stopped by a signal), or None if it is gone."""
-    fields = _stat_fields(os_pid)
-    return fields[0].decode() if fields else None
-
-
 def _os_tree(os_pid: int) -> list[psutil.Process]:
     try:
         root = psutil.Process(os_pid)

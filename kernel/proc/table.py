@@ -19,7 +19,8 @@ from llmagentos.syscalls.errno import SyscallError
 from .. import perms
 from ..isolation import Isolation, resolve_executable
 from ..pipes import PipeEnd, os_pipe, pump_in, pump_out
-from .osproc import launch, os_state, parent_pid, signal_tree
+from ..procfs import os_state, parent_pid
+from .osproc import launch, signal_tree
 from .pcb import (
     INIT_PID,
     NOTIFIED,
