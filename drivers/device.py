@@ -93,10 +93,10 @@ class KvCells:
         self._held: dict[int, dict[int, int]] = {}  # run -> {slot: cells of it held}
         self._owner: dict[int, int] = {}            # run -> the slot that appends to it
         self._ids = itertools.count()
+        self._used = 0  # sum over runs of the most any slot holds: kept as they change
 
     def used(self) -> int:
-        # Each C-level call is atomic under the GIL: stats() may ask during a tick.
-        return sum(max(h.values(), default=0) for h in list(self._held.values()))
+        return self._used  # asked after every tick: O(1), not O(runs)
 
     def exclusive(self) -> list[int]:
         """Per slot, the cells no other slot holds: what releasing it frees."""
@@ -121,11 +121,13 @@ class KvCells:
             held = self._held[run]
             if self._owner[run] == slot and have >= max(held.values()):
                 runs[-1][1] = held[slot] = have + n  # the tip of its own run grows
+                self._used += n
                 return
         run = next(self._ids)
         self._held[run] = {slot: n}
         self._owner[run] = slot
         runs.append([run, n])
+        self._used += n
 
     def truncate(self, slot: int, n: int) -> None:
         """Keep the slot's first ``n`` cells."""
@@ -136,7 +138,10 @@ class KvCells:
                 for run2, _ in runs[i + (1 if keep else 0):]:
                     self._drop(run2, slot)
                 if keep:
-                    runs[i][1] = self._held[run][slot] = keep
+                    held = self._held[run]
+                    top = max(held.values())
+                    runs[i][1] = held[slot] = keep
+                    self._used += max(held.values()) - top
                 del runs[i + (1 if keep else 0):]
                 return
             total += have
@@ -149,7 +154,7 @@ class KvCells:
             take = min(have, n - total)
             if take <= 0:
                 break
-            self._held[run][dst] = take
+            self._held[run][dst] = take  # no more than src holds: used() is unchanged
             self._slots[dst].append([run, take])
             total += take
 
@@ -160,7 +165,9 @@ class KvCells:
 
     def _drop(self, run: int, slot: int) -> None:
         held = self._held[run]
+        top = max(held.values())
         del held[slot]
+        self._used += max(held.values(), default=0) - top
         if not held:
             del self._held[run]
             del self._owner[run]

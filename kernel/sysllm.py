@@ -92,7 +92,8 @@ class TokenStream:
     write, as before. The text is the same either way, only cut differently."""
 
     def __init__(self, call: Call) -> None:
-        self.call = call
+        self.notify = call.conn.notify_nowait  # per token: no layer it can do without
+        self.msgid = call.msgid
         self.held: list[str] = []
         self.sent = 0.0
 
@@ -104,10 +105,11 @@ class TokenStream:
             self.flush()
 
     def flush(self) -> None:
-        if self.held:
-            text = self.held[0] if len(self.held) == 1 else "".join(self.held)
-            self.held.clear()
-            self.call.notify_nowait("llm.token", [self.call.msgid, text])
+        held = self.held
+        if held:
+            text = held[0] if len(held) == 1 else "".join(held)
+            held.clear()
+            self.notify("llm.token", [self.msgid, text])
 
 
 async def submit(call: Call, entry: Loaded, prompt: str | None, messages: list | None,

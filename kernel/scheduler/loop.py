@@ -454,7 +454,10 @@ class Scheduler:
             return False
         if any(not r.owner.stopped for r in self.placement.queue):
             return False
-        return all(r.decoding and not r.done and not r.owner.stopped for _, r in plan)
+        for _, r in plan:
+            if not r.decoding or r.state == "done" or r.owner.stopped:
+                return False
+        return True
 
     def _revoke_ahead(self) -> None:
         if self._ahead is not None:
@@ -590,65 +593,82 @@ class Scheduler:
                     self.tokens_in += n_prompt - reused
 
     def _apply_step(self, plan: Plan, step: StepResult) -> None:
-        """Charge the step's device time and hand out its tokens."""
+        """Charge the step's device time and hand out its tokens. This runs for every
+        token of every batch, so it is written flat: one pass per slot, no calls it
+        can do without (the kernel's own cost per tick, bench/bench_overhead.py)."""
         now = self.clock()
-        total_fed = sum(step.fed.values())
+        fed_slots = step.fed
         by_slot = dict(plan)
-        sampled = step.sample_seconds
-        shared = max(0.0, step.seconds - sum(sampled.values()))
-        if step.fed:
+        if fed_slots:
+            sampled = step.sample_seconds
+            shared = max(0.0, step.seconds - sum(sampled.values()))
             self._decode_cost += COST_EWMA * (shared - self._decode_cost)
-        for slot, fed in step.fed.items():
-            req = by_slot.get(slot)
-            if req is None or total_fed == 0:
-                continue
-            own = sampled.get(slot)
-            if own is not None:
-                req.sample_cost += COST_EWMA * (own - req.sample_cost)
-                if req.sample_cost > COSTLY_FLOOR:
-                    self._samplers.add(req)
-                else:
-                    self._samplers.discard(req)
-            share = shared * fed / total_fed + (own or 0.0)
-            req.device_time += share
-            self._charge(req.owner, share)
-            self.placement.slot_used[slot] = now
+            total_fed = sum(fed_slots.values())
+            per_fed = shared / total_fed if total_fed else 0.0
+            charge = self._policy.charge
+            slot_used = self.placement.slot_used
+            for slot, fed in fed_slots.items():
+                req = by_slot.get(slot)
+                if req is None or total_fed == 0:
+                    continue
+                share = per_fed * fed
+                if sampled:
+                    own = sampled.get(slot)
+                    if own is not None:
+                        share += own
+                        req.sample_cost += COST_EWMA * (own - req.sample_cost)
+                        if req.sample_cost > COSTLY_FLOOR:
+                            self._samplers.add(req)
+                        else:
+                            self._samplers.discard(req)
+                req.device_time += share
+                owner = req.owner
+                owner.usage.device_time += share
+                charge(owner, share)
+                slot_used[slot] = now
         n_out = 0
         for ev in step.events:
-            req = by_slot.get(ev.slot)
-            if req is None or req.state != "running" or req.slot != ev.slot:
+            slot = ev.slot
+            req = by_slot.get(slot)
+            if req is None or req.state != "running" or req.slot != slot:
                 continue  # cancelled or moved while the tick was in flight
             req.decoding = True  # fed to the end: one token a step from now on
-            if ev.token is not None and not (ev.finished and ev.reason == "eog"):
+            finished = ev.finished
+            if ev.token is not None and not (finished and ev.reason == "eog"):
                 n_out += 1
                 req.turn_tokens += 1
                 req.owner.usage.tokens_out += 1
-            if ev.piece:
-                if req.on_piece is not None:
-                    self._stream(req, ev.piece)
-                    if req.done:
-                        continue  # its callback failed
+            piece = ev.piece
+            if piece:
+                on_piece = req.on_piece
+                if on_piece is not None:
+                    try:
+                        ret = on_piece(piece)
+                    except Exception as exc:
+                        self._cancel(req, exc)
+                        continue  # its callback failed: the request is over
+                    if ret is not None:
+                        self._check_callback_result(req, ret)
+                        if req.state == "done":
+                            continue
                 elif req.keep_pieces:
-                    req.box.put(ev.piece)
-            if ev.finished:
+                    req.box.put(piece)
+            if finished:
                 self._finish(req)
         self.tokens_out += n_out
-        self.steps += 1 if step.fed else 0
+        if fed_slots:
+            self.steps += 1
+            self._window.add(now, n_out, step.seconds, len(fed_slots))
         self.busy += step.seconds
-        self.batch_rows += len(step.fed)
-        if step.fed:
-            self._window.add(now, n_out, step.seconds, len(step.fed))
+        self.batch_rows += len(fed_slots)
 
-    def _stream(self, req: Request, piece: str) -> None:
-        """Hand a piece to the request's callback; what it raises ends the request."""
-        try:
-            ret = req.on_piece(piece)
-            if ret is not None and hasattr(ret, "__await__"):
-                ret.close()
-                raise TypeError("on_token returned an awaitable: pass a coroutine "
-                                "function to have it awaited")
-        except Exception as exc:
-            self._cancel(req, exc)
+    def _check_callback_result(self, req: Request, ret: Any) -> None:
+        """An on_token callback that returned an awaitable was meant to be awaited:
+        its request ends with a TypeError that says so."""
+        if hasattr(ret, "__await__"):
+            ret.close()
+            self._cancel(req, TypeError("on_token returned an awaitable: pass a coroutine "
+                                        "function to have it awaited"))
 
     def _charge(self, acct: Owner, seconds: float) -> None:
         acct.usage.device_time += seconds
