@@ -103,11 +103,14 @@ class Letter:
             return False
         return "topic" not in match or self.topic == match["topic"]
 
-    def envelope(self, body: bytes) -> dict[str, Any]:
+    def envelope(self, body: bytes, message: Any = None) -> dict[str, Any]:
+        """What the receiver gets; ``message`` (not None): the body, decoded already
+        (the sender's own, handed over as it came: it is encoded again at once)."""
         return {"id": self.id, "from": self.pid, "sender": self.sender, "to": self.to,
                 "type": self.type, "topic": self.topic, "time": self.time,
                 "durable": self.row is not None,
-                "message": msgpack.unpackb(body, raw=False, strict_map_key=False)}
+                "message": msgpack.unpackb(body, raw=False, strict_map_key=False)
+                if message is None else message}
 
 
 class Mailbox:
@@ -287,7 +290,7 @@ class Mailboxes:
         a waiting receiver) at once; a full mailbox or durable mail goes on in a task."""
         if isinstance(dest, int):
             body, kind = self._pack(message)
-            sent = self._put(call.caller, dest, body, kind)
+            sent = self._put(call.caller, dest, body, kind, message)
             if sent is not None:
                 return sent
         return call.defer(self.send, call, dest, message, timeout)
@@ -314,12 +317,13 @@ class Mailboxes:
             if box.closed:
                 raise SyscallError("ESRCH", f"pid {dest} exited")
 
-    def _put(self, me: PCB, dest: int, body: bytes, kind: str | None) -> dict | None:
+    def _put(self, me: PCB, dest: int, body: bytes, kind: str | None,
+             message: Any = None) -> dict | None:
         """Mail to a pid, if its mailbox has room for it (None: it has not)."""
         ready = self._letter(me, dest, body, kind)
         if ready is None:
             return None
-        self._deliver(*ready)
+        self._deliver(*ready, message=message)
         return {"id": ready[1].id, "durable": False}
 
     def _letter(self, me: PCB, dest: int, body: bytes,
@@ -328,20 +332,24 @@ class Mailboxes:
         target = self.procs.procs.get(dest)
         if target is None or target.exited:
             raise SyscallError("ESRCH", f"no process with pid {dest}")
-        box = self.box(target)
+        box = self.boxes.get(dest) or self.box(target)
         queue = ("pid", me.pid)
-        if not box.has_room(queue, len(body), self.depth, self.queue_bytes):
+        size = len(body)
+        if not box.has_room(queue, size, self.depth, self.queue_bytes):
             return None
         return box, Letter(next(self._ids), queue, identity(me), me.pid, dest, kind, None,
-                           len(body), time.time(), body)
+                           size, time.time(), body)
 
-    def _deliver(self, box: Mailbox, letter: Letter, front: bool = False) -> None:
+    def _deliver(self, box: Mailbox, letter: Letter, front: bool = False,
+                 message: Any = None) -> None:
         """Hand a letter to the oldest call waiting in the box that it matches,
         else queue it. Mail in memory is that call's answer at once; durable mail
-        is queued and the call goes on in a task that takes its row."""
+        is queued and the call goes on in a task that takes its row. ``message``:
+        the sender's message as it came (not None), what the body would decode to."""
         if letter.row is None and not front and box.waiters:
             for w in list(box.waiters):
-                if letter.matches(w.match) and self.waits.answer(w, letter.envelope(letter.body)):
+                if letter.matches(w.match) and self.waits.answer(w, letter.envelope(
+                        letter.body, message)):
                     return  # (False: its caller hung up; the next one, or the queue)
         box.put(letter, front)
         if letter.row is not None and box.waiters:
@@ -392,17 +400,18 @@ class Mailboxes:
         """ipc.recv's inline step: mail waiting in memory is the answer at once;
         otherwise a task waits for it (or takes the durable letter's row)."""
         match = check_match(match)
-        deadline = deadline_of(timeout)
-        return self._recv_now(call, self.box(call.caller), match, deadline, timeout)
+        now = trio.current_time()
+        return self._recv_now(call, self.box(call.caller), match, deadline_of(timeout, now),
+                              timeout, now)
 
     def _recv_now(self, call: Call, box: Mailbox, match: dict | None, deadline: float,
-                  timeout: float | None) -> Any:
+                  timeout: float | None, now: float) -> Any:
         letter = box.take(match)
         if letter is not None and letter.row is None:
             return letter.envelope(letter.body)
         if letter is not None:
             return call.defer(self._recv, call, box, match, deadline, timeout, letter)
-        self._check_wait(box, match, deadline, timeout)
+        self._check_wait(box, match, deadline, timeout, now)
         return self.waits.park(call, box, match, deadline, timeout)
 
     async def recv(self, call: Call, timeout: float | None, match: dict | None) -> Any:
@@ -426,11 +435,11 @@ class Mailboxes:
 
     @staticmethod
     def _check_wait(box: Mailbox, match: dict | None, deadline: float,
-                    timeout: float | None) -> None:
+                    timeout: float | None, now: float | None = None) -> None:
         """Nothing to take: ESRCH if the process is gone, ETIMEDOUT past the deadline."""
         if box.closed:
             raise SyscallError("ESRCH", f"pid {box.pid} has exited")
-        if trio.current_time() >= deadline:
+        if (trio.current_time() if now is None else now) >= deadline:
             raise timed_out(match, timeout)
 
     def sendrecv_now(self, call: Call, dest: int | str, message: Any, timeout: float | None,
@@ -440,14 +449,16 @@ class Mailboxes:
         match = check_match(match)  # before anything is sent
         if isinstance(dest, int):
             body, kind = self._pack(message)
-            ready = self._letter(call.caller, dest, body, kind)
+            me = call.caller
+            ready = self._letter(me, dest, body, kind)
             if ready is not None:
-                deadline = deadline_of(timeout)
+                now = trio.current_time()
                 try:  # the caller's wait is set up first, so that handing the message
                     # over (which wakes its receiver) is the last thing this step does
-                    return self._recv_now(call, self.box(call.caller), match, deadline, timeout)
+                    return self._recv_now(call, self.boxes.get(me.pid) or self.box(me), match,
+                                          deadline_of(timeout, now), timeout, now)
                 finally:  # sent, whatever the receive part answers
-                    self._deliver(*ready)
+                    self._deliver(*ready, message=message)
         return call.defer(self.sendrecv, call, dest, message, timeout, match)
 
     async def sendrecv(self, call: Call, dest: int | str, message: Any, timeout: float | None,

@@ -37,8 +37,9 @@ class Waiter:
     done: bool = False
 
 
-def deadline_of(timeout: float | None) -> float:
-    return trio.current_time() + (float("inf") if timeout is None else timeout)
+def deadline_of(timeout: float | None, now: float | None = None) -> float:
+    return (trio.current_time() if now is None else now) + (
+        float("inf") if timeout is None else timeout)
 
 
 def timed_out(match: dict | None, timeout: float | None) -> SyscallError:

@@ -10,6 +10,7 @@ addition.
 from __future__ import annotations
 
 import math
+import sys
 import unicodedata
 from dataclasses import dataclass, field
 from typing import Any
@@ -119,6 +120,12 @@ class Param:
         object.__setattr__(self, "_ints", None if "int" not in names or self.choices is not None
                            else (INT64_MIN if self.lo is None else self.lo,
                                  INT64_MAX if self.hi is None else self.hi))
+        # A float in these bounds passes as it is (NaN fails the comparison, and
+        # +-inf is past the largest finite float: both go on to be refused).
+        big = sys.float_info.max
+        object.__setattr__(self, "_floats", None if "float" not in names or self.choices
+                           is not None else (-big if self.lo is None else self.lo,
+                                             big if self.hi is None else self.hi))
 
     @property
     def required(self) -> bool:
@@ -135,6 +142,9 @@ class Param:
         if kind in self._plain:
             return value
         if kind is int and self._ints is not None and self._ints[0] <= value <= self._ints[1]:
+            return value
+        if kind is float and self._floats is not None and \
+                self._floats[0] <= value <= self._floats[1]:
             return value
         return self._check(value)
 
@@ -193,11 +203,19 @@ class Syscall:
     def bind(self, args: list | tuple, kwargs: dict | None = None) -> dict[str, Any]:
         """Check positional (and, from Python clients, keyword) arguments
         against the parameter list; return them by name with defaults filled."""
-        if len(args) > len(self.params):
+        params = self.params
+        if len(args) > len(params):
             raise SyscallError(
                 "EINVAL",
-                f"{self.name} takes at most {len(self.params)} arguments, got {len(args)}",
+                f"{self.name} takes at most {len(params)} arguments, got {len(args)}",
             )
+        if not kwargs:  # what the wire sends: positional only (the checks below, flat)
+            out = {p.name: p.check(a) for p, a in zip(params, args)}
+            for p in params[len(args):]:
+                if p.default is REQUIRED:
+                    raise SyscallError("EINVAL", f"{self.name}: missing argument {p.name!r}")
+                out[p.name] = p.default
+            return out
         out: dict[str, Any] = {}
         kwargs = dict(kwargs) if kwargs else {}
         for i, p in enumerate(self.params):

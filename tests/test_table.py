@@ -35,6 +35,37 @@ def test_bind_fills_defaults_and_checks_types():
         sc.bind([True])  # a bool is not a pid
 
 
+def test_every_float_parameter_refuses_nan_infinities_and_values_out_of_bounds():
+    """A float in bounds passes without the full check (the fast path of the
+    positional binding): the values next to it still go to the full one."""
+    nan, inf = float("nan"), float("inf")
+    seen = 0
+    for sc in TABLE:
+        for i, p in enumerate(sc.params):
+            if "float" not in p.type.rstrip("?").split("|") or p.choices is not None:
+                continue
+            seen += 1
+            args = [q.default if not q.required else {
+                "int": 1, "float": 0.5, "str": "x", "bool": False, "bytes": b"x",
+                "list": ["x"], "dict": {}, "any": 1}[q.type.rstrip("?").split("|")[0]]
+                for q in sc.params]
+
+            def bind(value, i=i, sc=sc, args=args):
+                return sc.bind([*args[:i], value, *args[i + 1:]])
+
+            for bad in (nan, inf, -inf, *(
+                    [p.lo - 0.5] if p.lo is not None else []), *(
+                    [p.hi + 0.5] if p.hi is not None else [])):
+                with pytest.raises(SyscallError) as e:
+                    bind(bad)
+                assert e.value.name == "EINVAL", (sc.name, p.name, bad)
+            ok = float(p.lo if p.lo is not None else 0.0)
+            assert bind(ok)[p.name] == ok and type(bind(ok)[p.name]) is float
+            if "int" not in p.type and int(ok) == ok:
+                assert type(bind(int(ok))[p.name]) is float  # an int is taken as a float
+    assert seen >= 10
+
+
 def test_bind_keywords():
     sc = TABLE["proc.kill"]
     assert sc.bind([5], {"signal": "STOP"}) == {"pid": 5, "signal": "STOP", "payload": None}
