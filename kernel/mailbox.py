@@ -452,13 +452,12 @@ class Mailboxes:
             me = call.caller
             ready = self._letter(me, dest, body, kind)
             if ready is not None:
+                # Handed over first: its receiver wakes while this call's own wait is set
+                # up (nothing can answer that wait before this step ends: one thread).
+                self._deliver(*ready, message=message)
                 now = trio.current_time()
-                try:  # the caller's wait is set up first, so that handing the message
-                    # over (which wakes its receiver) is the last thing this step does
-                    return self._recv_now(call, self.boxes.get(me.pid) or self.box(me), match,
-                                          deadline_of(timeout, now), timeout, now)
-                finally:  # sent, whatever the receive part answers
-                    self._deliver(*ready, message=message)
+                return self._recv_now(call, self.boxes.get(me.pid) or self.box(me), match,
+                                      deadline_of(timeout, now), timeout, now)
         return call.defer(self.sendrecv, call, dest, message, timeout, match)
 
     async def sendrecv(self, call: Call, dest: int | str, message: Any, timeout: float | None,

@@ -194,6 +194,7 @@ class Decoder:
         self.max_items = max_items
         self.max_depth = max_depth
         self._items = 0
+        self._end = 0  # the stream offset where the last message ended
         limits: dict = {}
         if max_items is not None:
             limits = dict(max_array_len=max_items, max_map_len=max_items,
@@ -230,12 +231,18 @@ class Decoder:
                     ValueError, TypeError, UnicodeDecodeError) as e:
                 raise ProtocolError(f"undecodable bytes: {e}") from None
             self._items = 0
+            # (tell() is the stream's offset only after a whole message: a part
+            # of one moves it too, so the size is counted from the last end)
+            end = self._unpacker.tell()
+            size, self._end = end - self._end, end
             try:
                 msg = validate(obj)
             except RequestError as e:
                 yield Invalid(e.msgid, e.reason)
                 continue
+            # A message of n bytes nests at most n deep: most need no walk.
             if self.max_depth is not None and isinstance(msg, Request) \
+                    and size > self.max_depth \
                     and _depth_over(msg.args, msg.kwargs, self.max_depth):
                 yield Invalid(msg.msgid, f"arguments nested deeper than {self.max_depth} levels")
                 continue

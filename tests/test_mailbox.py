@@ -345,6 +345,17 @@ def test_sendrecv_is_a_request_and_its_answer(mk):
         assert errno_of(server.ipc.recv, 0) == "ETIMEDOUT"
 
 
+def test_sendrecv_to_itself_answers_with_its_own_message(mk):
+    """The message is handed over before the caller's own wait is set up: sent
+    to the caller itself, it is what that wait takes (or leaves, unmatched)."""
+    with mk.client() as c, process(mk, c) as me:
+        env = me.ipc.sendrecv(me.pid, {"type": "note", "n": 1}, 5)
+        assert env["message"] == {"type": "note", "n": 1} and env["from"] == me.pid
+        assert errno_of(me.ipc.sendrecv, me.pid, "kept", 0.1, {"type": "other"}) == "ETIMEDOUT"
+        assert me.ipc.recv(0)["message"] == "kept"
+        assert errno_of(me.ipc.recv, 0) == "ETIMEDOUT"
+
+
 def early_answers(c) -> int:
     return c.sys.stats()["counters"].get("early_answers", 0)
 

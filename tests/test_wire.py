@@ -106,3 +106,32 @@ def test_fuzz_arbitrary_objects_never_crash(obj):
             assert m is not None
     except wire.ProtocolError:
         pass
+
+
+def _nest(depth: int, leaf, as_map: bool) -> object:
+    v = leaf
+    for _ in range(depth):
+        v = {"k": v} if as_map else [v]
+    return v
+
+
+@pytest.mark.parametrize("as_map", [False, True])
+@pytest.mark.parametrize("chunk", [1, 7, 1 << 16])
+def test_a_short_message_skips_the_depth_walk_with_the_same_verdict(as_map, chunk):
+    """The decoder walks a request's arguments for their depth only when the
+    message is longer than the limit (n bytes nest at most n deep): at and
+    around the limit, in arguments and keyword arguments, fed in pieces, the
+    verdict is the walk's own."""
+    d = wire.Decoder(1 << 20, max_items=wire.MAX_ITEMS, max_depth=wire.MAX_DEPTH)
+    for depth in range(wire.MAX_DEPTH - 4, wire.MAX_DEPTH + 4):
+        for args, kwargs in (([_nest(depth, 1, as_map)], {}),
+                             ([], {"a": _nest(depth, None, as_map)})):
+            data = wire.encode_request(depth, "sys.null", args, kwargs) + \
+                wire.encode_request(1, "sys.null", [], None)
+            got = []
+            for i in range(0, len(data), chunk):  # as the kernel reads: each piece, then all
+                d.feed(data[i:i + chunk])       # the messages it completes
+                got += d.messages()
+            deep = wire._depth_over(args, kwargs, wire.MAX_DEPTH)
+            assert isinstance(got[0], wire.Invalid) == deep, (depth, args, kwargs)
+            assert isinstance(got[1], wire.Request)
