@@ -294,8 +294,11 @@ def sysllm_result(text: str, usage: dict):
 
 
 class FakeCall:
+    """A call and its connection in one: streamed tokens go to conn.notify_nowait."""
+
     def __init__(self, pcb) -> None:
         self.caller, self.msgid, self.notes = pcb, 7, []
+        self.conn = self
 
     def notify_nowait(self, method, args) -> None:
         self.notes.append((method, args))
