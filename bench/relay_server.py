@@ -1,50 +1,61 @@
 """The floor for a mailbox round trip: a bare trio + msgpack server with the
-kernel's framing and socket type that relays ipc.send / ipc.sendrecv / ipc.recv between
-connections (the token a client says hello with is its pid) and answers
-anything else at once, as echo_server.py does. No checks, no bounds: what two
-processes and one relay cost on this machine."""
+kernel's framing and socket type that relays ipc.send / ipc.sendrecv / ipc.recv
+between connections (the token a client says hello with is its pid) and
+answers anything else at once, as echo_server.py does. A message goes as the
+kernel's does: a waiting receiver is answered in the sender's own step, by a
+write to its socket, with no task in between (the socket is written directly:
+small frames on a Unix socket, which it takes whole). No checks, no bounds, no
+envelope: what two processes and one relay cost on this machine."""
 
+import os
 import sys
+from collections import deque
 
 import echo_server  # the listener it shares (run from bench/, which is on sys.path)
 import msgpack
 import trio
 
-BOXES: dict[int, tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel]] = {}
+WAITING: dict[int, tuple[int, int]] = {}  # pid -> (fd, msgid) of its waiting receive
+QUEUED: dict[int, deque] = {}  # pid -> messages nobody waited for
 
 
-def box(pid: int) -> tuple[trio.MemorySendChannel, trio.MemoryReceiveChannel]:
-    if pid not in BOXES:
-        BOXES[pid] = trio.open_memory_channel(1024)
-    return BOXES[pid]
+def answer(fd: int, msgid: int, result: object) -> None:
+    os.write(fd, msgpack.packb([1, msgid, None, result]))
 
 
 async def handle(stream: trio.SocketStream) -> None:
     unpacker = msgpack.Unpacker(raw=False)
+    fd = stream.socket.fileno()
     me = 0
-
-    async def answer(msgid: int, method: str, args: list) -> None:
-        if method in ("ipc.send", "ipc.sendrecv"):
-            box(args[0])[0].send_nowait({"from": me, "message": args[1]})
-        result = await box(me)[1].receive() if method in ("ipc.sendrecv", "ipc.recv") else None
-        await stream.send_all(msgpack.packb([1, msgid, None, result]))
-
     try:
-        async with trio.open_nursery() as nursery:
-            while True:
-                data = await stream.receive_some(65536)
-                if not data:
-                    nursery.cancel_scope.cancel()
-                    return
-                unpacker.feed(data)
-                for msg in unpacker:
-                    if msg[2] == "sys.hello":
-                        me = int(msg[3][0])
-                        await stream.send_all(msgpack.packb([1, msg[1], None, {"pid": me}]))
+        while True:
+            data = await stream.receive_some(65536)
+            if not data:
+                return
+            unpacker.feed(data)
+            for _, msgid, method, args in unpacker:
+                if method == "sys.hello":
+                    me = int(args[0])
+                    answer(fd, msgid, {"pid": me})
+                    continue
+                if method in ("ipc.send", "ipc.sendrecv"):
+                    mail = {"from": me, "message": args[1]}
+                    waiting = WAITING.pop(args[0], None)
+                    if waiting is not None:
+                        answer(*waiting, mail)
                     else:
-                        nursery.start_soon(answer, msg[1], msg[2], msg[3])
-    except trio.BrokenResourceError:
+                        QUEUED.setdefault(args[0], deque()).append(mail)
+                if method in ("ipc.sendrecv", "ipc.recv"):
+                    if QUEUED.get(me):
+                        answer(fd, msgid, QUEUED[me].popleft())
+                    else:
+                        WAITING[me] = (fd, msgid)
+                else:
+                    answer(fd, msgid, None)
+    except (trio.BrokenResourceError, OSError):
         pass
+    finally:
+        WAITING.pop(me, None)
 
 
 if __name__ == "__main__":
