@@ -428,6 +428,19 @@ async def test_a_callback_that_returns_an_awaitable_is_an_error_not_dropped(nurs
         await sched.generate(1, PA, greedy(8), on_token=lambda p: consume(p))
 
 
+async def test_a_callback_result_that_fails_to_be_looked_at_ends_its_request_only(nursery):
+    sched = Scheduler(sim_device(1), policy="fifo")
+    await nursery.start(sched.run)
+
+    class Odd:
+        def __getattr__(self, name):
+            raise RuntimeError("no attributes here")
+
+    with pytest.raises(RuntimeError, match="no attributes"):
+        await sched.generate(1, PA, greedy(8), on_token=lambda p: Odd())
+    assert len((await sched.generate(2, PB, greedy(4))).tokens) == 4  # the loop goes on
+
+
 async def test_a_slow_async_callback_gets_every_piece_in_order(nursery):
     sched = Scheduler(sim_device(1), policy="fifo")
     await nursery.start(sched.run)

@@ -664,11 +664,16 @@ class Scheduler:
 
     def _check_callback_result(self, req: Request, ret: Any) -> None:
         """An on_token callback that returned an awaitable was meant to be awaited:
-        its request ends with a TypeError that says so."""
-        if hasattr(ret, "__await__"):
+        its request ends with a TypeError that says so (or with what looking raised)."""
+        try:
+            if not hasattr(ret, "__await__"):
+                return
             ret.close()
-            self._cancel(req, TypeError("on_token returned an awaitable: pass a coroutine "
-                                        "function to have it awaited"))
+            error: Exception = TypeError("on_token returned an awaitable: pass a coroutine "
+                                         "function to have it awaited")
+        except Exception as exc:
+            error = exc
+        self._cancel(req, error)
 
     def _charge(self, acct: Owner, seconds: float) -> None:
         acct.usage.device_time += seconds
