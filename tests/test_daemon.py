@@ -349,3 +349,14 @@ def test_gpu_layers_take_a_count_or_all_from_flags_and_file(tmp_path):
         cfg.write_text(f"n_gpu_layers = {value}\n")
         with pytest.raises(bootopts.ConfigError, match="count or 'all'"):
             bootopts.read_file(cfg)
+
+
+def test_a_reader_that_leaves_early_is_no_traceback(tmp_path):
+    """`llmos syscalls | head -0`: the reader has closed the pipe before the
+    table comes; llmos ends as Unix tools do (128 + SIGPIPE), with nothing on
+    stderr (it printed a traceback)."""
+    p = subprocess.Popen([*LLMOS, "syscalls"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         env={**os.environ, "LLMAGENTOS_RUN_DIR": str(tmp_path)})
+    p.stdout.close()  # gone before the first write: that write is EPIPE, whatever the timing
+    err = p.stderr.read().decode()
+    assert p.wait(60) == 128 + signal.SIGPIPE and "Traceback" not in err, err

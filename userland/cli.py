@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 
 from llmagentos.syscalls import bootopts as kconfig
@@ -187,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TIMEOUT if e.name == "ETIMEDOUT" else EXIT_ERR
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # `llmos ... | head`: the reader left, as for any Unix tool
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # (for the exit flush)
+        return 128 + signal.SIGPIPE
 
 
 if __name__ == "__main__":
