@@ -13,7 +13,7 @@ import math
 import sys
 import unicodedata
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable, Sequence
 
 from .errno import SyscallError
 
@@ -131,6 +131,22 @@ class Param:
     def required(self) -> bool:
         return self.default is REQUIRED
 
+    def at_a_glance(self, x: str) -> str:
+        """A Python test of the variable ``x``, true only where check(x) would
+        return x as it is: the positional binder (below) skips check() for it."""
+        if self._any:
+            return "True" if self._nullable else f"{x} is not None"
+        tests = [f"{x} is None"] if self._nullable else []
+        tests += [f"type({x}) is {t.__name__}" for t in sorted(self._plain, key=str)]
+        if self._ints is not None:
+            tests.append(f"(type({x}) is int and {self._ints[0]!r} <= {x} <= {self._ints[1]!r})")
+        if self._floats is not None:
+            tests.append(f"(type({x}) is float and {self._floats[0]!r} <= {x} <= "
+                         f"{self._floats[1]!r})")
+        if self.choices is None and any(t == "dict" for t, _ in self._alts):
+            tests.append(f"(type({x}) is dict and all(type(k) is str for k in {x}))")
+        return " or ".join(tests) or "False"
+
     def check(self, value: Any) -> Any:
         if value is None:
             if self._nullable:
@@ -182,6 +198,36 @@ class Param:
         )
 
 
+def _binder_for(params: tuple[Param, ...]) -> Callable[[Sequence[Any]], dict | None]:
+    """The positional binding of one call's parameters as one function written
+    for them, as dataclasses writes an __init__: a value that passes at a glance
+    (its type and range) is taken as it is, any other goes through Param.check,
+    so the checks are still the table's; defaults are filled unchecked, as
+    Syscall.bind fills them. None where Syscall.bind must say what is wrong
+    (too many arguments, a required one missing). Every call is bound here, so
+    it is worth not calling a check per argument (bench/bench_mailbox.py)."""
+    n = len(params)
+    least = n  # the fewest arguments taken: every parameter after them has a default
+    while least and not params[least - 1].required:
+        least -= 1
+    src = ["def bind(args):", "    n = len(args)"]
+    for k in range(n, least - 1, -1):
+        src.append(f"    if n == {k}:")
+        if k:
+            src.append(f"        {', '.join(f'a{i}' for i in range(k))}, = args")
+        for i in range(k):
+            test = params[i].at_a_glance(f"a{i}")
+            if test != "True":
+                src += [f"        if not ({test}):", f"            a{i} = P[{i}].check(a{i})"]
+        items = (f"{p.name!r}: " + (f"a{i}" if i < k else f"P[{i}].default")
+                 for i, p in enumerate(params))
+        src.append(f"        return {{{', '.join(items)}}}")
+    src.append("    return None")
+    scope: dict[str, Any] = {"P": params}
+    exec("\n".join(src), scope)  # noqa: S102 (the source is made here from the table alone)
+    return scope["bind"]
+
+
 @dataclass(frozen=True)
 class Syscall:
     number: int
@@ -191,6 +237,9 @@ class Syscall:
     doc: str = ""
     stream: bool = False  # may send notifications before its response
     mutates: bool = False  # changes kernel state: written to the audit log
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_positional", _binder_for(self.params))
 
     @property
     def group(self) -> str:
@@ -203,19 +252,20 @@ class Syscall:
     def bind(self, args: list | tuple, kwargs: dict | None = None) -> dict[str, Any]:
         """Check positional (and, from Python clients, keyword) arguments
         against the parameter list; return them by name with defaults filled."""
-        params = self.params
-        if len(args) > len(params):
+        if not kwargs:  # what the wire sends: positional only
+            out = self._positional(args)
+            if out is not None:
+                return out
+        return self.bind_checked(args, kwargs)
+
+    def bind_checked(self, args: list | tuple, kwargs: dict | None = None) -> dict[str, Any]:
+        """Syscall.bind argument by argument, every value through Param.check:
+        what the positional binder must agree with, and what says why not."""
+        if len(args) > len(self.params):
             raise SyscallError(
                 "EINVAL",
-                f"{self.name} takes at most {len(params)} arguments, got {len(args)}",
+                f"{self.name} takes at most {len(self.params)} arguments, got {len(args)}",
             )
-        if not kwargs:  # what the wire sends: positional only (the checks below, flat)
-            out = {p.name: p.check(a) for p, a in zip(params, args)}
-            for p in params[len(args):]:
-                if p.default is REQUIRED:
-                    raise SyscallError("EINVAL", f"{self.name}: missing argument {p.name!r}")
-                out[p.name] = p.default
-            return out
         out: dict[str, Any] = {}
         kwargs = dict(kwargs) if kwargs else {}
         for i, p in enumerate(self.params):
