@@ -332,7 +332,7 @@ class Mailboxes:
         target = self.procs.procs.get(dest)
         if target is None or target.exited:
             raise SyscallError("ESRCH", f"no process with pid {dest}")
-        box = self.boxes.get(dest) or self.box(target)
+        box = self.box(target)
         queue = ("pid", me.pid)
         size = len(body)
         if not box.has_room(queue, size, self.depth, self.queue_bytes):
@@ -456,8 +456,8 @@ class Mailboxes:
                 # up (nothing can answer that wait before this step ends: one thread).
                 self._deliver(*ready, message=message)
                 now = trio.current_time()
-                return self._recv_now(call, self.boxes.get(me.pid) or self.box(me), match,
-                                      deadline_of(timeout, now), timeout, now)
+                return self._recv_now(call, self.box(me), match, deadline_of(timeout, now),
+                                      timeout, now)
         return call.defer(self.sendrecv, call, dest, message, timeout, match)
 
     async def sendrecv(self, call: Call, dest: int | str, message: Any, timeout: float | None,

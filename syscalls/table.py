@@ -120,8 +120,8 @@ class Param:
         object.__setattr__(self, "_ints", None if "int" not in names or self.choices is not None
                            else (INT64_MIN if self.lo is None else self.lo,
                                  INT64_MAX if self.hi is None else self.hi))
-        # A float in these bounds passes as it is (NaN fails the comparison, and
-        # +-inf is past the largest finite float: both go on to be refused).
+        # A float in these bounds passes the binder's glance (NaN fails the comparison,
+        # and +-inf is past the largest finite float: both go on to check() and EINVAL).
         big = sys.float_info.max
         object.__setattr__(self, "_floats", None if "float" not in names or self.choices
                            is not None else (-big if self.lo is None else self.lo,
@@ -158,9 +158,6 @@ class Param:
         if kind in self._plain:
             return value
         if kind is int and self._ints is not None and self._ints[0] <= value <= self._ints[1]:
-            return value
-        if kind is float and self._floats is not None and \
-                self._floats[0] <= value <= self._floats[1]:
             return value
         return self._check(value)
 

@@ -604,14 +604,12 @@ class Scheduler:
             shared = max(0.0, step.seconds - sum(sampled.values()))
             self._decode_cost += COST_EWMA * (shared - self._decode_cost)
             total_fed = sum(fed_slots.values())
-            per_fed = shared / total_fed if total_fed else 0.0
-            charge = self._policy.charge
             slot_used = self.placement.slot_used
             for slot, fed in fed_slots.items():
                 req = by_slot.get(slot)
                 if req is None or total_fed == 0:
                     continue
-                share = per_fed * fed
+                share = shared * fed / total_fed
                 if sampled:
                     own = sampled.get(slot)
                     if own is not None:
@@ -622,9 +620,7 @@ class Scheduler:
                         else:
                             self._samplers.discard(req)
                 req.device_time += share
-                owner = req.owner
-                owner.usage.device_time += share
-                charge(owner, share)
+                self._charge(req.owner, share)
                 slot_used[slot] = now
         n_out = 0
         for ev in step.events:
