@@ -24,7 +24,8 @@ queues in turn, so a sender with thousands waiting delays another's message
 by one at most. Each sender may have ``depth`` messages (boot option
 mailbox_depth) and `queue_bytes` bytes waiting in one mailbox: a flood fills
 only the flooder's own share. Past it ipc.send waits up to its timeout for
-room, then is EAGAIN.
+room, then is EAGAIN; a message that a receiver is waiting for is handed over
+all the same, since it waits nowhere.
 
 Waiting. An ipc.recv with nothing to take waits in its mailbox's list of
 waiters, with no task: the sender of the next message it matches answers it
@@ -319,38 +320,37 @@ class Mailboxes:
 
     def _put(self, me: PCB, dest: int, body: bytes, kind: str | None,
              message: Any = None) -> dict | None:
-        """Mail to a pid, if its mailbox has room for it (None: it has not)."""
-        ready = self._letter(me, dest, body, kind)
-        if ready is None:
-            return None
-        self._deliver(*ready, message=message)
-        return {"id": ready[1].id, "durable": False}
-
-    def _letter(self, me: PCB, dest: int, body: bytes,
-                kind: str | None) -> tuple[Mailbox, Letter] | None:
-        """The letter for a pid and its box, if the box has room (None: it has not)."""
+        """Mail to a pid: the answer of a call waiting for it, else queued if the
+        sender's share of the mailbox has room (None: it has not). A letter handed
+        over takes no room: a receiver waiting for it never waits on a full share."""
         target = self.procs.procs.get(dest)
         if target is None or target.exited:
             raise SyscallError("ESRCH", f"no process with pid {dest}")
         box = self.box(target)
-        queue = ("pid", me.pid)
-        size = len(body)
-        if not box.has_room(queue, size, self.depth, self.queue_bytes):
-            return None
-        return box, Letter(next(self._ids), queue, identity(me), me.pid, dest, kind, None,
-                           size, time.time(), body)
+        letter = Letter(next(self._ids), ("pid", me.pid), me.identity, me.pid, dest, kind,
+                        None, len(body), time.time(), body)
+        if not (box.waiters and self._hand(box, letter, message)):
+            if not box.has_room(letter.queue, letter.size, self.depth, self.queue_bytes):
+                return None
+            box.put(letter)
+        return {"id": letter.id, "durable": False}
 
-    def _deliver(self, box: Mailbox, letter: Letter, front: bool = False,
-                 message: Any = None) -> None:
-        """Hand a letter to the oldest call waiting in the box that it matches,
-        else queue it. Mail in memory is that call's answer at once; durable mail
-        is queued and the call goes on in a task that takes its row. ``message``:
-        the sender's message as it came (not None), what the body would decode to."""
-        if letter.row is None and not front and box.waiters:
-            for w in list(box.waiters):
-                if letter.matches(w.match) and self.waits.answer(w, letter.envelope(
-                        letter.body, message)):
-                    return  # (False: its caller hung up; the next one, or the queue)
+    def _hand(self, box: Mailbox, letter: Letter, message: Any = None) -> bool:
+        """Mail in memory to the oldest call waiting in the box that it matches,
+        as that call's answer (False: none took it). ``message``: the sender's
+        message as it came (not None), what the body would decode to."""
+        for w in list(box.waiters):
+            if letter.matches(w.match) and self.waits.answer(w, letter.envelope(
+                    letter.body, message)):
+                return True  # (False: its caller hung up; the next one, or the queue)
+        return False
+
+    def _deliver(self, box: Mailbox, letter: Letter, front: bool = False) -> None:
+        """Hand a letter to a call waiting for it, else queue it. Mail in memory
+        is that call's answer at once; durable mail is queued and the call goes
+        on in a task that takes its row."""
+        if letter.row is None and not front and box.waiters and self._hand(box, letter):
+            return
         box.put(letter, front)
         if letter.row is not None and box.waiters:
             for w in list(box.waiters):
@@ -450,11 +450,9 @@ class Mailboxes:
         if isinstance(dest, int):
             body, kind = self._pack(message)
             me = call.caller
-            ready = self._letter(me, dest, body, kind)
-            if ready is not None:
-                # Handed over first: its receiver wakes while this call's own wait is set
-                # up (nothing can answer that wait before this step ends: one thread).
-                self._deliver(*ready, message=message)
+            # Handed over first: its receiver wakes while this call's own wait is set
+            # up (nothing can answer that wait before this step ends: one thread).
+            if self._put(me, dest, body, kind, message) is not None:
                 now = trio.current_time()
                 return self._recv_now(call, self.box(me), match, deadline_of(timeout, now),
                                       timeout, now)

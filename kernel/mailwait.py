@@ -80,9 +80,11 @@ class Waits:
                 heapq.heapify(self._timeouts)
 
     def answer(self, w: Waiter, result: Any = None, error: SyscallError | None = None) -> bool:
-        """End a wait with its answer; False if its caller has hung up."""
+        """End a wait with its answer; False if its caller has hung up. The answer
+        is written first: the bookkeeping is off the path of a message's receiver."""
+        answered = w.call.answer_nowait(result, error)
         self.unwait(w)
-        return w.call.answer_nowait(result, error)
+        return answered
 
     def hang_up(self, box: "Mailbox", conn: Any) -> None:
         """A connection closed: its calls waiting in the box wait no more."""

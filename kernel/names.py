@@ -51,17 +51,17 @@ from llmagentos.syscalls.errno import SyscallError
 from llmagentos.syscalls.table import check_name  # noqa: F401  (the ABI's rule)
 
 from .proc import INIT_PID, PCB
+from .proc.pcb import UNNAMED
 
 if TYPE_CHECKING:
     from .services import Services
 
-UNNAMED = "pid:"  # the prefix of every unnamed identity
 ADOPT = "agent.adopt"
 
 
 def identity(pcb: PCB) -> str:
-    """Who a process acts as: ``agent:NAME`` or ``pid:N``."""
-    return f"agent:{pcb.agent}" if pcb.agent else f"{UNNAMED}{pcb.pid}"
+    """Who a process acts as: ``agent:NAME`` or ``pid:N`` (made with its PCB)."""
+    return pcb.identity
 
 
 

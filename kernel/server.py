@@ -116,11 +116,12 @@ class Connection:
 
     def _write_nowait(self, data: bytes) -> bool:
         """False if the client is known to be gone (the connection's reader sees it too)."""
-        if self._send_lock.locked() or self._flushing:
+        if self._flushing or self._send_lock.locked():
             self._outbox.append(data)  # whoever writes now writes it next
             return True
-        fd = self._fileno()
-        if fd is not None:  # the socket is free: one write, no task switch
+        sock = self._sock
+        fd = sock.fileno() if sock is not None else -1  # -1 once closed
+        if fd >= 0:  # the socket is free: one write, no task switch
             try:
                 n = os.write(fd, data)
             except BlockingIOError:
@@ -142,11 +143,6 @@ class Connection:
             pass
         finally:
             self._flushing = False
-
-    def _fileno(self) -> int | None:
-        """The socket's descriptor, to write to while no send is under way."""
-        fd = self._sock.fileno() if self._sock is not None else -1  # -1 once closed
-        return fd if fd >= 0 else None
 
     async def respond(self, msgid: int, error: dict | None, result: Any) -> None:
         await self._answer(_response(msgid, error, result))

@@ -144,8 +144,16 @@ class Param:
             tests.append(f"(type({x}) is float and {self._floats[0]!r} <= {x} <= "
                          f"{self._floats[1]!r})")
         if self.choices is None and any(t == "dict" for t, _ in self._alts):
-            tests.append(f"(type({x}) is dict and all(type(k) is str for k in {x}))")
+            tests.append(f"(type({x}) is dict and all(map(str.__instancecheck__, {x})))")
         return " or ".join(tests) or "False"
+
+    def int_as_float(self, x: str) -> str | None:
+        """For a float parameter that takes no int as such: a test of ``x`` true
+        where check(x) returns float(x) (an int in range, as clients send 60 for
+        60.0), for the binder to convert without check(); None for others."""
+        if self._floats is None or self._ints is not None:
+            return None
+        return f"(type({x}) is int and {self._floats[0]!r} <= {x} <= {self._floats[1]!r})"
 
     def check(self, value: Any) -> Any:
         if value is None:
@@ -215,7 +223,9 @@ def _binder_for(params: tuple[Param, ...]) -> Callable[[Sequence[Any]], dict | N
         for i in range(k):
             test = params[i].at_a_glance(f"a{i}")
             if test != "True":
-                src += [f"        if not ({test}):", f"            a{i} = P[{i}].check(a{i})"]
+                widen = params[i].int_as_float(f"a{i}")
+                fix = f"float(a{i}) if {widen} else " if widen else ""
+                src += [f"        if not ({test}):", f"            a{i} = {fix}P[{i}].check(a{i})"]
         items = (f"{p.name!r}: " + (f"a{i}" if i < k else f"P[{i}].default")
                  for i, p in enumerate(params))
         src.append(f"        return {{{', '.join(items)}}}")

@@ -188,6 +188,26 @@ def test_a_flood_does_not_starve_another_sender(mk):
         assert rest == [*range(2, DEPTH + 1), "late"]
 
 
+def test_a_receiver_waiting_for_a_message_gets_it_while_the_senders_share_is_full(mk):
+    """A letter handed to a waiting receiver takes no room in the mailbox: the
+    sender's full share holds up only what would be queued."""
+    with mk.client() as c, process(mk, c) as r, process(mk, c) as s:
+        for i in range(DEPTH):
+            s.ipc.send(r.pid, {"type": "bulk", "n": i})
+        assert errno_of(s.ipc.send, r.pid, {"type": "bulk"}) == "EAGAIN"
+        got = {}
+        th = threading.Thread(target=lambda: got.setdefault(
+            "r", r.ipc.recv(30, {"type": "urgent"})))
+        th.start()
+        wait_for(lambda: c.proc.stat(r.pid)["state"] != "READY", timeout=10)
+        assert s.ipc.send(r.pid, {"type": "urgent"}, 0)["durable"] is False
+        th.join(30)
+        assert got["r"]["message"] == {"type": "urgent"}
+        # what waits is untouched: the share is still full, in order
+        assert errno_of(s.ipc.send, r.pid, {"type": "bulk"}) == "EAGAIN"
+        assert [r.ipc.recv(0)["message"]["n"] for _ in range(DEPTH)] == list(range(DEPTH))
+
+
 def test_match_and_peek(mk):
     with mk.client() as c, process(mk, c) as r, process(mk, c) as s:
         s.ipc.send(r.pid, {"type": "a", "n": 1})

@@ -15,6 +15,8 @@ from llmagentos.syscalls.wire import SIGNALS_NOTIFIED
 
 from ..fdtable import FdTable
 
+UNNAMED = "pid:"  # the prefix of every unnamed identity
+
 INIT_PID = 1
 SHELL_ZOMBIE_AFTER_WAIT = 30.0  # seconds a shell child's zombie stays once waited for
 SHELL_ZOMBIE_LINGER = 600.0  # ... and when nobody waits for it
@@ -73,6 +75,11 @@ class PCB:
     remote: Any = None  # its kernel.cluster.RemoteProcess: signals and exit go through it
     group: Any = None  # its kernel.cgroups.Group: every OS process that dies with it
     exec_group: Any = None  # the Group of its exec runs (caps over all of them)
+    identity: str = field(init=False)  # who it acts as: kernel.names.identity
+
+    def __post_init__(self) -> None:
+        # pid and agent never change: the identity every message it sends carries
+        self.identity = f"agent:{self.agent}" if self.agent else f"{UNNAMED}{self.pid}"
 
     @property
     def state(self) -> str:
