@@ -56,6 +56,7 @@ class Call:
     conn: "Connection"
     syscall: Syscall
     msgid: int
+    size: int = 0  # the request's bytes on the wire; 0: it came some other way
     deferred: bool = False  # an inline call that goes on in a task (defer)
 
     async def notify(self, method: str, args: list) -> None:

@@ -63,7 +63,6 @@ from llmagentos.syscalls.table import check_name
 
 from .mailwait import Waiter, Waits, deadline_of, timed_out
 from .memory.mail import Header, MailStore
-from .names import identity
 from .proc import PCB
 
 if TYPE_CHECKING:
@@ -200,6 +199,12 @@ async def _wait(pcb: PCB, event: Callable[[], Awaitable[None]], deadline: float)
         pcb.waiting_calls -= 1
 
 
+def _kind(message: Any) -> str | None:
+    """A dict message's "type" field, what ipc.recv matches on."""
+    kind = message.get("type") if isinstance(message, dict) else None
+    return kind if isinstance(kind, str) else None
+
+
 def check_topic(topic: str) -> str:
     if not topic or len(topic) > MAX_TOPIC or not topic.isprintable():
         raise SyscallError("EINVAL", f"a topic is 1..{MAX_TOPIC} printable characters")
@@ -277,27 +282,32 @@ class Mailboxes:
                 if not subs:
                     del self.topics[topic]
 
-    def _pack(self, message: Any) -> tuple[bytes, str | None]:
+    def _pack(self, message: Any) -> bytes:
         body = wire.pack(message)
         if len(body) > self.max_message:
             raise SyscallError("E2BIG", f"a message is at most {self.max_message} bytes "
                                         f"encoded, this one is {len(body)}")
-        kind = message.get("type") if isinstance(message, dict) else None
-        return body, kind if isinstance(kind, str) else None
+        return body
+
+    def _pack_unless_small(self, call: Call, message: Any) -> bytes | None:
+        """The message's encoding, or None where its request shows it fits: a
+        value decoded from n bytes encodes again in under 2n (a float32 alone
+        grows, 5 bytes to 9). A message handed to a waiting receiver then goes
+        out in its answer encoded once; one that is queued is encoded then."""
+        return None if 0 < call.size <= self.max_message // 2 else self._pack(message)
 
     # --- send -----------------------------------------------------------------------
     def send_now(self, call: Call, dest: int | str, message: Any, timeout: float) -> Any:
         """ipc.send's inline step: mail to a pid with room is put (and handed to
         a waiting receiver) at once; a full mailbox or durable mail goes on in a task."""
         if isinstance(dest, int):
-            body, kind = self._pack(message)
-            sent = self._put(call.caller, dest, body, kind, message)
+            sent = self._put(call.caller, dest, message, self._pack_unless_small(call, message))
             if sent is not None:
                 return sent
         return call.defer(self.send, call, dest, message, timeout)
 
     async def send(self, call: Call, dest: int | str, message: Any, timeout: float) -> dict:
-        body, kind = self._pack(message)
+        body, kind = self._pack(message), _kind(message)
         deadline = trio.current_time() + timeout  # for room in a full mailbox
         if isinstance(dest, str):
             if not dest.startswith(AGENT):
@@ -306,7 +316,7 @@ class Mailboxes:
                                            deadline)
         me = call.caller
         while True:
-            sent = self._put(me, dest, body, kind)
+            sent = self._put(me, dest, message, body)
             if sent is not None:
                 return sent
             box = self.boxes[dest]
@@ -318,21 +328,25 @@ class Mailboxes:
             if box.closed:
                 raise SyscallError("ESRCH", f"pid {dest} exited")
 
-    def _put(self, me: PCB, dest: int, body: bytes, kind: str | None,
-             message: Any = None) -> dict | None:
+    def _put(self, me: PCB, dest: int, message: Any, body: bytes | None) -> dict | None:
         """Mail to a pid: the answer of a call waiting for it, else queued if the
         sender's share of the mailbox has room (None: it has not). A letter handed
-        over takes no room: a receiver waiting for it never waits on a full share."""
+        over takes no room: a receiver waiting for it never waits on a full share.
+        ``body``: the message's encoding; None: made here if it is queued."""
         target = self.procs.procs.get(dest)
         if target is None or target.exited:
             raise SyscallError("ESRCH", f"no process with pid {dest}")
         box = self.box(target)
-        letter = Letter(next(self._ids), ("pid", me.pid), me.identity, me.pid, dest, kind,
-                        None, len(body), time.time(), body)
-        if not (box.waiters and self._hand(box, letter, message)):
-            if not box.has_room(letter.queue, letter.size, self.depth, self.queue_bytes):
-                return None
-            box.put(letter)
+        letter = Letter(next(self._ids), ("pid", me.pid), me.identity, me.pid, dest,
+                        _kind(message), None, 0, time.time(), body)
+        if box.waiters and self._hand(box, letter, message):
+            return {"id": letter.id, "durable": False}
+        if body is None:
+            letter.body = body = self._pack(message)
+        letter.size = len(body)
+        if not box.has_room(letter.queue, letter.size, self.depth, self.queue_bytes):
+            return None
+        box.put(letter)
         return {"id": letter.id, "durable": False}
 
     def _hand(self, box: Mailbox, letter: Letter, message: Any = None) -> bool:
@@ -379,7 +393,7 @@ class Mailboxes:
                     # Once committed it is acknowledged mail: the process that holds
                     # the name must get it, whatever happens to this call meanwhile.
                     with trio.CancelScope(shield=True):
-                        h = await call.in_thread(self.store.put, name, identity(me), me.pid,
+                        h = await call.in_thread(self.store.put, name, me.identity, me.pid,
                                                  self.boot, kind, body, self.depth,
                                                  self.queue_bytes)
                     break
@@ -448,11 +462,10 @@ class Mailboxes:
         half the trips of ipc.send then ipc.recv. Inline while neither waits."""
         match = check_match(match)  # before anything is sent
         if isinstance(dest, int):
-            body, kind = self._pack(message)
             me = call.caller
             # Handed over first: its receiver wakes while this call's own wait is set
             # up (nothing can answer that wait before this step ends: one thread).
-            if self._put(me, dest, body, kind, message) is not None:
+            if self._put(me, dest, message, self._pack_unless_small(call, message)) is not None:
                 now = trio.current_time()
                 return self._recv_now(call, self.box(me), match, deadline_of(timeout, now),
                                       timeout, now)
@@ -514,8 +527,8 @@ class Mailboxes:
         return sorted(box.topics)
 
     def publish(self, pcb: PCB, topic: str, message: Any) -> int:
-        body, kind = self._pack(message)
-        queue, sender, now, n = ("pid", pcb.pid), identity(pcb), time.time(), 0
+        body, kind = self._pack(message), _kind(message)
+        queue, sender, now, n = ("pid", pcb.pid), pcb.identity, time.time(), 0
         for pid in sorted(self.topics.get(check_topic(topic), ())):
             box = self.boxes[pid]
             if box.has_room(queue, len(body), self.depth, self.queue_bytes):

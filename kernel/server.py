@@ -279,7 +279,7 @@ class Connection:
             sv.stats["errors"] += 1
             await self.respond(req.msgid, e.to_wire(), None)
             return
-        call = dispatch.Call(sv, self.pcb, self, sc, req.msgid)
+        call = dispatch.Call(sv, self.pcb, self, sc, req.msgid, self.decoder.size)
         if entry.runs == "task":
             self.nursery.start_soon(self._run, call, entry, req)
         else:

@@ -195,6 +195,7 @@ class Decoder:
         self.max_depth = max_depth
         self._items = 0
         self._end = 0  # the stream offset where the last message ended
+        self.size = 0  # the bytes of the message it yielded last
         limits: dict = {}
         if max_items is not None:
             limits = dict(max_array_len=max_items, max_map_len=max_items,
@@ -235,6 +236,7 @@ class Decoder:
             # of one moves it too, so the size is counted from the last end)
             end = self._unpacker.tell()
             size, self._end = end - self._end, end
+            self.size = size
             try:
                 msg = validate(obj)
             except RequestError as e:
