@@ -82,9 +82,10 @@ class Waits:
     def answer(self, w: Waiter, result: Any = None, error: SyscallError | None = None) -> bool:
         """End a wait with its answer; False if its caller has hung up. The answer
         is written first: the bookkeeping is off the path of a message's receiver."""
-        answered = w.call.answer_nowait(result, error)
-        self.unwait(w)
-        return answered
+        try:
+            return w.call.answer_nowait(result, error)
+        finally:
+            self.unwait(w)
 
     def hang_up(self, box: "Mailbox", conn: Any) -> None:
         """A connection closed: its calls waiting in the box wait no more."""
