@@ -188,9 +188,7 @@ def _bind(sc: Syscall, args: list, kwargs: dict) -> dict[str, Any]:
 
 async def _checked(call: Call, entry: Entry, sc: Syscall, caller: Any,
                    bound: dict[str, Any]) -> Any:
-    # (a capability held as it is needed, the usual case, is covered: no globbing)
-    if sc.cap is not None and sc.cap not in caller.caps and not capmod.covers(caller.caps,
-                                                                               sc.cap):
+    if sc.cap is not None and not capmod.covers(caller.caps, sc.cap):
         raise SyscallError("EACCES", f"{sc.name} needs capability {sc.cap!r}")
     caller.usage.syscalls += 1
     caller.running_calls += 1

@@ -39,14 +39,15 @@ def covers(held: Iterable[str], need: str) -> bool:
     A needed glob (``tool:calc.*``) is covered by an equal or wider held glob.
     ``ctx.block.read:NAME`` is also covered by ``ctx.block.write:NAME``.
     """
+    held = held if isinstance(held, (list, set, frozenset, tuple)) else list(held)
+    # the exact entry first: it is the common case (every syscall's check), and
+    # globbing every entry costs more than the rest of a short call (ipc.send)
+    if need in held:
+        return True
     if need.startswith(BLOCK_READ):  # the right to write a block is the right to read it too
-        held = list(held)
         if covers(held, BLOCK_WRITE + need[len(BLOCK_READ):]):
             return True
-    held = held if isinstance(held, (list, set, frozenset, tuple)) else list(held)
-    # the exact entry first: it is the common case, and globbing every entry costs
-    # more than the rest of a short call (ipc.send, ipc.recv)
-    return need in held or any(fnmatchcase(need, h) for h in held)
+    return any(fnmatchcase(need, h) for h in held)
 
 
 def bounded(parent: Iterable[str], requested: Iterable[str]) -> list[str]:

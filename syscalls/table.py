@@ -141,8 +141,7 @@ class Param:
         if self._ints is not None:
             tests.append(f"(type({x}) is int and {self._ints[0]!r} <= {x} <= {self._ints[1]!r})")
         if self._floats is not None:
-            tests.append(f"(type({x}) is float and {self._floats[0]!r} <= {x} <= "
-                         f"{self._floats[1]!r})")
+            tests.append(f"(type({x}) is float and {self._in_floats(x)})")
         if self.choices is None and any(t == "dict" for t, _ in self._alts):
             tests.append(f"(type({x}) is dict and all(map(str.__instancecheck__, {x})))")
         return " or ".join(tests) or "False"
@@ -153,7 +152,10 @@ class Param:
         60.0), for the binder to convert without check(); None for others."""
         if self._floats is None or self._ints is not None:
             return None
-        return f"(type({x}) is int and {self._floats[0]!r} <= {x} <= {self._floats[1]!r})"
+        return f"(type({x}) is int and {self._in_floats(x)})"
+
+    def _in_floats(self, x: str) -> str:
+        return f"{self._floats[0]!r} <= {x} <= {self._floats[1]!r}"
 
     def check(self, value: Any) -> Any:
         if value is None:

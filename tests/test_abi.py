@@ -21,9 +21,10 @@ def raw(path: str) -> socket.socket:
     return s
 
 
-def rpc(s: socket.socket, msgid: int, method: str, params: list):
-    """A client written with nothing but socket and msgpack."""
-    s.sendall(msgpack.packb([0, msgid, method, params]))
+def rpc(s: socket.socket, msgid: int, method: str, params: list, **packing):
+    """A client written with nothing but socket and msgpack (``packing``: msgpack.packb's
+    options, as another client's encoder would choose)."""
+    s.sendall(msgpack.packb([0, msgid, method, params], **packing))
     unpacker = msgpack.Unpacker(raw=False)
     while True:
         data = s.recv(65536)

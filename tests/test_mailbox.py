@@ -141,7 +141,7 @@ def test_a_message_that_grows_when_encoded_again_is_still_e2big(mk):
     """A message small on the wire is handed over without being encoded to
     measure it; one that is not is measured in the kernel's own encoding, which
     can be larger (float32 comes back as float64): E2BIG, though a receiver waits."""
-    import socket
+    from test_abi import raw, rpc
 
     with mk.client() as c, process(mk, c) as r:
         limit = r.ipc.mailbox()["max_message"]
@@ -150,24 +150,14 @@ def test_a_message_that_grows_when_encoded_again_is_still_e2big(mk):
         wire_size = len(msgpack.packb([pad, floats], use_single_float=True))
         assert limit // 2 < wire_size < limit < len(msgpack.packb([pad, floats]))
         info = c.proc.attach(None)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(30)
-        s.connect(mk.socket)
+        s = raw(mk.socket)
         got = {}
         th = threading.Thread(target=lambda: got.setdefault("r", errno_of(r.ipc.recv, 2)))
         th.start()
         wait_for(lambda: c.proc.stat(r.pid)["state"] != "READY", timeout=10)
-        s.sendall(msgpack.packb([0, 1, "sys.hello", [info["token"]]]))
-        s.sendall(msgpack.packb([0, 2, "ipc.send", [r.pid, [pad, floats], 5.0]],
-                                use_single_float=True))
-        unpacker = msgpack.Unpacker(raw=False)
-        answers = {}
-        while 2 not in answers:
-            data = s.recv(65536)
-            assert data, "the kernel closed the connection"
-            unpacker.feed(data)
-            answers.update((m[1], m) for m in unpacker if m[0] == 1)
-        assert answers[2][2]["name"] == "E2BIG"
+        assert rpc(s, 1, "sys.hello", [info["token"]])[2] is None
+        err = rpc(s, 2, "ipc.send", [r.pid, [pad, floats], 5.0], use_single_float=True)[2]
+        assert err["name"] == "E2BIG"
         th.join(30)
         assert got["r"] == "ETIMEDOUT"  # nothing too big reached the receiver
         s.close()
